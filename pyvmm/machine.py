@@ -1,0 +1,612 @@
+"""The pyvmm machine: one unicorn ARM64 vCPU, RAM blocks, MMIO devices, run states and the vCPU thread.
+
+Layout of the guest-physical address space (a subset of QEMU's ``virt`` board)::
+
+    0x0900_0000  PL011 UART                  (pyvmm.devices.pl011)
+    0x090f_0000  guest-inform device         (pyvmm.devices.guest_inform)
+    0x4000_0000  main RAM, "mach-virt.ram"   (pyvmm.ram)
+
+plus, for Linux user-mode guests, extra RAM blocks where their ELF image wants to live.
+The generic timer's counter is served through intercepted ``mrs``/``msr`` (pyvmm.devices.counter).
+
+Threads: :meth:`Machine.start` runs the guest on a dedicated vCPU thread.  While guest code runs,
+unicorn has released the GIL, so other Python threads (savers, timers, a monitor) make progress.
+Hooks (MMIO, SVC, MRS) run on the vCPU thread with the GIL held.  :meth:`Machine.pause` and
+:meth:`Machine.resume` may be called from any other thread.
+
+This module knows nothing about migration: a checkpointer reaches the machine through
+``ram_blocks``, ``devices``, :meth:`cpu_state` and pause/resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from unicorn import (
+    UC_ARCH_ARM64,
+    UC_ERR_FETCH_PROT,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_INSN_INVALID,
+    UC_ERR_READ_PROT,
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_PROT,
+    UC_ERR_WRITE_UNMAPPED,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_INVALID,
+    UC_MEM_FETCH_PROT,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_READ_PROT,
+    UC_MEM_READ_UNMAPPED,
+    UC_MODE_ARM,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
+from unicorn import arm64_const as a64
+
+from .cpu import CPACR_FPEN, CpuState, read_cpu_state, write_cpu_state
+from .devices.base import MmioDevice
+from .devices.counter import VirtualCounter
+from .devices.guest_inform import GuestInform
+from .devices.pl011 import Pl011, UartSink
+from .errors import (
+    ConfigError,
+    GuestError,
+    GuestMemoryError,
+    PyvmmError,
+    RunStateError,
+    UnsupportedInstruction,
+)
+from .ram import PAGE_SIZE, RamBlock
+
+RAM_BASE = 0x4000_0000
+DEFAULT_RAM_SIZE = 256 << 20
+MAIN_RAM_NAME = "mach-virt.ram"
+#: Guest-physical addresses below this are free for extra RAM blocks (ELF images sit at 0x400000).
+LOW_MEMORY_LIMIT = 0x0900_0000
+#: emu_start's "until" address: one the guest never executes, so only our stop conditions end a run.
+_NEVER_PC = 0xFFFF_FFFF_FFFF_FFFC
+
+# PSCI function ids (ARM DEN 0022), served on ``hvc #0`` / ``smc #0`` as QEMU's virt board does.
+PSCI_VERSION = 0x8400_0000
+PSCI_SYSTEM_OFF = 0x8400_0008
+PSCI_SYSTEM_RESET = 0x8400_0009
+PSCI_FEATURES = 0x8400_000A
+_HVC_0 = 0xD400_0002
+_SMC_0 = 0xD400_0003
+_PSCI_NOT_SUPPORTED = (1 << 64) - 1  # -1
+
+# unicorn's interrupt numbers (QEMU's EXCP_* for ARM).
+_EXCP_UDEF, _EXCP_SWI, _EXCP_PREFETCH_ABORT, _EXCP_DATA_ABORT, _EXCP_BKPT = 1, 2, 3, 4, 7
+
+
+class RunState(enum.Enum):
+    """QEMU's run states (``qapi/run-state.json``), the subset this machine can be in."""
+
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SAVE_VM = "save-vm"
+    RESTORE_VM = "restore-vm"
+    INMIGRATE = "inmigrate"
+    FINISH_MIGRATE = "finish-migrate"
+    POSTMIGRATE = "postmigrate"
+    SHUTDOWN = "shutdown"
+    GUEST_PANICKED = "guest-panicked"
+    INTERNAL_ERROR = "internal-error"
+
+
+_R = RunState
+#: Allowed transitions, modelled on QEMU's ``runstate_transitions_def``.  Stopped states may go to
+#: SAVE_VM so that a paused machine can be checkpointed without running it first.
+_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    _R.PRELAUNCH: frozenset({_R.RUNNING, _R.PAUSED, _R.INMIGRATE, _R.RESTORE_VM, _R.FINISH_MIGRATE,
+                             _R.SAVE_VM, _R.SHUTDOWN}),
+    _R.RUNNING: frozenset({_R.PAUSED, _R.SAVE_VM, _R.RESTORE_VM, _R.FINISH_MIGRATE, _R.SHUTDOWN,
+                           _R.GUEST_PANICKED, _R.INTERNAL_ERROR}),
+    _R.PAUSED: frozenset({_R.RUNNING, _R.SAVE_VM, _R.RESTORE_VM, _R.FINISH_MIGRATE, _R.POSTMIGRATE,
+                          _R.SHUTDOWN}),
+    _R.SAVE_VM: frozenset({_R.RUNNING, _R.PAUSED, _R.SHUTDOWN, _R.GUEST_PANICKED,
+                           _R.INTERNAL_ERROR}),
+    _R.RESTORE_VM: frozenset({_R.RUNNING, _R.PAUSED, _R.PRELAUNCH, _R.INTERNAL_ERROR}),
+    _R.INMIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.POSTMIGRATE, _R.PRELAUNCH, _R.SHUTDOWN,
+                             _R.INTERNAL_ERROR, _R.FINISH_MIGRATE}),
+    _R.FINISH_MIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.POSTMIGRATE, _R.INTERNAL_ERROR,
+                                  _R.SHUTDOWN}),
+    _R.POSTMIGRATE: frozenset({_R.RUNNING, _R.PAUSED, _R.FINISH_MIGRATE, _R.SAVE_VM,
+                               _R.SHUTDOWN}),
+    _R.SHUTDOWN: frozenset({_R.PAUSED, _R.FINISH_MIGRATE, _R.SAVE_VM, _R.PRELAUNCH}),
+    _R.GUEST_PANICKED: frozenset({_R.PAUSED, _R.FINISH_MIGRATE, _R.SAVE_VM, _R.PRELAUNCH}),
+    _R.INTERNAL_ERROR: frozenset({_R.PAUSED, _R.FINISH_MIGRATE, _R.PRELAUNCH}),
+}
+#: States from which the guest may not simply be resumed: it has ended.
+_ENDED = frozenset({_R.SHUTDOWN, _R.GUEST_PANICKED, _R.INTERNAL_ERROR})
+
+
+class StopReason(enum.Enum):
+    """Why the vCPU stopped running guest code."""
+
+    SHUTDOWN = "shutdown"  # the guest powered off / exited
+    INSN_LIMIT = "insn-limit"  # the instruction budget of this run is used up (exact)
+    TIME_LIMIT = "time-limit"
+    PAUSED = "paused"  # another thread paused the machine
+    INTERRUPTED = "interrupted"  # Ctrl-C in :meth:`Machine.run`
+    ERROR = "error"  # guest error or internal error; see ``RunResult.error``
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """The outcome of the latest run (what :meth:`Machine.wait` returns)."""
+
+    reason: StopReason
+    state: RunState
+    exit_code: int | None = None
+    error: PyvmmError | None = None
+    #: Exact number of guest instructions executed since power-on, or None once it is unknown
+    #: (an uncounted run, or a counted run cut short by a pause from another thread).
+    insns: int | None = None
+
+
+SvcHandler = Callable[["Machine"], None]
+
+
+class Machine:
+    """An ARM64 machine.  Create, load a guest (write RAM, set registers), then :meth:`run`.
+
+    ``uart_sink`` receives the guest's UART output; by default it is collected in
+    :attr:`uart_output`.  ``seed`` is the machine's source of all guest-visible randomness.
+    """
+
+    def __init__(self, ram_size: int = DEFAULT_RAM_SIZE, *, seed: int = 0,
+                 uart_sink: UartSink | None = None, name: str = "guest") -> None:
+        if ram_size < PAGE_SIZE or ram_size % PAGE_SIZE:
+            raise ConfigError(f"RAM size {ram_size} is not a positive multiple of {PAGE_SIZE}")
+        if ram_size > (64 << 30):
+            raise ConfigError(f"RAM size {ram_size >> 30} GiB is more than the 64 GiB supported")
+        self.seed = seed
+        self.name = name
+        self.uart_output = bytearray()
+        self.uc: Any = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+        self.ram_blocks: list[RamBlock] = []
+        self.ram = self.add_ram_block(MAIN_RAM_NAME, RAM_BASE, ram_size)
+        self.uart = Pl011(uart_sink if uart_sink is not None else self.uart_output.extend)
+        self.counter = VirtualCounter()
+        self.guest_inform = GuestInform()
+        self.mmio_devices: list[MmioDevice] = [self.uart, self.guest_inform]
+        for dev in self.mmio_devices:
+            self._map_mmio(dev)
+        self._svc_handler: SvcHandler | None = None
+        #: Extra objects whose state belongs to the machine (e.g. the Linux syscall layer);
+        #: keyed by a QEMU-style id string.  The migration code saves them with the devices.
+        self.extra_state: dict[str, Any] = {}
+        self._hooks()
+        self.uc.reg_write(a64.UC_ARM64_REG_CPACR_EL1, CPACR_FPEN)
+
+        self._cond = threading.Condition()
+        self._state = RunState.PRELAUNCH
+        self._thread: threading.Thread | None = None
+        self._parked = True
+        self._closing = False
+        self._budget: int | None = None
+        self._pause_reason = StopReason.PAUSED
+        self._icount: int | None = 0
+        self._exit_code: int | None = None
+        self._guest_error: PyvmmError | None = None
+        self._last_invalid: tuple[int, int] | None = None
+        self._result = RunResult(StopReason.PAUSED, RunState.PRELAUNCH, insns=0)
+        self._timer: threading.Timer | None = None
+        self._state_listeners: list[Callable[[RunState, RunState], None]] = []
+
+    # ----------------------------------------------------------------------------- memory
+    def add_ram_block(self, name: str, gpa: int, size: int) -> RamBlock:
+        """Create a RAM block at ``gpa`` and map it into the vCPU's address space (before start)."""
+        if getattr(self, "_state", RunState.PRELAUNCH) is not RunState.PRELAUNCH:
+            raise RunStateError("RAM blocks can only be added before the machine starts")
+        if any(b.name == name for b in self.ram_blocks):
+            raise ConfigError(f"a RAM block named {name!r} exists already")
+        block = RamBlock(name, size, gpa)
+        for other in self.ram_blocks:
+            if gpa < other.gpa + other.size and other.gpa < gpa + size:
+                block.close()
+                raise ConfigError(f"RAM block {name} [0x{gpa:x}, 0x{gpa + size:x}) overlaps "
+                                  f"{other.name}")
+        if gpa < LOW_MEMORY_LIMIT < gpa + size or (gpa < RAM_BASE < gpa + size):
+            block.close()
+            raise ConfigError(f"RAM block {name} [0x{gpa:x}, 0x{gpa + size:x}) overlaps the "
+                              f"device window [0x{LOW_MEMORY_LIMIT:x}, 0x{RAM_BASE:x})")
+        self.uc.mem_map_ptr(gpa, size, UC_PROT_ALL, block.host_addr)
+        self.ram_blocks.append(block)
+        return block
+
+    def block_for(self, gpa: int, length: int = 1) -> tuple[RamBlock, int]:
+        """The RAM block holding ``[gpa, gpa+length)`` and the offset of ``gpa`` in it."""
+        for block in self.ram_blocks:
+            if block.gpa <= gpa and gpa + length <= block.gpa + block.size:
+                return block, gpa - block.gpa
+        raise GuestMemoryError(f"guest-physical range 0x{gpa:x}+{length} is not in RAM")
+
+    def read_memory(self, gpa: int, length: int) -> bytes:
+        """Host-side read of guest RAM (does not go through the vCPU)."""
+        if length == 0:
+            return b""
+        block, off = self.block_for(gpa, length)
+        return block.read(off, length)
+
+    def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Host-side write of guest RAM.  Code written here after it ran once must be followed by
+        :meth:`invalidate_code` (unicorn caches translated code)."""
+        if len(data) == 0:
+            return
+        block, off = self.block_for(gpa, len(data))
+        block.write(off, data)
+
+    def memory_view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM (no copy); valid until the machine is closed."""
+        block, off = self.block_for(gpa, length)
+        return block.mem[off:off + length]
+
+    def invalidate_code(self, gpa: int, length: int) -> None:
+        """Drop translated code for a range the host rewrote."""
+        self.uc.ctl_remove_cache(gpa, gpa + length)
+
+    # ----------------------------------------------------------------------------- CPU
+    def cpu_state(self) -> CpuState:
+        """The vCPU's registers (machine must not be running)."""
+        self._require_stopped("read the CPU state")
+        return read_cpu_state(self.uc)
+
+    def set_cpu_state(self, state: CpuState) -> None:
+        self._require_stopped("write the CPU state")
+        write_cpu_state(self.uc, state)
+
+    def set_entry(self, pc: int, registers: dict[str, int] | None = None) -> None:
+        """Set PC and general registers (by name: ``x0``..``x30``, ``sp``) before starting."""
+        self._require_stopped("set the entry point")
+        for name, value in (registers or {}).items():
+            rid = getattr(a64, f"UC_ARM64_REG_{name.upper()}", None)
+            if rid is None:
+                raise ConfigError(f"unknown register {name!r}")
+            self.uc.reg_write(rid, value)
+        self.uc.reg_write(a64.UC_ARM64_REG_PC, pc)
+
+    def set_svc_handler(self, handler: SvcHandler | None) -> None:
+        """Who serves ``svc`` (a Linux syscall layer).  Runs on the vCPU thread, GIL held."""
+        self._svc_handler = handler
+
+    # ----------------------------------------------------------------------------- run states
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def insns(self) -> int | None:
+        """Exact guest instructions executed so far, or None when unknown (see RunResult)."""
+        return self._icount
+
+    def set_insns(self, count: int | None) -> None:
+        """Set the instruction counter (used when a machine's state is reloaded)."""
+        self._icount = count
+
+    def add_state_listener(self, listener: Callable[[RunState, RunState], None]) -> None:
+        """Call ``listener(old, new)`` on every run-state change (on the changing thread)."""
+        self._state_listeners.append(listener)
+
+    def set_state(self, new: RunState) -> None:
+        """Change the run state of a stopped machine (e.g. PAUSED → SAVE_VM and back).
+
+        Use :meth:`pause`/:meth:`resume`/:meth:`start` to stop or run the vCPU.
+        """
+        with self._cond:
+            if new is RunState.RUNNING:
+                raise RunStateError("use start() or resume() to run the machine")
+            self._transition(new)
+
+    def _transition(self, new: RunState) -> None:
+        old = self._state
+        if new is old:
+            return
+        if new not in _TRANSITIONS[old]:
+            raise RunStateError(f"invalid run state transition {old.value} -> {new.value}")
+        self._state = new
+        for listener in self._state_listeners:
+            listener(old, new)
+        self._cond.notify_all()
+
+    def _require_stopped(self, what: str) -> None:
+        if self._state is RunState.RUNNING or not self._parked:
+            if threading.current_thread() is not self._thread:
+                raise RunStateError(f"cannot {what} while the vCPU is running; pause first")
+
+    # ----------------------------------------------------------------------------- running
+    def start(self, *, max_insns: int | None = None, seconds: float | None = None) -> None:
+        """Run the guest on the vCPU thread and return at once.
+
+        ``max_insns``: stop after exactly that many instructions (a counted run, somewhat slower);
+        ``seconds``: stop after that much host time.  Both stop into the PAUSED state, from which
+        :meth:`start` or :meth:`resume` continues.
+        """
+        if max_insns is not None and max_insns < 0:
+            raise ConfigError("max_insns must be >= 0")
+        if seconds is not None and seconds <= 0:
+            raise ConfigError("seconds must be > 0")
+        with self._cond:
+            if self._state in _ENDED:
+                raise RunStateError(f"the machine has stopped for good ({self._state.value})")
+            if self._state is RunState.RUNNING:
+                raise RunStateError("the machine is running already")
+            self._budget = max_insns
+            self._pause_reason = StopReason.PAUSED
+            if max_insns == 0:
+                self._transition(RunState.PAUSED)
+                self._result = RunResult(StopReason.INSN_LIMIT, self._state, insns=self._icount)
+                return
+            self._ensure_thread()
+            self._transition(RunState.RUNNING)
+        if seconds is not None:
+            self._timer = threading.Timer(seconds, self._time_up)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def resume(self) -> None:
+        """Continue a stopped machine, without an instruction budget (a pause from outside ends
+        a counted run: how much of the budget was used is unknown)."""
+        with self._cond:
+            if self._state in _ENDED:
+                raise RunStateError(f"the machine has stopped for good ({self._state.value})")
+            if self._state is RunState.RUNNING:
+                return
+            self._pause_reason = StopReason.PAUSED
+            self._ensure_thread()
+            self._transition(RunState.RUNNING)
+
+    def pause(self, target: RunState = RunState.PAUSED, *,
+              reason: StopReason = StopReason.PAUSED) -> bool:
+        """Stop the vCPU and put the machine into ``target`` (PAUSED, SAVE_VM, FINISH_MIGRATE...).
+
+        Blocks until the vCPU thread is parked: on return no guest code runs and the CPU state
+        can be read.  Call from any thread but the vCPU's.  Returns False if the machine was not
+        running (it is then left in its current state).
+        """
+        if threading.current_thread() is self._thread:
+            raise RunStateError("pause() called from the vCPU thread; use request_stop()")
+        with self._cond:
+            if self._state is not RunState.RUNNING:
+                return False
+            self._pause_reason = reason
+            self._transition(target)
+            while not self._parked:
+                # A stop issued just before emu_start begins is lost (emu_start clears the
+                # request), so keep asking until the vCPU has parked.
+                self.uc.emu_stop()
+                self._cond.wait(0.0005)
+            return True
+
+    def request_stop(self, exit_code: int | None = None) -> None:
+        """From a hook on the vCPU thread: power the machine off after the current instruction."""
+        self._exit_code = exit_code if exit_code is not None else 0
+        self.uc.emu_stop()
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Block until the vCPU stops (limit, pause, shutdown, error); return why."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._state is RunState.RUNNING or not self._parked:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                # A bounded wait keeps the calling (main) thread responsive to Ctrl-C.
+                self._cond.wait(0.2 if remaining is None else min(0.2, remaining))
+            return self._result
+
+    def run(self, *, max_insns: int | None = None, seconds: float | None = None) -> RunResult:
+        """Start and wait: run until shutdown, an error, or a limit.  Ctrl-C pauses cleanly."""
+        self.start(max_insns=max_insns, seconds=seconds)
+        try:
+            return self.wait()
+        except KeyboardInterrupt:
+            self.pause(reason=StopReason.INTERRUPTED)
+            return self.wait()
+
+    def close(self) -> None:
+        """Stop the vCPU thread and release RAM.  The machine cannot be used afterwards."""
+        if self._state is RunState.RUNNING:
+            self.pause()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._timer is not None:
+            self._timer.cancel()
+        for block in self.ram_blocks:
+            try:
+                self.uc.mem_unmap(block.gpa, block.size)
+            except UcError:
+                pass
+            block.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _time_up(self) -> None:
+        self.pause(reason=StopReason.TIME_LIMIT)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _vcpu_main(self) -> None:
+        """The vCPU thread: park while not RUNNING, otherwise run guest code (GIL released)."""
+        while True:
+            with self._cond:
+                while self._state is not RunState.RUNNING:
+                    if self._closing:
+                        return
+                    self._parked = True
+                    self._cond.notify_all()
+                    self._cond.wait()
+                self._parked = False
+                budget = self._budget
+            error: PyvmmError | None = None
+            try:
+                pc = self.uc.reg_read(a64.UC_ARM64_REG_PC)
+                self.uc.emu_start(pc, _NEVER_PC, 0, budget or 0)
+            except PyvmmError as err:
+                error = err
+            except UcError as err:
+                error = self._translate_uc_error(err)
+            except Exception as err:  # noqa: BLE001 - a host bug must not kill the thread silently
+                error = PyvmmError(f"internal error in the vCPU thread: {err!r}")
+                error.__cause__ = err
+            self._after_run(budget, error)
+
+    def _after_run(self, budget: int | None, error: PyvmmError | None) -> None:
+        with self._cond:
+            interrupted = self._state is not RunState.RUNNING
+            if self._timer is not None and (self._exit_code is not None or error is not None):
+                self._timer.cancel()
+            if self._exit_code is not None:
+                self._icount = None
+                self._force_state(RunState.SHUTDOWN)
+                self._result = RunResult(StopReason.SHUTDOWN, self._state,
+                                         exit_code=self._exit_code, insns=self._icount)
+            elif error is not None:
+                self._icount = None
+                bad = RunState.GUEST_PANICKED if isinstance(error, GuestError) else \
+                    RunState.INTERNAL_ERROR
+                self._force_state(bad)
+                self._result = RunResult(StopReason.ERROR, self._state, error=error)
+            elif interrupted:
+                # Paused from outside: the run stopped at an instruction we cannot count.
+                self._icount = None
+                self._budget = None
+                self._result = RunResult(self._pause_reason, self._state, insns=self._icount)
+            elif budget:
+                if self._icount is not None:
+                    self._icount += budget
+                self._budget = None
+                self._transition(RunState.PAUSED)
+                self._result = RunResult(StopReason.INSN_LIMIT, self._state, insns=self._icount)
+            else:
+                return  # emu_start returned for no reason of ours: run on
+            self._parked = True
+            self._cond.notify_all()
+
+    def _force_state(self, new: RunState) -> None:
+        """Enter an end state from whatever state a concurrent pause left us in."""
+        if new not in _TRANSITIONS[self._state]:
+            self._state = RunState.RUNNING  # the guest ended while a pause was being requested
+        self._transition(new)
+
+    # ----------------------------------------------------------------------------- hooks
+    def _map_mmio(self, dev: MmioDevice) -> None:
+        def read(_uc: Any, offset: int, size: int, _ud: Any) -> int:
+            return dev.read(offset, size)
+
+        def write(_uc: Any, offset: int, size: int, value: int, _ud: Any) -> None:
+            dev.write(offset, size, value)
+
+        self.uc.mmio_map(dev.base, dev.size, read, None, write, None)
+
+    def _hooks(self) -> None:
+        self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, a64.UC_ARM64_INS_MRS)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_msr, None, 1, 0, a64.UC_ARM64_INS_MSR)
+        self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_invalid_memory)
+
+    def _on_mrs(self, uc: Any, reg: int, cp: Any, _ud: Any) -> int:
+        key = (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2)
+        if not self.counter.handles(key):
+            return 0
+        uc.reg_write(reg, self.counter.mrs(key))
+        return 1  # skip the instruction: we produced its result
+
+    def _on_msr(self, uc: Any, reg: int, cp: Any, _ud: Any) -> int:
+        key = (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2)
+        if not self.counter.handles(key):
+            return 0
+        self.counter.msr(key, cp.val)
+        return 1
+
+    def _on_invalid_memory(self, uc: Any, access: int, address: int, size: int, value: int,
+                           _ud: Any) -> bool:
+        self._last_invalid = (access, address)
+        return False
+
+    def _on_interrupt(self, uc: Any, intno: int, _ud: Any) -> None:
+        pc = uc.reg_read(a64.UC_ARM64_REG_PC)
+        if intno == _EXCP_SWI:
+            if self._svc_handler is None:
+                raise GuestError("svc (system call) in a guest that has no syscall layer",
+                                 pc=pc - 4, guest=self.name)
+            self._svc_handler(self)
+            return
+        if intno == _EXCP_UDEF:
+            word = self._insn_word(pc)
+            if word in (_HVC_0, _SMC_0):
+                self._psci(pc)
+                return
+            text = f"0x{word:08x}" if word is not None else "at an unreadable address"
+            raise UnsupportedInstruction(f"undefined or unsupported instruction {text}", pc=pc,
+                                         guest=self.name)
+        if intno == _EXCP_BKPT:
+            word = self._insn_word(pc) or 0
+            raise GuestError(f"guest hit a breakpoint (brk #{(word >> 5) & 0xFFFF})", pc=pc,
+                             guest=self.name)
+        if intno in (_EXCP_PREFETCH_ABORT, _EXCP_DATA_ABORT):
+            far = uc.reg_read(a64.UC_ARM64_REG_FAR_EL1)
+            kind = "instruction" if intno == _EXCP_PREFETCH_ABORT else "data"
+            raise GuestError(f"{kind} abort at address 0x{far:x}", pc=pc, guest=self.name)
+        raise GuestError(f"unexpected exception {intno}", pc=pc, guest=self.name)
+
+    def _insn_word(self, pc: int) -> int | None:
+        try:
+            return int.from_bytes(self.read_memory(pc, 4), "little")
+        except GuestMemoryError:
+            return None
+
+    def _psci(self, pc: int) -> None:
+        """Serve a PSCI call (``hvc #0``/``smc #0``, function id in x0) and step past it."""
+        function = self.uc.reg_read(a64.UC_ARM64_REG_X0) & 0xFFFF_FFFF
+        self.uc.reg_write(a64.UC_ARM64_REG_PC, pc + 4)
+        if function == PSCI_SYSTEM_OFF:
+            self.request_stop(0)
+        elif function == PSCI_SYSTEM_RESET:
+            raise GuestError("guest asked for a system reset, which is not supported", pc=pc,
+                             guest=self.name)
+        elif function == PSCI_VERSION:
+            self.uc.reg_write(a64.UC_ARM64_REG_X0, 0x0001_0000)  # PSCI 1.0
+        elif function == PSCI_FEATURES:
+            asked = self.uc.reg_read(a64.UC_ARM64_REG_X1) & 0xFFFF_FFFF
+            ok = asked in (PSCI_VERSION, PSCI_SYSTEM_OFF, PSCI_FEATURES)
+            self.uc.reg_write(a64.UC_ARM64_REG_X0, 0 if ok else _PSCI_NOT_SUPPORTED)
+        else:
+            self.uc.reg_write(a64.UC_ARM64_REG_X0, _PSCI_NOT_SUPPORTED)
+
+    def _translate_uc_error(self, err: UcError) -> PyvmmError:
+        pc = self.uc.reg_read(a64.UC_ARM64_REG_PC)
+        if err.errno == UC_ERR_INSN_INVALID:
+            word = self._insn_word(pc)
+            text = f"0x{word:08x}" if word is not None else "(unreadable)"
+            return UnsupportedInstruction(f"invalid instruction {text}", pc=pc, guest=self.name)
+        if err.errno in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED,
+                         UC_ERR_READ_PROT, UC_ERR_WRITE_PROT, UC_ERR_FETCH_PROT):
+            access, address = self._last_invalid or (-1, -1)
+            kind = ("read" if access in (UC_MEM_READ_UNMAPPED, UC_MEM_READ_PROT) else
+                    "instruction fetch" if access in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT)
+                    else "write")
+            where = f"0x{address:x}" if address >= 0 else "an unknown address"
+            return GuestMemoryError(f"guest {kind} of unmapped memory at {where}", pc=pc,
+                                    guest=self.name)
+        return GuestError(f"CPU error: {err}", pc=pc, guest=self.name)
