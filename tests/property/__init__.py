@@ -1,0 +1,1 @@
+"""Property-based tests: pyvmm objects against plain Python models."""
