@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class PyvmmError(Exception):
     """Root of every error pyvmm raises on purpose.
@@ -47,3 +49,63 @@ class GuestMemoryError(GuestError):
 
 class RunStateError(PyvmmError):
     """A run-state transition that is not allowed (e.g. resume a machine that has shut down)."""
+
+
+class FormatError(PyvmmError):
+    """Bytes that do not follow a format pyvmm reads or writes (stream, vmstate, container).
+
+    Carries where it happened: ``offset`` (byte offset in the file or buffer), ``increment``
+    (checkpoint increment number) and ``section`` (migration section or vmstate name); each is
+    ``None`` when not known at the point of failure. Upper layers add what they know with
+    :meth:`located`. ``reason`` is the message without the location.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        offset: int | None = None,
+        increment: int | None = None,
+        section: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.offset = offset
+        self.increment = increment
+        self.section = section
+        where = []
+        if increment is not None:
+            where.append(f"increment {increment}")
+        if section is not None:
+            where.append(f"section {section}")
+        if offset is not None:
+            where.append(f"offset 0x{offset:x}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+    def located(
+        self,
+        *,
+        offset: int | None = None,
+        increment: int | None = None,
+        section: str | None = None,
+    ) -> Self:
+        """The same error (same class) with the location fields it lacks filled in.
+
+        Fields already set are kept: the innermost layer knows the location best. Use as
+        ``raise err.located(increment=n) from err``.
+        """
+        return type(self)(
+            self.reason,
+            offset=self.offset if self.offset is not None else offset,
+            increment=self.increment if self.increment is not None else increment,
+            section=self.section if self.section is not None else section,
+        )
+
+
+class StreamError(FormatError):
+    """A migration stream could not be read or written: an I/O error (ENOSPC, EBADF...) or the
+    data ended before a read was satisfied. The OS error, if any, is the ``__cause__``."""
+
+
+class VersionError(FormatError):
+    """A stream or state description carries a version this pyvmm cannot load (too new or too
+    old for the local description)."""
