@@ -216,7 +216,7 @@ class Machine:
                 block.close()
                 raise ConfigError(f"RAM block {name} [0x{gpa:x}, 0x{gpa + size:x}) overlaps "
                                   f"{other.name}")
-        if gpa < LOW_MEMORY_LIMIT < gpa + size or (gpa < RAM_BASE < gpa + size):
+        if gpa < RAM_BASE and gpa + size > LOW_MEMORY_LIMIT:
             block.close()
             raise ConfigError(f"RAM block {name} [0x{gpa:x}, 0x{gpa + size:x}) overlaps the "
                               f"device window [0x{LOW_MEMORY_LIMIT:x}, 0x{RAM_BASE:x})")
@@ -545,13 +545,14 @@ class Machine:
         return False
 
     def _on_interrupt(self, uc: Any, intno: int, _ud: Any) -> None:
-        pc = uc.reg_read(a64.UC_ARM64_REG_PC)
         if intno == _EXCP_SWI:
+            # The hot path of Linux guests: no register reads here (each costs microseconds).
             if self._svc_handler is None:
                 raise GuestError("svc (system call) in a guest that has no syscall layer",
-                                 pc=pc - 4, guest=self.name)
+                                 pc=uc.reg_read(a64.UC_ARM64_REG_PC) - 4, guest=self.name)
             self._svc_handler(self)
             return
+        pc = uc.reg_read(a64.UC_ARM64_REG_PC)
         if intno == _EXCP_UDEF:
             word = self._insn_word(pc)
             if word in (_HVC_0, _SMC_0):

@@ -238,6 +238,8 @@ def test_bad_ram_sizes_and_blocks() -> None:
         with pytest.raises(ConfigError, match="overlaps"):
             machine.add_ram_block("low", 0x0800_0000, 0x0200_0000)  # into the device window
         with pytest.raises(ConfigError, match="overlaps"):
+            machine.add_ram_block("mid", 0x2000_0000, 1 << 20)  # wholly inside it
+        with pytest.raises(ConfigError, match="overlaps"):
             machine.add_ram_block("twin", RAM_BASE, 1 << 20)
         block = machine.add_ram_block("low", 0x40_0000, 1 << 20)
         machine.write_memory(0x40_0000, b"abc")

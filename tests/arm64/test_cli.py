@@ -1,0 +1,97 @@
+"""The command line as a user runs it: ``python -m pyvmm run`` in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def pyvmm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True,
+                          timeout=timeout, check=False)
+
+
+def test_default_run_prints_progress_and_exits_zero() -> None:
+    proc = pyvmm("run", "--workload", "working_set=4M,passes=3,report=1")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0].startswith("pyvmm-workload: ")
+    assert any("pass 3/3" in line for line in lines)
+    assert lines[-1].startswith("pyvmm-workload: done")
+    assert b"guest exited with code 0" in proc.stderr
+
+
+def test_same_seed_same_bytes_different_seed_different_bytes() -> None:
+    args = ("run", "-q", "--workload", "pattern=random,working_set=2M,passes=2")
+    first = pyvmm(*args, "--seed", "5")
+    second = pyvmm(*args, "--seed", "5")
+    other = pyvmm(*args, "--seed", "6")
+    assert first.returncode == second.returncode == other.returncode == 0
+    assert first.stdout == second.stdout
+    assert first.stdout != other.stdout  # the checksum depends on the random pages touched
+
+
+def test_max_insns_stops_exactly_and_reports_it() -> None:
+    proc = pyvmm("run", "--max-insns", "200K", "--workload", "passes=0")
+    assert proc.returncode == 0, proc.stderr
+    assert b"stopped after 200000 instructions" in proc.stderr
+
+
+def test_seconds_limit_ends_an_endless_workload() -> None:
+    proc = pyvmm("run", "--seconds", "0.5", "--workload", "passes=0,working_set=1M")
+    assert proc.returncode == 0, proc.stderr
+    assert b"time limit" in proc.stderr
+
+
+def test_output_file(tmp_path: pytest.TempPathFactory) -> None:
+    out = tmp_path / "uart.txt"  # type: ignore[operator]
+    proc = pyvmm("run", "-q", "--output", str(out), "--workload", "working_set=1M,passes=1")
+    assert proc.returncode == 0
+    assert proc.stdout == b""
+    assert out.read_bytes().startswith(b"pyvmm-workload: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "--ram", "lots"], "invalid RAM size (--ram) 'lots'"),
+        (["run", "--ram", "1000"], "RAM size 1000 is not a positive multiple of 4096"),
+        (["run", "--workload", "pattern=zigzag"], "pattern"),
+        (["run", "--workload", "colour=red"], "colour"),
+        (["run", "--max-insns", "-5"], "--max-insns"),
+        (["run", "--seconds", "0"], "--seconds must be > 0"),
+        (["run", "--guest", "/no/such/program"], "neither a built-in guest"),
+        (["run", "--guest"], "--guest needs a program"),
+        (["run", "--env", "NOEQUALS", "--guest", "workload"], "--env"),
+        (["run", "--workload", "working_set=1G", "--ram", "256M"], "working"),
+        (["run", "--bogus"], "unrecognized arguments: --bogus"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(args: list[str], message: str) -> None:
+    proc = pyvmm(*args)
+    assert proc.returncode in (1, 2)
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert err.startswith("pyvmm: error: ")
+    assert message in err
+
+
+def test_not_an_elf_guest_is_a_clear_error(tmp_path: pytest.TempPathFactory) -> None:
+    fake = tmp_path / "prog"  # type: ignore[operator]
+    fake.write_bytes(b"#!/bin/sh\necho hi\n")
+    proc = pyvmm("run", "--guest", str(fake))
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("pyvmm: error: ") and "ELF" in err
+
+
+def test_help_teaches() -> None:
+    proc = pyvmm("run", "--help")
+    assert proc.returncode == 0
+    text = proc.stdout.decode()
+    for word in ("--ram", "--seed", "--max-insns", "--seconds", "--workload", "--guest",
+                 "pattern", "sequential", "random", "hotcold", "increment", "examples"):
+        assert word in text
