@@ -99,3 +99,54 @@ def write_cpu_state(uc: Any, state: CpuState) -> None:
         uc.reg_write(rid, value)
     uc.reg_write(a64.UC_ARM64_REG_SP, state.sp)
     uc.reg_write(a64.UC_ARM64_REG_PC, state.pc)
+
+
+# ------------------------------------------------------------------------------ vmstate
+@dataclasses.dataclass
+class CpuSection:
+    """The mutable mirror of :class:`CpuState` that the vmstate interpreter saves and loads.
+
+    ``insns`` is the machine's exact instruction count (None when unknown); it travels in a
+    subsection so that a reloaded machine keeps counting where the saved one stopped.
+    """
+
+    x: list[int] = dataclasses.field(default_factory=lambda: [0] * 31)
+    sp: int = 0
+    pc: int = 0
+    v: list[int] = dataclasses.field(default_factory=lambda: [0] * 32)
+    sysregs: dict[str, int] = dataclasses.field(default_factory=dict)
+    insns: int = 0
+    has_insns: bool = False
+
+    @classmethod
+    def from_state(cls, state: CpuState, insns: int | None) -> CpuSection:
+        section = cls(x=list(state.x), sp=state.sp, pc=state.pc, v=list(state.v),
+                      sysregs=dict(state.sysregs), insns=insns or 0,
+                      has_insns=insns is not None)
+        for name, value in state.sysregs:
+            setattr(section, name, value)
+        return section
+
+    def to_state(self) -> CpuState:
+        return CpuState(x=tuple(self.x), sp=self.sp, pc=self.pc, v=tuple(self.v),
+                        sysregs=tuple((name, int(getattr(self, name)))
+                                      for name, _ in SYSTEM_REGISTERS))
+
+
+def _cpu_vmstate() -> Any:
+    # Imported here: cpu.py sits below the migration layer for everything but its description.
+    from .migration.vmstate import VMStateDescription, array, uint64, uint128
+
+    icount = VMStateDescription("cpu/icount", 1, 1, [uint64("insns")],
+                                needed=lambda s: s.has_insns,
+                                post_load=lambda s, _v: setattr(s, "has_insns", True))
+    return VMStateDescription(
+        "cpu", version_id=1, minimum_version_id=1,
+        fields=[array("x", uint64, 31), uint64("sp"), uint64("pc"), array("v", uint128, 32),
+                *[uint64(name) for name, _ in SYSTEM_REGISTERS]],
+        subsections=[icount],
+        pre_load=lambda s: setattr(s, "has_insns", False),
+    )
+
+
+VMSTATE_CPU = _cpu_vmstate()

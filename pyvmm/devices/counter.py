@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..migration.vmstate import VMStateDescription, uint64
+
 #: The frequency the guest reads from CNTFRQ_EL0 (QEMU's virt board uses 62.5 MHz too).
 COUNTER_FREQUENCY_HZ = 62_500_000
 #: How far the counter moves per read: 1 µs of guest time.
@@ -41,6 +43,13 @@ class CounterState:
     cntv_cval: int = 0
     cntp_ctl: int = 0
     cntp_cval: int = 0
+
+
+VMSTATE_COUNTER = VMStateDescription(
+    "virt-counter", version_id=1, minimum_version_id=1,
+    fields=[uint64("ticks"), uint64("cntv_ctl"), uint64("cntv_cval"), uint64("cntp_ctl"),
+            uint64("cntp_cval")],
+)
 
 
 class VirtualCounter:

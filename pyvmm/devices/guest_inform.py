@@ -18,6 +18,7 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
+from ..migration.vmstate import VMStateDescription, uint32
 from .base import MmioDevice
 
 GUEST_INFORM_BASE = 0x090F_0000
@@ -43,6 +44,13 @@ class GuestInformState:
     restore_count: int = 0
     request: int = 0
     request_count: int = 0
+
+
+VMSTATE_GUEST_INFORM = VMStateDescription(
+    "guest-inform", version_id=1, minimum_version_id=1,
+    fields=[uint32("checkpoint_count"), uint32("checkpoint_status"), uint32("restore_count"),
+            uint32("request"), uint32("request_count")],
+)
 
 
 class GuestInform(MmioDevice):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ..migration.vmstate import VMStateDescription, uint32, uint64, vbuffer
 from .base import MmioDevice
 
 UART_BASE = 0x0900_0000
@@ -42,6 +43,31 @@ class Pl011State:
     dmacr: int = 0
     rx_fifo: bytes = b""
     tx_count: int = 0  # bytes the guest has transmitted since power-on
+    rx_len: int = 0  # len(rx_fifo) on the wire; set by pre_save, checked by post_load
+
+
+#: Bound on the receive FIFO a checkpoint may carry (input queued by the host, not a hardware FIFO).
+RX_FIFO_MAX = 1 << 20
+
+
+def _pl011_pre_save(state: Pl011State) -> None:
+    state.rx_len = len(state.rx_fifo)
+
+
+def _pl011_post_load(state: Pl011State, _version: int) -> None:
+    state.rx_fifo = bytes(state.rx_fifo)
+
+
+VMSTATE_PL011 = VMStateDescription(
+    "pl011", version_id=1, minimum_version_id=1,
+    fields=[
+        uint32("rsr"), uint32("ilpr"), uint32("ibrd"), uint32("fbrd"), uint32("lcr_h"),
+        uint32("cr"), uint32("ifls"), uint32("imsc"), uint32("ris"), uint32("dmacr"),
+        uint64("tx_count"),
+        uint32("rx_len"), vbuffer("rx_fifo", "rx_len", RX_FIFO_MAX),
+    ],
+    pre_save=_pl011_pre_save, post_load=_pl011_post_load,
+)
 
 
 class Pl011(MmioDevice):

@@ -419,6 +419,20 @@ class QEMUFile:
             if written:
                 views[i] = views[i][written:]
 
+    def written_externally(self, size: int) -> None:
+        """Account ``size`` bytes that another writer (the C page writer) put at :attr:`offset`.
+
+        Call :meth:`flush` before handing :attr:`offset` to that writer, and this right after,
+        so the stream's own next bytes follow them.
+        """
+        if not self._writable:
+            self._misuse()
+        if self._wbuf:
+            raise ValueError("flush() before writing at the stream's offset from outside")
+        if size < 0:
+            raise ValueError(f"negative size {size}")
+        self._done += size
+
     def flush(self) -> None:
         """Write the buffered small puts, then :meth:`check`."""
         if self._writable:

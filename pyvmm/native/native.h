@@ -40,3 +40,50 @@ void *pyvmm_ram_mmap(pyvmm_u64 length, pyvmm_u64 align);
 int pyvmm_ram_munmap(void *addr, pyvmm_u64 length); /* 0 or -errno */
 /* MADV_DONTNEED: hand the pages back to the host; they read as zero afterwards. 0 or -errno. */
 int pyvmm_ram_discard(void *addr, pyvmm_u64 length);
+
+/* ---- pyvmm.migration.pageio (pages.c): RAM page records written from / read into guest RAM ----
+ * Records are QEMU's RAM section records: be64 (page * 4096 | flags), `u8 len, idstr` unless
+ * CONTINUE (0x20), then one fill byte for ZERO (0x02) or the 4096 page bytes for PAGE (0x08).
+ * A run is consecutive pages of one kind; in a data run page k's bytes are at
+ * data_offset + k * 4104 in the file (data_offset is 0 in a zero run). */
+struct pyvmm_page_run {
+    pyvmm_u64 first_page;
+    pyvmm_u64 npages;
+    pyvmm_u64 data_offset;
+    int zero;
+};
+struct pyvmm_page_write_stats {
+    pyvmm_u64 bytes_written; /* reached the file, also when the call failed */
+    pyvmm_u64 data_pages;
+    pyvmm_u64 zero_pages;
+    pyvmm_u64 nruns;
+};
+/* Where pyvmm_read_page_runs stopped: the run, the file offset, and for BAD_HEADER the page
+ * whose header was wrong and the be64 found instead. */
+struct pyvmm_page_read_error {
+    pyvmm_u64 run;
+    pyvmm_u64 offset;
+    pyvmm_u64 page;
+    pyvmm_u64 found;
+};
+/* Positive results of pyvmm_read_page_runs: the file is bad (negative ones are -errno). */
+enum {
+    PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK = 1,
+    PYVMM_PAGEIO_RUN_OUTSIDE_FILE = 2,
+    PYVMM_PAGEIO_TRUNCATED = 3,
+    PYVMM_PAGEIO_BAD_HEADER = 4
+};
+/* Writes at file_offset of fd one record per page set in `select` (npages bits), in page order,
+ * by pwritev straight from the npages pages at base: the first record carries the idstr if
+ * first_has_idstr, the others CONTINUE; with detect_zero an all-zero page becomes a ZERO record.
+ * Fills runs[0..max_runs) and *stats. 0 or -errno (-EOVERFLOW: more than max_runs runs). */
+int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base, pyvmm_u64 npages,
+                             const pyvmm_u64 *select, const unsigned char *idstr,
+                             unsigned idstr_len, int first_has_idstr, int detect_zero,
+                             struct pyvmm_page_run *runs, pyvmm_u64 max_runs,
+                             struct pyvmm_page_write_stats *stats);
+/* Checks every run against the npages pages at base and fd's size, then for each run in order:
+ * a data run is read by preadv into guest RAM and every page's header but the first checked;
+ * a zero run's pages that are not zero are cleared. 0, -errno or PYVMM_PAGEIO_*, with *err. */
+int pyvmm_read_page_runs(int fd, void *base, pyvmm_u64 npages, const struct pyvmm_page_run *runs,
+                         pyvmm_u64 nruns, struct pyvmm_page_read_error *err);

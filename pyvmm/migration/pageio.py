@@ -1,0 +1,274 @@
+"""RAM page records written straight from guest RAM and read straight back into it, one C call each.
+
+The hot path of checkpoint save and reload. :func:`write_page_records` emits QEMU RAM section
+records (``be64 offset|flags``, ``u8 len, idstr`` on a first record, then a fill byte for ZERO or
+the page for PAGE) for every selected page of a :class:`~pyvmm.ram.RamBlock` with ``pwritev``,
+the page bytes going from guest RAM to the file without a copy in between, and reports the
+layout as :class:`PageRuns`. :func:`read_page_runs` takes such runs (from the writer, or from a
+page index read back from a file) and reads each data run with ``preadv`` into guest RAM,
+checking the record headers between the pages as it goes. Python runs per call, never per page.
+
+Both work on a raw fd at an explicit offset (``pwritev``/``preadv``), not on a buffered stream:
+a caller that also writes through a buffer flushes it first and passes the fd's current end, and
+moves its own position past ``bytes_written`` afterwards. Both run on any thread; the C part runs
+with the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, overload
+
+from pyvmm._native import ffi, lib
+from pyvmm.errors import FormatError, StreamError
+from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
+
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_CONTINUE = 0x20
+
+RECORD_HEADER_SIZE = 8
+"""The ``be64 offset|flags`` that starts every record."""
+PAGE_RECORD_SIZE = RECORD_HEADER_SIZE + PAGE_SIZE
+"""A PAGE record with CONTINUE; also the stride between the pages of a data run in the file."""
+ZERO_RECORD_SIZE = RECORD_HEADER_SIZE + 1
+"""A ZERO record with CONTINUE: the header and its fill byte."""
+
+_U64_MAX = (1 << 64) - 1
+# the run arrays are filled by C before anything reads them: zeroing megabytes first is waste
+_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+class PageRun(NamedTuple):
+    """Consecutive pages of one kind, in page order and, for data, in file order.
+
+    For a data run (``zero`` false) the bytes of page ``first_page + k`` are at file offset
+    ``data_offset + k * PAGE_RECORD_SIZE``; the record header of every page but the first lies
+    in the 8 bytes before its data. For a zero run ``data_offset`` is 0 and means nothing.
+    """
+
+    first_page: int
+    npages: int
+    data_offset: int
+    zero: bool
+
+
+class PageRuns(Sequence[PageRun]):
+    """An immutable sequence of :class:`PageRun`, held in a C array that C code reads directly.
+
+    Built by :func:`write_page_records`, or from ``(first_page, npages, data_offset, zero)``
+    tuples (e.g. a page index read from a file; one Python step per run). Items are made on
+    access, so a result with many runs costs nothing until looked at.
+    """
+
+    __slots__ = ("_array", "_count")
+
+    def __init__(self, runs: Iterable[tuple[int, int, int, bool]] = ()) -> None:
+        """Pack ``runs``; ``FormatError`` for a value that no page run can hold (not a u64)."""
+        items = list(runs)
+        self._count = len(items)
+        self._array: Any = _new_uncleared("struct pyvmm_page_run[]", max(self._count, 1))
+        for i, run in enumerate(items):
+            first, npages, data_offset, zero = run
+            for value in (first, npages, data_offset):
+                if isinstance(value, bool) or not isinstance(value, int) or not (
+                    0 <= value <= _U64_MAX
+                ):
+                    raise FormatError(f"page run {i} {tuple(run)!r} holds an impossible value")
+            slot = self._array[i]
+            slot.first_page = first
+            slot.npages = npages
+            slot.data_offset = data_offset
+            slot.zero = 1 if zero else 0
+
+    @classmethod
+    def _adopt(cls, array: Any, count: int) -> PageRuns:
+        """Wrap a C array filled by C code; ``count`` of its entries are valid."""
+        runs = cls.__new__(cls)
+        runs._array = array
+        runs._count = count
+        return runs
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _item(self, index: int) -> PageRun:
+        slot = self._array[index]
+        return PageRun(
+            int(slot.first_page), int(slot.npages), int(slot.data_offset), bool(slot.zero)
+        )
+
+    @overload
+    def __getitem__(self, index: int) -> PageRun: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[PageRun]: ...
+
+    def __getitem__(self, index: int | slice) -> PageRun | list[PageRun]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"page run {index} of {self._count}")
+        return self._item(index)
+
+    def __iter__(self) -> Iterator[PageRun]:
+        for i in range(self._count):
+            yield self._item(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == self._count and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # compares equal to lists, which do not hash
+
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(tuple(run)) for run in self[:4])
+        more = f", ... {self._count - 4} more" if self._count > 4 else ""
+        return f"PageRuns([{shown}{more}])"
+
+
+@dataclass(frozen=True)
+class PageWriteResult:
+    """What one :func:`write_page_records` call put in the file."""
+
+    bytes_written: int
+    data_pages: int
+    zero_pages: int
+    runs: PageRuns
+
+
+def _errno_text(err: int) -> str:
+    return f"{os.strerror(err)} (errno {err})"
+
+
+def write_page_records(
+    fd: int,
+    file_offset: int,
+    block: RamBlock,
+    pages: PageBitmap,
+    *,
+    first_has_idstr: bool,
+    detect_zero: bool = True,
+) -> PageWriteResult:
+    """Write one record per page set in ``pages``, in page order, at ``file_offset`` of ``fd``.
+
+    The first record carries ``block.name`` as its idstr if ``first_has_idstr``, every other one
+    has CONTINUE. With ``detect_zero`` an all-zero page becomes a 9-byte ZERO record (the page is
+    read to tell); otherwise every page is a PAGE record. ``pages`` is copied first, so bits set
+    meanwhile (by a fault handler) do not count; page bytes are whatever guest RAM holds when the
+    kernel copies them. With no page set nothing is written, so no idstr was sent either.
+
+    Raises ``StreamError`` (``offset`` = where the write stopped, the ``OSError`` as its cause)
+    if the file refuses bytes; the records before that offset are in the file, the ones after
+    are not, and no result is returned. Any thread; the GIL is released while writing.
+    """
+    if pages.npages != block.page_count:
+        raise ValueError(
+            f"bitmap of {pages.npages} pages used with RAM block {block.name!r} "
+            f"of {block.page_count} pages"
+        )
+    if file_offset < 0:
+        raise ValueError(f"file offset {file_offset} is negative")
+    selected = pages.copy()  # private: the C scan may trust its count
+    count = selected.count()
+    runs = _new_uncleared("struct pyvmm_page_run[]", max(count, 1))
+    stats = ffi.new("struct pyvmm_page_write_stats *")
+    idstr = block.name.encode()
+    # the exported buffer keeps the mapping alive should another thread close the block
+    mem = ffi.from_buffer(block.mem)
+    rc = lib.pyvmm_write_page_records(
+        fd,
+        file_offset,
+        mem,
+        block.page_count,
+        ffi.cast("pyvmm_u64 *", selected.address),
+        idstr,
+        len(idstr),
+        first_has_idstr,
+        detect_zero,
+        runs,
+        count,
+        stats,
+    )
+    del mem
+    if rc:
+        err = -rc
+        cause = OSError(err, os.strerror(err))
+        raise StreamError(
+            f"cannot write {count} page records of RAM block {block.name!r} to fd {fd}: "
+            f"{_errno_text(err)}",
+            offset=file_offset + int(stats.bytes_written),
+        ) from cause
+    nruns = int(stats.nruns)
+    if nruns < count:
+        # give back the worst-case array: a dense block has few runs and many pages
+        exact = _new_uncleared("struct pyvmm_page_run[]", max(nruns, 1))
+        ffi.memmove(exact, runs, nruns * ffi.sizeof("struct pyvmm_page_run"))
+        runs = exact
+    return PageWriteResult(
+        bytes_written=int(stats.bytes_written),
+        data_pages=int(stats.data_pages),
+        zero_pages=int(stats.zero_pages),
+        runs=PageRuns._adopt(runs, nruns),
+    )
+
+
+def read_page_runs(
+    fd: int, block: RamBlock, runs: PageRuns | Iterable[tuple[int, int, int, bool]]
+) -> None:
+    """Load ``runs`` of ``block`` from ``fd``: data runs read from the file, zero runs cleared.
+
+    Every run is checked before anything is read or written: pages inside the block, a data
+    run's bytes inside the file. Then, in the order given, a data run is read straight into
+    guest RAM and the record header of each of its pages but the first compared with the one
+    the writer puts there; a zero run's pages are cleared, except pages already zero, which are
+    left untouched (so they cost no host memory).
+
+    Raises ``FormatError`` for a run outside the block or the file (nothing written then) or a
+    wrong record header (``offset`` = the header's); ``StreamError`` for a file that ends early
+    or an I/O error. After a failure past the checks, pages of the failing run and of the runs
+    before it may hold new bytes. Any thread; the GIL is released while reading.
+    """
+    if not isinstance(runs, PageRuns):
+        runs = PageRuns(runs)
+    err = ffi.new("struct pyvmm_page_read_error *")
+    mem = ffi.from_buffer(block.mem, require_writable=True)
+    rc = lib.pyvmm_read_page_runs(fd, mem, block.page_count, runs._array, len(runs), err)
+    del mem
+    if rc == 0:
+        return
+    where = f"RAM block {block.name!r}, page run {int(err.run)}"
+    if rc < 0:
+        cause = OSError(-rc, os.strerror(-rc))
+        raise StreamError(
+            f"cannot read {where} from fd {fd}: {_errno_text(-rc)}", offset=int(err.offset)
+        ) from cause
+    run = runs[int(err.run)]
+    last_page = run.first_page + run.npages - 1
+    if rc == lib.PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK:
+        raise FormatError(
+            f"{where}: pages {run.first_page}..{last_page} are not inside its "
+            f"{block.page_count} pages"
+        )
+    if rc == lib.PYVMM_PAGEIO_RUN_OUTSIDE_FILE:
+        raise FormatError(
+            f"{where}: {run.npages} page records from offset 0x{run.data_offset:x} run past "
+            f"the end of the file (0x{int(err.offset):x} bytes)",
+            offset=run.data_offset,
+        )
+    if rc == lib.PYVMM_PAGEIO_TRUNCATED:
+        raise StreamError(f"{where}: the file ends inside the run", offset=int(err.offset))
+    if rc == lib.PYVMM_PAGEIO_BAD_HEADER:
+        page = int(err.page)
+        want = page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+        raise FormatError(
+            f"{where}: record header of page {page} is 0x{int(err.found):016x}, "
+            f"expected 0x{want:016x}",
+            offset=int(err.offset),
+        )
+    raise AssertionError(f"pyvmm_read_page_runs returned {rc}")  # pragma: no cover
