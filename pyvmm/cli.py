@@ -7,12 +7,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .boot import BUILTIN_GUESTS, GuestSpec, boot
 from .errors import ConfigError, PyvmmError
 from .guests.workload import WORKLOAD_HELP, WorkloadOptions
-from .machine import DEFAULT_RAM_SIZE, StopReason
+from .machine import DEFAULT_RAM_SIZE, Machine, RunResult, RunState, StopReason
 from .units import format_size, parse_count, parse_size
 
 EXIT_ERROR = 1
@@ -34,8 +34,19 @@ guests:
 
 {WORKLOAD_HELP}
 
+checkpoints:
+  --checkpoint chpt:FILE writes a checkpoint of the machine into FILE at the
+  end of the run (also when the guest powered off) and at every
+  --checkpoint-at instruction count.  --incoming chpt:FILE reloads the last
+  checkpoint in FILE (chpt:N:FILE: the first N increments) into a new machine
+  and runs on from there; the guest, RAM size and seed come from the file.
+  Inspect files with "pyvmm checkpoint info FILE".
+
 examples:
   python -m pyvmm run
+  python -m pyvmm run --checkpoint chpt:out.bin
+  python -m pyvmm run --max-insns 20M --checkpoint chpt:out.bin
+  python -m pyvmm run --incoming chpt:out.bin
   python -m pyvmm run --workload pattern=random,working_set=128M,passes=8
   python -m pyvmm run --ram 512M --max-insns 50M
   python -m pyvmm run --files data.bin --guest ./busybox sha256sum data.bin
@@ -59,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a guest", description="Run a guest on a new machine.",
                          epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     machine = run.add_argument_group("machine")
-    machine.add_argument("--ram", metavar="SIZE", default=format_size_arg(DEFAULT_RAM_SIZE),
-                         help="guest RAM size, e.g. 256M, 1G (default: %(default)s)")
-    machine.add_argument("--seed", metavar="N", type=int, default=0,
-                         help="seed of all guest-visible randomness (default: %(default)s); "
+    machine.add_argument("--ram", metavar="SIZE",
+                         help=f"guest RAM size, e.g. 256M, 1G (default: "
+                              f"{format_size_arg(DEFAULT_RAM_SIZE)})")
+    machine.add_argument("--seed", metavar="N", type=int,
+                         help="seed of all guest-visible randomness (default: 0); "
                               "same seed, same guest -> same bytes")
     limits = run.add_argument_group("limits (the run stops, paused, when one is reached)")
     limits.add_argument("--max-insns", metavar="N",
@@ -70,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "counted runs are somewhat slower")
     limits.add_argument("--seconds", metavar="S", type=float,
                         help="stop after S seconds of host time")
+    chpt = run.add_argument_group("checkpoints")
+    chpt.add_argument("--checkpoint", metavar="chpt:FILE",
+                      help="write a full checkpoint into FILE at the end of the run (and at "
+                           "each --checkpoint-at); an existing FILE is replaced, unless it is "
+                           "the --incoming file, whose chain then grows")
+    chpt.add_argument("--checkpoint-at", metavar="N[,N...]", action="append", default=[],
+                      help="also checkpoint after exactly N instructions of this run "
+                           "(repeatable; needs --checkpoint)")
+    chpt.add_argument("--incoming", metavar="chpt:[N:]FILE",
+                      help="start from a checkpoint instead of booting a guest")
     guest = run.add_argument_group("guest")
     guest.add_argument("--workload", metavar="KEY=VALUE,...", action="append", default=[],
                        help="options of the built-in workload (see below); may be repeated")
@@ -88,7 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--guest", metavar="PROGRAM", nargs=argparse.REMAINDER,
                        help=f"what to run: {' | '.join(BUILTIN_GUESTS)} (default) or a static "
                             f"ARM64 ELF and its arguments; must be the last option")
+    _add_checkpoint_commands(sub)
     return parser
+
+
+def _add_checkpoint_commands(sub: Any) -> None:
+    chpt = sub.add_parser("checkpoint", help="inspect checkpoint files",
+                          description="Inspect and export checkpoint files.")
+    verbs = chpt.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+    info = verbs.add_parser("info", help="increments, sizes, page counts, devices",
+                            description="Show what a checkpoint file holds.")
+    info.add_argument("file", metavar="FILE")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    export = verbs.add_parser(
+        "export", help="write one increment's raw QEMU migration stream",
+        description="Write increment K's QEMU v3 migration stream to OUT, e.g. for QEMU's "
+                    "scripts/analyze-migration.py.")
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("--increment", "-k", metavar="K", type=int, default=None,
+                        help="which increment (default: the last)")
+    export.add_argument("-o", "--output", metavar="OUT", required=True)
 
 
 def format_size_arg(nbytes: int) -> str:
@@ -142,12 +184,42 @@ class _LineSink:
             self.stream.flush()
 
 
+def _checkpoint_points(args: argparse.Namespace) -> list[int]:
+    points: set[int] = set()
+    for text in args.checkpoint_at:
+        for item in text.split(","):
+            points.add(parse_count(item, "--checkpoint-at"))
+    if points and not args.checkpoint:
+        raise ConfigError("--checkpoint-at needs --checkpoint chpt:FILE to write into")
+    if 0 in points:
+        raise ConfigError("--checkpoint-at counts must be > 0")
+    return sorted(points)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    ram_size = parse_size(args.ram, "RAM size (--ram)")
+    from .migration.checkpoint import parse_target
+
     max_insns = parse_count(args.max_insns, "--max-insns") if args.max_insns else None
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, not {args.seconds}")
-    spec = _guest_spec(args)
+    points = _checkpoint_points(args)
+    save_target = parse_target(args.checkpoint) if args.checkpoint else None
+    if save_target is not None and (save_target.count is not None or save_target.squash):
+        raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")
+    incoming = parse_target(args.incoming) if args.incoming else None
+    if incoming is not None:
+        given = [opt for opt, value in (("--ram", args.ram), ("--seed", args.seed),
+                                        ("--guest", args.guest), ("--workload", args.workload),
+                                        ("--files", args.files), ("--stdin", args.stdin),
+                                        ("--env", args.env)) if value]
+        if given:
+            raise ConfigError(f"{given[0]} cannot be combined with --incoming: the guest, its "
+                              f"RAM and seed come from the checkpoint")
+        ram_size = 0
+        spec = None
+    else:
+        ram_size = parse_size(args.ram or format_size_arg(DEFAULT_RAM_SIZE), "RAM size (--ram)")
+        spec = _guest_spec(args)
     out_stream: BinaryIO = sys.stdout.buffer
     if args.output:
         try:
@@ -157,11 +229,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sink = _LineSink(out_stream)
     err_sink = _LineSink(sys.stderr.buffer)
     try:
-        machine = boot(spec, ram_size=ram_size, seed=args.seed, uart_sink=sink, stdout=sink,
-                       stderr=err_sink)
+        if incoming is not None:
+            from .migration.checkpoint import reload
+
+            machine = reload(incoming, uart_sink=sink, stdout=sink, stderr=err_sink)
+            ram_size = machine.ram.size
+        else:
+            assert spec is not None
+            machine = boot(spec, ram_size=ram_size, seed=args.seed or 0, uart_sink=sink,
+                           stdout=sink, stderr=err_sink)
         with machine:
             started = time.monotonic()
-            result = machine.run(max_insns=max_insns, seconds=args.seconds)
+            result = _run_with_checkpoints(args, machine, max_insns, points, save_target,
+                                           incoming)
             elapsed = time.monotonic() - started
     finally:
         out_stream.flush()
@@ -183,6 +263,76 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 130 if result.reason is StopReason.INTERRUPTED else 0
 
 
+def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns: int | None,
+                          points: list[int], save_target: Any, incoming: Any) -> RunResult:
+    """Run in segments: up to each --checkpoint-at count, checkpoint, go on; checkpoint at the
+    end.  Limits (--max-insns, --seconds) count from the start of this run."""
+    from .migration.checkpoint import Checkpointer
+
+    checkpointer = None
+    if save_target is not None:
+        same = incoming is not None and os.path.exists(save_target.path) and \
+            os.path.samefile(save_target.path, incoming.path)
+        checkpointer = Checkpointer(machine, save_target.path, append=same)
+    deadline = None if args.seconds is None else time.monotonic() + args.seconds
+    done = 0
+    result = machine.last_result
+    try:
+        if machine.state is RunState.SHUTDOWN:
+            if not args.quiet:
+                print("pyvmm: the checkpointed guest had already powered off", file=sys.stderr)
+        else:
+            stops = [p for p in points if max_insns is None or p <= max_insns]
+            if max_insns is not None and max_insns not in stops:
+                stops.append(max_insns)
+            stops.append(-1)  # the last segment: no instruction limit of its own
+            for stop in stops:
+                budget = None if stop < 0 else stop - done
+                seconds = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+                result = machine.run(max_insns=budget, seconds=seconds)
+                if result.reason is not StopReason.INSN_LIMIT:
+                    break
+                done = stop
+                if stop in points and checkpointer is not None:
+                    _checkpoint(checkpointer, args.quiet)
+                if stop == max_insns:
+                    break
+        if checkpointer is not None and result.error is None and \
+                not (done and done in points and done == max_insns):
+            _checkpoint(checkpointer, args.quiet)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    return result
+
+
+def _checkpoint(checkpointer: Any, quiet: bool) -> None:
+    stats = checkpointer.checkpoint()
+    if not quiet:
+        print(f"pyvmm: checkpoint {stats.increment} -> {checkpointer.path}: {stats.pages} pages "
+              f"+ {stats.zero_pages} zero, {format_size(stats.bytes_written)} in "
+              f"{stats.total_ms:.0f} ms", file=sys.stderr)
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from .migration.inspect import export_increment, file_info, format_info
+
+    if args.verb == "info":
+        info = file_info(args.file)
+        if args.json:
+            import json
+
+            print(json.dumps(info, indent=2))
+        else:
+            print(format_info(info))
+        return 0
+    if args.verb == "export":
+        written = export_increment(args.file, args.increment, args.output)
+        print(f"pyvmm: wrote {format_size(written)} to {args.output}", file=sys.stderr)
+        return 0
+    raise ConfigError(f"unknown checkpoint verb {args.verb}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyvmm`` and ``python -m pyvmm``; returns the process exit code."""
     parser = build_parser()
@@ -190,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "checkpoint":
+            return _cmd_checkpoint(args)
         parser.error(f"unknown command {args.command}")
     except PyvmmError as err:
         print(f"pyvmm: error: {err}", file=sys.stderr)

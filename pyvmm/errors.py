@@ -109,3 +109,8 @@ class StreamError(FormatError):
 class VersionError(FormatError):
     """A stream or state description carries a version this pyvmm cannot load (too new or too
     old for the local description)."""
+
+
+class ChecksumError(FormatError):
+    """Stored bytes do not match their checksum (a header slot, an increment entry, a page index,
+    a stats blob): the file was damaged after it was written."""

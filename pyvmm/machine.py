@@ -293,6 +293,27 @@ class Machine:
         """Set the instruction counter (used when a machine's state is reloaded)."""
         self._icount = count
 
+    @property
+    def exit_code(self) -> int | None:
+        """The guest's exit code once it has powered off, else None."""
+        return self._exit_code
+
+    def mark_shutdown(self, exit_code: int) -> None:
+        """Put a stopped machine into SHUTDOWN as if its guest had powered off with
+        ``exit_code`` (used when the reloaded state is that of a guest that had ended)."""
+        with self._cond:
+            if self._state is RunState.RUNNING:
+                raise RunStateError("cannot mark a running machine as shut down")
+            self._exit_code = exit_code
+            self._transition(RunState.SHUTDOWN)
+            self._result = RunResult(StopReason.SHUTDOWN, self._state, exit_code=exit_code,
+                                     insns=self._icount)
+
+    @property
+    def last_result(self) -> RunResult:
+        """Why the vCPU last stopped (what :meth:`wait` would return now)."""
+        return self._result
+
     def add_state_listener(self, listener: Callable[[RunState, RunState], None]) -> None:
         """Call ``listener(old, new)`` on every run-state change (on the changing thread)."""
         self._state_listeners.append(listener)

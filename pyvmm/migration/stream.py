@@ -213,6 +213,12 @@ class QEMUFile:
     # -- counters and state ------------------------------------------------------------------
 
     @property
+    def fd(self) -> int | None:
+        """The file descriptor behind the stream, or None for a memory stream."""
+        backend = self._backend
+        return backend.fd if isinstance(backend, _FdBackend) else None
+
+    @property
     def writable(self) -> bool:
         """True for a writer, False for a reader."""
         return self._writable

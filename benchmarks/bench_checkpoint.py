@@ -1,0 +1,117 @@
+"""Full checkpoint and reload of a 1 GiB guest against raw write()/read() of the same bytes.
+
+Same run, same directory, same memory:
+  save   : Checkpointer.checkpoint() (stop-and-copy, fsyncs its data and header) vs raw os.write of
+           the guest's RAM block to a file + fsync (and without fsync, for reference)
+  reload : reload("chpt:FILE") into a new machine vs os.readv of the raw file into a fresh RAM block
+  size   : checkpoint file bytes vs RAM in use (non-zero pages)
+Targets (issue 3): save <= 1.1x raw write, reload <= 1.2x raw read, size <= RAM in use + 0.5%.
+
+    python benchmarks/bench_checkpoint.py [--ram 1G] [--dir DIR] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pyvmm.boot import GuestSpec, boot
+from pyvmm.guests.workload import WorkloadOptions
+from pyvmm.migration.checkpoint import Checkpointer, reload
+from pyvmm.ram import PAGE_SIZE, RamBlock
+from pyvmm.units import parse_size
+
+
+def filled_machine(ram: int):  # type: ignore[no-untyped-def]
+    """A workload machine, paused, whose every RAM page is non-zero (filled from the host)."""
+    spec = GuestSpec(workload=WorkloadOptions.parse("working_set=64K,passes=0"))
+    machine = boot(spec, ram_size=ram)
+    machine.run(max_insns=10_000)
+    mem = machine.ram.mem
+    stamp = bytes(range(1, 256)) * 17  # 4335 bytes: page contents differ from page to page
+    for page in range(1, machine.ram.page_count):  # page 0 holds the guest image
+        offset = page * PAGE_SIZE
+        mem[offset:offset + 64] = stamp[page % 255:page % 255 + 64]
+    return machine
+
+
+def raw_write(block_mem: memoryview, path: Path, fsync: bool) -> float:
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view, done = block_mem, 0
+        while done < len(view):
+            done += os.write(fd, view[done:done + (1 << 30)])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def raw_read(path: Path, size: int) -> float:
+    block = RamBlock("bench", size, 0x4000_0000)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < size:
+            done += os.readv(fd, [block.mem[done:]])
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    block.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ram", default="1G")
+    parser.add_argument("--dir", default=None, help="where files go (default: a temp dir in .)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    ram = parse_size(args.ram)
+    with tempfile.TemporaryDirectory(dir=args.dir or ".") as tmp:
+        directory = Path(tmp)
+        machine = filled_machine(ram)
+        in_use = sum(b.nonzero_pages().count() for b in machine.ram_blocks) * PAGE_SIZE
+        saves, writes, writes_nosync, loads, reads = [], [], [], [], []
+        size = 0
+        for i in range(args.repeat):  # interleaved so load drift hits both sides alike
+            raw_file, chpt_file = directory / "raw.bin", directory / f"c{i}.bin"
+            writes.append(raw_write(machine.ram.mem, raw_file, fsync=True))
+            writes_nosync.append(raw_write(machine.ram.mem, raw_file, fsync=False))
+            checkpointer = Checkpointer(machine, chpt_file)
+            started = time.perf_counter()
+            checkpointer.checkpoint()
+            saves.append(time.perf_counter() - started)
+            checkpointer.close()
+            size = chpt_file.stat().st_size
+            reads.append(raw_read(raw_file, ram))
+            started = time.perf_counter()
+            copy = reload(f"chpt:{chpt_file}")
+            loads.append(time.perf_counter() - started)
+            assert copy.ram.read(PAGE_SIZE * 7, 64) == machine.ram.read(PAGE_SIZE * 7, 64)
+            copy.close()
+            chpt_file.unlink()
+        machine.close()
+    med = statistics.median
+    gib = ram / (1 << 30)
+    print(f"guest RAM {gib:.2f} GiB, in use {in_use / (1 << 30):.3f} GiB; median of "
+          f"{args.repeat}")
+    print(f"  raw write+fsync {med(writes):.3f} s   raw write {med(writes_nosync):.3f} s   "
+          f"checkpoint {med(saves):.3f} s   ratio {med(saves) / med(writes):.2f}x "
+          f"(vs no-fsync write {med(saves) / med(writes_nosync):.2f}x; target <= 1.1x)")
+    print(f"  raw read        {med(reads):.3f} s   reload {med(loads):.3f} s   "
+          f"ratio {med(loads) / med(reads):.2f}x (target <= 1.2x)")
+    print(f"  file size {size} B = RAM in use + {100 * (size - in_use) / in_use:.3f} % "
+          f"(target <= 0.5 %)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,563 @@
+"""The checkpoint container's bytes: its construct declaration loaded, and the encoding,
+decoding and checking of header slots, page indexes and stats.
+
+The layout is declared once in ``formats/chpt.construct.py`` (installed as ``pyvmm.formats``);
+this module loads it (:func:`load_spec`), turns every construct failure into
+:class:`~pyvmm.errors.FormatError` in one place (:func:`construct_call`), and adds the checks a
+declaration cannot express: page sizes, RAM blocks that do not overlap, an increment table whose
+pieces follow each other in the file, page runs inside their RAM block and their stream. Every
+decoder takes bytes that may be hostile and answers with a value or a FormatError, nothing else.
+It does no I/O: :mod:`pyvmm.migration.container` reads and writes the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import importlib.util
+import json
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import construct
+
+from pyvmm.errors import ChecksumError, FormatError, PyvmmError, VersionError
+
+SPEC_PACKAGE = "pyvmm.formats"
+SPEC_FILE = "chpt.construct.py"
+
+KINDS = ("full", "incremental")
+PAGE_RECORD_HEADER = 8
+"""Bytes before each page's data in a stream (``be64 offset|flags``): the stride of a data run
+is ``PAGE_RECORD_HEADER + page_size``."""
+
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 64 * 1024
+MAX_NAME = 255  # names travel behind a u8 length, in the container and in the stream
+MAX_CAPABILITY = 64
+MAX_STATS_BYTES = 16 << 20
+"""Largest stats JSON accepted: read whole into memory, so bounded."""
+
+_T = TypeVar("_T")
+
+
+@functools.lru_cache(maxsize=1)
+def load_spec() -> ModuleType:
+    """The container declaration, ``formats/chpt.construct.py``, loaded once per process.
+
+    Its name holds a dot, so it cannot be imported by name: it is executed from the installed
+    ``pyvmm.formats`` package, or from the source tree when pyvmm runs uninstalled.
+    """
+    try:
+        resource: Any = importlib.resources.files(SPEC_PACKAGE).joinpath(SPEC_FILE)
+    except ModuleNotFoundError:
+        # a source checkout on sys.path without `pip install`: formats/ sits beside pyvmm/
+        resource = Path(__file__).resolve().parents[2] / "formats" / SPEC_FILE
+    with importlib.resources.as_file(resource) as path:
+        spec = importlib.util.spec_from_file_location(f"{SPEC_PACKAGE}.chpt", path)
+        if spec is None or spec.loader is None:
+            raise PyvmmError(f"cannot load the checkpoint format declaration {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+def construct_call(
+    call: Callable[[], _T],
+    what: str,
+    *,
+    offset: int | None = None,
+    increment: int | None = None,
+) -> _T:
+    """Run one construct parse or build, turning every way it can fail into a FormatError.
+
+    construct raises its own ``ConstructError`` tree, and its compiled parsers also leak
+    ``struct.error``; a bad checksum becomes :class:`ChecksumError`. ``what`` names the structure
+    for the message ("header slot 1", "page index"...).
+    """
+    try:
+        return call()
+    except construct.ChecksumError as err:
+        raise ChecksumError(
+            f"{what}: checksum mismatch", offset=offset, increment=increment
+        ) from err
+    except (construct.ConstructError, struct.error, UnicodeError) as err:
+        raise FormatError(
+            f"{what}: {_one_line(err)}", offset=offset, increment=increment
+        ) from err
+
+
+def _one_line(err: Exception) -> str:
+    """The reason of an exception as one line, with construct's field path when it has one."""
+    text = str(err)
+    if isinstance(err, construct.ConstructError) and text.startswith("Error in path"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""  # drop construct's path line
+    if isinstance(err, construct.ConstError):
+        text = "unexpected bytes where a constant belongs"
+    text = " ".join(text.split()) or type(err).__name__
+    path = getattr(err, "path", None)
+    if isinstance(path, str) and "->" in path:
+        text = f"{text} (field {'.'.join(p.strip() for p in path.split('->')[1:])})"
+    return text
+
+
+# ----- what a header holds ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RamBlockInfo:
+    """One RAM block as recorded in the file: its idstr, guest-physical address and size."""
+
+    name: str
+    gpa: int
+    size: int
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """Pages ``first_page .. first_page+npages-1`` of RAM block number ``block`` in one increment.
+
+    A data run's page ``k`` has its ``page_size`` bytes at file offset
+    ``data_offset + k * (PAGE_RECORD_HEADER + page_size)``; a zero run has no data
+    (``data_offset`` 0).
+    """
+
+    block: int
+    first_page: int
+    npages: int
+    data_offset: int
+    zero: bool
+
+
+@dataclass(frozen=True)
+class IncrementInfo:
+    """One increment's entry in the header table: what it is and where its bytes lie."""
+
+    index: int
+    kind: str  # "full" | "incremental"
+    parent: int  # -1 for a full increment
+    created_ns: int
+    stream_offset: int
+    stream_length: int
+    pages: int
+    zero_pages: int
+    stream_crc: int  # CRC-32C of the stream, 0 when not computed
+    index_offset: int
+    index_length: int
+    stats_offset: int  # 0 with stats_length 0: no stats
+    stats_length: int
+
+    @property
+    def end(self) -> int:
+        """File offset just past this increment's last byte (its stats, else its page index)."""
+        if self.stats_length:
+            return self.stats_offset + self.stats_length
+        return self.index_offset + self.index_length
+
+
+@dataclass(frozen=True)
+class ContainerHeader:
+    """The contents of the current header slot."""
+
+    format_version: int
+    page_size: int
+    vm_id: bytes
+    machine: str
+    ram_blocks: tuple[RamBlockInfo, ...]
+    capabilities: tuple[str, ...]
+    increments: tuple[IncrementInfo, ...]
+    sequence: int
+
+    @property
+    def data_end(self) -> int:
+        """File offset just past the last committed byte: where the next increment may start."""
+        return self.increments[-1].end if self.increments else load_spec().DATA_START
+
+    @property
+    def total_pages(self) -> int:
+        """Guest pages in all RAM blocks."""
+        return sum(block.size // self.page_size for block in self.ram_blocks)
+
+
+# ----- encoding and decoding the structures -----------------------------------------------------
+
+
+def _entry_value(info: IncrementInfo) -> dict[str, Any]:
+    return {
+        "kind": info.kind,
+        "index": info.index,
+        "parent": info.parent,
+        "created_ns": info.created_ns,
+        "stream_offset": info.stream_offset,
+        "stream_length": info.stream_length,
+        "pages": info.pages,
+        "zero_pages": info.zero_pages,
+        "stream_crc": info.stream_crc,
+        "index_offset": info.index_offset,
+        "index_length": info.index_length,
+        "stats_offset": info.stats_offset,
+        "stats_length": info.stats_length,
+    }
+
+
+def _body_value(header: ContainerHeader) -> dict[str, Any]:
+    return {
+        "page_size": header.page_size,
+        "vm_id": header.vm_id,
+        "machine": header.machine,
+        "ram_blocks": [{"name": b.name, "gpa": b.gpa, "size": b.size} for b in header.ram_blocks],
+        "capabilities": list(header.capabilities),
+        "increments": [{"fields": {"value": _entry_value(i)}} for i in header.increments],
+    }
+
+
+def encode_header_slot(header: ContainerHeader) -> bytes:
+    """The bytes of one header slot holding ``header`` (unpadded; at most ``SLOT_SIZE``)."""
+    spec = load_spec()
+    if header.format_version != spec.FORMAT_VERSION:
+        raise ValueError(f"pyvmm writes format version {spec.FORMAT_VERSION} only")
+    body = construct_call(lambda: spec.HeaderBodyV1.build(_body_value(header)), "header")
+    if len(body) + spec.SLOT_OVERHEAD > spec.SLOT_SIZE:
+        raise FormatError(
+            f"the header needs {len(body) + spec.SLOT_OVERHEAD} bytes but a header slot holds "
+            f"{spec.SLOT_SIZE}"
+        )
+    frame = {"format_version": header.format_version, "sequence": header.sequence, "body": body}
+    return bytes(
+        construct_call(lambda: spec.HeaderSlot.build({"frame": {"value": frame}}), "header")
+    )
+
+
+def decode_header_slot(data: bytes, *, offset: int = 0) -> ContainerHeader:
+    """Decode one header slot's bytes (padding after its CRC allowed) into a header.
+
+    Checks what the header says on its own (page size, blocks, increment table order); the
+    checks against the file (sizes, ranges) are :class:`CheckpointFile`'s.
+    """
+    version, sequence, body = decode_slot_frame(data, offset=offset)
+    return decode_header_body(version, sequence, body, offset=offset)
+
+
+def decode_slot_frame(data: bytes, *, offset: int) -> tuple[int, int, bytes]:
+    """(format version, sequence, body) of a header slot, or FormatError unless its CRC holds.
+
+    The frame is the same in every format version, so this works on newer files too.
+    """
+    spec = load_spec()
+    if data[: len(spec.MAGIC)] != spec.MAGIC:
+        raise FormatError("not a pyvmm checkpoint header (bad magic)", offset=offset)
+    slot = construct_call(lambda: spec.HeaderSlot.parse(data), "header slot", offset=offset)
+    frame = slot.frame.value
+    return int(frame.format_version), int(frame.sequence), bytes(frame.body)
+
+
+def decode_header_body(version: int, sequence: int, body: bytes, *, offset: int) -> ContainerHeader:
+    """The header a slot's body holds, checked (:func:`check_header`); VersionError for a
+    version this pyvmm does not read. ``offset`` is the slot's, for messages."""
+    spec = load_spec()
+    if version > spec.FORMAT_VERSION:
+        raise VersionError(
+            f"checkpoint format version {version} is newer than this pyvmm reads "
+            f"(up to {spec.FORMAT_VERSION}); use a newer pyvmm",
+            offset=offset,
+        )
+    declaration = spec.HEADER_BODIES.get(version)
+    if declaration is None:
+        raise VersionError(f"unknown checkpoint format version {version}", offset=offset)
+    body_offset = offset + spec.SLOT_FRAME_SIZE
+    parsed = construct_call(lambda: declaration.parse(body), "header", offset=body_offset)
+    entries_offset = body_offset + len(body) - len(parsed.increments) * spec.INCREMENT_ENTRY_SIZE
+    increments = []
+    for entry in parsed.increments:
+        fields = entry.fields.value
+        increments.append(
+            IncrementInfo(
+                index=int(fields.index),
+                kind=str(fields.kind),
+                parent=int(fields.parent),
+                created_ns=int(fields.created_ns),
+                stream_offset=int(fields.stream_offset),
+                stream_length=int(fields.stream_length),
+                pages=int(fields.pages),
+                zero_pages=int(fields.zero_pages),
+                stream_crc=int(fields.stream_crc),
+                index_offset=int(fields.index_offset),
+                index_length=int(fields.index_length),
+                stats_offset=int(fields.stats_offset),
+                stats_length=int(fields.stats_length),
+            )
+        )
+    header = ContainerHeader(
+        format_version=version,
+        page_size=int(parsed.page_size),
+        vm_id=bytes(parsed.vm_id),
+        machine=str(parsed.machine),
+        ram_blocks=tuple(
+            RamBlockInfo(str(b.name), int(b.gpa), int(b.size)) for b in parsed.ram_blocks
+        ),
+        capabilities=tuple(str(c) for c in parsed.capabilities),
+        increments=tuple(increments),
+        sequence=sequence,
+    )
+    check_header(header, offset=offset, entries_offset=entries_offset)
+    return header
+
+
+def encode_page_index(increment: int, runs: Sequence[PageRun]) -> bytes:
+    """The page index blob of ``increment`` holding ``runs`` (in the given order)."""
+    spec = load_spec()
+    value = {
+        "increment": increment,
+        "runs": [
+            {
+                "block": run.block,
+                "flags": spec.RUN_ZERO if run.zero else 0,
+                "npages": run.npages,
+                "first_page": run.first_page,
+                "data_offset": run.data_offset,
+            }
+            for run in runs
+        ],
+    }
+    return bytes(
+        construct_call(
+            lambda: spec.PageIndex.build({"fields": {"value": value}}),
+            "page index",
+            increment=increment,
+        )
+    )
+
+
+def decode_page_index(data: bytes, *, increment: int, offset: int | None = None) -> list[PageRun]:
+    """The runs of a page index blob that must belong to ``increment`` (checked with its CRC)."""
+    spec = load_spec()
+    parsed = construct_call(
+        lambda: spec.PageIndex.parse(data), "page index", offset=offset, increment=increment
+    )
+    fields = parsed.fields.value
+    if fields.increment != increment:
+        raise FormatError(
+            f"page index belongs to increment {fields.increment}",
+            offset=offset,
+            increment=increment,
+        )
+    known: int = spec.RUN_FLAGS
+    zero_flag: int = spec.RUN_ZERO
+    runs = []
+    # item access, not construct's slow attribute access: an index may hold a run per page
+    for raw in fields["runs"]:
+        flags = raw["flags"]
+        if flags & ~known:
+            raise FormatError(
+                f"page run has unknown flags 0x{flags:x}", offset=offset, increment=increment
+            )
+        runs.append(
+            PageRun(
+                raw["block"],
+                raw["first_page"],
+                raw["npages"],
+                raw["data_offset"],
+                bool(flags & zero_flag),
+            )
+        )
+    return runs
+
+
+def encode_stats(increment: int, stats: dict[str, Any]) -> bytes:
+    """The stats blob of ``increment``: ``stats`` as a JSON object (strict JSON: no NaN)."""
+    spec = load_spec()
+    text = json.dumps(stats, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    if len(text) > MAX_STATS_BYTES:
+        raise ValueError(f"stats take {len(text)} bytes of JSON; at most {MAX_STATS_BYTES} fit")
+    value = {"increment": increment, "json": text}
+    return bytes(
+        construct_call(
+            lambda: spec.StatsBlob.build({"fields": {"value": value}}),
+            "stats blob",
+            increment=increment,
+        )
+    )
+
+
+def decode_stats(data: bytes, *, increment: int, offset: int | None = None) -> dict[str, Any]:
+    """The JSON object of a stats blob that must belong to ``increment`` (checked with its CRC)."""
+    spec = load_spec()
+    parsed = construct_call(
+        lambda: spec.StatsBlob.parse(data), "stats blob", offset=offset, increment=increment
+    )
+    fields = parsed.fields.value
+    if fields.increment != increment:
+        raise FormatError(
+            f"stats belong to increment {fields.increment}", offset=offset, increment=increment
+        )
+    try:
+        stats = json.loads(bytes(fields.json).decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        raise FormatError(
+            f"stats are not valid JSON: {_one_line(err)}", offset=offset, increment=increment
+        ) from err
+    if not isinstance(stats, dict):
+        raise FormatError("stats are not a JSON object", offset=offset, increment=increment)
+    return stats
+
+
+# ----- checks ----------------------------------------------------------------------------------
+
+
+def check_header(
+    header: ContainerHeader, *, offset: int | None = None, entries_offset: int | None = None
+) -> None:
+    """Raise FormatError unless ``header`` is self-consistent (without looking at a file).
+
+    ``entries_offset`` is where the increment table starts in the file, to locate errors.
+    """
+    spec = load_spec()
+    page_size = header.page_size
+    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise FormatError(
+            f"page size {page_size} is not a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}",
+            offset=offset,
+        )
+    if len(header.vm_id) != 16:
+        raise FormatError(f"VM id is {len(header.vm_id)} bytes, not 16", offset=offset)
+    if len(header.machine.encode()) > MAX_NAME:
+        raise FormatError(f"machine name is longer than {MAX_NAME} bytes", offset=offset)
+    _check_ram_blocks(header.ram_blocks, page_size, offset=offset)
+    check_capabilities(header.capabilities, offset=offset)
+    total_pages = header.total_pages
+    max_index_length = spec.PAGE_INDEX_OVERHEAD + total_pages * spec.PAGE_RUN_SIZE
+    previous_end = spec.DATA_START
+    for number, info in enumerate(header.increments):
+        where: dict[str, Any] = {"increment": number}
+        if entries_offset is not None:
+            where["offset"] = entries_offset + number * spec.INCREMENT_ENTRY_SIZE
+
+        def bad(message: str) -> FormatError:
+            return FormatError(f"increment table: {message}", **where)  # noqa: B023
+
+        if info.index != number:
+            raise bad(f"entry {number} says it is increment {info.index}")
+        if info.kind not in KINDS:
+            raise bad(f"unknown kind {info.kind!r}")
+        if info.kind == "full" and info.parent != -1:
+            raise bad(f"a full increment has parent {info.parent}")
+        if info.kind == "incremental" and not 0 <= info.parent < number:
+            raise bad(f"an incremental increment has parent {info.parent}")
+        if info.stream_offset < previous_end or info.stream_offset % spec.STREAM_ALIGN:
+            raise bad(
+                f"stream offset 0x{info.stream_offset:x} is not aligned past the previous data "
+                f"(0x{previous_end:x})"
+            )
+        if info.index_offset != info.stream_offset + info.stream_length:
+            raise bad("page index does not follow the stream")
+        if not spec.PAGE_INDEX_OVERHEAD <= info.index_length <= max_index_length or (
+            (info.index_length - spec.PAGE_INDEX_OVERHEAD) % spec.PAGE_RUN_SIZE
+        ):
+            raise bad(f"page index length {info.index_length} is impossible")
+        if info.stats_length or info.stats_offset:
+            if info.stats_offset != info.index_offset + info.index_length:
+                raise bad("stats do not follow the page index")
+            max_stats = spec.STATS_OVERHEAD + MAX_STATS_BYTES
+            if not spec.STATS_OVERHEAD <= info.stats_length <= max_stats:
+                raise bad(f"stats length {info.stats_length} is impossible")
+        if info.pages + info.zero_pages > total_pages:
+            raise bad(f"{info.pages} + {info.zero_pages} pages exceed the {total_pages} of RAM")
+        previous_end = info.end
+
+
+def _check_ram_blocks(
+    blocks: Sequence[RamBlockInfo], page_size: int, *, offset: int | None
+) -> None:
+    names: set[str] = set()
+    spans = []
+    for number, block in enumerate(blocks):
+        what = f"RAM block {number} ({block.name!r})"
+        if not block.name or len(block.name.encode()) > MAX_NAME:
+            raise FormatError(f"{what}: name must have 1..{MAX_NAME} bytes", offset=offset)
+        if block.name in names:
+            raise FormatError(f"{what}: name appears twice", offset=offset)
+        names.add(block.name)
+        if block.size <= 0 or block.size % page_size or block.gpa % page_size:
+            raise FormatError(
+                f"{what}: address 0x{block.gpa:x} and size 0x{block.size:x} must be positive "
+                f"multiples of the page size",
+                offset=offset,
+            )
+        if block.gpa < 0 or block.gpa + block.size > 1 << 64:
+            raise FormatError(f"{what}: lies outside the 64-bit address space", offset=offset)
+        spans.append((block.gpa, block.gpa + block.size, what))
+    spans.sort()
+    for (_, end, what), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"{what} overlaps {other}", offset=offset)
+
+
+def check_capabilities(capabilities: Sequence[str], *, offset: int | None = None) -> None:
+    """Raise FormatError unless the capability names are distinct short ``[A-Za-z0-9._-]`` words."""
+    if len(set(capabilities)) != len(capabilities):
+        raise FormatError("a capability appears twice", offset=offset)
+    if len(capabilities) > 255:
+        raise FormatError("more than 255 capabilities", offset=offset)
+    for name in capabilities:
+        ok = 0 < len(name) <= MAX_CAPABILITY and all(
+            ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name
+        )
+        if not ok:
+            raise FormatError(
+                f"capability {name!r} is not 1..{MAX_CAPABILITY} of [A-Za-z0-9._-]", offset=offset
+            )
+
+
+def check_page_runs(
+    header: ContainerHeader, info: IncrementInfo, runs: Sequence[PageRun]
+) -> None:
+    """Raise FormatError unless ``runs`` can be ``info``'s page index in a file with ``header``.
+
+    Every run lies inside its RAM block, data runs inside the increment's stream, no page is
+    listed twice, and the page counts match ``info.pages`` / ``info.zero_pages``.
+    """
+    page_size = header.page_size
+    stride = PAGE_RECORD_HEADER + page_size
+    stream_end = info.stream_offset + info.stream_length
+    pages = zero_pages = 0
+    for number, run in enumerate(runs):
+
+        def bad(message: str) -> FormatError:
+            return FormatError(f"page run {number}: {message}", increment=info.index)  # noqa: B023
+
+        if not 0 <= run.block < len(header.ram_blocks):
+            raise bad(f"RAM block {run.block} does not exist")
+        block_pages = header.ram_blocks[run.block].size // page_size
+        if run.npages < 1 or run.first_page < 0 or run.first_page + run.npages > block_pages:
+            raise bad(
+                f"pages {run.first_page}+{run.npages} lie outside RAM block {run.block} "
+                f"({block_pages} pages)"
+            )
+        if run.zero:
+            if run.data_offset:
+                raise bad("a zero run has a data offset")
+            zero_pages += run.npages
+        else:
+            last_end = run.data_offset + (run.npages - 1) * stride + page_size
+            if run.data_offset < info.stream_offset or last_end > stream_end:
+                raise bad(
+                    f"data 0x{run.data_offset:x}..0x{last_end:x} lies outside the stream "
+                    f"0x{info.stream_offset:x}..0x{stream_end:x}"
+                )
+            pages += run.npages
+    spans = sorted((run.block, run.first_page, run.npages) for run in runs)
+    for (block, first, count), (next_block, next_first, _) in zip(spans, spans[1:]):
+        if block == next_block and next_first < first + count:
+            raise FormatError(
+                f"page {next_first} of RAM block {block} is listed twice", increment=info.index
+            )
+    if (pages, zero_pages) != (info.pages, info.zero_pages):
+        raise FormatError(
+            f"page index holds {pages} data and {zero_pages} zero pages, the header says "
+            f"{info.pages} and {info.zero_pages}",
+            increment=info.index,
+        )

@@ -1,0 +1,99 @@
+"""Looking into checkpoint files without loading a guest: ``checkpoint info`` and ``export``."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from typing import Any
+
+from ..errors import ConfigError, PyvmmError
+from ..units import format_size
+from .container import CheckpointFile
+
+
+def file_info(path: str) -> dict[str, Any]:
+    """Everything ``checkpoint info`` shows, as JSON types."""
+    with CheckpointFile.open(path) as container:
+        header = container.header
+        increments = []
+        for inc in header.increments:
+            stats = container.stats(inc.index)
+            increments.append({
+                "index": inc.index,
+                "kind": inc.kind,
+                "parent": inc.parent,
+                "created": datetime.datetime.fromtimestamp(
+                    inc.created_ns / 1e9, tz=datetime.timezone.utc).isoformat(),
+                "stream_offset": inc.stream_offset,
+                "stream_bytes": inc.stream_length,
+                "pages": inc.pages,
+                "zero_pages": inc.zero_pages,
+                "stats": stats,
+            })
+        return {
+            "file": path,
+            "file_bytes": os.fstat(container.fd).st_size,
+            "format_version": header.format_version,
+            "machine": header.machine,
+            "vm_id": str(uuid.UUID(bytes=header.vm_id)),
+            "page_size": header.page_size,
+            "ram_blocks": [{"name": b.name, "gpa": b.gpa, "size": b.size}
+                           for b in header.ram_blocks],
+            "capabilities": list(header.capabilities),
+            "increments": increments,
+        }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`file_info`."""
+    lines = [
+        f"{info['file']}: pyvmm checkpoint, format {info['format_version']}, "
+        f"{format_size(info['file_bytes'])}",
+        f"  machine       {info['machine']}  (vm {info['vm_id']})",
+        f"  page size     {info['page_size']}",
+        "  RAM blocks    " + ", ".join(f"{b['name']} {format_size(b['size'])} at 0x{b['gpa']:x}"
+                                       for b in info["ram_blocks"]),
+        f"  capabilities  {', '.join(info['capabilities']) or '(none)'}",
+        f"  increments    {len(info['increments'])}",
+    ]
+    for inc in info["increments"]:
+        stats = inc["stats"]
+        parent = "" if inc["parent"] < 0 else f" (parent {inc['parent']})"
+        lines.append(f"  #{inc['index']} {inc['kind']}{parent}  {inc['created']}  "
+                     f"stream {format_size(inc['stream_bytes'])}, {inc['pages']} pages, "
+                     f"{inc['zero_pages']} zero pages")
+        if stats:
+            timing = ", ".join(f"{key.removesuffix('_ms')} {stats[key]:.1f} ms"
+                               for key in ("total_ms", "setup_ms", "downtime_ms")
+                               if isinstance(stats.get(key), (int, float)))
+            if timing:
+                lines.append(f"      {timing}")
+            devices = stats.get("devices")
+            if isinstance(devices, list) and devices:
+                lines.append(f"      devices: {', '.join(str(d) for d in devices)}")
+    return "\n".join(lines)
+
+
+def export_increment(path: str, increment: int | None, output: str) -> int:
+    """Copy increment ``increment``'s raw QEMU stream (default: the last) to ``output``."""
+    with CheckpointFile.open(path) as container:
+        increments = container.header.increments
+        if not increments:
+            raise ConfigError(f"{path} holds no increments")
+        index = len(increments) - 1 if increment is None else increment
+        if not 0 <= index < len(increments):
+            raise ConfigError(f"{path} has increments 0..{len(increments) - 1}, not {index}")
+        inc = increments[index]
+        try:
+            with open(output, "wb") as out:
+                offset, left = inc.stream_offset, inc.stream_length
+                while left:
+                    sent = os.copy_file_range(container.fd, out.fileno(), left, offset)
+                    if sent == 0:
+                        raise PyvmmError(f"{path} ended inside increment {index}'s stream")
+                    offset += sent
+                    left -= sent
+        except OSError as err:
+            raise ConfigError(f"cannot write {output}: {err.strerror}") from err
+        return inc.stream_length

@@ -1,0 +1,224 @@
+"""The RAM save-state entry: QEMU's RAM section records over pyvmm's RAM blocks.
+
+Saving: setup sends the MEM_SIZE block list; iterate sends the selected pages of every block
+(PAGE, or ZERO for all-zero pages) through the C page writer, straight from guest RAM; complete
+sends what is left.  Every section body ends with EOS.  Which pages to send is the caller's
+choice (:meth:`RamHandler.select`): all populated pages for a full checkpoint, dirty pages for an
+incremental one.  The layout of what was written comes back as runs for the container's page index.
+
+Loading: records are parsed in order; a PAGE record that starts a run known from the page index
+is read, with the rest of its run, by one ``preadv`` into guest RAM (headers checked in C); other
+records are read one by one.  Ids and sizes of blocks must match the machine's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from ..errors import FormatError
+from ..ram import PAGE_SIZE, PageBitmap, RamBlock
+from .pageio import (
+    PAGE_RECORD_SIZE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_ZERO,
+    PageRun,
+    read_page_runs,
+    write_page_records,
+)
+from .stream import QEMUFile
+
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_EOS = 0x10
+_FLAG_MASK = PAGE_SIZE - 1
+_KNOWN_FLAGS = (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_MEM_SIZE | RAM_SAVE_FLAG_PAGE |
+                RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE)
+RAM_SECTION_VERSION = 4
+#: Bound on the number of RAM blocks a stream may list (each costs a lookup, nothing more).
+MAX_BLOCKS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedRun:
+    """A run of pages of one block, as the container's page index stores it."""
+
+    block: int
+    first_page: int
+    npages: int
+    data_offset: int
+    zero: bool
+
+
+@dataclasses.dataclass
+class RamSaveCounters:
+    """What one save sent (for stats and the container's table)."""
+
+    data_pages: int = 0
+    zero_pages: int = 0
+    bytes_written: int = 0
+
+
+class RamHandler:
+    """The live entry ``ram`` (instance 0, version 4) for a list of RAM blocks."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        if len(blocks) > MAX_BLOCKS:
+            raise ValueError(f"at most {MAX_BLOCKS} RAM blocks")
+        self.blocks = list(blocks)
+        self._selection: dict[str, PageBitmap] = {}
+        self.runs: list[IndexedRun] = []
+        self.counters = RamSaveCounters()
+        #: For loading: data runs by (block number, absolute offset of their first page's data).
+        self.load_index: dict[tuple[int, int], IndexedRun] = {}
+        self.pages_loaded = 0
+
+    # ------------------------------------------------------------------------- saving
+    def select(self, pages: Mapping[str, PageBitmap]) -> None:
+        """Pages the next save sends, per block name (blocks not named send nothing)."""
+        for name in pages:
+            if not any(b.name == name for b in self.blocks):
+                raise ValueError(f"no RAM block named {name!r}")
+        self._selection = dict(pages)
+        self.runs = []
+        self.counters = RamSaveCounters()
+
+    def save_setup(self, f: QEMUFile) -> None:
+        total = sum(b.size for b in self.blocks)
+        f.put_be64(total | RAM_SAVE_FLAG_MEM_SIZE)
+        for block in self.blocks:
+            f.put_str8(block.name)
+            f.put_be64(block.size)
+        f.put_be64(RAM_SAVE_FLAG_EOS)
+
+    def save_iterate(self, f: QEMUFile) -> bool:
+        for number, block in enumerate(self.blocks):
+            pages = self._selection.pop(block.name, None)
+            if pages is None or not pages.count():
+                continue
+            if f.fd is None:
+                self._save_pages_slowly(f, number, block, pages)
+                continue
+            f.flush()
+            result = write_page_records(f.fd, f.offset, block, pages, first_has_idstr=True)
+            f.written_externally(result.bytes_written)
+            self.counters.data_pages += result.data_pages
+            self.counters.zero_pages += result.zero_pages
+            self.counters.bytes_written += result.bytes_written
+            self.runs.extend(IndexedRun(number, r.first_page, r.npages, r.data_offset, r.zero)
+                             for r in result.runs)
+        f.put_be64(RAM_SAVE_FLAG_EOS)
+        return True
+
+    def save_complete(self, f: QEMUFile) -> None:
+        if self._selection:
+            self.save_iterate(f)  # pages selected but not sent yet (no iterate round ran)
+            return
+        f.put_be64(RAM_SAVE_FLAG_EOS)
+
+    def _save_pages_slowly(self, f: QEMUFile, number: int, block: RamBlock,
+                           pages: PageBitmap) -> None:
+        """Per-page encoding for memory streams (tests, small buffers); same bytes as the C path."""
+        first = True
+        zero = block.zero_pages(pages)
+        for page in pages:
+            cont = 0 if first else RAM_SAVE_FLAG_CONTINUE
+            if page in zero:
+                f.put_be64(page * PAGE_SIZE | RAM_SAVE_FLAG_ZERO | cont)
+                if first:
+                    f.put_str8(block.name)
+                f.put_u8(0)
+                self.counters.zero_pages += 1
+            else:
+                f.put_be64(page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | cont)
+                if first:
+                    f.put_str8(block.name)
+                f.put_bytes(block.page(page))
+                self.counters.data_pages += 1
+            first = False
+
+    # ------------------------------------------------------------------------- loading
+    def set_load_index(self, runs: Sequence[IndexedRun]) -> None:
+        """Runs from the container's page index of the increment about to be loaded."""
+        self.load_index = {(r.block, r.data_offset): r for r in runs if not r.zero}
+
+    def load(self, f: QEMUFile, version_id: int) -> None:
+        block: RamBlock | None = None
+        number = -1
+        while True:
+            at = f.offset
+            header = f.get_be64()
+            f.check()
+            flags = header & _FLAG_MASK
+            addr = header & ~_FLAG_MASK
+            if flags & ~_KNOWN_FLAGS:
+                raise FormatError(f"unknown RAM record flags 0x{flags:x}", offset=at)
+            if flags & RAM_SAVE_FLAG_EOS:
+                return
+            if flags & RAM_SAVE_FLAG_MEM_SIZE:
+                self._load_block_list(f, addr, at)
+                continue
+            if not flags & (RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO):
+                raise FormatError(f"RAM record without a type (flags 0x{flags:x})", offset=at)
+            if not flags & RAM_SAVE_FLAG_CONTINUE:
+                name = f.get_str8()
+                f.check()
+                number, block = self._block_named(name, at)
+            elif block is None:
+                raise FormatError("RAM record continues a block but none was named", offset=at)
+            assert block is not None
+            if addr + PAGE_SIZE > block.size:
+                raise FormatError(f"RAM page at 0x{addr:x} is outside block {block.name} "
+                                  f"({block.size} bytes)", offset=at)
+            page = addr // PAGE_SIZE
+            if flags & RAM_SAVE_FLAG_ZERO:
+                fill = f.get_u8()
+                f.check()
+                self._fill_page(block, page, fill)
+            else:
+                self._load_page(f, number, block, page)
+            self.pages_loaded += 1
+
+    def _load_page(self, f: QEMUFile, number: int, block: RamBlock, page: int) -> None:
+        run = self.load_index.get((number, f.offset))
+        if run is not None and run.first_page == page and f.fd is not None:
+            read_page_runs(f.fd, block, [PageRun(run.first_page, run.npages, run.data_offset,
+                                                 False)])
+            f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)
+            self.pages_loaded += run.npages - 1
+        else:
+            f.read_into(block.page(page))
+        f.check()
+
+    @staticmethod
+    def _fill_page(block: RamBlock, page: int, fill: int) -> None:
+        if fill == 0:
+            if not block.is_zero_page(page):
+                block.page(page)[:] = bytes(PAGE_SIZE)
+        else:
+            block.page(page)[:] = bytes((fill,)) * PAGE_SIZE
+
+    def _block_named(self, name: str, at: int) -> tuple[int, RamBlock]:
+        for number, block in enumerate(self.blocks):
+            if block.name == name:
+                return number, block
+        raise FormatError(f"RAM record for unknown block {name!r}", offset=at)
+
+    def _load_block_list(self, f: QEMUFile, total: int, at: int) -> None:
+        mine = sum(b.size for b in self.blocks)
+        seen = 0
+        for _ in range(MAX_BLOCKS):
+            if seen >= total:
+                break
+            name = f.get_str8()
+            length = f.get_be64()
+            f.check()
+            _, block = self._block_named(name, at)
+            if length != block.size:
+                raise FormatError(f"RAM size mismatch: block {name} is {length} bytes in the "
+                                  f"checkpoint, {block.size} in this machine", offset=at)
+            seen += length
+        if seen != total or total != mine:
+            raise FormatError(f"RAM size mismatch: the checkpoint has {total} bytes of RAM, "
+                              f"this machine {mine}", offset=at)
+        f.check()
