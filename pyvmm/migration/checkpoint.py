@@ -134,7 +134,7 @@ class Checkpointer:
             machine.set_state(RunState.SAVE_VM)
         ok = False
         try:
-            stats = self._write_full(started)
+            stats = self._write_full(started, ended=before is RunState.SHUTDOWN)
             ok = True
             return stats
         finally:
@@ -144,11 +144,11 @@ class Checkpointer:
             else:
                 machine.set_state(before if before is not RunState.PRELAUNCH else RunState.PAUSED)
 
-    def _write_full(self, started: float) -> CheckpointStats:
+    def _write_full(self, started: float, *, ended: bool) -> CheckpointStats:
         machine = self.machine
         container = self._container()
         machine.guest_inform.checkpoint_started()
-        capture(machine, self.entries)
+        capture(machine, self.entries, ended=ended)
         setup_done = time.perf_counter()
         ram = self.entries.ram
         ram.select({b.name: b.populated_pages() for b in machine.ram_blocks})

@@ -16,7 +16,7 @@ from ..devices.counter import VMSTATE_COUNTER
 from ..devices.guest_inform import VMSTATE_GUEST_INFORM
 from ..devices.pl011 import VMSTATE_PL011
 from ..errors import FormatError
-from ..machine import Machine, RunState
+from ..machine import Machine
 from .ram_handler import RAM_SECTION_VERSION, RamHandler
 from .savevm import SaveState, SaveStateEntry
 from .vmstate import VMStateDescription, boolean, int32, uint32, uint64, vbuffer
@@ -95,15 +95,17 @@ def machine_save_state(machine: Machine, *, with_linux: bool | None = None) -> M
     return MachineStateEntries(save_state, ram, cpu, section, linux)
 
 
-def capture(machine: Machine, entries: MachineStateEntries) -> None:
-    """Copy the CPU registers and run-level facts into the entries (machine stopped)."""
+def capture(machine: Machine, entries: MachineStateEntries, *, ended: bool) -> None:
+    """Copy the CPU registers and run-level facts into the entries (machine stopped).
+
+    ``ended``: the guest had powered off (the caller knows: the machine itself is in the
+    save-vm state now)."""
     state = machine.cpu_state()
     fresh = CpuSection.from_state(state, machine.insns)
     for field in dataclasses.fields(CpuSection):
         setattr(entries.cpu, field.name, getattr(fresh, field.name))
     for name, value in state.sysregs:
         setattr(entries.cpu, name, value)
-    ended = machine.state is RunState.SHUTDOWN
     entries.machine_section.ended = ended
     entries.machine_section.exit_code = (machine.exit_code or 0) if ended else 0
     entries.machine_section.seed = machine.seed

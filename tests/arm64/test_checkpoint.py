@@ -216,3 +216,16 @@ def test_negative_ram_size_mismatch_in_stream(tmp_path: Path) -> None:
     with Machine(32 << 20) as big:
         with pytest.raises(FormatError, match="RAM size mismatch"):
             machine_save_state(big).save_state.load(QEMUFile.memory(stream))
+
+
+def test_reloading_a_powered_off_guest_keeps_its_exit_code(tmp_path: Path, busybox: Path) -> None:
+    out = tmp_path / "ended.bin"
+    first = pyvmm("run", "-q", "--checkpoint", f"chpt:{out}", "--guest", busybox, "sh", "-c",
+                  "echo bye; exit 3")
+    assert first.returncode == 3 and first.stdout == b"bye\n"
+    second = pyvmm("run", "--incoming", f"chpt:{out}")
+    assert second.returncode == 3
+    assert second.stdout == b""  # nothing runs: the guest had ended
+    assert b"had already powered off" in second.stderr
+    with reload(f"chpt:{out}") as machine:
+        assert machine.state is RunState.SHUTDOWN and machine.exit_code == 3
