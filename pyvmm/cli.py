@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--checkpoint-at", metavar="N[,N...]", action="append", default=[],
                       help="also checkpoint after exactly N instructions of this run "
                            "(repeatable; needs --checkpoint)")
+    chpt.add_argument("--no-fsync", action="store_true",
+                      help="do not fsync checkpoints: faster; a killed pyvmm still leaves every "
+                           "written checkpoint loadable, an OS crash or power loss may not")
     chpt.add_argument("--incoming", metavar="chpt:[N:]FILE",
                       help="start from a checkpoint instead of booting a guest")
     guest = run.add_argument_group("guest")
@@ -273,7 +276,8 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
     if save_target is not None:
         same = incoming is not None and os.path.exists(save_target.path) and \
             os.path.samefile(save_target.path, incoming.path)
-        checkpointer = Checkpointer(machine, save_target.path, append=same)
+        checkpointer = Checkpointer(machine, save_target.path, append=same,
+                                    durable=not args.no_fsync)
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     done = 0
     result = machine.last_result

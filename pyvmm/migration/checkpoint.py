@@ -96,10 +96,13 @@ class Checkpointer:
     or a timer/monitor thread while the guest runs).
     """
 
-    def __init__(self, machine: Machine, path: str | Path, *, append: bool = False) -> None:
+    def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
+                 durable: bool = True) -> None:
+        """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`)."""
         self.machine = machine
         self.path = Path(path)
         self._append = append
+        self._durable = durable
         self._file: CheckpointFile | None = None
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
@@ -118,6 +121,7 @@ class Checkpointer:
                 self._file = CheckpointFile.create(self.path, page_size=PAGE_SIZE,
                                                    ram_blocks=layout, machine=self.machine.name,
                                                    overwrite=True)
+            self._file.durable = self._durable
         return self._file
 
     def checkpoint(self) -> CheckpointStats:

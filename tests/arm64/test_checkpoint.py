@@ -229,3 +229,12 @@ def test_reloading_a_powered_off_guest_keeps_its_exit_code(tmp_path: Path, busyb
     assert b"had already powered off" in second.stderr
     with reload(f"chpt:{out}") as machine:
         assert machine.state is RunState.SHUTDOWN and machine.exit_code == 3
+
+
+def test_no_fsync_checkpoints_reload_the_same(tmp_path: Path) -> None:
+    durable, fast = tmp_path / "d.bin", tmp_path / "f.bin"
+    for path, extra in ((durable, ()), (fast, ("--no-fsync",))):
+        proc = pyvmm("run", "-q", *extra, "--max-insns", "300K", "--checkpoint", f"chpt:{path}",
+                     *WORKLOAD)
+        assert proc.returncode == 0, proc.stderr
+    assert final_state(fast) == final_state(durable)
