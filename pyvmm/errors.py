@@ -114,3 +114,35 @@ class VersionError(FormatError):
 class ChecksumError(FormatError):
     """Stored bytes do not match their checksum (a header slot, an increment entry, a page index,
     a stats blob): the file was damaged after it was written."""
+
+
+class UffdError(PyvmmError):
+    """A userfaultfd or PAGEMAP_SCAN operation failed.
+
+    Fields: ``op`` (the operation, e.g. ``"UFFDIO_REGISTER"``), ``errno`` (the OS error number,
+    0 when the failure is not an OS error), ``capability`` (``"incremental"`` or ``"live"``: the
+    checkpoint kind a missing feature or privilege makes unavailable, else ``None``) and
+    ``detail`` (what was missing, if known).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        errno: int,
+        *,
+        capability: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        import os  # local: errors.py is imported everywhere and needs nothing else
+
+        self.op = op
+        self.errno = errno
+        self.capability = capability
+        self.detail = detail
+        text = f"{os.strerror(errno)} (errno {errno})" if errno else "failed"
+        message = f"userfaultfd {op}: {text}"
+        if detail:
+            message += f": {detail}"
+        if capability:
+            message += f"; {capability} checkpoints are unavailable"
+        super().__init__(message)

@@ -87,3 +87,45 @@ int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base, py
  * a zero run's pages that are not zero are cleared. 0, -errno or PYVMM_PAGEIO_*, with *err. */
 int pyvmm_read_page_runs(int fd, void *base, pyvmm_u64 npages, const struct pyvmm_page_run *runs,
                          pyvmm_u64 nruns, struct pyvmm_page_read_error *err);
+
+/* ---- pyvmm.migration.postcopy_uffd (uffd.c): userfaultfd and PAGEMAP_SCAN ----
+ * Thin wrappers: 0 (or a count, or an fd) on success, -errno on failure. Addresses are u64. */
+/* via_dev: ioctl USERFAULTFD_IOC_NEW on /dev/userfaultfd, else the userfaultfd syscall.
+ * The fd is O_NONBLOCK | O_CLOEXEC; user_mode_only adds UFFD_USER_MODE_ONLY. */
+int pyvmm_uffd_open(int via_dev, int user_mode_only);
+int pyvmm_uffd_api(int fd, pyvmm_u64 features, pyvmm_u64 *features_out, pyvmm_u64 *ioctls_out);
+int pyvmm_uffd_register(int fd, pyvmm_u64 start, pyvmm_u64 len, pyvmm_u64 mode,
+                        pyvmm_u64 *ioctls_out);
+int pyvmm_uffd_unregister(int fd, pyvmm_u64 start, pyvmm_u64 len);
+int pyvmm_uffd_writeprotect(int fd, pyvmm_u64 start, pyvmm_u64 len, pyvmm_u64 mode);
+long pyvmm_uffd_copy(int fd, pyvmm_u64 dst, pyvmm_u64 src, pyvmm_u64 len, pyvmm_u64 mode);
+long pyvmm_uffd_zeropage(int fd, pyvmm_u64 start, pyvmm_u64 len, pyvmm_u64 mode);
+int pyvmm_uffd_wake(int fd, pyvmm_u64 start, pyvmm_u64 len);
+/* PAGEMAP_SCAN over the npages 4 KiB pages at base for PAGE_IS_WRITTEN, re-protecting what it
+ * reports (WP_MATCHING | CHECK_WPASYNC), vec_len regions per ioctl; sets the pages found in
+ * bitmap (atomically) and returns how many, or -errno. *ioctls_out = ioctl calls made. */
+long pyvmm_pagemap_scan_written(int pagemap_fd, pyvmm_u64 base, pyvmm_u64 npages,
+                                pyvmm_u64 *bitmap, pyvmm_u64 vec_len, pyvmm_u64 *ioctls_out);
+/* Synchronous write-protect session: a C thread resolving WP faults on uffd with shadow copies.
+ * The handle is opaque; NULL from _new means out of memory. unprotect_pages: pages opened per
+ * fault (aligned run). cpu < 0: no pinning. Page states: 0 none, 1 being saved, 2 sent. */
+void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslots,
+                           pyvmm_u64 unprotect_pages);
+int pyvmm_wp_session_add_block(void *session, pyvmm_u64 base, pyvmm_u64 npages,
+                               pyvmm_u64 *dirty);
+int pyvmm_wp_session_start(void *session, int cpu);
+int pyvmm_wp_session_set_cpu(void *session, int cpu);
+int pyvmm_wp_session_stop(void *session);
+void pyvmm_wp_session_free(void *session);
+/* 1 and the oldest queued shadow copy, or 0 when the queue is empty */
+int pyvmm_wp_session_next_shadow(void *session, unsigned int *block, pyvmm_u64 *page,
+                                 unsigned int *slot);
+void *pyvmm_wp_session_slot_addr(void *session, unsigned int slot);
+int pyvmm_wp_session_release_shadow(void *session, unsigned int slot);
+/* Claim a page not yet saved and copy it (4 KiB) from RAM to out: 1, or 0 if already claimed */
+int pyvmm_wp_session_take_page(void *session, unsigned int block, pyvmm_u64 page, void *out);
+pyvmm_u64 pyvmm_wp_session_mark_sent(void *session, unsigned int block, pyvmm_u64 start,
+                                     pyvmm_u64 count);
+int pyvmm_wp_session_page_state(void *session, unsigned int block, pyvmm_u64 page);
+/* out[5]: faults handled, shadow copies, pool-full waits, queued copies, handler errno */
+void pyvmm_wp_session_counters(void *session, pyvmm_u64 *out);

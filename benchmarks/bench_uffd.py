@@ -1,0 +1,111 @@
+"""Benchmark of userfaultfd write tracking: synchronous WP faults per second, async first-write
+cost and PAGEMAP_SCAN time, next to DESIGN.md section 8's figures.
+
+Run: ``python benchmarks/bench_uffd.py [--fault-mib N] [--scan-mib N ...]``. Needs 2 CPUs for the
+placement comparison. Writers are ``ctypes.memset`` over the whole block (one C call, GIL
+released, one fault per 4 KiB page); the baseline is the same memset on unprotected, populated
+memory, measured in the same run. Best of a few runs is kept (shared, noisy machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from pyvmm.migration.postcopy_uffd import AsyncDirtyTracker, WriteProtectSession
+from pyvmm.ram import PAGE_SIZE, RamBlock
+
+
+State = TypeVar("State")
+
+
+def best_of(repeat: int, setup: Callable[[], State], action: Callable[[State], object],
+            teardown: Callable[[State], object] = lambda _: None) -> float:
+    """Shortest wall time of ``action(setup())`` over ``repeat`` runs, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        state = setup()
+        started = time.perf_counter()
+        action(state)
+        best = min(best, time.perf_counter() - started)
+        teardown(state)
+    return best
+
+
+def memset_all(block: RamBlock, value: int) -> None:
+    ctypes.memset(block.host_addr, value, block.size)
+
+
+def sync_faults(block: RamBlock, *, handler_cpu: int | None, writer_cpu: int,
+                unprotect_pages: int, shadow: bool, repeat: int) -> float:
+    """Pages per second a writer gets through a protected block (one fault per unprotect run)."""
+    os.sched_setaffinity(0, {writer_cpu})  # this thread: the writer
+
+    def setup() -> WriteProtectSession:
+        session = WriteProtectSession([block], shadow_pages=block.page_count if shadow else 1,
+                                      unprotect_pages=unprotect_pages, handler_cpu=handler_cpu)
+        if not shadow:  # pure fault round trips: every page already saved
+            session.mark_sent(block.name, 0, block.page_count)
+        return session
+
+    seconds = best_of(repeat, setup, lambda _: memset_all(block, 0x5A), lambda s: s.stop())
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return block.page_count / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--fault-mib", type=int, default=64)
+    parser.add_argument("--scan-mib", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    ncpu = len(os.sched_getaffinity(0))
+
+    print(f"== synchronous WP faults, {args.fault_mib} MiB, writer on CPU 0 ==")
+    with RamBlock("ram", args.fault_mib << 20, 0) as block:
+        memset_all(block, 1)  # populated: measures faults, not first-touch allocation
+        base = best_of(args.repeat, lambda: None, lambda _: memset_all(block, 2))
+        print(f"baseline memset unprotected: {block.page_count / base / 1e6:8.2f} M pages/s")
+        cases = [("4 KiB, handler same CPU", 0, 1, False),
+                 ("4 KiB, handler other CPU", 1 if ncpu > 1 else 0, 1, False),
+                 ("64 KiB, handler same CPU", 0, 16, False),
+                 ("4 KiB + shadow copy, same CPU", 0, 1, True)]
+        for label, cpu, unprotect, shadow in cases:
+            rate = sync_faults(block, handler_cpu=cpu, writer_cpu=0, unprotect_pages=unprotect,
+                               shadow=shadow, repeat=args.repeat)
+            print(f"{label:32s}: {rate / 1e3:9.1f} k pages/s  "
+                  f"({rate * base / block.page_count:.4f} x memset)")
+        print("DESIGN §8: ~220 k/s same CPU, ~15 k/s other CPU, ~1 M pages/s at 64 KiB")
+
+    print("\n== async tracker (WP_ASYNC + PAGEMAP_SCAN) ==")
+    for mib in args.scan_mib:
+        with RamBlock("ram", mib << 20, 0) as block:
+            memset_all(block, 1)
+            base = best_of(args.repeat, lambda: None, lambda _: memset_all(block, 2))
+            with AsyncDirtyTracker([block]) as tracker:
+                tracker.collect()
+                clean = best_of(args.repeat, lambda: None, lambda _: tracker.collect())
+                first = float("inf")
+                full = float("inf")
+                for _ in range(args.repeat):
+                    started = time.perf_counter()
+                    memset_all(block, 3)
+                    first = min(first, time.perf_counter() - started)
+                    started = time.perf_counter()
+                    dirty = tracker.collect()["ram"]
+                    full = min(full, time.perf_counter() - started)
+                    assert dirty.count() == block.page_count
+            per_page_us = (first - base) / block.page_count * 1e6
+            print(f"{mib:5d} MiB: first write +{per_page_us:.2f} us/page "
+                  f"(memset {first / base:.1f}x baseline), collect+re-protect all written "
+                  f"{full * 1e3:.2f} ms, collect clean {clean * 1e3:.2f} ms")
+    print("DESIGN §8: first write 0.7-1 us, PAGEMAP_SCAN + re-protect 0.7 ms (256 MiB) / "
+          "2.7 ms (1 GiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+/* userfaultfd for pyvmm: thin syscall wrappers, the PAGEMAP_SCAN dirty scan, and the C fault
+ * handler thread of a synchronous write-protect session (the C half of
+ * pyvmm.migration.postcopy_uffd).
+ *
+ * Every function returns 0 (or a count) on success and -errno on failure; policy (fallbacks,
+ * which features to ask for, error messages) lives in Python. The fault-handler thread never
+ * touches a Python object: a thread holding the GIL may be the one blocked in the fault it is
+ * resolving (DESIGN.md section 5).
+ *
+ * The system headers of the build machine may predate WP_ASYNC and PAGEMAP_SCAN, so the uapi
+ * values this file needs beyond <linux/userfaultfd.h> are spelled out below (from the kernel's
+ * include/uapi/linux/userfaultfd.h and fs.h, stable ABI).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "native.h"
+
+typedef pyvmm_u64 u64;
+
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+
+/* PAGEMAP_SCAN (Linux 6.7+) */
+struct pyvmm_page_region {
+    u64 start, end, categories;
+};
+struct pyvmm_pm_scan_arg {
+    u64 size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    u64 category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define PYVMM_PAGEMAP_SCAN _IOWR('f', 16, struct pyvmm_pm_scan_arg)
+#define PYVMM_PM_SCAN_WP_MATCHING (1ull << 0)
+#define PYVMM_PM_SCAN_CHECK_WPASYNC (1ull << 1)
+#define PYVMM_PAGE_IS_WRITTEN (1ull << 1)
+
+#define PAGE_SZ 4096u
+
+/* ---- thin wrappers ---------------------------------------------------------------------- */
+
+int pyvmm_uffd_open(int via_dev, int user_mode_only) {
+    int flags = O_CLOEXEC | O_NONBLOCK | (user_mode_only ? UFFD_USER_MODE_ONLY : 0);
+    if (via_dev) {
+        int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+        if (dev < 0)
+            return -errno;
+        int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+        int err = errno;
+        close(dev);
+        return fd < 0 ? -err : fd;
+    }
+    long fd = syscall(SYS_userfaultfd, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int pyvmm_uffd_api(int fd, u64 features, u64 *features_out, u64 *ioctls_out) {
+    struct uffdio_api api = {.api = UFFD_API, .features = features};
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *features_out = api.features;
+    *ioctls_out = api.ioctls;
+    return 0;
+}
+
+int pyvmm_uffd_register(int fd, u64 start, u64 len, u64 mode, u64 *ioctls_out) {
+    struct uffdio_register reg = {.range = {.start = start, .len = len}, .mode = mode};
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    *ioctls_out = reg.ioctls;
+    return 0;
+}
+
+int pyvmm_uffd_unregister(int fd, u64 start, u64 len) {
+    struct uffdio_range range = {.start = start, .len = len};
+    return ioctl(fd, UFFDIO_UNREGISTER, &range) < 0 ? -errno : 0;
+}
+
+int pyvmm_uffd_writeprotect(int fd, u64 start, u64 len, u64 mode) {
+    struct uffdio_writeprotect wp = {.range = {.start = start, .len = len}, .mode = mode};
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+}
+
+long pyvmm_uffd_copy(int fd, u64 dst, u64 src, u64 len, u64 mode) {
+    struct uffdio_copy copy = {.dst = dst, .src = src, .len = len, .mode = mode};
+    if (ioctl(fd, UFFDIO_COPY, &copy) < 0)
+        return copy.copy < 0 ? (long)copy.copy : -errno;
+    return (long)copy.copy;
+}
+
+long pyvmm_uffd_zeropage(int fd, u64 start, u64 len, u64 mode) {
+    struct uffdio_zeropage zp = {.range = {.start = start, .len = len}, .mode = mode};
+    if (ioctl(fd, UFFDIO_ZEROPAGE, &zp) < 0)
+        return zp.zeropage < 0 ? (long)zp.zeropage : -errno;
+    return (long)zp.zeropage;
+}
+
+int pyvmm_uffd_wake(int fd, u64 start, u64 len) {
+    struct uffdio_range range = {.start = start, .len = len};
+    return ioctl(fd, UFFDIO_WAKE, &range) < 0 ? -errno : 0;
+}
+
+/* ---- async dirty scan ------------------------------------------------------------------- */
+
+long pyvmm_pagemap_scan_written(int pagemap_fd, u64 base, u64 npages, u64 *bitmap,
+                                u64 vec_len, u64 *ioctls_out) {
+    struct pyvmm_page_region *vec = malloc(vec_len * sizeof *vec);
+    if (!vec)
+        return -ENOMEM;
+    u64 end = base + npages * PAGE_SZ, pos = base, found = 0, calls = 0;
+    while (pos < end) {
+        struct pyvmm_pm_scan_arg arg = {
+            .size = sizeof arg,
+            .flags = PYVMM_PM_SCAN_WP_MATCHING | PYVMM_PM_SCAN_CHECK_WPASYNC,
+            .start = pos,
+            .end = end,
+            .vec = (u64)(uintptr_t)vec,
+            .vec_len = vec_len,
+            .category_mask = PYVMM_PAGE_IS_WRITTEN,
+            .return_mask = PYVMM_PAGE_IS_WRITTEN,
+        };
+        long n = ioctl(pagemap_fd, PYVMM_PAGEMAP_SCAN, &arg);
+        calls++;
+        if (n < 0) {
+            int err = errno;
+            free(vec);
+            return -err;
+        }
+        for (long i = 0; i < n; i++) {
+            u64 first = (vec[i].start - base) / PAGE_SZ;
+            u64 count = (vec[i].end - vec[i].start) / PAGE_SZ;
+            pyvmm_bitmap_set_range(bitmap, first, count);
+            found += count;
+        }
+        /* 6.18: a short vector means the walk is complete, and walk_end may then be wrong;
+         * only a full vector may have stopped early, and it resumes after its last region. */
+        if ((u64)n < vec_len)
+            break;
+        pos = vec[n - 1].end;
+    }
+    free(vec);
+    if (ioctls_out)
+        *ioctls_out = calls;
+    return (long)found;
+}
+
+/* ---- synchronous write-protect session -------------------------------------------------- */
+
+enum { ST_NONE = 0, ST_PROCESSING = 1, ST_SENT = 2 };
+
+struct wp_block {
+    u64 base, npages, first; /* first: index of its page 0 in the session's state array */
+    u64 *dirty;
+};
+
+struct wp_session {
+    int uffd, stopfd;
+    unsigned nblocks, max_blocks, nslots;
+    u64 unprotect_pages, total_pages;
+    struct wp_block *blocks;
+    unsigned char *state; /* per page, atomic: ST_* */
+    unsigned char *pool;  /* nslots * PAGE_SZ shadow copies */
+    pthread_mutex_t lock; /* guards free stack and queue */
+    pthread_cond_t slot_freed;
+    unsigned *free_stack, nfree;
+    /* queue of (block, page, slot), a ring of nslots entries: never more entries than slots */
+    unsigned *q_block, *q_slot, q_head, q_len;
+    u64 *q_page;
+    pthread_t thread;
+    int running, stopping, error;
+    u64 faults, shadow_copies, pool_waits;
+};
+
+void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslots,
+                           pyvmm_u64 unprotect_pages) {
+    struct wp_session *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->uffd = uffd;
+    s->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    s->max_blocks = max_blocks;
+    s->nslots = nslots ? nslots : 1;
+    s->unprotect_pages = unprotect_pages ? unprotect_pages : 1;
+    s->blocks = calloc(max_blocks ? max_blocks : 1, sizeof *s->blocks);
+    s->free_stack = calloc(s->nslots, sizeof(unsigned));
+    s->q_block = calloc(s->nslots, sizeof(unsigned));
+    s->q_slot = calloc(s->nslots, sizeof(unsigned));
+    s->q_page = calloc(s->nslots, sizeof(u64));
+    if (posix_memalign((void **)&s->pool, PAGE_SZ, (size_t)s->nslots * PAGE_SZ))
+        s->pool = NULL;
+    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->q_block || !s->q_slot || !s->q_page ||
+        !s->pool) {
+        pyvmm_wp_session_free(s);
+        return NULL;
+    }
+    /* touch the pool now: a shadow copy must not page-fault on first use in the hot path */
+    memset(s->pool, 0, (size_t)s->nslots * PAGE_SZ);
+    for (unsigned i = 0; i < s->nslots; i++)
+        s->free_stack[i] = s->nslots - 1 - i;
+    s->nfree = s->nslots;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->slot_freed, NULL);
+    return s;
+}
+
+int pyvmm_wp_session_add_block(void *handle, pyvmm_u64 base, pyvmm_u64 npages, pyvmm_u64 *dirty) {
+    struct wp_session *s = handle;
+    if (s->running || s->nblocks >= s->max_blocks)
+        return -EINVAL;
+    unsigned char *state = realloc(s->state, s->total_pages + npages + 1);
+    if (!state)
+        return -ENOMEM;
+    memset(state + s->total_pages, ST_NONE, npages + 1);
+    s->state = state;
+    s->blocks[s->nblocks++] = (struct wp_block){base, npages, s->total_pages, dirty};
+    s->total_pages += npages;
+    return 0;
+}
+
+static struct wp_block *find_block(struct wp_session *s, u64 addr) {
+    for (unsigned i = 0; i < s->nblocks; i++) {
+        struct wp_block *b = &s->blocks[i];
+        if (addr >= b->base && addr < b->base + b->npages * PAGE_SZ)
+            return b;
+    }
+    return NULL;
+}
+
+/* A free shadow slot, waiting for the saver to release one when the pool is full; -1 when the
+ * session is stopping. */
+static int take_slot(struct wp_session *s) {
+    pthread_mutex_lock(&s->lock);
+    if (!s->nfree)
+        s->pool_waits++;
+    while (!s->nfree && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
+        pthread_cond_wait(&s->slot_freed, &s->lock);
+    int slot = s->nfree ? (int)s->free_stack[--s->nfree] : -1;
+    pthread_mutex_unlock(&s->lock);
+    return slot;
+}
+
+/* Make sure page `p` of block b is saved (now, or already) before it may change. */
+static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
+    unsigned char *st = &s->state[b->first + p];
+    for (;;) {
+        unsigned char cur = __atomic_load_n(st, __ATOMIC_ACQUIRE);
+        if (cur == ST_SENT)
+            return;
+        if (cur == ST_PROCESSING) {
+            /* the saver is copying it out in C (pyvmm_wp_session_take_page, no GIL needed):
+             * a 4 KiB memcpy away */
+            sched_yield();
+            continue;
+        }
+        unsigned char expect = ST_NONE;
+        if (!__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        int slot = take_slot(s);
+        if (slot < 0) { /* stopping: nobody will save it any more */
+            __atomic_store_n(st, ST_NONE, __ATOMIC_RELEASE);
+            return;
+        }
+        memcpy(s->pool + (size_t)slot * PAGE_SZ, (void *)(uintptr_t)(b->base + p * PAGE_SZ),
+               PAGE_SZ);
+        pthread_mutex_lock(&s->lock);
+        unsigned tail = (s->q_head + s->q_len) % s->nslots;
+        s->q_block[tail] = (unsigned)(b - s->blocks);
+        s->q_page[tail] = p;
+        s->q_slot[tail] = (unsigned)slot;
+        s->q_len++;
+        s->shadow_copies++;
+        pthread_mutex_unlock(&s->lock);
+        __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+        return;
+    }
+}
+
+static void handle_fault(struct wp_session *s, u64 addr) {
+    struct wp_block *b = find_block(s, addr);
+    if (!b) { /* not ours: wake it anyway so that the writer does not hang */
+        pyvmm_uffd_writeprotect(s->uffd, addr & ~(u64)(PAGE_SZ - 1), PAGE_SZ, 0);
+        return;
+    }
+    u64 page = (addr - b->base) / PAGE_SZ;
+    u64 first = page - page % s->unprotect_pages;
+    u64 last = first + s->unprotect_pages;
+    if (last > b->npages)
+        last = b->npages;
+    /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
+     * it will not fault */
+    for (u64 p = first; p < last; p++) {
+        secure_page(s, b, p);
+        pyvmm_bitmap_set_bit(b->dirty, p);
+    }
+    /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
+    __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
+    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ,
+                                     (last - first) * PAGE_SZ, 0);
+    /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown */
+    if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
+        __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
+}
+
+static void *handler_main(void *arg) {
+    struct wp_session *s = arg;
+    struct uffd_msg msgs[64];
+    struct pollfd fds[2] = {{.fd = s->uffd, .events = POLLIN}, {.fd = s->stopfd, .events = POLLIN}};
+    for (;;) {
+        int n = poll(fds, 2, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            __atomic_store_n(&s->error, errno, __ATOMIC_RELEASE);
+            break;
+        }
+        if (fds[1].revents)
+            break;
+        if (fds[0].revents & (POLLERR | POLLHUP)) {
+            __atomic_store_n(&s->error, EIO, __ATOMIC_RELEASE);
+            break;
+        }
+        ssize_t got = read(s->uffd, msgs, sizeof msgs);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            __atomic_store_n(&s->error, errno, __ATOMIC_RELEASE);
+            break;
+        }
+        for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++) {
+            if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                handle_fault(s, msgs[i].arg.pagefault.address);
+        }
+    }
+    return NULL;
+}
+
+int pyvmm_wp_session_start(void *handle, int cpu) {
+    struct wp_session *s = handle;
+    if (s->running)
+        return -EBUSY;
+    int rc = pthread_create(&s->thread, NULL, handler_main, s);
+    if (rc)
+        return -rc;
+    s->running = 1;
+    return cpu >= 0 ? pyvmm_wp_session_set_cpu(s, cpu) : 0;
+}
+
+int pyvmm_wp_session_set_cpu(void *handle, int cpu) {
+    struct wp_session *s = handle;
+    if (!s->running)
+        return -ESRCH;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (cpu >= 0)
+        CPU_SET(cpu, &set);
+    else
+        for (int c = 0; c < CPU_SETSIZE; c++)
+            CPU_SET(c, &set);
+    return -pthread_setaffinity_np(s->thread, sizeof set, &set);
+}
+
+int pyvmm_wp_session_stop(void *handle) {
+    struct wp_session *s = handle;
+    if (!s->running)
+        return 0;
+    __atomic_store_n(&s->stopping, 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&s->lock);
+    pthread_cond_broadcast(&s->slot_freed);
+    pthread_mutex_unlock(&s->lock);
+    u64 one = 1;
+    if (write(s->stopfd, &one, sizeof one) < 0)
+        return -errno;
+    pthread_join(s->thread, NULL);
+    s->running = 0;
+    return 0;
+}
+
+void pyvmm_wp_session_free(void *handle) {
+    struct wp_session *s = handle;
+    if (!s)
+        return;
+    pyvmm_wp_session_stop(s);
+    if (s->stopfd >= 0)
+        close(s->stopfd);
+    free(s->blocks);
+    free(s->state);
+    free(s->pool);
+    free(s->free_stack);
+    free(s->q_block);
+    free(s->q_slot);
+    free(s->q_page);
+    free(s);
+}
+
+int pyvmm_wp_session_next_shadow(void *handle, unsigned int *block, pyvmm_u64 *page,
+                                 unsigned int *slot) {
+    struct wp_session *s = handle;
+    int got = 0;
+    pthread_mutex_lock(&s->lock);
+    if (s->q_len) {
+        *block = s->q_block[s->q_head];
+        *page = s->q_page[s->q_head];
+        *slot = s->q_slot[s->q_head];
+        s->q_head = (s->q_head + 1) % s->nslots;
+        s->q_len--;
+        got = 1;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return got;
+}
+
+void *pyvmm_wp_session_slot_addr(void *handle, unsigned int slot) {
+    struct wp_session *s = handle;
+    return slot < s->nslots ? s->pool + (size_t)slot * PAGE_SZ : NULL;
+}
+
+int pyvmm_wp_session_release_shadow(void *handle, unsigned int slot) {
+    struct wp_session *s = handle;
+    if (slot >= s->nslots)
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    int rc = s->nfree < s->nslots ? 0 : -EINVAL;
+    if (!rc) {
+        s->free_stack[s->nfree++] = slot;
+        pthread_cond_signal(&s->slot_freed);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+int pyvmm_wp_session_take_page(void *handle, unsigned int block, pyvmm_u64 page, void *out) {
+    struct wp_session *s = handle;
+    if (block >= s->nblocks || page >= s->blocks[block].npages)
+        return -EINVAL;
+    struct wp_block *b = &s->blocks[block];
+    unsigned char *st = &s->state[b->first + page];
+    unsigned char expect = ST_NONE;
+    if (!__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return 0;
+    /* still write-protected: a writer is held in its fault until the state below says SENT */
+    memcpy(out, (void *)(uintptr_t)(b->base + page * PAGE_SZ), PAGE_SZ);
+    __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+    return 1;
+}
+
+pyvmm_u64 pyvmm_wp_session_mark_sent(void *handle, unsigned int block, pyvmm_u64 start,
+                                     pyvmm_u64 count) {
+    struct wp_session *s = handle;
+    if (block >= s->nblocks || start + count > s->blocks[block].npages)
+        return 0;
+    unsigned char *st = &s->state[s->blocks[block].first + start];
+    u64 marked = 0;
+    for (u64 i = 0; i < count; i++) {
+        unsigned char expect = ST_NONE;
+        marked += __atomic_compare_exchange_n(&st[i], &expect, ST_SENT, 0, __ATOMIC_ACQ_REL,
+                                              __ATOMIC_ACQUIRE);
+    }
+    return marked;
+}
+
+int pyvmm_wp_session_page_state(void *handle, unsigned int block, pyvmm_u64 page) {
+    struct wp_session *s = handle;
+    if (block >= s->nblocks || page >= s->blocks[block].npages)
+        return -EINVAL;
+    return __atomic_load_n(&s->state[s->blocks[block].first + page], __ATOMIC_ACQUIRE);
+}
+
+void pyvmm_wp_session_counters(void *handle, pyvmm_u64 *out) {
+    struct wp_session *s = handle;
+    out[0] = __atomic_load_n(&s->faults, __ATOMIC_ACQUIRE);
+    pthread_mutex_lock(&s->lock);
+    out[1] = s->shadow_copies;
+    out[2] = s->pool_waits;
+    out[3] = s->q_len;
+    pthread_mutex_unlock(&s->lock);
+    out[4] = (u64)__atomic_load_n(&s->error, __ATOMIC_ACQUIRE);
+}

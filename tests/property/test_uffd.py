@@ -1,0 +1,272 @@
+"""Properties of pyvmm.migration.postcopy_uffd: feature detection, the async dirty tracker against
+the set of pages written (by Python, by the kernel, by a unicorn vCPU), and the live write-protect
+session against RAM as it was at protect time, with a GIL-holding writer."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from pyvmm.errors import UffdError
+from pyvmm.migration.postcopy_uffd import (
+    INJECT_OPEN_ERRNO_ENV,
+    UFFD_FEATURE_WP_ASYNC,
+    UFFD_FEATURE_WP_UNPOPULATED,
+    AsyncDirtyTracker,
+    Userfaultfd,
+    WriteProtectSession,
+    WriteProtectStats,
+    kernel_features,
+)
+from pyvmm.ram import PAGE_SIZE, RamBlock
+
+FAST = settings(max_examples=40, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow,
+                                       HealthCheck.function_scoped_fixture])
+NPAGES = 600  # > 512: crosses a 2 MiB huge page boundary
+
+
+@pytest.fixture
+def block() -> Iterator[RamBlock]:
+    with RamBlock("ram", NPAGES * PAGE_SIZE, 0) as ram:
+        yield ram
+
+
+def test_kernel_offers_what_checkpoints_need() -> None:
+    features = kernel_features()
+    assert features & UFFD_FEATURE_WP_ASYNC
+    assert features & UFFD_FEATURE_WP_UNPOPULATED
+    assert kernel_features(feature_mask=~UFFD_FEATURE_WP_ASYNC) & UFFD_FEATURE_WP_ASYNC == 0
+
+
+def test_negative_masked_wp_async_names_incremental(block: RamBlock) -> None:
+    with pytest.raises(UffdError) as info:
+        AsyncDirtyTracker([block], feature_mask=~UFFD_FEATURE_WP_ASYNC)
+    err = info.value
+    assert (err.op, err.errno, err.capability) == ("UFFDIO_API", errno.EOPNOTSUPP, "incremental")
+    assert "WP_ASYNC" in str(err) and "\n" not in str(err)
+
+
+def test_negative_masked_wp_unpopulated_names_live(block: RamBlock) -> None:
+    with pytest.raises(UffdError) as info:
+        WriteProtectSession([block], feature_mask=~UFFD_FEATURE_WP_UNPOPULATED)
+    assert info.value.capability == "live"
+    assert "WP_UNPOPULATED" in str(info.value)
+
+
+def test_negative_open_failure(block: RamBlock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(INJECT_OPEN_ERRNO_ENV, str(errno.EPERM))
+    with pytest.raises(UffdError) as info:
+        Userfaultfd.open(0, capability="live")
+    assert (info.value.op, info.value.errno, info.value.capability) == ("open", errno.EPERM, "live")
+    with pytest.raises(UffdError):
+        AsyncDirtyTracker([block])
+
+
+def test_userfaultfd_wrapper_missing_mode_copy_and_zeropage(block: RamBlock) -> None:
+    with Userfaultfd.open(0) as uffd:
+        base = block.host_addr
+        uffd.register(base, 4 * PAGE_SIZE, 1)  # MISSING
+        src = ctypes.create_string_buffer(b"\x7f" * PAGE_SIZE, PAGE_SIZE)
+        assert uffd.copy(base, ctypes.addressof(src), PAGE_SIZE) == PAGE_SIZE
+        assert uffd.zeropage(base + PAGE_SIZE, PAGE_SIZE) == PAGE_SIZE
+        uffd.wake(base, 2 * PAGE_SIZE)
+        with pytest.raises(UffdError) as info:
+            uffd.copy(base, ctypes.addressof(src), PAGE_SIZE)  # already populated
+        assert info.value.op == "UFFDIO_COPY" and info.value.errno == errno.EEXIST
+        uffd.unregister(base, 4 * PAGE_SIZE)
+    assert block.read(0, 2) == b"\x7f\x7f" and block.read(PAGE_SIZE, 2) == b"\0\0"
+
+
+@FAST
+@given(data=st.data())
+def test_async_tracker_reports_exactly_the_pages_written(block: RamBlock,
+                                                         data: st.DataObject) -> None:
+    vec_len = data.draw(st.sampled_from([1, 2, 3, 512]), label="vec_len")
+    with AsyncDirtyTracker([block], vec_len=vec_len) as tracker:
+        for _ in range(2):
+            pages = data.draw(st.sets(st.integers(0, NPAGES - 1), max_size=40), label="pages")
+            for page in pages:
+                block.mem[page * PAGE_SIZE + 17] = (page & 0xFF) | 1
+            dirty = tracker.collect()["ram"]
+            note(f"scan ioctls: {tracker.scan_ioctls}")
+            assert set(dirty) == pages
+            assert not tracker.collect()["ram"].any()
+
+
+def test_async_tracker_sees_kernel_writes(block: RamBlock) -> None:
+    with AsyncDirtyTracker([block]) as tracker:
+        r, w = os.pipe()
+        try:
+            os.write(w, b"k" * (PAGE_SIZE + 100))
+            got = os.readv(r, [block.mem[10 * PAGE_SIZE - 50 : 11 * PAGE_SIZE + 50]])
+        finally:
+            os.close(r)
+            os.close(w)
+        assert got == PAGE_SIZE + 100
+        assert list(tracker.collect()["ram"]) == [9, 10, 11]
+
+
+def test_async_tracker_sees_unicorn_vcpu_stores(block: RamBlock) -> None:
+    unicorn = pytest.importorskip("unicorn")
+    arm64 = pytest.importorskip("unicorn.arm64_const")
+    gpa = 0x40000000
+    # str x1, [x0]; str x1, [x2]; str x1, [x3]   (then stop at `until`)
+    code = bytes.fromhex("010000f9410000f9610000f9")
+    block.write(0, code)
+    uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+    uc.mem_map_ptr(gpa, block.size, unicorn.UC_PROT_ALL, block.host_addr)
+    with AsyncDirtyTracker([block]) as tracker:
+        uc.reg_write(arm64.UC_ARM64_REG_X1, 0x1122334455667788)
+        for reg, page in ((arm64.UC_ARM64_REG_X0, 3), (arm64.UC_ARM64_REG_X2, 300),
+                          (arm64.UC_ARM64_REG_X3, 599)):
+            uc.reg_write(reg, gpa + page * PAGE_SIZE + 8)
+        uc.emu_start(gpa, gpa + len(code))
+        assert list(tracker.collect()["ram"]) == [3, 300, 599]
+    assert block.read(300 * PAGE_SIZE + 8, 8) == (0x1122334455667788).to_bytes(8, "little")
+
+
+def _run_live_checkpoint(block: RamBlock, seed: int, *, shadow_pages: int,
+                         use_ctypes_writer: bool) -> WriteProtectStats:
+    """Protect, let a writer scribble while a saver saves; check the DESIGN section 4 promise."""
+    rng = random.Random(seed)
+    for page in rng.sample(range(NPAGES), NPAGES // 2):  # half the pages populated, half zero
+        block.write(page * PAGE_SIZE, rng.randbytes(64) * (PAGE_SIZE // 64))
+    image_at_protect = block.read(0, block.size)
+    writes = [(rng.randrange(NPAGES * PAGE_SIZE - 300), rng.randrange(1, 300)) for _ in range(800)]
+    written_pages = {p for off, n in writes for p in range(off // PAGE_SIZE,
+                                                           (off + n - 1) // PAGE_SIZE + 1)}
+    saved: dict[int, bytes] = {}
+    failures: list[BaseException] = []
+    session = WriteProtectSession([block], shadow_pages=shadow_pages)
+
+    def save(page: int, data: bytes) -> None:
+        assert page not in saved, f"page {page} saved twice"
+        saved[page] = data
+
+    def saver() -> None:
+        try:
+            def drain() -> None:
+                while (shadow := session.next_shadow()) is not None:
+                    save(shadow.page, bytes(shadow.data))
+                    session.release_shadow(shadow.slot)
+
+            # a random order, slowly: the writer then hits unsaved pages (shadowed), saved ones
+            # (just dirtied) and pages being saved
+            for i, page in enumerate(rng.sample(range(NPAGES), NPAGES)):
+                if i % 8 == 0:
+                    time.sleep(0.0001)
+                drain()
+                data = session.take_page_for_saving("ram", page)
+                if data is not None:
+                    save(page, data)
+            drain()
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    def writer() -> None:
+        try:
+            mem = block.mem
+            for i, (off, n) in enumerate(writes):
+                if i % 64 == 0:
+                    time.sleep(0.0001)  # let the saver in, so both race through RAM
+                if use_ctypes_writer:  # releases the GIL while it faults
+                    ctypes.memset(block.host_addr + off, 0xEE, n)
+                else:  # holds the GIL while it faults (DESIGN section 5)
+                    mem[off : off + n] = b"\xee" * n
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=saver)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "deadlock: a thread did not finish"
+    stats = session.stats()
+    session.stop()
+    assert not failures, failures
+    print(stats)
+    return stats
+    assert sorted(saved) == list(range(NPAGES))
+    image = b"".join(saved[p] for p in range(NPAGES))
+    assert image == image_at_protect
+    assert set(session.dirty["ram"]) == written_pages
+    assert stats.faults >= len(written_pages) and stats.shadow_copies <= len(written_pages)
+    assert stats.handler_errno == 0
+    # RAM itself holds the writes: every written byte is 0xee
+    for off, n in writes[-20:]:
+        assert block.read(off, n) == b"\xee" * n
+
+
+@settings(FAST, max_examples=15)
+@given(seed=st.integers(0, 2**32))
+def test_live_session_gil_holding_writer(block: RamBlock, seed: int) -> None:
+    # pool as large as RAM: a GIL-holding writer must never meet a full pool (see the class doc)
+    _run_live_checkpoint(block, seed, shadow_pages=NPAGES, use_ctypes_writer=False)
+
+
+def test_live_session_small_pool_waits_for_saver(block: RamBlock) -> None:
+    _run_live_checkpoint(block, 7, shadow_pages=2, use_ctypes_writer=True)
+
+
+def test_live_session_mark_sent_and_counters(block: RamBlock) -> None:
+    block.write(0, b"old")
+    # 16 slots: the writer below holds the GIL, so its fault must never wait for the saver
+    with WriteProtectSession([block], shadow_pages=16, unprotect_pages=16) as session:
+        assert session.mark_sent("ram", 0, 4) == 4
+        assert session.mark_sent("ram", 2, 4) == 2
+        block.write(5 * PAGE_SIZE, b"new")  # opens pages 0..15, shadowing the 10 unsent ones
+        stats = session.stats()
+        assert (stats.faults, stats.shadow_copies, stats.queued, stats.pool_waits) == (1, 10, 10, 0)
+        assert set(session.dirty["ram"]) == set(range(16))
+        pages = []
+        while (shadow := session.next_shadow()) is not None:
+            pages.append(shadow.page)
+            session.release_shadow(shadow.slot)
+        assert sorted(pages) == list(range(6, 16))
+        assert session.take_page_for_saving("ram", 0) is None
+        assert session.is_sent("ram", 15) and not session.is_sent("ram", 16)
+        with pytest.raises(ValueError):
+            session.release_shadow(0)
+
+
+def test_live_session_kernel_write_is_shadowed(block: RamBlock) -> None:
+    block.write(20 * PAGE_SIZE, b"A" * PAGE_SIZE)
+    with WriteProtectSession([block], shadow_pages=4) as session:
+        r, w = os.pipe()
+        try:
+            os.write(w, b"B" * 100)
+            assert os.readv(r, [block.mem[20 * PAGE_SIZE : 20 * PAGE_SIZE + 100]]) == 100
+        finally:
+            os.close(r)
+            os.close(w)
+        shadow = session.next_shadow()
+        assert shadow is not None and (shadow.block, shadow.page) == ("ram", 20)
+        assert bytes(shadow.data) == b"A" * PAGE_SIZE
+        session.release_shadow(shadow.slot)
+        assert list(session.dirty["ram"]) == [20]
+    assert block.read(20 * PAGE_SIZE, 101) == b"B" * 100 + b"A"
+
+
+def test_negative_wrapper_errors_name_the_ioctl(block: RamBlock) -> None:
+    with Userfaultfd.open(0) as uffd:
+        with pytest.raises(UffdError) as info:
+            uffd.register(block.host_addr + 1, PAGE_SIZE, 1)
+        assert (info.value.op, info.value.errno) == ("UFFDIO_REGISTER", errno.EINVAL)
+        assert str(info.value).startswith("userfaultfd UFFDIO_REGISTER: ")
+        with pytest.raises(UffdError) as info:
+            uffd.writeprotect(block.host_addr, PAGE_SIZE, True)  # not registered
+        assert info.value.op == "UFFDIO_WRITEPROTECT"
+    with pytest.raises(UffdError) as info:
+        uffd.wake(block.host_addr, PAGE_SIZE)
+    assert info.value.errno == errno.EBADF
