@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--checkpoint-at", metavar="N[,N...]", action="append", default=[],
                       help="also checkpoint after exactly N instructions of this run "
                            "(repeatable; needs --checkpoint)")
+    chpt.add_argument("--incremental", action="store_true",
+                      help="capability: after the first (full) checkpoint, save only pages "
+                           "written since the previous checkpoint")
+    chpt.add_argument("--live", action="store_true",
+                      help="capability: pause only to save CPU/devices and write-protect RAM; "
+                           "save pages while the guest runs (RAM as at the pause)")
+    chpt.add_argument("--tracker", choices=("async", "wp"), default="async",
+                      help="dirty tracker for --incremental: async (kernel WP_ASYNC + "
+                           "PAGEMAP_SCAN, default) or wp (write-protect faults)")
+    chpt.add_argument("--unprotect-pages", metavar="N", type=int, default=1,
+                      help="pages unprotected per write fault (1 = 4 KiB; larger runs fault "
+                           "less and may over-count dirty pages)")
     chpt.add_argument("--no-fsync", action="store_true",
                       help="do not fsync checkpoints: faster; a killed pyvmm still leaves every "
                            "written checkpoint loadable, an OS crash or power loss may not")
@@ -206,6 +218,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, not {args.seconds}")
     points = _checkpoint_points(args)
+    if (args.incremental or args.live) and not args.checkpoint:
+        raise ConfigError("--incremental and --live are capabilities of --checkpoint chpt:FILE")
+    if args.unprotect_pages < 1:
+        raise ConfigError(f"--unprotect-pages must be at least 1, not {args.unprotect_pages}")
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
     if save_target is not None and (save_target.count is not None or save_target.squash):
         raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")
@@ -276,8 +292,11 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
     if save_target is not None:
         same = incoming is not None and os.path.exists(save_target.path) and \
             os.path.samefile(save_target.path, incoming.path)
+        caps = [name for name, on in (("incremental", args.incremental), ("live", args.live))
+                if on]
         checkpointer = Checkpointer(machine, save_target.path, append=same,
-                                    durable=not args.no_fsync)
+                                    durable=not args.no_fsync, capabilities=caps,
+                                    tracker=args.tracker, unprotect_pages=args.unprotect_pages)
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     done = 0
     result = machine.last_result
@@ -313,9 +332,10 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
 def _checkpoint(checkpointer: Any, quiet: bool) -> None:
     stats = checkpointer.checkpoint()
     if not quiet:
-        print(f"pyvmm: checkpoint {stats.increment} -> {checkpointer.path}: {stats.pages} pages "
-              f"+ {stats.zero_pages} zero, {format_size(stats.bytes_written)} in "
-              f"{stats.total_ms:.0f} ms", file=sys.stderr)
+        print(f"pyvmm: checkpoint {stats.increment} ({stats.kind}) -> {checkpointer.path}: "
+              f"{stats.pages} pages + {stats.zero_pages} zero, "
+              f"{format_size(stats.bytes_written)} in {stats.total_ms:.0f} ms, downtime "
+              f"{stats.downtime_ms:.1f} ms", file=sys.stderr)
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from ..devices.pl011 import UartSink
 from ..errors import ConfigError, FormatError, PyvmmError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
-from ..ram import PAGE_SIZE
+from ..ram import PAGE_SIZE, PageBitmap
 from .container import CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
 from .machine_state import (
     MachineStateEntries,
@@ -33,7 +34,11 @@ from .machine_state import (
     linux_state_from,
     machine_save_state,
 )
-from .ram_handler import IndexedRun
+from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
+from .live import LiveSaveResult, save_pages_live
+from .postcopy_uffd import WriteProtectSession
+from .ram_handler import RAM_SAVE_FLAG_EOS, IndexedRun
+from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
@@ -70,9 +75,16 @@ def parse_target(uri: str) -> CheckpointTarget:
                             squash=match.group("squash") is not None)
 
 
+CAPABILITIES = ("incremental", "live", "cow")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointStats:
-    """What one checkpoint cost and wrote; stored with the increment and shown by ``info``."""
+    """What one checkpoint cost and wrote; stored with the increment and shown by ``info``.
+
+    Times are host milliseconds.  ``downtime_ms`` is how long the guest was paused;
+    ``pages_carried`` are pages dirtied during this checkpoint (they belong to the next one).
+    """
 
     increment: int
     kind: str
@@ -84,6 +96,11 @@ class CheckpointStats:
     downtime_ms: float
     throughput_mib_s: float
     devices: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()
+    tracker: str = ""
+    write_faults: int = 0
+    shadow_copies: int = 0
+    pages_carried: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,20 +109,61 @@ class CheckpointStats:
 class Checkpointer:
     """Takes checkpoints of one machine into one container file.
 
-    Methods are called from any thread but the vCPU's (typically the main thread between runs,
-    or a timer/monitor thread while the guest runs).
+    ``capabilities`` (as QEMU's migration capabilities, fixed for the file):
+
+    * ``incremental``: the first checkpoint is full, each later one holds only the pages written
+      since the previous checkpoint's pause, found by the ``tracker`` (``async`` or ``wp``, see
+      :mod:`pyvmm.migration.dirty`);
+    * ``live``: the guest is paused only to serialise CPU and devices and to write-protect RAM;
+      pages are saved while it runs, a page it is about to change being copied first, so the
+      checkpoint holds RAM exactly as at the pause.
+
+    :meth:`checkpoint` may be called from any thread but the vCPU's, while the guest runs or not.
+    A failed checkpoint commits nothing, leaves the guest running, and loses no dirty page: the
+    next checkpoint still saves every page dirtied since the last successful one.
     """
 
     def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
-                 durable: bool = True) -> None:
+                 durable: bool = True, capabilities: Iterable[str] = (),
+                 tracker: str = "async", shadow_pages: int = 4096,
+                 unprotect_pages: int = 1) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`)."""
+        caps = tuple(sorted(set(capabilities)))
+        for cap in caps:
+            if cap not in CAPABILITIES:
+                raise ConfigError(f"unknown capability {cap!r} (choose from "
+                                  f"{', '.join(CAPABILITIES)})")
+        if "cow" in caps:
+            raise ConfigError("the cow capability is not available yet")
+        if tracker not in TRACKERS:
+            raise ConfigError(f"unknown dirty tracker {tracker!r} (choose from "
+                              f"{', '.join(TRACKERS)})")
         self.machine = machine
         self.path = Path(path)
+        self.capabilities = caps
+        self.tracker_kind = tracker
         self._append = append
         self._durable = durable
+        self._shadow_pages = shadow_pages
+        self._unprotect_pages = unprotect_pages
         self._file: CheckpointFile | None = None
+        self._tracker: AsyncTracker | WpFaultTracker | None = None
+        #: Pages known dirty but not saved yet (a failed checkpoint leaves them here).
+        self._pending: dict[str, PageBitmap] = {}
+        self._lock = threading.Lock()
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
+        #: Called with the machine while it is paused at each checkpoint's consistency point
+        #: (tests and experiments record the state the checkpoint must reproduce).
+        self.on_pause: Callable[[Machine], None] | None = None
+
+    @property
+    def incremental(self) -> bool:
+        return "incremental" in self.capabilities
+
+    @property
+    def live(self) -> bool:
+        return "live" in self.capabilities
 
     def _container(self) -> CheckpointFile:
         if self._file is None:
@@ -120,74 +178,212 @@ class Checkpointer:
             else:
                 self._file = CheckpointFile.create(self.path, page_size=PAGE_SIZE,
                                                    ram_blocks=layout, machine=self.machine.name,
+                                                   capabilities=self.capabilities,
                                                    overwrite=True)
             self._file.durable = self._durable
         return self._file
 
-    def checkpoint(self) -> CheckpointStats:
-        """Take a full stop-and-copy checkpoint; the machine keeps the run state it had.
-
-        On failure nothing is committed (the file keeps its earlier increments), the guest
-        carries on, and the error is raised.
-        """
+    # ------------------------------------------------------------------------- pausing
+    def _pause(self) -> tuple[bool, RunState]:
+        """Stop the vCPU into SAVE_VM; returns (was running, state to go back to)."""
         machine = self.machine
-        started = time.perf_counter()
         was_running = machine.pause(RunState.SAVE_VM)
-        before = machine.state
+        before = RunState.RUNNING if was_running else machine.state
         if not was_running:
             machine.set_state(RunState.SAVE_VM)
-        ok = False
-        try:
-            stats = self._write_full(started, ended=before is RunState.SHUTDOWN)
-            ok = True
-            return stats
-        finally:
-            machine.guest_inform.checkpoint_finished(ok)
-            if was_running:
-                machine.resume()
-            else:
-                machine.set_state(before if before is not RunState.PRELAUNCH else RunState.PAUSED)
+        return was_running, before
 
-    def _write_full(self, started: float, *, ended: bool) -> CheckpointStats:
+    def _unpause(self, was_running: bool, before: RunState) -> None:
+        if was_running:
+            self.machine.resume()
+        else:
+            self.machine.set_state(before if before is not RunState.PRELAUNCH
+                                   else RunState.PAUSED)
+
+    # ------------------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> CheckpointStats:
+        """Take one checkpoint (full, incremental, live: as the capabilities say)."""
+        with self._lock:
+            return self._checkpoint()
+
+    def _checkpoint(self) -> CheckpointStats:
         machine = self.machine
-        container = self._container()
-        machine.guest_inform.checkpoint_started()
-        capture(machine, self.entries, ended=ended)
-        setup_done = time.perf_counter()
-        ram = self.entries.ram
-        ram.select({b.name: b.populated_pages() for b in machine.ram_blocks})
-        writer = container.begin_increment("full")
+        started = time.perf_counter()
+        was_running, before = self._pause()
+        paused = True
+        ok = False
+        selection: dict[str, PageBitmap] = {}
+        writer = None
+        session: WriteProtectSession | None = None
         try:
+            container = self._container()
+            kind = "incremental" if self.incremental and container.header.increments and \
+                self._tracker is not None else "full"
+            machine.guest_inform.checkpoint_started()
+            capture(machine, self.entries, ended=before is RunState.SHUTDOWN)
+            selection = self._select(kind)
+            if self.on_pause is not None:
+                self.on_pause(machine)
+            devices_buffer = QEMUFile.memory()
+            devices = self.entries.save_state.save_devices(devices_buffer)
+            device_bytes = devices_buffer.getvalue()
+            if self.live:
+                session = self._arm_live_session(selection)
+            elif self.incremental and self._tracker is None:
+                self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
+                                             unprotect_pages=self._unprotect_pages)
+            setup_done = time.perf_counter()
+            if self.live:
+                self._unpause(was_running, before)
+                paused = False
+            downtime_end = time.perf_counter()
+            writer = container.begin_increment(kind)
             f = QEMUFile.for_writing(container.fd, writer.stream_offset)
             save_state = self.entries.save_state
+            ram = self.entries.ram
             save_state.save_header(f)
             save_state.save_setup(f)
-            save_state.save_iterate(f)
+            if session is not None:
+                result = self._save_live_part(f, session, selection)
+                runs, data_pages, zero_pages = result.runs, result.data_pages, result.zero_pages
+            else:
+                ram.select(selection)
+                save_state.save_iterate(f)
+                runs = list(ram.runs)
+                data_pages, zero_pages = ram.counters.data_pages, ram.counters.zero_pages
             save_state.save_complete(f)
-            devices = save_state.save_devices(f)
+            f.put_bytes(device_bytes)
             save_state.save_trailer(f, devices, PAGE_SIZE)
             f.flush()
+            faults = shadows = carried = 0
+            if session is not None:
+                wp = session.stats()
+                faults, shadows = wp.faults, wp.shadow_copies
+                carried = sum(b.count() for b in session.dirty.values())
             elapsed = time.perf_counter() - started
+            downtime = (downtime_end - started) if self.live else elapsed
             stats = CheckpointStats(
-                increment=writer.index, kind="full", pages=ram.counters.data_pages,
-                zero_pages=ram.counters.zero_pages, bytes_written=f.pos,
-                total_ms=elapsed * 1e3, setup_ms=(setup_done - started) * 1e3,
-                downtime_ms=elapsed * 1e3,
+                increment=writer.index, kind=kind, pages=data_pages, zero_pages=zero_pages,
+                bytes_written=f.pos, total_ms=elapsed * 1e3,
+                setup_ms=(setup_done - started) * 1e3, downtime_ms=downtime * 1e3,
                 throughput_mib_s=f.pos / max(elapsed, 1e-9) / (1 << 20),
                 devices=tuple(f"{d['name']}/{d['instance_id']} v{d['version']}"
-                              for d in devices))
+                              for d in devices),
+                capabilities=self.capabilities,
+                tracker=self.tracker_kind if self.incremental else "",
+                write_faults=faults, shadow_copies=shadows, pages_carried=carried)
             writer.commit(stream_length=f.pos,
                           page_runs=[PageRun(r.block, r.first_page, r.npages, r.data_offset,
-                                             r.zero) for r in ram.runs],
-                          pages=ram.counters.data_pages, zero_pages=ram.counters.zero_pages,
-                          stats=stats.as_dict())
+                                             r.zero) for r in runs],
+                          pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict())
+            ok = True
+            self.history.append(stats)
+            return stats
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
+            # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
+            self._remember(selection)
             raise
-        self.history.append(stats)
-        return stats
+        finally:
+            machine.guest_inform.checkpoint_finished(ok)
+            if session is not None:
+                self._end_live_session(session, was_running, before, paused)
+                paused = False
+            if paused:
+                self._unpause(was_running, before)
+
+    def _select(self, kind: str) -> dict[str, PageBitmap]:
+        """Pages this checkpoint saves (guest paused): all populated ones for a full checkpoint,
+        else the tracker's dirty pages plus any left over by a failed checkpoint."""
+        blocks = self.machine.ram_blocks
+        if kind == "full":
+            selection = {b.name: b.populated_pages() for b in blocks}
+            if self._tracker is not None:  # restarted chain: the tracker's news are in it
+                self._tracker_collect()
+        else:
+            selection = self._tracker_collect()
+        for name, pages in self._pending.items():
+            if name in selection:
+                selection[name] |= pages
+        self._pending = {}
+        return selection
+
+    def _tracker_collect(self) -> dict[str, PageBitmap]:
+        tracker = self._tracker
+        assert tracker is not None
+        if self.live:
+            # the live session needs the range: an async tracker steps aside until it ends
+            if isinstance(tracker, AsyncTracker):
+                dirty = tracker.collect()
+                tracker.suspend()
+                return dirty
+            return tracker.suspend()
+        return tracker.collect()
+
+    def _remember(self, selection: dict[str, PageBitmap]) -> None:
+        for name, pages in selection.items():
+            if name in self._pending:
+                self._pending[name] |= pages
+            else:
+                self._pending[name] = pages.copy()
+
+    def _arm_live_session(self, selection: dict[str, PageBitmap]) -> WriteProtectSession:
+        blocks = self.machine.ram_blocks
+        session = WriteProtectSession(blocks, shadow_pages=self._shadow_pages,
+                                      unprotect_pages=self._unprotect_pages)
+        # Pages this checkpoint does not save need no shadow copy: only mark them dirty.
+        for block in blocks:
+            skip = selection[block.name].complement()
+            for first, count in skip.runs():
+                session.mark_sent(block.name, first, count)
+        return session
+
+    def _save_live_part(self, f: QEMUFile, session: WriteProtectSession,
+                        selection: dict[str, PageBitmap]) -> LiveSaveResult:
+        """The PART section of a live checkpoint, written while the guest runs."""
+        save_state = self.entries.save_state
+        entry = save_state.find("ram", 0)
+        assert entry is not None
+        f.put_u8(QEMU_VM_SECTION_PART)
+        f.put_be32(entry.section_id)
+        result = save_pages_live(f, session, self.machine.ram_blocks, selection)
+        f.put_be64(RAM_SAVE_FLAG_EOS)
+        f.put_u8(QEMU_VM_SECTION_FOOTER)
+        f.put_be32(entry.section_id)
+        self.entries.ram.select({})
+        return result
+
+    def _end_live_session(self, session: WriteProtectSession, was_running: bool,
+                          before: RunState, paused: bool) -> None:
+        """Hand the pages written during the live save to the next increment and give the RAM
+        back to the dirty tracker (a brief second pause when the tracker must be switched)."""
+        if isinstance(self._tracker, WpFaultTracker):
+            self._tracker.adopt(session)  # the session goes on tracking: nothing to switch
+            return
+        again = False
+        if not paused:
+            again = self.machine.pause(RunState.SAVE_VM)
+        try:
+            dirty = {name: bitmap.copy() for name, bitmap in session.dirty.items()}
+            session.stop()
+            if self.incremental:
+                if self._tracker is None:
+                    self._tracker = make_tracker(self.tracker_kind, self.machine.ram_blocks,
+                                                 unprotect_pages=self._unprotect_pages)
+                elif isinstance(self._tracker, AsyncTracker):
+                    self._tracker.rearm()
+                self._remember(dirty)
+        finally:
+            if again or paused:
+                self._unpause(was_running if paused else True, before if paused else
+                              RunState.RUNNING)
 
     def close(self) -> None:
+        """Stop dirty tracking and close the file."""
+        if self._tracker is not None:
+            self._tracker.stop()
+            self._tracker = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -69,6 +69,11 @@ def format_info(info: dict[str, Any]) -> str:
                                if isinstance(stats.get(key), (int, float)))
             if timing:
                 lines.append(f"      {timing}")
+            extra = ", ".join(f"{key.replace('_', ' ')} {stats[key]}"
+                              for key in ("tracker", "write_faults", "shadow_copies",
+                                          "pages_carried") if stats.get(key))
+            if extra:
+                lines.append(f"      {extra}")
             devices = stats.get("devices")
             if isinstance(devices, list) and devices:
                 lines.append(f"      devices: {', '.join(str(d) for d in devices)}")
