@@ -1,0 +1,1 @@
+"""Reusable hypothesis strategies and state machines for testing checkpoint algorithms."""
