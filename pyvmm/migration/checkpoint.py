@@ -34,6 +34,7 @@ from .machine_state import (
     linux_state_from,
     machine_save_state,
 )
+from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
 from .postcopy_uffd import WriteProtectSession
@@ -101,6 +102,7 @@ class CheckpointStats:
     write_faults: int = 0
     shadow_copies: int = 0
     pages_carried: int = 0
+    fork_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,8 +135,9 @@ class Checkpointer:
             if cap not in CAPABILITIES:
                 raise ConfigError(f"unknown capability {cap!r} (choose from "
                                   f"{', '.join(CAPABILITIES)})")
-        if "cow" in caps:
-            raise ConfigError("the cow capability is not available yet")
+        if "cow" in caps and "live" in caps:
+            raise ConfigError("the cow and live capabilities exclude each other: both let the "
+                              "guest run while RAM is saved")
         if tracker not in TRACKERS:
             raise ConfigError(f"unknown dirty tracker {tracker!r} (choose from "
                               f"{', '.join(TRACKERS)})")
@@ -151,6 +154,7 @@ class Checkpointer:
         #: Pages known dirty but not saved yet (a failed checkpoint leaves them here).
         self._pending: dict[str, PageBitmap] = {}
         self._lock = threading.Lock()
+        self._cow_blocks: list[str] = []
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
         #: Called with the machine while it is paused at each checkpoint's consistency point
@@ -164,6 +168,10 @@ class Checkpointer:
     @property
     def live(self) -> bool:
         return "live" in self.capabilities
+
+    @property
+    def cow(self) -> bool:
+        return "cow" in self.capabilities
 
     def _container(self) -> CheckpointFile:
         if self._file is None:
@@ -243,7 +251,21 @@ class Checkpointer:
             ram = self.entries.ram
             save_state.save_header(f)
             save_state.save_setup(f)
-            if session is not None:
+            fork_ms = 0.0
+            if self.cow:
+                cow = self._save_cow(f, selection, device_bytes, devices)
+                downtime_end = time.perf_counter()
+                self._unpause(was_running, before)
+                paused = False
+                result_cow = cow.wait()
+                fork_ms = result_cow.fork_ms
+                runs = [IndexedRun(self._block_number(job_block), r.first_page, r.npages,
+                                   r.data_offset, r.zero)
+                        for job_block, block_result in zip(self._cow_blocks, result_cow.blocks)
+                        for r in block_result.runs]
+                data_pages, zero_pages = result_cow.data_pages, result_cow.zero_pages
+                stream_length = f.offset - writer.stream_offset + result_cow.bytes_written
+            elif session is not None:
                 result = self._save_live_part(f, session, selection)
                 runs, data_pages, zero_pages = result.runs, result.data_pages, result.zero_pages
             else:
@@ -251,28 +273,31 @@ class Checkpointer:
                 save_state.save_iterate(f)
                 runs = list(ram.runs)
                 data_pages, zero_pages = ram.counters.data_pages, ram.counters.zero_pages
-            save_state.save_complete(f)
-            f.put_bytes(device_bytes)
-            save_state.save_trailer(f, devices, PAGE_SIZE)
-            f.flush()
+            if not self.cow:
+                save_state.save_complete(f)
+                f.put_bytes(device_bytes)
+                save_state.save_trailer(f, devices, PAGE_SIZE)
+                f.flush()
+                stream_length = f.pos
             faults = shadows = carried = 0
             if session is not None:
                 wp = session.stats()
                 faults, shadows = wp.faults, wp.shadow_copies
                 carried = sum(b.count() for b in session.dirty.values())
             elapsed = time.perf_counter() - started
-            downtime = (downtime_end - started) if self.live else elapsed
+            downtime = (downtime_end - started) if self.live or self.cow else elapsed
             stats = CheckpointStats(
                 increment=writer.index, kind=kind, pages=data_pages, zero_pages=zero_pages,
-                bytes_written=f.pos, total_ms=elapsed * 1e3,
+                bytes_written=stream_length, total_ms=elapsed * 1e3,
                 setup_ms=(setup_done - started) * 1e3, downtime_ms=downtime * 1e3,
-                throughput_mib_s=f.pos / max(elapsed, 1e-9) / (1 << 20),
+                throughput_mib_s=stream_length / max(elapsed, 1e-9) / (1 << 20),
                 devices=tuple(f"{d['name']}/{d['instance_id']} v{d['version']}"
                               for d in devices),
                 capabilities=self.capabilities,
                 tracker=self.tracker_kind if self.incremental else "",
-                write_faults=faults, shadow_copies=shadows, pages_carried=carried)
-            writer.commit(stream_length=f.pos,
+                write_faults=faults, shadow_copies=shadows, pages_carried=carried,
+                fork_ms=fork_ms)
+            writer.commit(stream_length=stream_length,
                           page_runs=[PageRun(r.block, r.first_page, r.npages, r.data_offset,
                                              r.zero) for r in runs],
                           pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict())
@@ -338,6 +363,40 @@ class Checkpointer:
             for first, count in skip.runs():
                 session.mark_sent(block.name, first, count)
         return session
+
+    def _block_number(self, name: str) -> int:
+        for number, block in enumerate(self.machine.ram_blocks):
+            if block.name == name:
+                return number
+        raise KeyError(name)
+
+    def _save_cow(self, f: QEMUFile, selection: dict[str, PageBitmap], device_bytes: bytes,
+                  devices: list[dict[str, Any]]) -> CowSnapshot:
+        """Fork a child that writes the RAM pages (as at the fork) and the rest of the stream.
+
+        ``f`` holds the stream's beginning; the PART header goes there, everything after the
+        pages is built here as the child's ``tail``.  The guest may run once this returns.
+        """
+        save_state = self.entries.save_state
+        entry = save_state.find("ram", 0)
+        assert entry is not None
+        f.put_u8(QEMU_VM_SECTION_PART)
+        f.put_be32(entry.section_id)
+        f.flush()
+        tail = QEMUFile.memory()
+        tail.put_be64(RAM_SAVE_FLAG_EOS)
+        tail.put_u8(QEMU_VM_SECTION_FOOTER)
+        tail.put_be32(entry.section_id)
+        self.entries.ram.select({})
+        save_state.save_complete(tail)
+        tail.put_bytes(device_bytes)
+        save_state.save_trailer(tail, devices, PAGE_SIZE)
+        jobs = [(block, selection[block.name], True) for block in self.machine.ram_blocks
+                if block.name in selection and selection[block.name].count()]
+        self._cow_blocks = [block.name for block, _, _ in jobs]
+        fd = f.fd
+        assert fd is not None
+        return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue())
 
     def _save_live_part(self, f: QEMUFile, session: WriteProtectSession,
                         selection: dict[str, PageBitmap]) -> LiveSaveResult:

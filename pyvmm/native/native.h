@@ -129,3 +129,40 @@ pyvmm_u64 pyvmm_wp_session_mark_sent(void *session, unsigned int block, pyvmm_u6
 int pyvmm_wp_session_page_state(void *session, unsigned int block, pyvmm_u64 page);
 /* out[5]: faults handled, shadow copies, pool-full waits, queued copies, handler errno */
 void pyvmm_wp_session_counters(void *session, pyvmm_u64 *out);
+
+/* ---- pyvmm.migration.cow (cow.c): fork-based snapshot writer ----
+ * One job per RAM block: the pages set in `select` are written as by pyvmm_write_page_records,
+ * its runs going to runs[runs_index .. runs_index + max_runs) of the shared run array. */
+struct pyvmm_cow_job {
+    const void *base;
+    pyvmm_u64 npages;
+    const pyvmm_u64 *select;
+    const unsigned char *idstr;
+    unsigned idstr_len;
+    int first_has_idstr;
+    int detect_zero;
+    pyvmm_u64 runs_index;
+    pyvmm_u64 max_runs;
+};
+/* Filled by the child in a MAP_SHARED area; read by the parent after waitpid. stage: the job
+ * that failed, or njobs when writing the tail failed. error: errno, 0 on success. */
+struct pyvmm_cow_result {
+    int status;
+    int error;
+    unsigned stage;
+    pyvmm_u64 bytes_written;
+};
+enum { PYVMM_COW_RUNNING = 0, PYVMM_COW_DONE = 1, PYVMM_COW_FAILED = 2 };
+enum { PYVMM_COW_EXIT_FAILED = 1 }; /* the child's exit code when it failed with an errno */
+/* MAP_SHARED | MAP_ANONYMOUS area the child reports through; NULL with errno on failure. */
+void *pyvmm_cow_area_map(pyvmm_u64 length);
+int pyvmm_cow_area_unmap(void *addr, pyvmm_u64 length); /* 0 or -errno */
+/* Forks; the child writes every job's records from file_offset on, then the tail bytes, fills
+ * *result and job_stats[0..njobs), and _exits (0, or PYVMM_COW_EXIT_FAILED). result, job_stats
+ * and runs must lie in a shared area. child_delay_ns: the child sleeps first (a test hook).
+ * Returns the child's pid in the parent, or -errno if fork failed; *fork_ns = fork's duration. */
+int pyvmm_cow_start(int fd, pyvmm_u64 file_offset, const struct pyvmm_cow_job *jobs,
+                    unsigned njobs, const unsigned char *tail, pyvmm_u64 tail_len,
+                    struct pyvmm_cow_result *result, struct pyvmm_page_write_stats *job_stats,
+                    struct pyvmm_page_run *runs, pyvmm_u64 child_delay_ns,
+                    pyvmm_u64 *fork_ns);
