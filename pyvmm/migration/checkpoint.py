@@ -127,7 +127,7 @@ class Checkpointer:
 
     def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
                  durable: bool = True, capabilities: Iterable[str] = (),
-                 tracker: str = "async", shadow_pages: int = 4096,
+                 tracker: str = "async", shadow_pages: int = 1024,
                  unprotect_pages: int = 1) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`)."""
         caps = tuple(sorted(set(capabilities)))
@@ -216,6 +216,7 @@ class Checkpointer:
 
     def _checkpoint(self) -> CheckpointStats:
         machine = self.machine
+        container = self._container()  # creating a file (truncate, fsync) is no pause work
         started = time.perf_counter()
         was_running, before = self._pause()
         paused = True
@@ -224,7 +225,6 @@ class Checkpointer:
         writer = None
         session: WriteProtectSession | None = None
         try:
-            container = self._container()
             kind = "incremental" if self.incremental and container.header.increments and \
                 self._tracker is not None else "full"
             machine.guest_inform.checkpoint_started()
@@ -359,9 +359,7 @@ class Checkpointer:
                                       unprotect_pages=self._unprotect_pages)
         # Pages this checkpoint does not save need no shadow copy: only mark them dirty.
         for block in blocks:
-            skip = selection[block.name].complement()
-            for first, count in skip.runs():
-                session.mark_sent(block.name, first, count)
+            session.mark_sent_unselected(block.name, selection[block.name])
         return session
 
     def _block_number(self, name: str) -> int:

@@ -86,7 +86,7 @@ class WpFaultTracker:
         session = WriteProtectSession(self._blocks, shadow_pages=1,
                                       unprotect_pages=self._unprotect)
         for block in self._blocks:
-            session.mark_sent(block.name, 0, block.page_count)
+            session.mark_sent_unselected(block.name, block.new_bitmap())
         return session
 
     def adopt(self, session: WriteProtectSession) -> None:

@@ -166,3 +166,5 @@ int pyvmm_cow_start(int fd, pyvmm_u64 file_offset, const struct pyvmm_cow_job *j
                     struct pyvmm_cow_result *result, struct pyvmm_page_write_stats *job_stats,
                     struct pyvmm_page_run *runs, pyvmm_u64 child_delay_ns,
                     pyvmm_u64 *fork_ns);
+pyvmm_u64 pyvmm_wp_session_mark_sent_unselected(void *handle, unsigned int block,
+                                               const pyvmm_u64 *keep);

@@ -492,3 +492,29 @@ void pyvmm_wp_session_counters(void *handle, pyvmm_u64 *out) {
     pthread_mutex_unlock(&s->lock);
     out[4] = (u64)__atomic_load_n(&s->error, __ATOMIC_ACQUIRE);
 }
+
+/* Mark sent every page of `block` whose bit in `keep` is clear (one call for a whole
+ * selection: pages a checkpoint does not save need no shadow copy). Returns how many changed. */
+pyvmm_u64 pyvmm_wp_session_mark_sent_unselected(void *handle, unsigned int block,
+                                               const pyvmm_u64 *keep) {
+    struct wp_session *s = handle;
+    if (block >= s->nblocks)
+        return 0;
+    u64 npages = s->blocks[block].npages;
+    unsigned char *st = &s->state[s->blocks[block].first];
+    u64 marked = 0;
+    for (u64 w = 0; w * 64 < npages; w++) {
+        u64 bits = __atomic_load_n(&keep[w], __ATOMIC_ACQUIRE);
+        if (bits == ~(u64)0)
+            continue;
+        u64 end = (w + 1) * 64 < npages ? (w + 1) * 64 : npages;
+        for (u64 p = w * 64; p < end; p++) {
+            if (bits >> (p - w * 64) & 1)
+                continue;
+            unsigned char expect = ST_NONE;
+            marked += __atomic_compare_exchange_n(&st[p], &expect, ST_SENT, 0, __ATOMIC_ACQ_REL,
+                                                  __ATOMIC_ACQUIRE);
+        }
+    }
+    return marked;
+}
