@@ -194,6 +194,7 @@ class Machine:
         self._parked = True
         self._closing = False
         self._budget: int | None = None
+        self._counted_code = True  # no code translated yet
         self._pause_reason = StopReason.PAUSED
         self._icount: int | None = 0
         self._exit_code: int | None = None
@@ -482,6 +483,11 @@ class Machine:
             error: PyvmmError | None = None
             try:
                 pc = self.uc.reg_read(a64.UC_ARM64_REG_PC)
+                if budget and not self._counted_code:
+                    # unicorn counts instructions in code translated while a count is set:
+                    # blocks translated by an uncounted run would run on uncounted
+                    self.uc.ctl_flush_tb()
+                self._counted_code = bool(budget)
                 self.uc.emu_start(pc, _NEVER_PC, 0, budget or 0)
             except PyvmmError as err:
                 error = err

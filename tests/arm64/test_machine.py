@@ -288,3 +288,20 @@ def test_guest_inform_registers_are_visible_to_the_guest() -> None:
         x = machine.cpu_state().x
     assert x[2] == 0x50564749 and x[3] == 1 and x[5] == 1
     assert requests == [5]
+
+
+def test_counted_run_after_a_free_run_stops_exactly() -> None:
+    """Code translated during an uncounted run must not escape a later instruction budget."""
+    with machine_with(COUNT_FOREVER) as machine:
+        machine.start()
+        time.sleep(0.05)
+        machine.pause()
+        before = machine.cpu_state().x[1]
+        result = machine.run(max_insns=3_000)
+        assert result.reason is StopReason.INSN_LIMIT
+        assert machine.cpu_state().x[1] - before in (999, 1000, 1001)  # 3 instructions a loop
+        machine.start()
+        time.sleep(0.02)
+        machine.pause()
+        with_budget = machine.run(max_insns=30)
+        assert with_budget.reason is StopReason.INSN_LIMIT
