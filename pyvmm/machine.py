@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -195,6 +196,8 @@ class Machine:
         self._closing = False
         self._budget: int | None = None
         self._counted_code = True  # no code translated yet
+        #: Host CPU the vCPU thread is pinned to (see :meth:`pin_vcpu`), or None.
+        self.vcpu_cpu: int | None = None
         self._pause_reason = StopReason.PAUSED
         self._icount: int | None = 0
         self._exit_code: int | None = None
@@ -468,8 +471,24 @@ class Machine:
                                             daemon=True)
             self._thread.start()
 
+    def pin_vcpu(self, cpu: int | None) -> None:
+        """Run the vCPU thread on host CPU ``cpu`` only (None: any CPU).
+
+        A userfaultfd fault handler on the same CPU as the faulting vCPU resolves faults many
+        times faster than one on another CPU (DESIGN.md §8): checkpointers pin both.
+        """
+        if cpu is not None and cpu not in os.sched_getaffinity(0):
+            raise ConfigError(f"CPU {cpu} is not available to this process")
+        self.vcpu_cpu = cpu
+        thread = self._thread
+        if thread is not None and thread.native_id is not None:
+            os.sched_setaffinity(thread.native_id, {cpu} if cpu is not None else
+                                 os.sched_getaffinity(0))
+
     def _vcpu_main(self) -> None:
         """The vCPU thread: park while not RUNNING, otherwise run guest code (GIL released)."""
+        if self.vcpu_cpu is not None:
+            os.sched_setaffinity(0, {self.vcpu_cpu})
         while True:
             with self._cond:
                 while self._state is not RunState.RUNNING:

@@ -128,8 +128,10 @@ class Checkpointer:
     def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
                  durable: bool = True, capabilities: Iterable[str] = (),
                  tracker: str = "async", shadow_pages: int = 1024,
-                 unprotect_pages: int = 1) -> None:
-        """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`)."""
+                 unprotect_pages: int = 1, handler_cpu: int | None = None) -> None:
+        """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
+        ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
+        pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster)."""
         caps = tuple(sorted(set(capabilities)))
         for cap in caps:
             if cap not in CAPABILITIES:
@@ -149,6 +151,7 @@ class Checkpointer:
         self._durable = durable
         self._shadow_pages = shadow_pages
         self._unprotect_pages = unprotect_pages
+        self._handler_cpu = handler_cpu if handler_cpu is not None else machine.vcpu_cpu
         self._file: CheckpointFile | None = None
         self._tracker: AsyncTracker | WpFaultTracker | None = None
         #: Pages known dirty but not saved yet (a failed checkpoint leaves them here).
@@ -239,7 +242,8 @@ class Checkpointer:
                 session = self._arm_live_session(selection)
             elif self.incremental and self._tracker is None:
                 self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
-                                             unprotect_pages=self._unprotect_pages)
+                                             unprotect_pages=self._unprotect_pages,
+                                             handler_cpu=self._handler_cpu)
             setup_done = time.perf_counter()
             if self.live:
                 self._unpause(was_running, before)
@@ -356,7 +360,8 @@ class Checkpointer:
     def _arm_live_session(self, selection: dict[str, PageBitmap]) -> WriteProtectSession:
         blocks = self.machine.ram_blocks
         session = WriteProtectSession(blocks, shadow_pages=self._shadow_pages,
-                                      unprotect_pages=self._unprotect_pages)
+                                      unprotect_pages=self._unprotect_pages,
+                                      handler_cpu=self._handler_cpu)
         # Pages this checkpoint does not save need no shadow copy: only mark them dirty.
         for block in blocks:
             session.mark_sent_unselected(block.name, selection[block.name])
@@ -427,7 +432,8 @@ class Checkpointer:
             if self.incremental:
                 if self._tracker is None:
                     self._tracker = make_tracker(self.tracker_kind, self.machine.ram_blocks,
-                                                 unprotect_pages=self._unprotect_pages)
+                                                 unprotect_pages=self._unprotect_pages,
+                                                 handler_cpu=self._handler_cpu)
                 elif isinstance(self._tracker, AsyncTracker):
                     self._tracker.rearm()
                 self._remember(dirty)

@@ -77,14 +77,17 @@ class WpFaultTracker:
 
     kind = "wp"
 
-    def __init__(self, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1) -> None:
+    def __init__(self, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
+                 handler_cpu: int | None = None) -> None:
         self._blocks = list(blocks)
         self._unprotect = unprotect_pages
+        self._handler_cpu = handler_cpu
         self.session: WriteProtectSession | None = self._new_session()
 
     def _new_session(self) -> WriteProtectSession:
         session = WriteProtectSession(self._blocks, shadow_pages=1,
-                                      unprotect_pages=self._unprotect)
+                                      unprotect_pages=self._unprotect,
+                                      handler_cpu=self._handler_cpu)
         for block in self._blocks:
             session.mark_sent_unselected(block.name, block.new_bitmap())
         return session
@@ -119,10 +122,10 @@ class WpFaultTracker:
             self.session = None
 
 
-def make_tracker(kind: str, blocks: Sequence[RamBlock], *,
-                 unprotect_pages: int = 1) -> AsyncTracker | WpFaultTracker:
+def make_tracker(kind: str, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
+                 handler_cpu: int | None = None) -> AsyncTracker | WpFaultTracker:
     if kind == "async":
         return AsyncTracker(blocks)
     if kind == "wp":
-        return WpFaultTracker(blocks, unprotect_pages=unprotect_pages)
+        return WpFaultTracker(blocks, unprotect_pages=unprotect_pages, handler_cpu=handler_cpu)
     raise ValueError(f"unknown dirty tracker {kind!r} (choose from {', '.join(TRACKERS)})")

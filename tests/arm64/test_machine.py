@@ -305,3 +305,20 @@ def test_counted_run_after_a_free_run_stops_exactly() -> None:
         machine.pause()
         with_budget = machine.run(max_insns=30)
         assert with_budget.reason is StopReason.INSN_LIMIT
+
+
+def test_vcpu_can_be_pinned_to_a_host_cpu() -> None:
+    with machine_with(COUNT_FOREVER) as machine:
+        machine.pin_vcpu(0)
+        machine.start()
+        time.sleep(0.02)
+        thread = machine._thread
+        assert thread is not None and thread.native_id is not None
+        import os
+
+        assert os.sched_getaffinity(thread.native_id) == {0}
+        machine.pin_vcpu(None)
+        assert os.sched_getaffinity(thread.native_id) == os.sched_getaffinity(0)
+        machine.pause()
+        with pytest.raises(ConfigError):
+            machine.pin_vcpu(10_000)
