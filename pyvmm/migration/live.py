@@ -62,6 +62,25 @@ class _RecordWriter:
         else:
             self.f.put_bytes(data)
             self.result.data_pages += 1
+        self._add_run(number, page, offset, zero, same_block)
+
+    def batch(self, number: int, data: bytes, pages: list[int], zeros: list[bool]) -> None:
+        """Append ready CONTINUE records (from the C saver) for block ``number``."""
+        assert number == self.last_block, "a record naming the block must come first"
+        base = self.f.offset
+        self.f.put_bytes(data)
+        pos = 0
+        for page, zero in zip(pages, zeros):
+            if zero:
+                self._add_run(number, page, 0, True, True)
+                pos += 9
+                self.result.zero_pages += 1
+            else:
+                self._add_run(number, page, base + pos + 8, False, True)
+                pos += PAGE_RECORD_SIZE
+                self.result.data_pages += 1
+
+    def _add_run(self, number: int, page: int, offset: int, zero: bool, same_block: bool) -> None:
         run = self._run
         if run is not None and run[0] == number and run[1] + run[2] == page and \
                 bool(run[4]) == zero and same_block and \
@@ -95,18 +114,26 @@ def save_pages_live(f: QEMUFile, session: WriteProtectSession, blocks: Sequence[
             finally:
                 session.release_shadow(shadow.slot)
 
-    for block in blocks:
+    for number, block in enumerate(blocks):
         pages = selection.get(block.name)
         if pages is None:
             continue
-        since_poll = 0
-        for page in pages:
-            if since_poll >= _SHADOW_POLL_EVERY:
-                drain()
-                since_poll = 0
-            data = session.take_page_for_saving(block.name, page)
-            if data is not None:
-                writer.page(block.name, page, data)
-            since_poll += 1
+        nxt = 0
+        while nxt < block.page_count:
+            drain()
+            if writer.last_block != number:
+                # The first record of a block names it: save one page the per-page way.
+                page = pages.find_next_set(nxt)
+                if page >= block.page_count:
+                    break
+                data = session.take_page_for_saving(block.name, page)
+                if data is not None:
+                    writer.page(block.name, page, data)
+                nxt = page + 1
+                continue
+            nxt, data, taken, zeros = session.take_records(block.name, pages, nxt,
+                                                           _SHADOW_POLL_EVERY)
+            if taken:
+                writer.batch(number, data, taken, zeros)
     drain()
     return writer.finish()
