@@ -158,6 +158,7 @@ class Checkpointer:
         self._pending: dict[str, PageBitmap] = {}
         self._lock = threading.Lock()
         self._cow_blocks: list[str] = []
+        self._handed_over: WriteProtectSession | None = None
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
         #: Called with the machine while it is paused at each checkpoint's consistency point
@@ -240,6 +241,7 @@ class Checkpointer:
             device_bytes = devices_buffer.getvalue()
             if self.live:
                 session = self._arm_live_session(selection)
+                armed_stats = session.stats()  # a re-armed session's counters run on
             elif self.incremental and self._tracker is None:
                 self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
                                              unprotect_pages=self._unprotect_pages,
@@ -286,7 +288,8 @@ class Checkpointer:
             faults = shadows = carried = 0
             if session is not None:
                 wp = session.stats()
-                faults, shadows = wp.faults, wp.shadow_copies
+                faults = wp.faults - armed_stats.faults
+                shadows = wp.shadow_copies - armed_stats.shadow_copies
                 carried = sum(b.count() for b in session.dirty.values())
             elapsed = time.perf_counter() - started
             downtime = (downtime_end - started) if self.live or self.cow else elapsed
@@ -313,6 +316,10 @@ class Checkpointer:
                 writer.abort()
             # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
             self._remember(selection)
+            if self._handed_over is not None and isinstance(self._tracker, WpFaultTracker):
+                # not armed for this checkpoint: it goes on tracking for the next one
+                self._tracker.adopt(self._handed_over)
+                self._handed_over = None
             raise
         finally:
             machine.guest_inform.checkpoint_finished(ok)
@@ -347,7 +354,8 @@ class Checkpointer:
                 dirty = tracker.collect()
                 tracker.suspend()
                 return dirty
-            return tracker.suspend()
+            dirty, self._handed_over = tracker.hand_over()
+            return dirty
         return tracker.collect()
 
     def _remember(self, selection: dict[str, PageBitmap]) -> None:
@@ -359,6 +367,10 @@ class Checkpointer:
 
     def _arm_live_session(self, selection: dict[str, PageBitmap]) -> WriteProtectSession:
         blocks = self.machine.ram_blocks
+        handed, self._handed_over = self._handed_over, None
+        if handed is not None:
+            handed.rearm(selection)  # the wp tracker's session: no new userfaultfd needed
+            return handed
         session = WriteProtectSession(blocks, shadow_pages=self._shadow_pages,
                                       unprotect_pages=self._unprotect_pages,
                                       handler_cpu=self._handler_cpu)

@@ -107,6 +107,15 @@ class WpFaultTracker:
         self.session = self._new_session()
         return dirty
 
+    def hand_over(self) -> tuple[dict[str, PageBitmap], WriteProtectSession | None]:
+        """What was dirtied so far, and the session itself for a live checkpoint to re-arm
+        (the tracker keeps none until it adopts one back)."""
+        if self.session is None:
+            return {b.name: b.new_bitmap() for b in self._blocks}, None
+        dirty = {name: bitmap.copy() for name, bitmap in self.session.dirty.items()}
+        session, self.session = self.session, None
+        return dirty, session
+
     def suspend(self) -> dict[str, PageBitmap]:
         """Stop watching and return what was dirtied so far (a live checkpoint takes over)."""
         if self.session is None:

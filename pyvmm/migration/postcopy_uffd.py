@@ -500,6 +500,20 @@ class WriteProtectSession:
         return (int(nxt[0]), ffi.buffer(out, int(used[0]))[:], [int(pages[i]) for i in range(count)],
                 [bool(kinds[i]) for i in range(count)])
 
+    def rearm(self, selection: dict[str, PageBitmap]) -> None:
+        """Begin a new checkpoint on this session (guest paused, shadow queue drained): the
+        pages in ``selection`` need saving again, all others count as saved, :attr:`dirty` is
+        cleared and all RAM is write-protected again."""
+        if self.stats().queued:
+            raise ValueError("rearm with shadow copies still queued")
+        for number, block in enumerate(self._blocks):
+            selected = selection.get(block.name) or block.new_bitmap()
+            rc = int(lib.pyvmm_wp_session_rearm(self._session, number,
+                                                ffi.cast("pyvmm_u64 *", selected.address)))
+            if rc:
+                raise UffdError("UFFDIO_WRITEPROTECT", -rc, capability=LIVE,
+                                detail=f"re-arming RAM block {block.name!r}")
+
     def mark_sent_unselected(self, block: str, selected: PageBitmap) -> int:
         """Claim, in one C call, every page of ``block`` NOT set in ``selected`` as needing no
         saving (what :meth:`mark_sent` does run by run); returns how many were claimed."""

@@ -172,3 +172,4 @@ pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const 
                                         pyvmm_u64 *next, unsigned char *out, pyvmm_u64 cap,
                                         pyvmm_u64 *used, pyvmm_u64 *pages, unsigned char *kinds,
                                         pyvmm_u64 max_records);
+int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *select);

@@ -580,3 +580,25 @@ pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const 
     *used = off;
     return n;
 }
+
+/* Start a new round on a live session whose guest is paused and whose shadow queue is empty:
+ * pages set in `select` need saving again, all others count as saved; the block's dirty bitmap
+ * is cleared and the whole block write-protected again.  Re-arming costs one WRITEPROTECT
+ * instead of a new userfaultfd, registration, handler thread and shadow pool. */
+int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *select) {
+    struct wp_session *s = handle;
+    if (block >= s->nblocks)
+        return -EINVAL;
+    struct wp_block *b = &s->blocks[block];
+    unsigned char *st = &s->state[b->first];
+    u64 words = (b->npages + 63) / 64;
+    for (u64 w = 0; w < words; w++) {
+        u64 bits = select[w];
+        u64 end = (w + 1) * 64 < b->npages ? (w + 1) * 64 : b->npages;
+        for (u64 p = w * 64; p < end; p++)
+            __atomic_store_n(&st[p], (bits >> (p - w * 64) & 1) ? ST_NONE : ST_SENT,
+                             __ATOMIC_RELEASE);
+        __atomic_store_n(&b->dirty[w], 0, __ATOMIC_RELEASE);
+    }
+    return pyvmm_uffd_writeprotect(s->uffd, b->base, b->npages * PAGE_SZ, 1);
+}
