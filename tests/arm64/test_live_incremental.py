@@ -177,7 +177,12 @@ def test_negative_userfaultfd_unavailable(tmp_path: Path) -> None:
     assert "incremental" in err
 
 
-def test_negative_disk_full_loses_no_dirty_page(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("capabilities", "tracker"), [
+    (["incremental"], "async"),
+    (["incremental", "live"], "wp"),
+])
+def test_negative_disk_full_loses_no_dirty_page(tmp_path: Path, capabilities: list[str],
+                                                tracker: str) -> None:
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
@@ -188,8 +193,8 @@ def test_negative_disk_full_loses_no_dirty_page(tmp_path: Path) -> None:
         path = mount / "chain.bin"
         expected = []
         with workload("hotcold", "8M") as machine:
-            checkpointer = Checkpointer(machine, path, capabilities=["incremental"],
-                                        durable=False)
+            checkpointer = Checkpointer(machine, path, capabilities=capabilities,
+                                        tracker=tracker, durable=False)
             machine.run(max_insns=300_000)
             checkpointer.checkpoint()
             expected.append(state(machine))
