@@ -49,6 +49,23 @@ static inline void put_be64(unsigned char *dst, u64 value) {
     memcpy(dst, &be, sizeof be);
 }
 
+/* Step past `done` bytes of an iovec array after a short pwritev/preadv. */
+static void iov_advance(struct iovec **iovp, int *cntp, size_t done) {
+    struct iovec *iov = *iovp;
+    int cnt = *cntp;
+    while (cnt > 0 && done >= iov->iov_len) {
+        done -= iov->iov_len;
+        iov++;
+        cnt--;
+    }
+    if (cnt > 0) {
+        iov->iov_base = (char *)iov->iov_base + done;
+        iov->iov_len -= done;
+    }
+    *iovp = iov;
+    *cntp = cnt;
+}
+
 /* Writes all of iov[0..cnt) at `offset`, retrying after EINTR and short writes (which consume
  * the iovecs it advances over). Adds the bytes that reached the file to *written. 0 or -errno. */
 static int pwritev_all(int fd, struct iovec *iov, int cnt, u64 offset, u64 *written) {
@@ -63,16 +80,7 @@ static int pwritev_all(int fd, struct iovec *iov, int cnt, u64 offset, u64 *writ
             return -EIO; /* a regular file never takes nothing without an error */
         *written += (u64)n;
         offset += (u64)n;
-        size_t left = (size_t)n;
-        while (cnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        iov_advance(&iov, &cnt, (size_t)n);
     }
     return 0;
 }
@@ -258,16 +266,7 @@ static int preadv_all(int fd, struct iovec *iov, int cnt, u64 offset,
             return PYVMM_PAGEIO_TRUNCATED;
         }
         offset += (u64)n;
-        size_t left = (size_t)n;
-        while (cnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        iov_advance(&iov, &cnt, (size_t)n);
     }
     return 0;
 }
