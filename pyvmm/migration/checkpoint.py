@@ -15,6 +15,7 @@ the file's RAM layout, loads the chosen increments in order and leaves it PAUSED
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import threading
 import time
@@ -23,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from ..devices.pl011 import UartSink
-from ..errors import ConfigError, FormatError, PyvmmError
-from ..machine import MAIN_RAM_NAME, Machine, RunState
+from ..errors import ConfigError
+from ..machine import Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
-from .container import CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
+from .container import CheckpointFile, PageRun, RamBlockInfo
 from .machine_state import (
     MachineStateEntries,
-    apply,
     capture,
-    linux_state_from,
     machine_save_state,
 )
 from .cow import CowSnapshot, start_cow_snapshot
@@ -39,6 +38,7 @@ from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
 from .postcopy_uffd import WriteProtectSession
 from .ram_handler import RAM_SAVE_FLAG_EOS, IndexedRun
+from .reload import DEFAULT_STRATEGY, Progress, reload_file
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
@@ -128,8 +128,11 @@ class Checkpointer:
     def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
                  durable: bool = True, capabilities: Iterable[str] = (),
                  tracker: str = "async", shadow_pages: int = 1024,
-                 unprotect_pages: int = 1, handler_cpu: int | None = None) -> None:
+                 unprotect_pages: int = 1, handler_cpu: int | None = None,
+                 max_increments: int | None = None) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
+        ``max_increments``: when the file holds that many increments, the next checkpoint is a
+        full one that replaces the file (a new chain; the original fork did so after 99).
         ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
         pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster)."""
         caps = tuple(sorted(set(capabilities)))
@@ -140,6 +143,8 @@ class Checkpointer:
         if "cow" in caps and "live" in caps:
             raise ConfigError("the cow and live capabilities exclude each other: both let the "
                               "guest run while RAM is saved")
+        if max_increments is not None and max_increments < 1:
+            raise ConfigError(f"max_increments must be at least 1, not {max_increments}")
         if tracker not in TRACKERS:
             raise ConfigError(f"unknown dirty tracker {tracker!r} (choose from "
                               f"{', '.join(TRACKERS)})")
@@ -153,6 +158,9 @@ class Checkpointer:
         self._unprotect_pages = unprotect_pages
         self._handler_cpu = handler_cpu if handler_cpu is not None else machine.vcpu_cpu
         self._file: CheckpointFile | None = None
+        self._max_increments = max_increments
+        #: The temporary file a restarted chain is written to, renamed over path when committed.
+        self._restart: Path | None = None
         self._tracker: AsyncTracker | WpFaultTracker | None = None
         #: Pages known dirty but not saved yet (a failed checkpoint leaves them here).
         self._pending: dict[str, PageBitmap] = {}
@@ -178,6 +186,45 @@ class Checkpointer:
         return "cow" in self.capabilities
 
     def _container(self) -> CheckpointFile:
+        container = self._open_container()
+        limit = self._max_increments
+        if limit is not None and len(container.header.increments) >= limit:
+            # a new chain in a new file, renamed over the old one once its full increment is in
+            container.close()
+            self._file = None
+            self._restart = self.path.with_name(f".{self.path.name}.restart-{os.getpid()}")
+            container = self._create_container(self._restart)
+        return container
+
+    def _create_container(self, path: Path) -> CheckpointFile:
+        layout = tuple(RamBlockInfo(b.name, b.gpa, b.size) for b in self.machine.ram_blocks)
+        self._file = CheckpointFile.create(path, page_size=PAGE_SIZE, ram_blocks=layout,
+                                           machine=self.machine.name,
+                                           capabilities=self.capabilities, overwrite=True)
+        self._file.durable = self._durable
+        return self._file
+
+    def _finish_restart(self, ok: bool) -> None:
+        """Rename a restarted chain's file over path (ok) or drop it (the old file is intact)."""
+        temporary, self._restart = self._restart, None
+        if temporary is None:
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if ok:
+            os.replace(temporary, self.path)
+            if self._durable:
+                fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        else:
+            temporary.unlink(missing_ok=True)
+        self._append = True  # reopened (under its own name) by the next checkpoint
+
+    def _open_container(self) -> CheckpointFile:
         if self._file is None:
             layout = tuple(RamBlockInfo(b.name, b.gpa, b.size) for b in self.machine.ram_blocks)
             if self._append and self.path.exists():
@@ -187,12 +234,9 @@ class Checkpointer:
                     self._file = None
                     raise ConfigError(f"{self.path} holds a machine with another RAM layout; "
                                       f"write the checkpoint to a new file")
+                self._file.durable = self._durable
             else:
-                self._file = CheckpointFile.create(self.path, page_size=PAGE_SIZE,
-                                                   ram_blocks=layout, machine=self.machine.name,
-                                                   capabilities=self.capabilities,
-                                                   overwrite=True)
-            self._file.durable = self._durable
+                return self._create_container(self.path)
         return self._file
 
     # ------------------------------------------------------------------------- pausing
@@ -309,11 +353,13 @@ class Checkpointer:
                                              r.zero) for r in runs],
                           pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict())
             ok = True
+            self._finish_restart(True)
             self.history.append(stats)
             return stats
         except BaseException:
             if writer is not None:
                 writer.abort()
+            self._finish_restart(False)
             # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
             self._remember(selection)
             if self._handed_over is not None and isinstance(self._tracker, WpFaultTracker):
@@ -464,75 +510,22 @@ class Checkpointer:
             self._file = None
 
 
-def _main_ram_size(blocks: tuple[RamBlockInfo, ...], path: str) -> int:
-    for block in blocks:
-        if block.name == MAIN_RAM_NAME:
-            return block.size
-    raise FormatError(f"{path} has no {MAIN_RAM_NAME} RAM block")
-
-
-def reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = None,
-           stdout: OutputSink | None = None, stderr: OutputSink | None = None) -> Machine:
+def reload(target: CheckpointTarget | str, *, strategy: str = DEFAULT_STRATEGY,
+           uart_sink: UartSink | None = None, stdout: OutputSink | None = None,
+           stderr: OutputSink | None = None, progress: Progress | None = None) -> Machine:
     """A new machine holding the state of the target's first N (default all) increments.
 
     The machine is PAUSED (or SHUTDOWN, if the guest had powered off when it was saved), ready
-    for :meth:`Machine.run`.  Raises FormatError (one line, naming file, increment and section)
-    for a damaged or foreign file, ConfigError for a bad target.
+    for :meth:`Machine.run`.  ``strategy``: ``indexed`` (default), ``partial`` or
+    ``sequential`` (see :mod:`pyvmm.migration.reload`; same result).  Raises FormatError (one
+    line, naming file, increment and section) for a damaged or foreign file, ConfigError for a
+    bad target.  :func:`pyvmm.migration.reload.reload_file` also returns what was read.
     """
     if isinstance(target, str):
         target = parse_target(target)
     if target.squash:
-        raise ConfigError("squash (chpt:squash:...) is not available yet: reload with chpt:FILE")
-    with CheckpointFile.open(target.path) as container:
-        header = container.header
-        available = len(header.increments)
-        if available == 0:
-            raise FormatError(f"{target.path} holds no checkpoint yet")
-        count = available if target.count is None else target.count
-        if count > available:
-            raise ConfigError(f"{target.path} holds {available} increment(s), not {count}")
-        machine = Machine(_main_ram_size(header.ram_blocks, target.path),
-                          uart_sink=uart_sink, name=header.machine or "guest")
-        try:
-            _load_increments(machine, container, header.increments[:count], header.ram_blocks,
-                             stdout, stderr)
-        except BaseException:
-            machine.close()
-            raise
+        raise ConfigError(f"{target} squashes a chain into a new file; it does not reload "
+                          f"(use squash() or 'pyvmm checkpoint squash')")
+    machine, _ = reload_file(target.path, target.count, strategy=strategy, uart_sink=uart_sink,
+                             stdout=stdout, stderr=stderr, progress=progress)
     return machine
-
-
-def _load_increments(machine: Machine, container: CheckpointFile,
-                     increments: tuple[IncrementInfo, ...], layout: tuple[RamBlockInfo, ...],
-                     stdout: OutputSink | None, stderr: OutputSink | None) -> None:
-    for block in layout:
-        if block.name != MAIN_RAM_NAME:
-            machine.add_ram_block(block.name, block.gpa, block.size)
-    machine.set_state(RunState.INMIGRATE)
-    entries = machine_save_state(machine, with_linux=True)
-    for info in increments:
-        runs = container.page_index(info.index)
-        entries.ram.set_load_index([IndexedRun(r.block, r.first_page, r.npages, r.data_offset,
-                                               r.zero) for r in runs])
-        f = QEMUFile.for_reading(container.fd, info.stream_offset, info.stream_length)
-        try:
-            entries.save_state.load(f)
-        except FormatError as err:
-            raise err.located(increment=info.index) from err
-    apply(machine, entries)
-    machine.seed = entries.machine_section.seed
-    linux_state = linux_state_from(entries)
-    if linux_state is not None:
-        from ..linux import attach_process  # only Linux guests need the layer
-
-        try:
-            attach_process(machine, linux_state, stdout=stdout, stderr=stderr)
-        except PyvmmError as err:
-            raise FormatError(f"cannot restore the Linux process: {err}",
-                              section="linux-user") from err
-    machine.guest_inform.restored()
-    machine.guest_inform.checkpoint_finished(True)  # the checkpoint we came from completed
-    machine.set_state(RunState.PAUSED)
-    if entries.machine_section.ended:
-        machine.mark_shutdown(entries.machine_section.exit_code)
-

@@ -72,6 +72,9 @@ class RamHandler:
         #: For loading: data runs by (block number, absolute offset of their first page's data).
         self.load_index: dict[tuple[int, int], IndexedRun] = {}
         self.pages_loaded = 0
+        #: Loading parses and checks the records but leaves guest RAM alone (the pages were
+        #: placed already, e.g. by an indexed reload or a lazy one); still counts them.
+        self.skip_pages = False
 
     # ------------------------------------------------------------------------- saving
     def select(self, pages: Mapping[str, PageBitmap]) -> None:
@@ -174,14 +177,20 @@ class RamHandler:
             if flags & RAM_SAVE_FLAG_ZERO:
                 fill = f.get_u8()
                 f.check()
-                self._fill_page(block, page, fill)
+                if not self.skip_pages:
+                    self._fill_page(block, page, fill)
             else:
                 self._load_page(f, number, block, page)
             self.pages_loaded += 1
 
     def _load_page(self, f: QEMUFile, number: int, block: RamBlock, page: int) -> None:
         run = self.load_index.get((number, f.offset))
-        if run is not None and run.first_page == page and f.fd is not None:
+        if run is not None and run.first_page == page and self.skip_pages:
+            f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)
+            self.pages_loaded += run.npages - 1
+        elif self.skip_pages:
+            f.skip(PAGE_SIZE)
+        elif run is not None and run.first_page == page and f.fd is not None:
             read_page_runs(f.fd, block, [PageRun(run.first_page, run.npages, run.data_offset,
                                                  False)])
             f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)

@@ -203,12 +203,15 @@ class SaveState:
         f.put_be32(entry.section_id)
 
     # ------------------------------------------------------------------------- loading
-    def load(self, f: QEMUFile, *, stop_after_ram: bool = False,
+    def load(self, f: QEMUFile, *, stop_after_ram: bool = False, post_load: bool = True,
              on_device: Callable[[SaveStateEntry], None] | None = None) -> LoadResult:
         """Read a whole stream into the registered entries.
 
         ``stop_after_ram``: return right after the last live entry's END section (the original's
-        partial reload of non-last increments; device state is not touched).  Raises
+        partial reload of non-last increments; device state is not touched).  ``post_load``
+        false: load device sections without running their ``post_load`` hooks (a non-last
+        increment of a sequential reload).  ``on_device`` is called after each device section.
+        Raises
         FormatError (with the section named) for anything malformed or unknown.
         """
         result = LoadResult()
@@ -260,7 +263,7 @@ class SaveState:
                     entry.handler.load(f, version_id)
                 else:
                     assert entry.vmsd is not None
-                    load_state(f, entry.vmsd, entry.opaque, version_id)
+                    load_state(f, entry.vmsd, entry.opaque, version_id, post_load=post_load)
                     if on_device is not None:
                         on_device(entry)
                 f.check()

@@ -683,8 +683,12 @@ def _length_attr(vmsd: VMStateDescription, fld: VBufferField) -> str:
 # -- the interpreter: load -----------------------------------------------------------------
 
 
-def load_state(f: QEMUFile, vmsd: VMStateDescription, obj: object, version_id: int) -> None:
+def load_state(f: QEMUFile, vmsd: VMStateDescription, obj: object, version_id: int, *,
+               post_load: bool = True) -> None:
     """Read state written with ``version_id`` of ``vmsd`` into the existing ``obj``.
+
+    ``post_load`` false: do not run the ``post_load`` hooks (of ``vmsd`` and its subsections),
+    as for the non-last increments of a reload, whose state is overwritten by the last one.
 
     Nested objects must already exist (they are loaded in place); fixed arrays in ``list``s
     and buffers in writable buffers are updated in place. Raises :class:`VersionError` when
@@ -723,8 +727,8 @@ def load_state(f: QEMUFile, vmsd: VMStateDescription, obj: object, version_id: i
                 _load_leaf(f, vmsd, step, obj)
         except StreamError as err:
             raise StreamError(f"{vmsd.name}.{step.name}: {err.reason}", offset=err.offset) from err
-    _load_subsections(f, vmsd, obj)
-    if vmsd.post_load is not None:
+    _load_subsections(f, vmsd, obj, post_load)
+    if post_load and vmsd.post_load is not None:
         vmsd.post_load(obj, version_id)
 
 
@@ -783,7 +787,8 @@ def _load_structs(f: QEMUFile, fld: StructField, obj: object) -> None:
         load_state(f, fld.vmsd, target, fld.vmsd.version_id)
 
 
-def _load_subsections(f: QEMUFile, vmsd: VMStateDescription, obj: object) -> None:
+def _load_subsections(f: QEMUFile, vmsd: VMStateDescription, obj: object,
+                      post_load: bool) -> None:
     prefix = vmsd.name + "/"
     loaded: set[str] = set()
     while True:
@@ -813,7 +818,7 @@ def _load_subsections(f: QEMUFile, vmsd: VMStateDescription, obj: object) -> Non
             version = int.from_bytes(f.get_bytes(4), "big")
         except StreamError as err:
             raise StreamError(f"{name}: header: {err.reason}", offset=err.offset) from err
-        load_state(f, sub, obj, version)
+        load_state(f, sub, obj, version, post_load=post_load)
 
 
 # -- the description -----------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""Reloading chains of increments: every strategy x every prefix N x squash gives the state the
+machine had at checkpoint N-1, and device post_load runs exactly once per reload.
+
+Guest write schedules are random (hypothesis): the built-in workload runs a random number of
+instructions between checkpoints and the host writes random pages (as device emulation does),
+including zero pages over data, so increments override each other in every way."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvmm.boot import GuestSpec, boot
+from pyvmm.errors import ConfigError, FormatError
+from pyvmm.guests.workload import WorkloadOptions
+from pyvmm.machine import Machine
+from pyvmm.migration.checkpoint import Checkpointer, reload
+from pyvmm.migration.container import CheckpointFile
+from pyvmm.migration.reload import STRATEGIES, reload_file
+from pyvmm.migration.squash import default_output, squash
+from pyvmm.ram import PAGE_SIZE
+
+RAM = 8 << 20
+DEVICES = {"cpu/0", "pl011/0", "virt-counter/0", "guest-inform/0", "pyvmm-machine/0",
+           "linux-user/0"}
+
+
+def state_of(machine: Machine) -> dict[str, Any]:
+    """RAM bytes, registers and device registers: what a reload must reproduce."""
+    ram = hashlib.sha256()
+    for block in machine.ram_blocks:
+        ram.update(block.name.encode())
+        for first, count in block.nonzero_pages().runs():
+            ram.update(first.to_bytes(8, "little"))
+            ram.update(block.mem[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
+    return {"ram": ram.hexdigest(), "cpu": machine.cpu_state(), "insns": machine.insns,
+            "uart": copy.deepcopy(machine.uart.state),
+            "counter": copy.deepcopy(machine.counter.state)}
+
+
+def new_guest(seed: int) -> Machine:
+    options = WorkloadOptions(pattern="random", working_set=1 << 20, passes=1000, report_every=50)
+    return boot(GuestSpec(workload=options), ram_size=RAM, seed=seed, uart_sink=lambda _b: None)
+
+
+Step = tuple[int, list[tuple[int, int]]]  # instructions to run, host writes (page, fill byte)
+
+
+def build_chain(path: Path, seed: int, steps: list[Step], *, live: bool = False,
+                max_increments: int | None = None) -> list[dict[str, Any]]:
+    """Checkpoint after each step into ``path`` (incremental); the state at each pause."""
+    states: list[dict[str, Any]] = []
+    caps = ["incremental", "live"] if live else ["incremental"]
+    with new_guest(seed) as machine:
+        checkpointer = Checkpointer(machine, path, durable=False, capabilities=caps,
+                                    max_increments=max_increments)
+        checkpointer.on_pause = lambda m: states.append(state_of(m))
+        try:
+            for insns, writes in steps:
+                if insns:
+                    machine.run(max_insns=insns)
+                for page, fill in writes:
+                    machine.ram.write(page * PAGE_SIZE, bytes([fill]) * PAGE_SIZE)
+                checkpointer.checkpoint()
+        finally:
+            checkpointer.close()
+    return states
+
+
+steps_strategy = st.lists(
+    st.tuples(st.integers(0, 40_000),
+              # pages of the upper half: the guest's code and data sit low (its working set too)
+              st.lists(st.tuples(st.integers(RAM // PAGE_SIZE // 2, RAM // PAGE_SIZE - 1),
+                                 st.sampled_from([0, 7])),
+                       max_size=12)),
+    min_size=1, max_size=5)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 3), steps=steps_strategy)
+def test_every_strategy_and_prefix_and_squash_reload_the_state_at_that_checkpoint(
+        tmp_path: Path, seed: int, steps: list[Step]) -> None:
+    path = tmp_path / "chain.bin"
+    path.unlink(missing_ok=True)
+    states = build_chain(path, seed, steps)
+    for n in range(1, len(states) + 1):
+        for strategy in STRATEGIES:
+            machine, report = reload_file(str(path), n, strategy=strategy)
+            with machine:
+                assert state_of(machine) == states[n - 1], (n, strategy)
+            assert report.post_load == {d: 1 for d in DEVICES - {"linux-user/0"}}, strategy
+        squashed = squash(path, n, tmp_path / f"squashed{n}.bin", durable=False)
+        with CheckpointFile.open(squashed.output) as container:
+            assert [i.kind for i in container.header.increments] == ["full"]
+        with reload(f"chpt:{squashed.output}") as machine:
+            assert state_of(machine) == states[n - 1], ("squash", n)
+
+
+def test_strategies_read_what_they_say(tmp_path: Path) -> None:
+    """indexed reads each page once; sequential reads every increment's pages; partial parses
+    the device sections of the last increment only but reads the same pages as sequential."""
+    path = tmp_path / "chain.bin"
+    same_pages = [(p, 7) for p in range(1200, 1240)]
+    build_chain(path, 1, [(20_000, same_pages)] + [(0, same_pages)] * 3)
+    reports = {s: reload_file(str(path), strategy=s) for s in STRATEGIES}
+    for machine, _ in reports.values():
+        machine.close()
+    with CheckpointFile.open(path) as container:
+        total = sum(i.pages for i in container.header.increments)
+        last = container.header.increments[-1].pages
+    assert reports["sequential"][1].pages_read == total
+    assert reports["partial"][1].pages_read == total
+    assert reports["indexed"][1].pages_read == reports["sequential"][1].pages_read - \
+        3 * len(same_pages)
+    assert reports["indexed"][1].pages_read < total and last >= len(same_pages)
+    assert all(r.streams == 4 for _, r in (reports["sequential"], reports["partial"]))
+    assert reports["indexed"][1].streams == 1
+
+
+def test_live_incremental_chain_reloads_with_every_strategy(tmp_path: Path) -> None:
+    path = tmp_path / "live.bin"
+    states = build_chain(path, 2, [(30_000, [(1500, 1)]), (30_000, []), (30_000, [(1500, 0)])],
+                         live=True)
+    for strategy in STRATEGIES:
+        with reload(f"chpt:{path}", strategy=strategy) as machine:
+            assert state_of(machine) == states[-1]
+
+
+def test_max_increments_restarts_the_chain_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "capped.bin"
+    states = build_chain(path, 3, [(10_000, [(1700, 3)])] * 5, max_increments=2)
+    with CheckpointFile.open(path) as container:
+        # 5 checkpoints: [full, inc], then a fresh [full, inc], then a fresh [full]
+        assert [i.kind for i in container.header.increments] == ["full"]
+    with reload(f"chpt:{path}") as machine:
+        assert state_of(machine) == states[-1]
+    assert not [p for p in os.listdir(tmp_path) if p != "capped.bin"], "temporary files remain"
+
+
+def test_squash_default_name_and_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "c.bin"
+    states = build_chain(path, 0, [(10_000, []), (10_000, [(1800, 9)]), (10_000, [])])
+    result = squash(path, 2)
+    assert result.output == default_output(path) == tmp_path / "c.bin_squashed"
+    with reload(f"chpt:{result.output}") as machine:
+        assert state_of(machine) == states[1]
+    squash(path, output=path)  # in place: all three folded into one full increment
+    with CheckpointFile.open(path) as container:
+        assert len(container.header.increments) == 1
+    with reload(f"chpt:{path}") as machine:
+        assert state_of(machine) == states[2]
+
+
+def test_bad_reload_requests_are_one_line_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.bin"
+    build_chain(path, 0, [(1000, [])])
+    with pytest.raises(ConfigError, match="holds 1 increment"):
+        reload(f"chpt:2:{path}")
+    with pytest.raises(ConfigError, match="unknown reload strategy 'fast'"):
+        reload(f"chpt:{path}", strategy="fast")
+    with pytest.raises(ConfigError, match="squashes"):
+        reload(f"chpt:squash:{path}")
+    with pytest.raises(ConfigError, match="holds 1 increment"):
+        squash(path, 3)
+    assert not (tmp_path / "c.bin_squashed").exists()
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(FormatError):
+        squash(empty)
