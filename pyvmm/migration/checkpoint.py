@@ -158,7 +158,6 @@ class Checkpointer:
         self._pending: dict[str, PageBitmap] = {}
         self._lock = threading.Lock()
         self._cow_blocks: list[str] = []
-        self._handed_over: WriteProtectSession | None = None
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
         #: Called with the machine while it is paused at each checkpoint's consistency point
@@ -221,6 +220,12 @@ class Checkpointer:
     def _checkpoint(self) -> CheckpointStats:
         machine = self.machine
         container = self._container()  # creating a file (truncate, fsync) is no pause work
+        kind = "incremental" if self.incremental and container.header.increments and \
+            self._tracker is not None else "full"
+        live: WpFaultTracker | None = None
+        populated: dict[str, PageBitmap] | None = None
+        if self.live:  # guest running: whatever can be done before the pause is done here
+            live, populated = self._prepare_live(kind)
         started = time.perf_counter()
         was_running, before = self._pause()
         paused = True
@@ -229,18 +234,17 @@ class Checkpointer:
         writer = None
         session: WriteProtectSession | None = None
         try:
-            kind = "incremental" if self.incremental and container.header.increments and \
-                self._tracker is not None else "full"
             machine.guest_inform.checkpoint_started()
             capture(machine, self.entries, ended=before is RunState.SHUTDOWN)
-            selection = self._select(kind)
+            selection = self._select(kind, live, populated)
             if self.on_pause is not None:
                 self.on_pause(machine)
             devices_buffer = QEMUFile.memory()
             devices = self.entries.save_state.save_devices(devices_buffer)
             device_bytes = devices_buffer.getvalue()
-            if self.live:
-                session = self._arm_live_session(selection)
+            if live is not None:
+                session = live.session
+                session.rearm(selection)
                 armed_stats = session.stats()  # a re-armed session's counters run on
             elif self.incremental and self._tracker is None:
                 self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
@@ -301,7 +305,8 @@ class Checkpointer:
                 devices=tuple(f"{d['name']}/{d['instance_id']} v{d['version']}"
                               for d in devices),
                 capabilities=self.capabilities,
-                tracker=self.tracker_kind if self.incremental else "",
+                tracker=(self._tracker.kind if self._tracker is not None else
+                         self.tracker_kind) if self.incremental else "",
                 write_faults=faults, shadow_copies=shadows, pages_carried=carried,
                 fork_ms=fork_ms)
             writer.commit(stream_length=stream_length,
@@ -316,47 +321,42 @@ class Checkpointer:
                 writer.abort()
             # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
             self._remember(selection)
-            if self._handed_over is not None and isinstance(self._tracker, WpFaultTracker):
-                # not armed for this checkpoint: it goes on tracking for the next one
-                self._tracker.adopt(self._handed_over)
-                self._handed_over = None
+            if live is not None:  # the handler must not wait for a saver that is gone
+                live.session.abandon_round()
             raise
         finally:
             machine.guest_inform.checkpoint_finished(ok)
-            if session is not None:
-                self._end_live_session(session, was_running, before, paused)
-                paused = False
             if paused:
                 self._unpause(was_running, before)
+            if live is not None and live is not self._tracker:
+                live.stop()  # a live-only checkpointer tracks nothing between checkpoints
 
-    def _select(self, kind: str) -> dict[str, PageBitmap]:
+    def _select(self, kind: str, live: WpFaultTracker | None,
+                populated: dict[str, PageBitmap] | None) -> dict[str, PageBitmap]:
         """Pages this checkpoint saves (guest paused): all populated ones for a full checkpoint,
-        else the tracker's dirty pages plus any left over by a failed checkpoint."""
+        else the tracker's dirty pages plus any left over by a failed checkpoint.
+
+        A live checkpoint found the populated pages before the pause, with ``live`` already
+        tracking: the pages written since are or-ed in (a page populated after the scan was
+        written, so ``live`` has it)."""
         blocks = self.machine.ram_blocks
         if kind == "full":
-            selection = {b.name: b.populated_pages() for b in blocks}
-            if self._tracker is not None:  # restarted chain: the tracker's news are in it
-                self._tracker_collect()
+            if live is not None and populated is not None:
+                selection = populated
+                for name, pages in live.collect().items():
+                    selection[name] |= pages
+            else:
+                selection = {b.name: b.populated_pages() for b in blocks}
+                if self._tracker is not None:  # restarted chain: the tracker's news are in it
+                    self._tracker.collect()
         else:
-            selection = self._tracker_collect()
+            assert self._tracker is not None
+            selection = self._tracker.collect()
         for name, pages in self._pending.items():
             if name in selection:
                 selection[name] |= pages
         self._pending = {}
         return selection
-
-    def _tracker_collect(self) -> dict[str, PageBitmap]:
-        tracker = self._tracker
-        assert tracker is not None
-        if self.live:
-            # the live session needs the range: an async tracker steps aside until it ends
-            if isinstance(tracker, AsyncTracker):
-                dirty = tracker.collect()
-                tracker.suspend()
-                return dirty
-            dirty, self._handed_over = tracker.hand_over()
-            return dirty
-        return tracker.collect()
 
     def _remember(self, selection: dict[str, PageBitmap]) -> None:
         for name, pages in selection.items():
@@ -365,19 +365,29 @@ class Checkpointer:
             else:
                 self._pending[name] = pages.copy()
 
-    def _arm_live_session(self, selection: dict[str, PageBitmap]) -> WriteProtectSession:
+    def _prepare_live(self, kind: str) -> tuple[WpFaultTracker, dict[str, PageBitmap] | None]:
+        """Before a live checkpoint's pause, guest running: the session that will save it,
+        tracking already (the incremental tracker's, or a new one for this checkpoint only), with
+        the pages written so far protected again; for a full checkpoint also the populated pages.
+        The pause is then left with the pages written after this."""
         blocks = self.machine.ram_blocks
-        handed, self._handed_over = self._handed_over, None
-        if handed is not None:
-            handed.rearm(selection)  # the wp tracker's session: no new userfaultfd needed
-            return handed
-        session = WriteProtectSession(blocks, shadow_pages=self._shadow_pages,
-                                      unprotect_pages=self._unprotect_pages,
-                                      handler_cpu=self._handler_cpu)
-        # Pages this checkpoint does not save need no shadow copy: only mark them dirty.
-        for block in blocks:
-            session.mark_sent_unselected(block.name, selection[block.name])
-        return session
+        live = self._tracker if self.incremental else None
+        if live is None:
+            live = make_tracker(self.tracker_kind, blocks, unprotect_pages=self._unprotect_pages,
+                                handler_cpu=self._handler_cpu, live=True,
+                                shadow_pages=self._shadow_pages)
+            if self.incremental:
+                self._tracker = live
+        assert isinstance(live, WpFaultTracker)
+        try:
+            live.prepare()
+            populated = {b.name: b.populated_pages() for b in blocks} if kind == "full" else None
+            live.prepare()  # what was written during the scan
+        except BaseException:
+            if live is not self._tracker:
+                live.stop()
+            raise
+        return live, populated
 
     def _block_number(self, name: str) -> int:
         for number, block in enumerate(self.machine.ram_blocks):
@@ -427,32 +437,6 @@ class Checkpointer:
         f.put_be32(entry.section_id)
         self.entries.ram.select({})
         return result
-
-    def _end_live_session(self, session: WriteProtectSession, was_running: bool,
-                          before: RunState, paused: bool) -> None:
-        """Hand the pages written during the live save to the next increment and give the RAM
-        back to the dirty tracker (a brief second pause when the tracker must be switched)."""
-        if isinstance(self._tracker, WpFaultTracker):
-            self._tracker.adopt(session)  # the session goes on tracking: nothing to switch
-            return
-        again = False
-        if not paused:
-            again = self.machine.pause(RunState.SAVE_VM)
-        try:
-            dirty = {name: bitmap.copy() for name, bitmap in session.dirty.items()}
-            session.stop()
-            if self.incremental:
-                if self._tracker is None:
-                    self._tracker = make_tracker(self.tracker_kind, self.machine.ram_blocks,
-                                                 unprotect_pages=self._unprotect_pages,
-                                                 handler_cpu=self._handler_cpu)
-                elif isinstance(self._tracker, AsyncTracker):
-                    self._tracker.rearm()
-                self._remember(dirty)
-        finally:
-            if again or paused:
-                self._unpause(was_running if paused else True, before if paused else
-                              RunState.RUNNING)
 
     def close(self) -> None:
         """Stop dirty tracking and close the file."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -326,6 +326,26 @@ class AsyncDirtyTracker:
         self.stop()
 
 
+class LiveRun(NamedTuple):
+    """Consecutive pages of one block written by :meth:`WriteProtectSession.save`."""
+
+    block: int
+    first_page: int
+    npages: int
+    data_offset: int
+    """File offset of the first page's data (0 for a zero run)."""
+    zero: bool
+
+
+class LiveSaveCounts(NamedTuple):
+    """What one :meth:`WriteProtectSession.save` wrote."""
+
+    bytes_written: int
+    data_pages: int
+    zero_pages: int
+    from_shadow: int
+
+
 class ShadowCopy(NamedTuple):
     """A page the fault handler copied before letting a write through."""
 
@@ -369,11 +389,14 @@ class WriteProtectSession:
     no saving are claimed with :meth:`mark_sent`.
 
     When the pool is full the handler waits for the saver to release a slot; the faulting writer
-    waits with it. If that writer holds the GIL and the saver needs it to release a slot, the
-    process deadlocks: size the pool above the number of distinct pages a GIL-holding writer
-    (a device model, a Python copy) can touch before it lets go of the GIL — the vCPU running
-    guest code releases it (DESIGN.md section 5). :attr:`WriteProtectStats.pool_waits` counts
-    the waits.
+    waits with it. :meth:`save` drains the pool in C without the GIL, so a writer that holds the
+    GIL (a device model, a Python copy) can wait there without deadlocking the process; a
+    Python saver using :meth:`next_shadow` cannot promise that. :attr:`WriteProtectStats.pool_waits`
+    counts the waits.
+
+    The session can serve many rounds (:meth:`rearm`); between rounds every page counts as
+    saved and the handler only marks written pages in :attr:`dirty`, so it is also a dirty
+    tracker, and :meth:`reprotect` re-protects what was written while writers run.
 
     Kernel-side writes (``read()`` into guest RAM) fault here like any other, unless the
     userfaultfd had to be opened user-mode-only (no privilege): they then fail with EFAULT, so
@@ -390,7 +413,10 @@ class WriteProtectSession:
         unprotect_pages: int = 1,
         handler_cpu: int | None = None,
         feature_mask: int | None = None,
+        tracking_only: bool = False,
     ) -> None:
+        """``tracking_only``: start with every page counted as saved (no round open: the
+        handler only marks written pages dirty until :meth:`rearm`)."""
         _check_blocks(blocks)
         if shadow_pages < 1 or unprotect_pages < 1:
             raise ValueError("shadow_pages and unprotect_pages must be at least 1")
@@ -420,6 +446,11 @@ class WriteProtectSession:
                     ffi.cast("pyvmm_u64 *", self.dirty[block.name].address))
                 if rc:
                     raise UffdError("session setup", -rc, capability=LIVE)
+                if tracking_only:  # before any write can fault
+                    nothing = block.new_bitmap()
+                    lib.pyvmm_wp_session_mark_sent_unselected(
+                        self._session, self._index[block.name],
+                        ffi.cast("pyvmm_u64 *", nothing.address))
             rc = lib.pyvmm_wp_session_start(self._session, -1 if handler_cpu is None
                                             else handler_cpu)
             if rc:
@@ -500,10 +531,13 @@ class WriteProtectSession:
         return (int(nxt[0]), ffi.buffer(out, int(used[0]))[:], [int(pages[i]) for i in range(count)],
                 [bool(kinds[i]) for i in range(count)])
 
-    def rearm(self, selection: dict[str, PageBitmap]) -> None:
-        """Begin a new checkpoint on this session (guest paused, shadow queue drained): the
+    def rearm(self, selection: Mapping[str, PageBitmap]) -> None:
+        """Begin a new round on this session (guest paused, previous round finished): the
         pages in ``selection`` need saving again, all others count as saved, :attr:`dirty` is
-        cleared and all RAM is write-protected again."""
+        cleared and the pages it held are write-protected again (every other page still is: the
+        handler unprotects a page only after setting its dirty bit, under one lock with
+        :meth:`reprotect`).  Costs in proportion to the pages written since the last
+        :meth:`reprotect`, not to RAM: read :attr:`dirty` first if it matters."""
         if self.stats().queued:
             raise ValueError("rearm with shadow copies still queued")
         for number, block in enumerate(self._blocks):
@@ -513,6 +547,65 @@ class WriteProtectSession:
             if rc:
                 raise UffdError("UFFDIO_WRITEPROTECT", -rc, capability=LIVE,
                                 detail=f"re-arming RAM block {block.name!r}")
+
+    def reprotect(self, carried: Mapping[str, PageBitmap] | None = None) -> int:
+        """Write-protect again every page in :attr:`dirty` and clear those bits, or-ing them
+        into ``carried`` (per block name) when given; safe while writers run.  Returns the
+        pages protected again.  Done before a pause, it leaves the pause only what is written
+        after it."""
+        total = 0
+        for number, block in enumerate(self._blocks):
+            into = ffi.NULL
+            if carried is not None:
+                bitmap = carried[block.name]
+                if bitmap.npages != block.page_count:
+                    raise ValueError(f"bitmap of {bitmap.npages} pages for block "
+                                     f"{block.name!r}")
+                into = ffi.cast("pyvmm_u64 *", bitmap.address)
+            rc = int(lib.pyvmm_wp_session_reprotect(self._session, number, into))
+            if rc < 0:
+                raise UffdError("UFFDIO_WRITEPROTECT", -rc, capability=LIVE,
+                                detail=f"re-protecting RAM block {block.name!r}")
+            total += rc
+        return total
+
+    def abandon_round(self) -> None:
+        """Give up the current round (its save failed): pages not saved yet count as saved
+        and queued shadow copies are dropped, so the handler only tracks from now on."""
+        lib.pyvmm_wp_session_abandon_round(self._session)
+
+    def save(self, fd: int, offset: int,
+             selection: Mapping[str, PageBitmap]) -> tuple[list[LiveRun], LiveSaveCounts]:
+        """Write every page of ``selection`` as it was when the round began, as QEMU RAM
+        records at ``offset`` of ``fd``, in one C call that never needs the GIL: queued shadow
+        copies first whenever there are any, the other pages claimed and copied out of RAM,
+        64 records per ``pwritev``.  Returns the page runs written and the counters."""
+        specs = ffi.new("struct pyvmm_live_block[]", max(1, len(self._blocks)))
+        keep: list[Any] = []
+        max_runs = 1
+        for number, block in enumerate(self._blocks):
+            selected = selection.get(block.name)
+            if selected is None:
+                continue
+            if selected.npages != block.page_count:
+                raise ValueError(f"bitmap of {selected.npages} pages for block {block.name!r}")
+            name = ffi.new("unsigned char[]", block.name.encode())
+            keep.append(name)
+            specs[number].select = ffi.cast("pyvmm_u64 *", selected.address)
+            specs[number].idstr = name
+            specs[number].idstr_len = len(block.name.encode())
+            max_runs += selected.count()
+        runs = ffi.new("struct pyvmm_live_run[]", max_runs)
+        out = ffi.new("struct pyvmm_live_save_stats *")
+        rc = int(lib.pyvmm_wp_session_save(self._session, fd, offset, specs, runs, max_runs,
+                                           out))
+        counts = LiveSaveCounts(int(out.bytes_written), int(out.data_pages),
+                                int(out.zero_pages), int(out.from_shadow))
+        if rc:
+            raise UffdError("live save", -rc, capability=LIVE,
+                            detail=f"after {counts.bytes_written} bytes at offset {offset}")
+        return ([LiveRun(int(r.block), int(r.first_page), int(r.npages), int(r.data_offset),
+                         bool(r.zero)) for r in runs[0:int(out.nruns)]], counts)
 
     def mark_sent_unselected(self, block: str, selected: PageBitmap) -> int:
         """Claim, in one C call, every page of ``block`` NOT set in ``selected`` as needing no

@@ -24,6 +24,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "native.h"
@@ -184,6 +185,14 @@ struct wp_session {
     pthread_t thread;
     int running, stopping, error;
     u64 faults, shadow_copies, pool_waits;
+    /* Held while a block's dirty bits and its protection change together: the handler sets a
+     * page's dirty bit and then unprotects it; reprotect takes the bits and protects those
+     * pages.  So a page is unprotected only while its dirty bit is set (or a reprotect pass
+     * that took the bit is protecting it): re-arming then needs to protect only dirty pages. */
+    pthread_mutex_t wp_lock;
+    /* handlers between claiming a page (NONE -> PROCESSING) and queueing its shadow copy: the
+     * saver is done only when this is 0 and the queue is empty */
+    u64 inflight;
 };
 
 void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslots,
@@ -214,6 +223,7 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
         s->free_stack[i] = s->nslots - 1 - i;
     s->nfree = s->nslots;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->wp_lock, NULL);
     pthread_cond_init(&s->slot_freed, NULL);
     return s;
 }
@@ -268,12 +278,18 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
             continue;
         }
         unsigned char expect = ST_NONE;
-        if (!__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_ACQUIRE))
+        /* counted before the claim: a saver that sees 0 here after its pass knows that no
+         * claim of a page it skipped is still on its way to the queue */
+        __atomic_add_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
+        if (!__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST)) {
+            __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
             continue;
+        }
         int slot = take_slot(s);
         if (slot < 0) { /* stopping: nobody will save it any more */
             __atomic_store_n(st, ST_NONE, __ATOMIC_RELEASE);
+            __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
             return;
         }
         memcpy(s->pool + (size_t)slot * PAGE_SZ, (void *)(uintptr_t)(b->base + p * PAGE_SZ),
@@ -287,6 +303,7 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
         s->shadow_copies++;
         pthread_mutex_unlock(&s->lock);
         __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+        __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
         return;
     }
 }
@@ -304,14 +321,16 @@ static void handle_fault(struct wp_session *s, u64 addr) {
         last = b->npages;
     /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
      * it will not fault */
-    for (u64 p = first; p < last; p++) {
+    for (u64 p = first; p < last; p++)
         secure_page(s, b, p);
+    pthread_mutex_lock(&s->wp_lock);
+    for (u64 p = first; p < last; p++)
         pyvmm_bitmap_set_bit(b->dirty, p);
-    }
     /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
     __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
     int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ,
                                      (last - first) * PAGE_SZ, 0);
+    pthread_mutex_unlock(&s->wp_lock);
     /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown */
     if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
         __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
@@ -581,10 +600,57 @@ pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const 
     return n;
 }
 
-/* Start a new round on a live session whose guest is paused and whose shadow queue is empty:
- * pages set in `select` need saving again, all others count as saved; the block's dirty bitmap
- * is cleared and the whole block write-protected again.  Re-arming costs one WRITEPROTECT
- * instead of a new userfaultfd, registration, handler thread and shadow pool. */
+/* ---- re-arming without walking all of RAM ------------------------------------------------ */
+
+/* Protect again every page of `block` whose dirty bit is set, clearing the bits (or-ed into
+ * `carried` when it is not NULL).  Pages without a dirty bit are still protected (see wp_lock),
+ * so this costs in proportion to the pages written since the last pass, not to RAM.  Works a
+ * 64-word (4096-page) chunk per lock hold, so a writer faulting meanwhile waits for one chunk
+ * at most; the runs of one chunk go in one WRITEPROTECT per span of consecutive non-empty
+ * words (the clean pages inside a span are protected already: protecting them again is cheap).
+ * Returns the pages protected again, or -errno. */
+long pyvmm_wp_session_reprotect(void *handle, unsigned int block, pyvmm_u64 *carried) {
+    struct wp_session *s = handle;
+    if (block >= s->nblocks)
+        return -EINVAL;
+    struct wp_block *b = &s->blocks[block];
+    u64 words = (b->npages + 63) / 64, count = 0;
+    int rc = 0;
+    for (u64 w0 = 0; w0 < words && !rc; w0 += 64) {
+        u64 w1 = w0 + 64 < words ? w0 + 64 : words;
+        u64 span_start = 0, span_end = 0; /* pages; empty when equal */
+        pthread_mutex_lock(&s->wp_lock);
+        for (u64 w = w0; w <= w1; w++) {
+            u64 bits = 0;
+            if (w < w1 && __atomic_load_n(&b->dirty[w], __ATOMIC_RELAXED))
+                bits = __atomic_exchange_n(&b->dirty[w], 0, __ATOMIC_ACQ_REL);
+            if (bits) {
+                if (carried)
+                    carried[w] |= bits;
+                count += (u64)__builtin_popcountll(bits);
+                u64 lo = w * 64 + (u64)__builtin_ctzll(bits);
+                u64 hi = w * 64 + 64 - (u64)__builtin_clzll(bits);
+                if (span_end == span_start)
+                    span_start = lo;
+                span_end = hi;
+                continue;
+            }
+            if (span_end != span_start) {
+                rc = pyvmm_uffd_writeprotect(s->uffd, b->base + span_start * PAGE_SZ,
+                                             (span_end - span_start) * PAGE_SZ, 1);
+                span_start = span_end = 0;
+                if (rc)
+                    break;
+            }
+        }
+        pthread_mutex_unlock(&s->wp_lock);
+    }
+    return rc ? rc : (long)count;
+}
+
+/* Start a new round (guest paused, the previous round finished): pages set in `select` need
+ * saving, all others count as saved; pages written since the last reprotect are protected
+ * again and the block's dirty bits cleared (the caller read them first). */
 int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *select) {
     struct wp_session *s = handle;
     if (block >= s->nblocks)
@@ -594,11 +660,249 @@ int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *se
     u64 words = (b->npages + 63) / 64;
     for (u64 w = 0; w < words; w++) {
         u64 bits = select[w];
-        u64 end = (w + 1) * 64 < b->npages ? (w + 1) * 64 : b->npages;
-        for (u64 p = w * 64; p < end; p++)
-            __atomic_store_n(&st[p], (bits >> (p - w * 64) & 1) ? ST_NONE : ST_SENT,
-                             __ATOMIC_RELEASE);
-        __atomic_store_n(&b->dirty[w], 0, __ATOMIC_RELEASE);
+        u64 p0 = w * 64, end = p0 + 64 < b->npages ? p0 + 64 : b->npages;
+        if (bits == 0 || (bits == ~(u64)0 && end - p0 == 64)) {
+            memset(st + p0, bits ? ST_NONE : ST_SENT, end - p0);
+            continue;
+        }
+        for (u64 p = p0; p < end; p++)
+            st[p] = (bits >> (p - p0) & 1) ? ST_NONE : ST_SENT;
     }
-    return pyvmm_uffd_writeprotect(s->uffd, b->base, b->npages * PAGE_SZ, 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    long rc = pyvmm_wp_session_reprotect(s, block, NULL);
+    return rc < 0 ? (int)rc : 0;
+}
+
+/* Give up the current round (a failed save): every page not saved yet counts as saved, and the
+ * queued shadow copies are dropped, once no handler is between claim and queue.  Afterwards the
+ * handler only tracks, and never waits for a saver that is gone. */
+void pyvmm_wp_session_abandon_round(void *handle) {
+    struct wp_session *s = handle;
+    for (u64 i = 0; i < s->total_pages; i++) {
+        unsigned char expect = ST_NONE;
+        __atomic_compare_exchange_n(&s->state[i], &expect, ST_SENT, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST);
+    }
+    for (;;) {
+        u64 busy = __atomic_load_n(&s->inflight, __ATOMIC_SEQ_CST);
+        pthread_mutex_lock(&s->lock);
+        while (s->q_len) {
+            s->free_stack[s->nfree++] = s->q_slot[s->q_head];
+            s->q_head = (s->q_head + 1) % s->nslots;
+            s->q_len--;
+        }
+        pthread_cond_broadcast(&s->slot_freed);
+        pthread_mutex_unlock(&s->lock);
+        if (!busy)
+            break;
+        sched_yield();
+    }
+}
+
+/* ---- the saver, in C ---------------------------------------------------------------------- */
+
+#define SAVE_BATCH 64u  /* records per pwritev */
+#define SAVE_POLL 16u   /* pages claimed from RAM between two looks at the shadow queue */
+#define REC_PAGE 0x08u
+#define REC_ZERO 0x02u
+#define REC_CONTINUE 0x20u
+
+struct saver {
+    struct wp_session *s;
+    const struct pyvmm_live_block *blocks;
+    int fd;
+    u64 offset;  /* file offset of the next batch */
+    u64 pending; /* bytes in the batch */
+    int last_block;
+    struct iovec iov[2 * SAVE_BATCH];
+    unsigned niov, nrec, ncopy, nslots;
+    unsigned char hdr[SAVE_BATCH][8 + 1 + 255 + 1];
+    unsigned char *copy; /* SAVE_BATCH pages copied out of RAM */
+    unsigned slots[SAVE_BATCH];
+    struct pyvmm_live_run *runs;
+    u64 max_runs;
+    struct pyvmm_live_save_stats *st;
+};
+
+static int is_zero_page(const void *data) {
+    const u64 *w = data;
+    for (unsigned i = 0; i < PAGE_SZ / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+static int saver_flush(struct saver *sv) {
+    struct iovec *iov = sv->iov;
+    unsigned n = sv->niov;
+    u64 off = sv->offset;
+    while (n) {
+        ssize_t got = pwritev(sv->fd, iov, (int)n, (off_t)off);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (got == 0)
+            return -EIO;
+        off += (u64)got;
+        sv->st->bytes_written += (u64)got;
+        while (n && (u64)got >= iov->iov_len) {
+            got -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n) {
+            iov->iov_base = (char *)iov->iov_base + got;
+            iov->iov_len -= (size_t)got;
+        }
+    }
+    sv->offset = off;
+    sv->pending = 0;
+    for (unsigned i = 0; i < sv->nslots; i++)
+        pyvmm_wp_session_release_shadow(sv->s, sv->slots[i]);
+    sv->niov = sv->nrec = sv->ncopy = sv->nslots = 0;
+    return 0;
+}
+
+static int saver_add_run(struct saver *sv, unsigned block, u64 page, u64 data_offset, int zero,
+                         int cont) {
+    struct pyvmm_live_save_stats *st = sv->st;
+    if (st->nruns) {
+        struct pyvmm_live_run *r = &sv->runs[st->nruns - 1];
+        if (cont && r->block == block && r->first_page + r->npages == page && r->zero == zero &&
+            (zero || r->data_offset + r->npages * (8 + PAGE_SZ) == data_offset)) {
+            r->npages++;
+            return 0;
+        }
+    }
+    if (st->nruns >= sv->max_runs)
+        return -EOVERFLOW;
+    sv->runs[st->nruns++] = (struct pyvmm_live_run){block, zero, page, 1, data_offset};
+    return 0;
+}
+
+/* Append the record of `page` of `block` (4 KiB at `data`, in the copy buffer or a shadow slot
+ * that is released once written: slot >= 0). */
+static int saver_record(struct saver *sv, unsigned block, u64 page, const void *data, int slot) {
+    int zero = is_zero_page(data);
+    unsigned char *h = sv->hdr[sv->nrec];
+    int cont = (int)block == sv->last_block;
+    u64 header = page * PAGE_SZ | (zero ? REC_ZERO : REC_PAGE) | (cont ? REC_CONTINUE : 0);
+    for (int i = 0; i < 8; i++)
+        h[i] = (unsigned char)(header >> (56 - 8 * i));
+    size_t hlen = 8;
+    if (!cont) {
+        const struct pyvmm_live_block *lb = &sv->blocks[block];
+        h[8] = (unsigned char)lb->idstr_len;
+        memcpy(h + 9, lb->idstr, lb->idstr_len);
+        hlen = 9 + lb->idstr_len;
+        sv->last_block = (int)block;
+    }
+    if (zero)
+        h[hlen++] = 0;
+    sv->iov[sv->niov++] = (struct iovec){h, hlen};
+    u64 data_offset = zero ? 0 : sv->offset + sv->pending + hlen;
+    sv->pending += hlen;
+    if (!zero) {
+        sv->iov[sv->niov++] = (struct iovec){(void *)data, PAGE_SZ};
+        sv->pending += PAGE_SZ;
+        sv->st->data_pages++;
+    } else {
+        sv->st->zero_pages++;
+    }
+    if (slot >= 0) {
+        sv->slots[sv->nslots++] = (unsigned)slot;
+        sv->st->from_shadow++;
+    }
+    sv->nrec++;
+    int rc = saver_add_run(sv, block, page, data_offset, zero, cont);
+    if (rc)
+        return rc;
+    return sv->nrec == SAVE_BATCH ? saver_flush(sv) : 0;
+}
+
+/* Write every queued shadow copy; their slots go back to the pool right away. */
+static int saver_drain(struct saver *sv) {
+    struct wp_session *s = sv->s;
+    if (!__atomic_load_n(&s->q_len, __ATOMIC_ACQUIRE))
+        return 0;
+    unsigned block, slot;
+    u64 page;
+    int got = 0;
+    while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot)) {
+        got = 1;
+        int rc = saver_record(sv, block, page, s->pool + (size_t)slot * PAGE_SZ, (int)slot);
+        if (rc) {
+            pyvmm_wp_session_release_shadow(s, slot);
+            return rc;
+        }
+    }
+    /* a waiting writer gets its slot back now, not after the next full batch */
+    return got && sv->nslots ? saver_flush(sv) : 0;
+}
+
+int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
+                          const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
+                          pyvmm_u64 max_runs, struct pyvmm_live_save_stats *stats) {
+    struct wp_session *s = handle;
+    memset(stats, 0, sizeof *stats);
+    struct saver *sv = calloc(1, sizeof *sv);
+    if (!sv)
+        return -ENOMEM;
+    if (posix_memalign((void **)&sv->copy, PAGE_SZ, (size_t)SAVE_BATCH * PAGE_SZ)) {
+        free(sv);
+        return -ENOMEM;
+    }
+    *sv = (struct saver){.s = s, .blocks = blocks, .fd = fd, .offset = offset, .last_block = -1,
+                         .copy = sv->copy, .runs = runs, .max_runs = max_runs, .st = stats};
+    int rc = 0;
+    for (unsigned bi = 0; bi < s->nblocks && !rc; bi++) {
+        const u64 *select = blocks[bi].select;
+        struct wp_block *b = &s->blocks[bi];
+        if (!select)
+            continue;
+        unsigned since_poll = 0;
+        for (u64 p = 0; p < b->npages && !rc;) {
+            u64 word = select[p / 64] >> (p % 64);
+            if (!word) {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            if (!(word & 1)) {
+                p += (u64)__builtin_ctzll(word);
+                continue;
+            }
+            if (++since_poll == SAVE_POLL) {
+                since_poll = 0;
+                if ((rc = saver_drain(sv)))
+                    break;
+            }
+            unsigned char *st = &s->state[b->first + p];
+            unsigned char expect = ST_NONE;
+            if (__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
+                unsigned char *dst = sv->copy + (size_t)sv->ncopy++ * PAGE_SZ;
+                memcpy(dst, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
+                __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+                rc = saver_record(sv, bi, p, dst, -1);
+            }
+            p++;
+        }
+    }
+    /* pages a handler claimed before the pass reached them are still on their way */
+    while (!rc) {
+        u64 busy = __atomic_load_n(&s->inflight, __ATOMIC_SEQ_CST);
+        if ((rc = saver_drain(sv)))
+            break;
+        if (!busy && !__atomic_load_n(&s->q_len, __ATOMIC_SEQ_CST))
+            break;
+        if (busy)
+            sched_yield();
+    }
+    if (!rc)
+        rc = saver_flush(sv);
+    free(sv->copy);
+    free(sv);
+    return rc;
 }
