@@ -127,7 +127,7 @@ class Checkpointer:
 
     def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
                  durable: bool = True, capabilities: Iterable[str] = (),
-                 tracker: str = "async", shadow_pages: int = 1024,
+                 tracker: str = "async", shadow_pages: int = 4096,
                  unprotect_pages: int = 1, handler_cpu: int | None = None) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
         ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
@@ -276,7 +276,8 @@ class Checkpointer:
                 data_pages, zero_pages = result_cow.data_pages, result_cow.zero_pages
                 stream_length = f.offset - writer.stream_offset + result_cow.bytes_written
             elif session is not None:
-                result = self._save_live_part(f, session, selection)
+                result = self._save_live_part(f, session, selection,
+                                              open_saved=live is not self._tracker)
                 runs, data_pages, zero_pages = result.runs, result.data_pages, result.zero_pages
             else:
                 ram.select(selection)
@@ -294,7 +295,8 @@ class Checkpointer:
                 wp = session.stats()
                 faults = wp.faults - armed_stats.faults
                 shadows = wp.shadow_copies - armed_stats.shadow_copies
-                carried = sum(b.count() for b in session.dirty.values())
+                if live is self._tracker:  # a live-only session tracks nothing further
+                    carried = sum(b.count() for b in session.dirty.values())
             elapsed = time.perf_counter() - started
             downtime = (downtime_end - started) if self.live or self.cow else elapsed
             stats = CheckpointStats(
@@ -424,14 +426,15 @@ class Checkpointer:
         return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue())
 
     def _save_live_part(self, f: QEMUFile, session: WriteProtectSession,
-                        selection: dict[str, PageBitmap]) -> LiveSaveResult:
+                        selection: dict[str, PageBitmap], *, open_saved: bool) -> LiveSaveResult:
         """The PART section of a live checkpoint, written while the guest runs."""
         save_state = self.entries.save_state
         entry = save_state.find("ram", 0)
         assert entry is not None
         f.put_u8(QEMU_VM_SECTION_PART)
         f.put_be32(entry.section_id)
-        result = save_pages_live(f, session, self.machine.ram_blocks, selection)
+        result = save_pages_live(f, session, self.machine.ram_blocks, selection,
+                                 open_saved=open_saved)
         f.put_be64(RAM_SAVE_FLAG_EOS)
         f.put_u8(QEMU_VM_SECTION_FOOTER)
         f.put_be32(entry.section_id)

@@ -365,7 +365,8 @@ class WriteProtectStats:
     shadow_copies: int
     """Pages copied to the shadow pool before their write went on."""
     pool_waits: int
-    """Times the handler found the pool full and waited for the saver."""
+    """Times the handler found the pool full (it then waited for :meth:`WriteProtectSession.save`,
+    or took an extra page when none was running)."""
     queued: int
     """Shadow copies not yet taken by :meth:`WriteProtectSession.next_shadow`."""
     handler_errno: int
@@ -388,11 +389,13 @@ class WriteProtectSession:
     writer faulting on it meanwhile waits only for that memcpy, never for Python. Pages that need
     no saving are claimed with :meth:`mark_sent`.
 
-    When the pool is full the handler waits for the saver to release a slot; the faulting writer
-    waits with it. :meth:`save` drains the pool in C without the GIL, so a writer that holds the
-    GIL (a device model, a Python copy) can wait there without deadlocking the process; a
-    Python saver using :meth:`next_shadow` cannot promise that. :attr:`WriteProtectStats.pool_waits`
-    counts the waits.
+    When the pool is full while :meth:`save` runs, the handler waits for it to release a slot
+    (the faulting writer waits with it: this bounds the memory); :meth:`save` drains the pool
+    in C and never needs the GIL, so a writer that holds the GIL (a device model, a Python copy)
+    cannot deadlock it.  When the pool is full and no :meth:`save` runs (before it starts, or
+    with a Python saver using :meth:`next_shadow`), the handler copies to an extra page of its
+    own instead of waiting for a thread that may need the GIL; such a page is freed once
+    released.  :attr:`WriteProtectStats.pool_waits` counts the times the pool was full.
 
     The session can serve many rounds (:meth:`rearm`); between rounds every page counts as
     saved and the handler only marks written pages in :attr:`dirty`, so it is also a dirty
@@ -574,12 +577,16 @@ class WriteProtectSession:
         and queued shadow copies are dropped, so the handler only tracks from now on."""
         lib.pyvmm_wp_session_abandon_round(self._session)
 
-    def save(self, fd: int, offset: int,
-             selection: Mapping[str, PageBitmap]) -> tuple[list[LiveRun], LiveSaveCounts]:
+    def save(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], *,
+             open_saved: bool = False) -> tuple[list[LiveRun], LiveSaveCounts]:
         """Write every page of ``selection`` as it was when the round began, as QEMU RAM
         records at ``offset`` of ``fd``, in one C call that never needs the GIL: queued shadow
         copies first whenever there are any, the other pages claimed and copied out of RAM,
-        64 records per ``pwritev``.  Returns the page runs written and the counters."""
+        64 records per ``pwritev``.  Returns the page runs written and the counters.
+
+        ``open_saved``: unprotect each page once it is copied out, so that later writes to it
+        do not fault; it then counts as dirty, so only for a session that is stopped after this
+        round (a live checkpoint that tracks nothing for the next one)."""
         specs = ffi.new("struct pyvmm_live_block[]", max(1, len(self._blocks)))
         keep: list[Any] = []
         max_runs = 1
@@ -598,7 +605,7 @@ class WriteProtectSession:
         runs = ffi.new("struct pyvmm_live_run[]", max_runs)
         out = ffi.new("struct pyvmm_live_save_stats *")
         rc = int(lib.pyvmm_wp_session_save(self._session, fd, offset, specs, runs, max_runs,
-                                           out))
+                                           int(open_saved), out))
         counts = LiveSaveCounts(int(out.bytes_written), int(out.data_pages),
                                 int(out.zero_pages), int(out.from_shadow))
         if rc:

@@ -202,7 +202,10 @@ struct pyvmm_live_save_stats {
 /* Writes every selected page as it was at the round's start as QEMU RAM records at `offset` of
  * fd (pwritev, 64 records at a time): queued shadow copies first whenever there are any, the
  * other pages claimed and copied out of RAM; returns once every page is written and no handler
- * copy is pending.  Never needs the GIL.  0, -errno, or -EOVERFLOW when max_runs is short. */
+ * copy is pending.  Never needs the GIL.  0, -errno, or -EOVERFLOW when max_runs is short.
+ * open_saved: unprotect each page once claimed from RAM (marking it dirty): for a session that
+ * tracks nothing after this round. */
 int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                           const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
-                          pyvmm_u64 max_runs, struct pyvmm_live_save_stats *stats);
+                          pyvmm_u64 max_runs, int open_saved,
+                          struct pyvmm_live_save_stats *stats);

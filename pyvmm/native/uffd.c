@@ -179,9 +179,17 @@ struct wp_session {
     pthread_mutex_t lock; /* guards free stack and queue */
     pthread_cond_t slot_freed;
     unsigned *free_stack, nfree;
-    /* queue of (block, page, slot), a ring of nslots entries: never more entries than slots */
-    unsigned *q_block, *q_slot, q_head, q_len;
+    /* queue of (block, page, slot), a ring of q_cap entries: a page is queued at most once per
+     * round, and a round's entries are all taken before the next, so pages + 1 is enough */
+    unsigned *q_block, *q_slot, q_head, q_len, q_cap;
     u64 *q_page;
+    /* Overflow slots (ids nslots + i), malloc'ed one page each when the pool is full and no C
+     * saver runs (saver_active 0): the handler then never waits for a thread that may need the
+     * GIL; freed as soon as released.  While a C saver runs, a full pool makes writers wait
+     * for it instead (it frees slots without the GIL), which bounds the memory. */
+    unsigned char **extra;
+    unsigned extra_cap;
+    int saver_active;
     pthread_t thread;
     int running, stopping, error;
     u64 faults, shadow_copies, pool_waits;
@@ -207,18 +215,15 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
     s->unprotect_pages = unprotect_pages ? unprotect_pages : 1;
     s->blocks = calloc(max_blocks ? max_blocks : 1, sizeof *s->blocks);
     s->free_stack = calloc(s->nslots, sizeof(unsigned));
-    s->q_block = calloc(s->nslots, sizeof(unsigned));
-    s->q_slot = calloc(s->nslots, sizeof(unsigned));
-    s->q_page = calloc(s->nslots, sizeof(u64));
     if (posix_memalign((void **)&s->pool, PAGE_SZ, (size_t)s->nslots * PAGE_SZ))
         s->pool = NULL;
-    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->q_block || !s->q_slot || !s->q_page ||
-        !s->pool) {
+    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->pool) {
         pyvmm_wp_session_free(s);
         return NULL;
     }
-    /* touch the pool now: a shadow copy must not page-fault on first use in the hot path */
-    memset(s->pool, 0, (size_t)s->nslots * PAGE_SZ);
+    /* not touched here: a slot costs host memory from its first shadow copy on, and the free
+     * stack hands out the most recently freed slot first, so the pool's footprint is the most
+     * copies ever waiting at once, not its size (one page fault per slot on first use) */
     for (unsigned i = 0; i < s->nslots; i++)
         s->free_stack[i] = s->nslots - 1 - i;
     s->nfree = s->nslots;
@@ -251,15 +256,41 @@ static struct wp_block *find_block(struct wp_session *s, u64 addr) {
     return NULL;
 }
 
-/* A free shadow slot, waiting for the saver to release one when the pool is full; -1 when the
- * session is stopping. */
+/* An overflow slot (lock held), or -1 without memory. */
+static int take_extra_slot(struct wp_session *s) {
+    unsigned i = 0;
+    while (i < s->extra_cap && s->extra[i])
+        i++;
+    if (i == s->extra_cap) {
+        unsigned cap = s->extra_cap ? 2 * s->extra_cap : 64;
+        unsigned char **grown = realloc(s->extra, cap * sizeof *grown);
+        if (!grown)
+            return -1;
+        memset(grown + s->extra_cap, 0, (cap - s->extra_cap) * sizeof *grown);
+        s->extra = grown;
+        s->extra_cap = cap;
+    }
+    if (posix_memalign((void **)&s->extra[i], PAGE_SZ, PAGE_SZ)) {
+        s->extra[i] = NULL;
+        return -1;
+    }
+    return (int)(s->nslots + i);
+}
+
+/* A free shadow slot; when the pool is full, an overflow slot unless a C saver runs, whom the
+ * handler then waits for.  -1 when the session is stopping. */
 static int take_slot(struct wp_session *s) {
     pthread_mutex_lock(&s->lock);
+    int slot = -1;
     if (!s->nfree)
         s->pool_waits++;
-    while (!s->nfree && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
+    while (!s->nfree && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE)) {
+        if (!s->saver_active && (slot = take_extra_slot(s)) >= 0)
+            break;
         pthread_cond_wait(&s->slot_freed, &s->lock);
-    int slot = s->nfree ? (int)s->free_stack[--s->nfree] : -1;
+    }
+    if (slot < 0 && s->nfree)
+        slot = (int)s->free_stack[--s->nfree];
     pthread_mutex_unlock(&s->lock);
     return slot;
 }
@@ -292,10 +323,10 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
             __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
             return;
         }
-        memcpy(s->pool + (size_t)slot * PAGE_SZ, (void *)(uintptr_t)(b->base + p * PAGE_SZ),
-               PAGE_SZ);
+        memcpy(pyvmm_wp_session_slot_addr(s, (unsigned)slot),
+               (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
         pthread_mutex_lock(&s->lock);
-        unsigned tail = (s->q_head + s->q_len) % s->nslots;
+        unsigned tail = (s->q_head + s->q_len) % s->q_cap;
         s->q_block[tail] = (unsigned)(b - s->blocks);
         s->q_page[tail] = p;
         s->q_slot[tail] = (unsigned)slot;
@@ -373,6 +404,15 @@ int pyvmm_wp_session_start(void *handle, int cpu) {
     struct wp_session *s = handle;
     if (s->running)
         return -EBUSY;
+    if (!s->q_cap) { /* the blocks are known now */
+        u64 cap = s->total_pages + 1;
+        s->q_block = calloc(cap, sizeof(unsigned));
+        s->q_slot = calloc(cap, sizeof(unsigned));
+        s->q_page = calloc(cap, sizeof(u64));
+        if (!s->q_block || !s->q_slot || !s->q_page || cap > 0xffffffffu)
+            return -ENOMEM;
+        s->q_cap = (unsigned)cap;
+    }
     int rc = pthread_create(&s->thread, NULL, handler_main, s);
     if (rc)
         return -rc;
@@ -424,6 +464,9 @@ void pyvmm_wp_session_free(void *handle) {
     free(s->q_block);
     free(s->q_slot);
     free(s->q_page);
+    for (unsigned i = 0; i < s->extra_cap; i++)
+        free(s->extra[i]);
+    free(s->extra);
     free(s);
 }
 
@@ -436,7 +479,7 @@ int pyvmm_wp_session_next_shadow(void *handle, unsigned int *block, pyvmm_u64 *p
         *block = s->q_block[s->q_head];
         *page = s->q_page[s->q_head];
         *slot = s->q_slot[s->q_head];
-        s->q_head = (s->q_head + 1) % s->nslots;
+        s->q_head = (s->q_head + 1) % s->q_cap;
         s->q_len--;
         got = 1;
     }
@@ -446,18 +489,29 @@ int pyvmm_wp_session_next_shadow(void *handle, unsigned int *block, pyvmm_u64 *p
 
 void *pyvmm_wp_session_slot_addr(void *handle, unsigned int slot) {
     struct wp_session *s = handle;
-    return slot < s->nslots ? s->pool + (size_t)slot * PAGE_SZ : NULL;
+    if (slot < s->nslots)
+        return s->pool + (size_t)slot * PAGE_SZ;
+    slot -= s->nslots;
+    return slot < s->extra_cap ? s->extra[slot] : NULL;
 }
 
 int pyvmm_wp_session_release_shadow(void *handle, unsigned int slot) {
     struct wp_session *s = handle;
-    if (slot >= s->nslots)
-        return -EINVAL;
     pthread_mutex_lock(&s->lock);
-    int rc = s->nfree < s->nslots ? 0 : -EINVAL;
-    if (!rc) {
+    int rc = 0;
+    if (slot >= s->nslots) {
+        unsigned i = slot - s->nslots;
+        if (i < s->extra_cap && s->extra[i]) {
+            free(s->extra[i]);
+            s->extra[i] = NULL;
+        } else {
+            rc = -EINVAL;
+        }
+    } else if (s->nfree < s->nslots) {
         s->free_stack[s->nfree++] = slot;
         pthread_cond_signal(&s->slot_freed);
+    } else {
+        rc = -EINVAL;
     }
     pthread_mutex_unlock(&s->lock);
     return rc;
@@ -685,14 +739,10 @@ void pyvmm_wp_session_abandon_round(void *handle) {
     }
     for (;;) {
         u64 busy = __atomic_load_n(&s->inflight, __ATOMIC_SEQ_CST);
-        pthread_mutex_lock(&s->lock);
-        while (s->q_len) {
-            s->free_stack[s->nfree++] = s->q_slot[s->q_head];
-            s->q_head = (s->q_head + 1) % s->nslots;
-            s->q_len--;
-        }
-        pthread_cond_broadcast(&s->slot_freed);
-        pthread_mutex_unlock(&s->lock);
+        unsigned block, slot;
+        u64 page;
+        while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot))
+            pyvmm_wp_session_release_shadow(s, slot);
         if (!busy)
             break;
         sched_yield();
@@ -722,7 +772,26 @@ struct saver {
     struct pyvmm_live_run *runs;
     u64 max_runs;
     struct pyvmm_live_save_stats *st;
+    int open_saved;
+    unsigned open_block;
+    u64 open_start, open_end; /* pages claimed from RAM, to unprotect (empty when equal) */
 };
+
+/* Unprotect the run of pages the saver claimed (open_saved): later writes to them need no
+ * fault.  Their dirty bits are set first, under wp_lock, as for a handler's unprotect. */
+static int saver_open(struct saver *sv) {
+    if (sv->open_end == sv->open_start)
+        return 0;
+    struct wp_session *s = sv->s;
+    struct wp_block *b = &s->blocks[sv->open_block];
+    pthread_mutex_lock(&s->wp_lock);
+    pyvmm_bitmap_set_range(b->dirty, sv->open_start, sv->open_end - sv->open_start);
+    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + sv->open_start * PAGE_SZ,
+                                     (sv->open_end - sv->open_start) * PAGE_SZ, 0);
+    pthread_mutex_unlock(&s->wp_lock);
+    sv->open_start = sv->open_end = 0;
+    return rc == -EAGAIN ? 0 : rc;
+}
 
 static int is_zero_page(const void *data) {
     const u64 *w = data;
@@ -832,7 +901,7 @@ static int saver_drain(struct saver *sv) {
     int got = 0;
     while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot)) {
         got = 1;
-        int rc = saver_record(sv, block, page, s->pool + (size_t)slot * PAGE_SZ, (int)slot);
+        int rc = saver_record(sv, block, page, pyvmm_wp_session_slot_addr(s, slot), (int)slot);
         if (rc) {
             pyvmm_wp_session_release_shadow(s, slot);
             return rc;
@@ -844,7 +913,8 @@ static int saver_drain(struct saver *sv) {
 
 int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                           const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
-                          pyvmm_u64 max_runs, struct pyvmm_live_save_stats *stats) {
+                          pyvmm_u64 max_runs, int open_saved,
+                          struct pyvmm_live_save_stats *stats) {
     struct wp_session *s = handle;
     memset(stats, 0, sizeof *stats);
     struct saver *sv = calloc(1, sizeof *sv);
@@ -855,7 +925,11 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
         return -ENOMEM;
     }
     *sv = (struct saver){.s = s, .blocks = blocks, .fd = fd, .offset = offset, .last_block = -1,
-                         .copy = sv->copy, .runs = runs, .max_runs = max_runs, .st = stats};
+                         .copy = sv->copy, .runs = runs, .max_runs = max_runs, .st = stats,
+                         .open_saved = open_saved};
+    pthread_mutex_lock(&s->lock);
+    s->saver_active = 1;
+    pthread_mutex_unlock(&s->lock);
     int rc = 0;
     for (unsigned bi = 0; bi < s->nblocks && !rc; bi++) {
         const u64 *select = blocks[bi].select;
@@ -885,10 +959,22 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                 unsigned char *dst = sv->copy + (size_t)sv->ncopy++ * PAGE_SZ;
                 memcpy(dst, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
                 __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+                if (sv->open_saved) {
+                    if (sv->open_end != p || sv->open_block != bi ||
+                        sv->open_end - sv->open_start >= SAVE_BATCH) {
+                        if ((rc = saver_open(sv)))
+                            break;
+                        sv->open_block = bi;
+                        sv->open_start = p;
+                    }
+                    sv->open_end = p + 1;
+                }
                 rc = saver_record(sv, bi, p, dst, -1);
             }
             p++;
         }
+        if (!rc)
+            rc = saver_open(sv);
     }
     /* pages a handler claimed before the pass reached them are still on their way */
     while (!rc) {
@@ -902,6 +988,13 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
     }
     if (!rc)
         rc = saver_flush(sv);
+    if (rc) /* copies taken but not written: their slots go back (the round is abandoned) */
+        for (unsigned i = 0; i < sv->nslots; i++)
+            pyvmm_wp_session_release_shadow(s, sv->slots[i]);
+    pthread_mutex_lock(&s->lock);
+    s->saver_active = 0;
+    pthread_cond_broadcast(&s->slot_freed); /* waiters go on with overflow slots */
+    pthread_mutex_unlock(&s->lock);
     free(sv->copy);
     free(sv);
     return rc;
