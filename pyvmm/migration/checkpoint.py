@@ -115,7 +115,8 @@ class Checkpointer:
 
     * ``incremental``: the first checkpoint is full, each later one holds only the pages written
       since the previous checkpoint's pause, found by the ``tracker`` (``async`` or ``wp``, see
-      :mod:`pyvmm.migration.dirty`);
+      :mod:`pyvmm.migration.dirty`; with ``live`` the live session itself tracks, one
+      userfaultfd for the checkpointer's life, and the stats say ``wp``);
     * ``live``: the guest is paused only to serialise CPU and devices and to write-protect RAM;
       pages are saved while it runs, a page it is about to change being copied first, so the
       checkpoint holds RAM exactly as at the pause.
