@@ -383,11 +383,12 @@ class WriteProtectSession:
     ``unprotect_pages`` pages around p (an aligned run: every page of it is secured and counted
     dirty first, since later writes to it no longer fault), which wakes the writer.
 
-    The saver (any one Python thread) saves each page exactly once: first everything
-    :meth:`next_shadow` yields (then :meth:`release_shadow`), and every other page with
-    :meth:`take_page_for_saving`, which claims the page and copies it from RAM in one C call: a
-    writer faulting on it meanwhile waits only for that memcpy, never for Python. Pages that need
-    no saving are claimed with :meth:`mark_sent`.
+    The saver saves each page exactly once.  :meth:`save` does it all in one C call (what a
+    checkpoint uses).  A Python saver (any one thread) takes first everything :meth:`next_shadow`
+    yields (then :meth:`release_shadow`), and every other page with :meth:`take_page_for_saving`,
+    which claims the page and copies it from RAM in one C call: a writer faulting on it meanwhile
+    waits only for that memcpy, never for Python. Pages that need no saving are claimed with
+    :meth:`mark_sent`.
 
     When the pool is full while :meth:`save` runs, the handler waits for it to release a slot
     (the faulting writer waits with it: this bounds the memory); :meth:`save` drains the pool
@@ -441,7 +442,6 @@ class WriteProtectSession:
             raise MemoryError("no memory for the write-protect session's shadow pool")
         self._session: Any = ffi.gc(handle, lib.pyvmm_wp_session_free)
         self._page_out = ffi.new("char[]", PAGE_SIZE)
-        self._record_buffers: tuple[Any, Any, Any, int] | None = None
         try:
             for block in self._blocks:
                 rc = lib.pyvmm_wp_session_add_block(
@@ -508,31 +508,6 @@ class WriteProtectSession:
         incremental checkpoint skips); returns how many were not claimed before."""
         return int(lib.pyvmm_wp_session_mark_sent(self._session, self._block_index(block),
                                                   start, count))
-
-    def take_records(self, block: str, selected: PageBitmap, start: int,
-                     max_pages: int = 64) -> tuple[int, bytes, list[int], list[bool]]:
-        """Claim and copy out up to ``max_pages`` selected, not yet saved pages of ``block`` from
-        page ``start`` on, as ready CONTINUE RAM records, in one C call.
-
-        Returns (where to go on: ``page_count`` when done, the records' bytes, their pages,
-        whether each is a ZERO record)."""
-        number = self._block_index(block)
-        if selected.npages != self._blocks[number].page_count:
-            raise ValueError(f"bitmap of {selected.npages} pages for block {block!r}")
-        cap = max_pages * (8 + PAGE_SIZE)
-        buffers = self._record_buffers
-        if buffers is None or buffers[3] < max_pages:
-            buffers = (ffi.new("unsigned char[]", cap), ffi.new("pyvmm_u64[]", max_pages),
-                       ffi.new("unsigned char[]", max_pages), max_pages)
-            self._record_buffers = buffers
-        out, pages, kinds, _ = buffers
-        nxt = ffi.new("pyvmm_u64 *", start)
-        used = ffi.new("pyvmm_u64 *")
-        count = int(lib.pyvmm_wp_session_take_records(
-            self._session, number, ffi.cast("pyvmm_u64 *", selected.address), nxt, out, cap,
-            used, pages, kinds, buffers[3]))
-        return (int(nxt[0]), ffi.buffer(out, int(used[0]))[:], [int(pages[i]) for i in range(count)],
-                [bool(kinds[i]) for i in range(count)])
 
     def rearm(self, selection: Mapping[str, PageBitmap]) -> None:
         """Begin a new round on this session (guest paused, previous round finished): the

@@ -168,10 +168,6 @@ int pyvmm_cow_start(int fd, pyvmm_u64 file_offset, const struct pyvmm_cow_job *j
                     pyvmm_u64 *fork_ns);
 pyvmm_u64 pyvmm_wp_session_mark_sent_unselected(void *handle, unsigned int block,
                                                const pyvmm_u64 *keep);
-pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const pyvmm_u64 *select,
-                                        pyvmm_u64 *next, unsigned char *out, pyvmm_u64 cap,
-                                        pyvmm_u64 *used, pyvmm_u64 *pages, unsigned char *kinds,
-                                        pyvmm_u64 max_records);
 int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *select);
 /* Protect again the pages of `block` with a dirty bit (clearing the bits, or-ing them into
  * `carried` unless NULL): pages protected since, or -errno. */

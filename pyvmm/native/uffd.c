@@ -188,7 +188,7 @@ struct wp_session {
      * GIL; freed as soon as released.  While a C saver runs, a full pool makes writers wait
      * for it instead (it frees slots without the GIL), which bounds the memory. */
     unsigned char **extra;
-    unsigned extra_cap;
+    unsigned *extra_free, extra_cap, nextra_free; /* free ids of extra, a stack */
     int saver_active;
     pthread_t thread;
     int running, stopping, error;
@@ -258,22 +258,28 @@ static struct wp_block *find_block(struct wp_session *s, u64 addr) {
 
 /* An overflow slot (lock held), or -1 without memory. */
 static int take_extra_slot(struct wp_session *s) {
-    unsigned i = 0;
-    while (i < s->extra_cap && s->extra[i])
-        i++;
-    if (i == s->extra_cap) {
+    if (!s->nextra_free) {
         unsigned cap = s->extra_cap ? 2 * s->extra_cap : 64;
         unsigned char **grown = realloc(s->extra, cap * sizeof *grown);
         if (!grown)
             return -1;
-        memset(grown + s->extra_cap, 0, (cap - s->extra_cap) * sizeof *grown);
         s->extra = grown;
+        unsigned *free_ids = realloc(s->extra_free, cap * sizeof *free_ids);
+        if (!free_ids)
+            return -1;
+        s->extra_free = free_ids;
+        for (unsigned i = cap; i > s->extra_cap; i--) {
+            s->extra[i - 1] = NULL;
+            s->extra_free[s->nextra_free++] = i - 1;
+        }
         s->extra_cap = cap;
     }
+    unsigned i = s->extra_free[s->nextra_free - 1];
     if (posix_memalign((void **)&s->extra[i], PAGE_SZ, PAGE_SZ)) {
         s->extra[i] = NULL;
         return -1;
     }
+    s->nextra_free--;
     return (int)(s->nslots + i);
 }
 
@@ -467,6 +473,7 @@ void pyvmm_wp_session_free(void *handle) {
     for (unsigned i = 0; i < s->extra_cap; i++)
         free(s->extra[i]);
     free(s->extra);
+    free(s->extra_free);
     free(s);
 }
 
@@ -504,6 +511,7 @@ int pyvmm_wp_session_release_shadow(void *handle, unsigned int slot) {
         if (i < s->extra_cap && s->extra[i]) {
             free(s->extra[i]);
             s->extra[i] = NULL;
+            s->extra_free[s->nextra_free++] = i;
         } else {
             rc = -EINVAL;
         }
@@ -590,68 +598,6 @@ pyvmm_u64 pyvmm_wp_session_mark_sent_unselected(void *handle, unsigned int block
         }
     }
     return marked;
-}
-
-/* Claim and copy out, as CONTINUE RAM records, the pages of `block` from *next on that are set
- * in `select` and not saved yet: per page the be64 header (offset | PAGE | CONTINUE) and the
- * 4096 bytes, or (offset | ZERO | CONTINUE) and a 0 fill byte for an all-zero page.  Stops
- * before `out` (cap bytes) or pages/kinds (max_records) would overflow.  pages[i]/kinds[i] (0 data, 1 zero) describe record
- * i.  Returns the number of records; *next is where to go on (npages: done), *used the bytes.
- * Each page is claimed, copied and marked sent without leaving C, so a writer faulting on it
- * meanwhile waits for a memcpy only, never for the GIL. */
-pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const pyvmm_u64 *select,
-                                        pyvmm_u64 *next, unsigned char *out, pyvmm_u64 cap,
-                                        pyvmm_u64 *used, pyvmm_u64 *pages, unsigned char *kinds,
-                                        pyvmm_u64 max_records) {
-    struct wp_session *s = handle;
-    u64 n = 0, off = 0;
-    if (block >= s->nblocks) {
-        *used = 0;
-        return 0;
-    }
-    struct wp_block *b = &s->blocks[block];
-    u64 p = *next;
-    while (p < b->npages) {
-        u64 word = __atomic_load_n(&select[p / 64], __ATOMIC_ACQUIRE) >> (p % 64);
-        if (!word) { /* nothing selected in the rest of this word */
-            p = (p / 64 + 1) * 64;
-            continue;
-        }
-        if (!(word & 1)) {
-            p++;
-            continue;
-        }
-        if (off + 8 + PAGE_SZ > cap || n >= max_records)
-            break;
-        unsigned char *st = &s->state[b->first + p];
-        unsigned char expect = ST_NONE;
-        if (__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_ACQ_REL,
-                                        __ATOMIC_ACQUIRE)) {
-            unsigned char *rec = out + off;
-            memcpy(rec + 8, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
-            __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
-            const u64 *w = (const u64 *)(rec + 8);
-            int zero = 1;
-            for (unsigned i = 0; i < PAGE_SZ / 8; i++)
-                if (w[i]) {
-                    zero = 0;
-                    break;
-                }
-            u64 header = p * PAGE_SZ | (zero ? 0x02 : 0x08) | 0x20;
-            for (int i = 0; i < 8; i++)
-                rec[i] = (unsigned char)(header >> (56 - 8 * i));
-            if (zero)
-                rec[8] = 0;
-            off += zero ? 9 : 8 + PAGE_SZ;
-            pages[n] = p;
-            kinds[n] = (unsigned char)zero;
-            n++;
-        }
-        p++;
-    }
-    *next = p;
-    *used = off;
-    return n;
 }
 
 /* ---- re-arming without walking all of RAM ------------------------------------------------ */

@@ -445,3 +445,28 @@ def test_rearm_and_abandoned_round(block: RamBlock) -> None:
         assert session.stats().shadow_copies == 1
         session.rearm({"ram": selected})  # the next round starts clean
         assert session.stats().queued == 0 and not session.is_sent("ram", 0)
+
+
+def test_full_pool_without_saver_takes_extra_pages(block: RamBlock, tmp_path: Path) -> None:
+    """No saver runs yet and a GIL-holding writer opens 8 pages with a 1-slot pool: the handler
+    must not wait for a saver (this thread, which holds the GIL); the copies wait in extra
+    pages until the C saver writes them."""
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    before = block.read(0, 8 * PAGE_SIZE)
+    selected = block.new_bitmap()
+    selected.set_range(0, 8)
+    with WriteProtectSession([block], shadow_pages=1, tracking_only=True) as session:
+        session.rearm({"ram": selected})
+        block.mem[0:8 * PAGE_SIZE] = b"\x01" * (8 * PAGE_SIZE)  # GIL held across 8 faults
+        stats = session.stats()
+        assert (stats.shadow_copies, stats.queued) == (8, 8) and stats.pool_waits >= 7
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            runs, counts = session.save(fd, 0, {"ram": selected})
+            data = os.pread(fd, counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+        assert counts.from_shadow == 8 and session.stats().queued == 0
+    saved = _parse_records(data)
+    assert b"".join(saved[p] for p in range(8)) == before
+    assert [(r.first_page, r.npages, r.zero) for r in runs] == [(0, 8, False)]
