@@ -221,9 +221,11 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
         pyvmm_wp_session_free(s);
         return NULL;
     }
-    /* not touched here: a slot costs host memory from its first shadow copy on, and the free
-     * stack hands out the most recently freed slot first, so the pool's footprint is the most
-     * copies ever waiting at once, not its size (one page fault per slot on first use) */
+    /* Only the first slots are touched now (1 MiB at most): a slot costs host memory from its
+     * first shadow copy on, and the free stack hands out the most recently freed slot first
+     * (slot 0 first), so the pool's footprint is the most copies ever waiting at once, not its
+     * size; a copy into a slot beyond these pays one page fault the first time. */
+    memset(s->pool, 0, (size_t)(s->nslots < 256 ? s->nslots : 256) * PAGE_SZ);
     for (unsigned i = 0; i < s->nslots; i++)
         s->free_stack[i] = s->nslots - 1 - i;
     s->nfree = s->nslots;
