@@ -43,6 +43,7 @@ from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
+_LIVE_FAULT_AROUND = 64  # pages a live-only checkpoint may open per fault of a sequential writer
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
 
@@ -376,9 +377,13 @@ class Checkpointer:
         blocks = self.machine.ram_blocks
         live = self._tracker if self.incremental else None
         if live is None:
+            # A live-only session tracks nothing for later, so a sequential writer may have runs
+            # of up to 64 pages opened per fault; a tracker keeps its dirty pages exact.
             live = make_tracker(self.tracker_kind, blocks, unprotect_pages=self._unprotect_pages,
                                 handler_cpu=self._handler_cpu, live=True,
-                                shadow_pages=self._shadow_pages)
+                                shadow_pages=self._shadow_pages,
+                                fault_around=None if self.incremental else
+                                max(_LIVE_FAULT_AROUND, self._unprotect_pages))
             if self.incremental:
                 self._tracker = live
         assert isinstance(live, WpFaultTracker)

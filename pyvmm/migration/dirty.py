@@ -82,11 +82,13 @@ class WpFaultTracker:
     kind = "wp"
 
     def __init__(self, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
-                 handler_cpu: int | None = None, shadow_pages: int = 1) -> None:
+                 handler_cpu: int | None = None, shadow_pages: int = 1,
+                 fault_around: int | None = None) -> None:
         self._blocks = list(blocks)
         self.session = WriteProtectSession(self._blocks, shadow_pages=shadow_pages,
                                            unprotect_pages=unprotect_pages,
-                                           handler_cpu=handler_cpu, tracking_only=True)
+                                           handler_cpu=handler_cpu, tracking_only=True,
+                                           fault_around=fault_around)
         #: Pages written before the last :meth:`prepare` (and since the last collect).
         self._carried = {b.name: b.new_bitmap() for b in self._blocks}
         self._stopped = False
@@ -118,7 +120,8 @@ class WpFaultTracker:
 
 def make_tracker(kind: str, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
                  handler_cpu: int | None = None, live: bool = False,
-                 shadow_pages: int = 1) -> AsyncTracker | WpFaultTracker:
+                 shadow_pages: int = 1, fault_around: int | None = None
+                 ) -> AsyncTracker | WpFaultTracker:
     """The tracker ``kind`` asks for; with ``live``, always the ``wp`` tracker with a pool of
     ``shadow_pages`` (see the module docstring)."""
     if kind not in TRACKERS:
@@ -126,4 +129,4 @@ def make_tracker(kind: str, blocks: Sequence[RamBlock], *, unprotect_pages: int 
     if kind == "async" and not live:
         return AsyncTracker(blocks)
     return WpFaultTracker(blocks, unprotect_pages=unprotect_pages, handler_cpu=handler_cpu,
-                          shadow_pages=shadow_pages)
+                          shadow_pages=shadow_pages, fault_around=fault_around)

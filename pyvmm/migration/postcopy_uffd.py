@@ -418,12 +418,20 @@ class WriteProtectSession:
         handler_cpu: int | None = None,
         feature_mask: int | None = None,
         tracking_only: bool = False,
+        fault_around: int | None = None,
     ) -> None:
         """``tracking_only``: start with every page counted as saved (no round open: the
-        handler only marks written pages dirty until :meth:`rearm`)."""
+        handler only marks written pages dirty until :meth:`rearm`).  ``fault_around``: when a
+        writer faults on the page right after the run its last fault opened, the handler
+        doubles the run, up to this many pages (default ``unprotect_pages``: no growth): a
+        sequential writer then faults a few times per ``fault_around`` pages instead of once
+        per page, at the price of up to ``fault_around - 1`` pages counted dirty unwritten."""
         _check_blocks(blocks)
         if shadow_pages < 1 or unprotect_pages < 1:
             raise ValueError("shadow_pages and unprotect_pages must be at least 1")
+        if fault_around is not None and fault_around < unprotect_pages:
+            raise ValueError(f"fault_around {fault_around} is below unprotect_pages "
+                             f"{unprotect_pages}")
         self._uffd = Userfaultfd.open(self.FEATURES, capability=LIVE, feature_mask=feature_mask)
         if self._uffd.user_mode_only:
             self._uffd.close()
@@ -441,6 +449,7 @@ class WriteProtectSession:
             self._uffd.close()
             raise MemoryError("no memory for the write-protect session's shadow pool")
         self._session: Any = ffi.gc(handle, lib.pyvmm_wp_session_free)
+        lib.pyvmm_wp_session_set_fault_around(self._session, fault_around or unprotect_pages)
         self._page_out = ffi.new("char[]", PAGE_SIZE)
         try:
             for block in self._blocks:

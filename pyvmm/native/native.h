@@ -205,3 +205,7 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                           const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
                           pyvmm_u64 max_runs, int open_saved,
                           struct pyvmm_live_save_stats *stats);
+/* Before start: a fault on the page right after the run the previous fault opened doubles the
+ * run, up to max_pages (dirty tracking then over-counts up to max_pages - 1 pages per
+ * sequential stretch); any other fault opens unprotect_pages again. */
+int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages);

@@ -198,6 +198,10 @@ struct wp_session {
      * pages.  So a page is unprotected only while its dirty bit is set (or a reprotect pass
      * that took the bit is protecting it): re-arming then needs to protect only dirty pages. */
     pthread_mutex_t wp_lock;
+    /* fault-around (handler thread only): a fault on the page right after the run the last
+     * fault opened doubles the run, up to max_unprotect pages; any other fault starts again */
+    u64 max_unprotect, window, last_end;
+    unsigned last_block;
     /* handlers between claiming a page (NONE -> PROCESSING) and queueing its shadow copy: the
      * saver is done only when this is 0 and the queue is empty */
     u64 inflight;
@@ -353,11 +357,22 @@ static void handle_fault(struct wp_session *s, u64 addr) {
         pyvmm_uffd_writeprotect(s->uffd, addr & ~(u64)(PAGE_SZ - 1), PAGE_SZ, 0);
         return;
     }
-    u64 page = (addr - b->base) / PAGE_SZ;
-    u64 first = page - page % s->unprotect_pages;
-    u64 last = first + s->unprotect_pages;
+    u64 page = (addr - b->base) / PAGE_SZ, first, last;
+    unsigned number = (unsigned)(b - s->blocks);
+    if (s->max_unprotect > s->unprotect_pages && number == s->last_block && s->last_end &&
+        page == s->last_end) { /* a sequential writer: open more ahead of it */
+        s->window = 2 * s->window < s->max_unprotect ? 2 * s->window : s->max_unprotect;
+        first = page;
+        last = page + s->window;
+    } else {
+        s->window = s->unprotect_pages;
+        first = page - page % s->unprotect_pages;
+        last = first + s->unprotect_pages;
+    }
     if (last > b->npages)
         last = b->npages;
+    s->last_block = number;
+    s->last_end = last;
     /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
      * it will not fault */
     for (u64 p = first; p < last; p++)
@@ -946,4 +961,12 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
     free(sv->copy);
     free(sv);
     return rc;
+}
+
+int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages) {
+    struct wp_session *s = handle;
+    if (s->running)
+        return -EBUSY;
+    s->max_unprotect = max_pages;
+    return 0;
 }

@@ -470,3 +470,36 @@ def test_full_pool_without_saver_takes_extra_pages(block: RamBlock, tmp_path: Pa
     saved = _parse_records(data)
     assert b"".join(saved[p] for p in range(8)) == before
     assert [(r.first_page, r.npages, r.zero) for r in runs] == [(0, 8, False)]
+
+
+def test_fault_around_opens_growing_runs_for_a_sequential_writer(block: RamBlock,
+                                                                  tmp_path: Path) -> None:
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    before = block.read(0, block.size)
+    selected = block.new_bitmap()
+    selected.set_all()
+    with WriteProtectSession([block], shadow_pages=64, tracking_only=True,
+                             fault_around=8) as session:
+        session.rearm({"ram": selected})
+        ctypes.memset(block.host_addr, 0x11, 64 * PAGE_SIZE)  # pages 0..63 in order
+        stats = session.stats()
+        # runs of 1, 2, 4, then 8 pages: 3 + 8 faults instead of 64
+        assert stats.faults == 11
+        dirty = set(session.dirty["ram"])
+        assert set(range(64)) <= dirty and max(dirty) < 64 + 7
+        assert stats.shadow_copies == len(dirty)  # each opened page was saved first
+        faults = stats.faults
+        ctypes.memset(block.host_addr + 300 * PAGE_SIZE, 0x22, 8)  # elsewhere: one page again
+        ctypes.memset(block.host_addr + 302 * PAGE_SIZE, 0x22, 8)
+        assert session.stats().faults == faults + 2
+        assert {300, 302} <= set(session.dirty["ram"]) and 301 not in session.dirty["ram"]
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _, counts = session.save(fd, 0, {"ram": selected})
+            data = os.pread(fd, counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+    saved = _parse_records(data)
+    assert b"".join(saved[p] for p in range(NPAGES)) == before
+    with pytest.raises(ValueError):
+        WriteProtectSession([block], unprotect_pages=4, fault_around=2)
