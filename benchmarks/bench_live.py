@@ -14,6 +14,8 @@
                    of guest run (default 5 s, --quick 2 s): every page is still written, but
                    only its first write in the interval costs anything
   5 write faults : faults/s and shadow copies of the live checkpoints, unprotect_pages 1 vs 16
+                   (a live-only checkpoint also opens runs of up to 64 pages per fault for a
+                   writer that faults on consecutive pages: Checkpointer fault-around)
   6 memory       : peak RSS growth during a live checkpoint vs shadow copies x 4 KiB
 Targets (issue 4) are in brackets, QEMU 7.2 figures from DESIGN.md section 8 where it has them.
 Every checkpoint is written with durable=False (no fsync): what is compared is the CPU-side cost.
