@@ -80,6 +80,8 @@ def main() -> None:
             print(f"{label:32s}: {rate / 1e3:9.1f} k pages/s  "
                   f"({rate * base / block.page_count:.4f} x memset)")
         print("DESIGN §8: ~220 k/s same CPU, ~15 k/s other CPU, ~1 M pages/s at 64 KiB")
+        print("(shadow copy case: no saver drains the pool here, so beyond its first 256 slots "
+              "each copy also pays the first touch of a fresh slot)")
 
     print("\n== async tracker (WP_ASYNC + PAGEMAP_SCAN) ==")
     for mib in args.scan_mib:

@@ -43,6 +43,7 @@ from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
+_LIVE_FAULT_AROUND = 64  # pages a live-only checkpoint may open per fault of a sequential writer
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
 
@@ -115,7 +116,8 @@ class Checkpointer:
 
     * ``incremental``: the first checkpoint is full, each later one holds only the pages written
       since the previous checkpoint's pause, found by the ``tracker`` (``async`` or ``wp``, see
-      :mod:`pyvmm.migration.dirty`);
+      :mod:`pyvmm.migration.dirty`; with ``live`` the live session itself tracks, one
+      userfaultfd for the checkpointer's life, and the stats say ``wp``);
     * ``live``: the guest is paused only to serialise CPU and devices and to write-protect RAM;
       pages are saved while it runs, a page it is about to change being copied first, so the
       checkpoint holds RAM exactly as at the pause.
@@ -127,7 +129,7 @@ class Checkpointer:
 
     def __init__(self, machine: Machine, path: str | Path, *, append: bool = False,
                  durable: bool = True, capabilities: Iterable[str] = (),
-                 tracker: str = "async", shadow_pages: int = 1024,
+                 tracker: str = "async", shadow_pages: int = 4096,
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
                  max_increments: int | None = None) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
@@ -166,7 +168,6 @@ class Checkpointer:
         self._pending: dict[str, PageBitmap] = {}
         self._lock = threading.Lock()
         self._cow_blocks: list[str] = []
-        self._handed_over: WriteProtectSession | None = None
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
         #: Called with the machine while it is paused at each checkpoint's consistency point
@@ -265,6 +266,12 @@ class Checkpointer:
     def _checkpoint(self) -> CheckpointStats:
         machine = self.machine
         container = self._container()  # creating a file (truncate, fsync) is no pause work
+        kind = "incremental" if self.incremental and container.header.increments and \
+            self._tracker is not None else "full"
+        live: WpFaultTracker | None = None
+        populated: dict[str, PageBitmap] | None = None
+        if self.live:  # guest running: whatever can be done before the pause is done here
+            live, populated = self._prepare_live(kind)
         started = time.perf_counter()
         was_running, before = self._pause()
         paused = True
@@ -273,18 +280,17 @@ class Checkpointer:
         writer = None
         session: WriteProtectSession | None = None
         try:
-            kind = "incremental" if self.incremental and container.header.increments and \
-                self._tracker is not None else "full"
             machine.guest_inform.checkpoint_started()
             capture(machine, self.entries, ended=before is RunState.SHUTDOWN)
-            selection = self._select(kind)
+            selection = self._select(kind, live, populated)
             if self.on_pause is not None:
                 self.on_pause(machine)
             devices_buffer = QEMUFile.memory()
             devices = self.entries.save_state.save_devices(devices_buffer)
             device_bytes = devices_buffer.getvalue()
-            if self.live:
-                session = self._arm_live_session(selection)
+            if live is not None:
+                session = live.session
+                session.rearm(selection)
                 armed_stats = session.stats()  # a re-armed session's counters run on
             elif self.incremental and self._tracker is None:
                 self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
@@ -316,7 +322,8 @@ class Checkpointer:
                 data_pages, zero_pages = result_cow.data_pages, result_cow.zero_pages
                 stream_length = f.offset - writer.stream_offset + result_cow.bytes_written
             elif session is not None:
-                result = self._save_live_part(f, session, selection)
+                result = self._save_live_part(f, session, selection,
+                                              open_saved=live is not self._tracker)
                 runs, data_pages, zero_pages = result.runs, result.data_pages, result.zero_pages
             else:
                 ram.select(selection)
@@ -334,7 +341,8 @@ class Checkpointer:
                 wp = session.stats()
                 faults = wp.faults - armed_stats.faults
                 shadows = wp.shadow_copies - armed_stats.shadow_copies
-                carried = sum(b.count() for b in session.dirty.values())
+                if live is self._tracker:  # a live-only session tracks nothing further
+                    carried = sum(b.count() for b in session.dirty.values())
             elapsed = time.perf_counter() - started
             downtime = (downtime_end - started) if self.live or self.cow else elapsed
             stats = CheckpointStats(
@@ -345,7 +353,8 @@ class Checkpointer:
                 devices=tuple(f"{d['name']}/{d['instance_id']} v{d['version']}"
                               for d in devices),
                 capabilities=self.capabilities,
-                tracker=self.tracker_kind if self.incremental else "",
+                tracker=(self._tracker.kind if self._tracker is not None else
+                         self.tracker_kind) if self.incremental else "",
                 write_faults=faults, shadow_copies=shadows, pages_carried=carried,
                 fork_ms=fork_ms)
             writer.commit(stream_length=stream_length,
@@ -362,47 +371,42 @@ class Checkpointer:
             self._finish_restart(False)
             # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
             self._remember(selection)
-            if self._handed_over is not None and isinstance(self._tracker, WpFaultTracker):
-                # not armed for this checkpoint: it goes on tracking for the next one
-                self._tracker.adopt(self._handed_over)
-                self._handed_over = None
+            if live is not None:  # the handler must not wait for a saver that is gone
+                live.session.abandon_round()
             raise
         finally:
             machine.guest_inform.checkpoint_finished(ok)
-            if session is not None:
-                self._end_live_session(session, was_running, before, paused)
-                paused = False
             if paused:
                 self._unpause(was_running, before)
+            if live is not None and live is not self._tracker:
+                live.stop()  # a live-only checkpointer tracks nothing between checkpoints
 
-    def _select(self, kind: str) -> dict[str, PageBitmap]:
+    def _select(self, kind: str, live: WpFaultTracker | None,
+                populated: dict[str, PageBitmap] | None) -> dict[str, PageBitmap]:
         """Pages this checkpoint saves (guest paused): all populated ones for a full checkpoint,
-        else the tracker's dirty pages plus any left over by a failed checkpoint."""
+        else the tracker's dirty pages plus any left over by a failed checkpoint.
+
+        A live checkpoint found the populated pages before the pause, with ``live`` already
+        tracking: the pages written since are or-ed in (a page populated after the scan was
+        written, so ``live`` has it)."""
         blocks = self.machine.ram_blocks
         if kind == "full":
-            selection = {b.name: b.populated_pages() for b in blocks}
-            if self._tracker is not None:  # restarted chain: the tracker's news are in it
-                self._tracker_collect()
+            if live is not None and populated is not None:
+                selection = populated
+                for name, pages in live.collect().items():
+                    selection[name] |= pages
+            else:
+                selection = {b.name: b.populated_pages() for b in blocks}
+                if self._tracker is not None:  # restarted chain: the tracker's news are in it
+                    self._tracker.collect()
         else:
-            selection = self._tracker_collect()
+            assert self._tracker is not None
+            selection = self._tracker.collect()
         for name, pages in self._pending.items():
             if name in selection:
                 selection[name] |= pages
         self._pending = {}
         return selection
-
-    def _tracker_collect(self) -> dict[str, PageBitmap]:
-        tracker = self._tracker
-        assert tracker is not None
-        if self.live:
-            # the live session needs the range: an async tracker steps aside until it ends
-            if isinstance(tracker, AsyncTracker):
-                dirty = tracker.collect()
-                tracker.suspend()
-                return dirty
-            dirty, self._handed_over = tracker.hand_over()
-            return dirty
-        return tracker.collect()
 
     def _remember(self, selection: dict[str, PageBitmap]) -> None:
         for name, pages in selection.items():
@@ -411,19 +415,33 @@ class Checkpointer:
             else:
                 self._pending[name] = pages.copy()
 
-    def _arm_live_session(self, selection: dict[str, PageBitmap]) -> WriteProtectSession:
+    def _prepare_live(self, kind: str) -> tuple[WpFaultTracker, dict[str, PageBitmap] | None]:
+        """Before a live checkpoint's pause, guest running: the session that will save it,
+        tracking already (the incremental tracker's, or a new one for this checkpoint only), with
+        the pages written so far protected again; for a full checkpoint also the populated pages.
+        The pause is then left with the pages written after this."""
         blocks = self.machine.ram_blocks
-        handed, self._handed_over = self._handed_over, None
-        if handed is not None:
-            handed.rearm(selection)  # the wp tracker's session: no new userfaultfd needed
-            return handed
-        session = WriteProtectSession(blocks, shadow_pages=self._shadow_pages,
-                                      unprotect_pages=self._unprotect_pages,
-                                      handler_cpu=self._handler_cpu)
-        # Pages this checkpoint does not save need no shadow copy: only mark them dirty.
-        for block in blocks:
-            session.mark_sent_unselected(block.name, selection[block.name])
-        return session
+        live = self._tracker if self.incremental else None
+        if live is None:
+            # A live-only session tracks nothing for later, so a sequential writer may have runs
+            # of up to 64 pages opened per fault; a tracker keeps its dirty pages exact.
+            live = make_tracker(self.tracker_kind, blocks, unprotect_pages=self._unprotect_pages,
+                                handler_cpu=self._handler_cpu, live=True,
+                                shadow_pages=self._shadow_pages,
+                                fault_around=None if self.incremental else
+                                max(_LIVE_FAULT_AROUND, self._unprotect_pages))
+            if self.incremental:
+                self._tracker = live
+        assert isinstance(live, WpFaultTracker)
+        try:
+            live.prepare()
+            populated = {b.name: b.populated_pages() for b in blocks} if kind == "full" else None
+            live.prepare()  # what was written during the scan
+        except BaseException:
+            if live is not self._tracker:
+                live.stop()
+            raise
+        return live, populated
 
     def _block_number(self, name: str) -> int:
         for number, block in enumerate(self.machine.ram_blocks):
@@ -460,45 +478,20 @@ class Checkpointer:
         return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue())
 
     def _save_live_part(self, f: QEMUFile, session: WriteProtectSession,
-                        selection: dict[str, PageBitmap]) -> LiveSaveResult:
+                        selection: dict[str, PageBitmap], *, open_saved: bool) -> LiveSaveResult:
         """The PART section of a live checkpoint, written while the guest runs."""
         save_state = self.entries.save_state
         entry = save_state.find("ram", 0)
         assert entry is not None
         f.put_u8(QEMU_VM_SECTION_PART)
         f.put_be32(entry.section_id)
-        result = save_pages_live(f, session, self.machine.ram_blocks, selection)
+        result = save_pages_live(f, session, self.machine.ram_blocks, selection,
+                                 open_saved=open_saved)
         f.put_be64(RAM_SAVE_FLAG_EOS)
         f.put_u8(QEMU_VM_SECTION_FOOTER)
         f.put_be32(entry.section_id)
         self.entries.ram.select({})
         return result
-
-    def _end_live_session(self, session: WriteProtectSession, was_running: bool,
-                          before: RunState, paused: bool) -> None:
-        """Hand the pages written during the live save to the next increment and give the RAM
-        back to the dirty tracker (a brief second pause when the tracker must be switched)."""
-        if isinstance(self._tracker, WpFaultTracker):
-            self._tracker.adopt(session)  # the session goes on tracking: nothing to switch
-            return
-        again = False
-        if not paused:
-            again = self.machine.pause(RunState.SAVE_VM)
-        try:
-            dirty = {name: bitmap.copy() for name, bitmap in session.dirty.items()}
-            session.stop()
-            if self.incremental:
-                if self._tracker is None:
-                    self._tracker = make_tracker(self.tracker_kind, self.machine.ram_blocks,
-                                                 unprotect_pages=self._unprotect_pages,
-                                                 handler_cpu=self._handler_cpu)
-                elif isinstance(self._tracker, AsyncTracker):
-                    self._tracker.rearm()
-                self._remember(dirty)
-        finally:
-            if again or paused:
-                self._unpause(was_running if paused else True, before if paused else
-                              RunState.RUNNING)
 
     def close(self) -> None:
         """Stop dirty tracking and close the file."""

@@ -12,8 +12,16 @@ Two trackers, both over userfaultfd (DESIGN.md §5), selectable because the choi
 A tracker is created at a pause (the consistency point of a checkpoint); :meth:`collect` is called
 at the next pause and returns the pages written in between, re-arming the tracker.  Every writer is
 seen: the vCPU through unicorn, host code through memoryviews, and the kernel (``read()`` into
-guest RAM).  Only one userfaultfd may watch a range, so a live checkpoint suspends an async
-tracker (:meth:`suspend`) and the checkpointer re-arms it afterwards.
+guest RAM).
+
+Only one userfaultfd may watch a range, and a userfaultfd is asynchronous (``WP_ASYNC``) or not
+for its whole life, so an async tracker cannot lend its RAM to a live checkpoint's synchronous
+session: moving RAM from one userfaultfd to the other (unregister, register, protect) must
+happen with the guest paused and costs some 25–35 ms per GiB, far over a live checkpoint's
+downtime budget.  A checkpointer with the ``live`` capability therefore tracks with its live
+session between checkpoints, whichever tracker was named (:func:`make_tracker` with ``live``):
+one userfaultfd for its whole life.  The async tracker serves stop-and-copy incremental
+checkpoints, where it is the cheapest for the guest.
 """
 
 from __future__ import annotations
@@ -56,85 +64,69 @@ class AsyncTracker:
             return {b.name: b.new_bitmap() for b in self._blocks}
         return self._tracker.collect()
 
-    def suspend(self) -> None:
-        """Stop watching (a live checkpoint needs the range); :meth:`collect` re-arms later."""
+    def stop(self) -> None:
         if self._tracker is not None:
             self._tracker.stop()
             self._tracker = None
 
-    def rearm(self) -> None:
-        """Start watching again from now."""
-        if self._tracker is None:
-            self._tracker = AsyncDirtyTracker(self._blocks)
-
-    def stop(self) -> None:
-        self.suspend()
-
 
 class WpFaultTracker:
     """The ``wp`` tracker: a :class:`WriteProtectSession` whose pages all count as saved, so the
-    C handler only marks each first-written page dirty and unprotects it."""
+    C handler only marks each first-written page dirty and unprotects it.
+
+    One session (one userfaultfd, one registration, one handler thread) serves the tracker's
+    whole life, and the live checkpoints in between (:attr:`session` is re-armed for each):
+    :meth:`prepare`, called before a pause while the guest runs, re-protects the pages written
+    so far and remembers them, so the pause itself re-protects only what is written after it."""
 
     kind = "wp"
 
     def __init__(self, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
-                 handler_cpu: int | None = None) -> None:
+                 handler_cpu: int | None = None, shadow_pages: int = 1,
+                 fault_around: int | None = None) -> None:
         self._blocks = list(blocks)
-        self._unprotect = unprotect_pages
-        self._handler_cpu = handler_cpu
-        self.session: WriteProtectSession | None = self._new_session()
+        self.session = WriteProtectSession(self._blocks, shadow_pages=shadow_pages,
+                                           unprotect_pages=unprotect_pages,
+                                           handler_cpu=handler_cpu, tracking_only=True,
+                                           fault_around=fault_around)
+        #: Pages written before the last :meth:`prepare` (and since the last collect).
+        self._carried = {b.name: b.new_bitmap() for b in self._blocks}
+        self._stopped = False
 
-    def _new_session(self) -> WriteProtectSession:
-        session = WriteProtectSession(self._blocks, shadow_pages=1,
-                                      unprotect_pages=self._unprotect,
-                                      handler_cpu=self._handler_cpu)
-        for block in self._blocks:
-            session.mark_sent_unselected(block.name, block.new_bitmap())
-        return session
-
-    def adopt(self, session: WriteProtectSession) -> None:
-        """Keep tracking with a live checkpoint's session (its dirty pages so far count)."""
-        if self.session is not None:
-            self.session.stop()
-        self.session = session
+    def prepare(self) -> int:
+        """Re-protect the pages written so far, remembering them for :meth:`collect`; may run
+        while the guest writes.  Returns how many pages it re-protected."""
+        return self.session.reprotect(self._carried)
 
     def collect(self) -> dict[str, PageBitmap]:
-        if self.session is None:
-            self.session = self._new_session()
-            return {b.name: b.new_bitmap() for b in self._blocks}
-        dirty = {name: bitmap.copy() for name, bitmap in self.session.dirty.items()}
-        self.session.stop()
-        self.session = self._new_session()
-        return dirty
-
-    def hand_over(self) -> tuple[dict[str, PageBitmap], WriteProtectSession | None]:
-        """What was dirtied so far, and the session itself for a live checkpoint to re-arm
-        (the tracker keeps none until it adopts one back)."""
-        if self.session is None:
-            return {b.name: b.new_bitmap() for b in self._blocks}, None
-        dirty = {name: bitmap.copy() for name, bitmap in self.session.dirty.items()}
-        session, self.session = self.session, None
-        return dirty, session
-
-    def suspend(self) -> dict[str, PageBitmap]:
-        """Stop watching and return what was dirtied so far (a live checkpoint takes over)."""
-        if self.session is None:
-            return {b.name: b.new_bitmap() for b in self._blocks}
-        dirty = {name: bitmap.copy() for name, bitmap in self.session.dirty.items()}
-        self.session.stop()
-        self.session = None
+        """Pages written since the last collect (guest paused); every page is protected again,
+        at the cost of the pages written since the last :meth:`prepare`."""
+        if self._stopped:
+            raise ValueError("the wp tracker is stopped")
+        dirty = {}
+        for block in self._blocks:
+            bitmap = self._carried[block.name]
+            bitmap |= self.session.dirty[block.name]
+            dirty[block.name] = bitmap
+        self.session.reprotect()
+        self._carried = {b.name: b.new_bitmap() for b in self._blocks}
         return dirty
 
     def stop(self) -> None:
-        if self.session is not None:
+        if not self._stopped:
+            self._stopped = True
             self.session.stop()
-            self.session = None
 
 
 def make_tracker(kind: str, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
-                 handler_cpu: int | None = None) -> AsyncTracker | WpFaultTracker:
-    if kind == "async":
+                 handler_cpu: int | None = None, live: bool = False,
+                 shadow_pages: int = 1, fault_around: int | None = None
+                 ) -> AsyncTracker | WpFaultTracker:
+    """The tracker ``kind`` asks for; with ``live``, always the ``wp`` tracker with a pool of
+    ``shadow_pages`` (see the module docstring)."""
+    if kind not in TRACKERS:
+        raise ValueError(f"unknown dirty tracker {kind!r} (choose from {', '.join(TRACKERS)})")
+    if kind == "async" and not live:
         return AsyncTracker(blocks)
-    if kind == "wp":
-        return WpFaultTracker(blocks, unprotect_pages=unprotect_pages, handler_cpu=handler_cpu)
-    raise ValueError(f"unknown dirty tracker {kind!r} (choose from {', '.join(TRACKERS)})")
+    return WpFaultTracker(blocks, unprotect_pages=unprotect_pages, handler_cpu=handler_cpu,
+                          shadow_pages=shadow_pages, fault_around=fault_around)

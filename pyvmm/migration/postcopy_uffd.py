@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -326,6 +326,26 @@ class AsyncDirtyTracker:
         self.stop()
 
 
+class LiveRun(NamedTuple):
+    """Consecutive pages of one block written by :meth:`WriteProtectSession.save`."""
+
+    block: int
+    first_page: int
+    npages: int
+    data_offset: int
+    """File offset of the first page's data (0 for a zero run)."""
+    zero: bool
+
+
+class LiveSaveCounts(NamedTuple):
+    """What one :meth:`WriteProtectSession.save` wrote."""
+
+    bytes_written: int
+    data_pages: int
+    zero_pages: int
+    from_shadow: int
+
+
 class ShadowCopy(NamedTuple):
     """A page the fault handler copied before letting a write through."""
 
@@ -345,7 +365,8 @@ class WriteProtectStats:
     shadow_copies: int
     """Pages copied to the shadow pool before their write went on."""
     pool_waits: int
-    """Times the handler found the pool full and waited for the saver."""
+    """Times the handler found the pool full (it then waited for :meth:`WriteProtectSession.save`,
+    or took an extra page when none was running)."""
     queued: int
     """Shadow copies not yet taken by :meth:`WriteProtectSession.next_shadow`."""
     handler_errno: int
@@ -362,18 +383,24 @@ class WriteProtectSession:
     ``unprotect_pages`` pages around p (an aligned run: every page of it is secured and counted
     dirty first, since later writes to it no longer fault), which wakes the writer.
 
-    The saver (any one Python thread) saves each page exactly once: first everything
-    :meth:`next_shadow` yields (then :meth:`release_shadow`), and every other page with
-    :meth:`take_page_for_saving`, which claims the page and copies it from RAM in one C call: a
-    writer faulting on it meanwhile waits only for that memcpy, never for Python. Pages that need
-    no saving are claimed with :meth:`mark_sent`.
+    The saver saves each page exactly once.  :meth:`save` does it all in one C call (what a
+    checkpoint uses).  A Python saver (any one thread) takes first everything :meth:`next_shadow`
+    yields (then :meth:`release_shadow`), and every other page with :meth:`take_page_for_saving`,
+    which claims the page and copies it from RAM in one C call: a writer faulting on it meanwhile
+    waits only for that memcpy, never for Python. Pages that need no saving are claimed with
+    :meth:`mark_sent`.
 
-    When the pool is full the handler waits for the saver to release a slot; the faulting writer
-    waits with it. If that writer holds the GIL and the saver needs it to release a slot, the
-    process deadlocks: size the pool above the number of distinct pages a GIL-holding writer
-    (a device model, a Python copy) can touch before it lets go of the GIL — the vCPU running
-    guest code releases it (DESIGN.md section 5). :attr:`WriteProtectStats.pool_waits` counts
-    the waits.
+    When the pool is full while :meth:`save` runs, the handler waits for it to release a slot
+    (the faulting writer waits with it: this bounds the memory); :meth:`save` drains the pool
+    in C and never needs the GIL, so a writer that holds the GIL (a device model, a Python copy)
+    cannot deadlock it.  When the pool is full and no :meth:`save` runs (before it starts, or
+    with a Python saver using :meth:`next_shadow`), the handler copies to an extra page of its
+    own instead of waiting for a thread that may need the GIL; such a page is freed once
+    released.  :attr:`WriteProtectStats.pool_waits` counts the times the pool was full.
+
+    The session can serve many rounds (:meth:`rearm`); between rounds every page counts as
+    saved and the handler only marks written pages in :attr:`dirty`, so it is also a dirty
+    tracker, and :meth:`reprotect` re-protects what was written while writers run.
 
     Kernel-side writes (``read()`` into guest RAM) fault here like any other, unless the
     userfaultfd had to be opened user-mode-only (no privilege): they then fail with EFAULT, so
@@ -390,10 +417,21 @@ class WriteProtectSession:
         unprotect_pages: int = 1,
         handler_cpu: int | None = None,
         feature_mask: int | None = None,
+        tracking_only: bool = False,
+        fault_around: int | None = None,
     ) -> None:
+        """``tracking_only``: start with every page counted as saved (no round open: the
+        handler only marks written pages dirty until :meth:`rearm`).  ``fault_around``: when a
+        writer faults on the page right after the run its last fault opened, the handler
+        doubles the run, up to this many pages (default ``unprotect_pages``: no growth): a
+        sequential writer then faults a few times per ``fault_around`` pages instead of once
+        per page, at the price of up to ``fault_around - 1`` pages counted dirty unwritten."""
         _check_blocks(blocks)
         if shadow_pages < 1 or unprotect_pages < 1:
             raise ValueError("shadow_pages and unprotect_pages must be at least 1")
+        if fault_around is not None and fault_around < unprotect_pages:
+            raise ValueError(f"fault_around {fault_around} is below unprotect_pages "
+                             f"{unprotect_pages}")
         self._uffd = Userfaultfd.open(self.FEATURES, capability=LIVE, feature_mask=feature_mask)
         if self._uffd.user_mode_only:
             self._uffd.close()
@@ -411,8 +449,8 @@ class WriteProtectSession:
             self._uffd.close()
             raise MemoryError("no memory for the write-protect session's shadow pool")
         self._session: Any = ffi.gc(handle, lib.pyvmm_wp_session_free)
+        lib.pyvmm_wp_session_set_fault_around(self._session, fault_around or unprotect_pages)
         self._page_out = ffi.new("char[]", PAGE_SIZE)
-        self._record_buffers: tuple[Any, Any, Any, int] | None = None
         try:
             for block in self._blocks:
                 rc = lib.pyvmm_wp_session_add_block(
@@ -420,6 +458,11 @@ class WriteProtectSession:
                     ffi.cast("pyvmm_u64 *", self.dirty[block.name].address))
                 if rc:
                     raise UffdError("session setup", -rc, capability=LIVE)
+                if tracking_only:  # before any write can fault
+                    nothing = block.new_bitmap()
+                    lib.pyvmm_wp_session_mark_sent_unselected(
+                        self._session, self._index[block.name],
+                        ffi.cast("pyvmm_u64 *", nothing.address))
             rc = lib.pyvmm_wp_session_start(self._session, -1 if handler_cpu is None
                                             else handler_cpu)
             if rc:
@@ -475,35 +518,13 @@ class WriteProtectSession:
         return int(lib.pyvmm_wp_session_mark_sent(self._session, self._block_index(block),
                                                   start, count))
 
-    def take_records(self, block: str, selected: PageBitmap, start: int,
-                     max_pages: int = 64) -> tuple[int, bytes, list[int], list[bool]]:
-        """Claim and copy out up to ``max_pages`` selected, not yet saved pages of ``block`` from
-        page ``start`` on, as ready CONTINUE RAM records, in one C call.
-
-        Returns (where to go on: ``page_count`` when done, the records' bytes, their pages,
-        whether each is a ZERO record)."""
-        number = self._block_index(block)
-        if selected.npages != self._blocks[number].page_count:
-            raise ValueError(f"bitmap of {selected.npages} pages for block {block!r}")
-        cap = max_pages * (8 + PAGE_SIZE)
-        buffers = self._record_buffers
-        if buffers is None or buffers[3] < max_pages:
-            buffers = (ffi.new("unsigned char[]", cap), ffi.new("pyvmm_u64[]", max_pages),
-                       ffi.new("unsigned char[]", max_pages), max_pages)
-            self._record_buffers = buffers
-        out, pages, kinds, _ = buffers
-        nxt = ffi.new("pyvmm_u64 *", start)
-        used = ffi.new("pyvmm_u64 *")
-        count = int(lib.pyvmm_wp_session_take_records(
-            self._session, number, ffi.cast("pyvmm_u64 *", selected.address), nxt, out, cap,
-            used, pages, kinds, buffers[3]))
-        return (int(nxt[0]), ffi.buffer(out, int(used[0]))[:], [int(pages[i]) for i in range(count)],
-                [bool(kinds[i]) for i in range(count)])
-
-    def rearm(self, selection: dict[str, PageBitmap]) -> None:
-        """Begin a new checkpoint on this session (guest paused, shadow queue drained): the
+    def rearm(self, selection: Mapping[str, PageBitmap]) -> None:
+        """Begin a new round on this session (guest paused, previous round finished): the
         pages in ``selection`` need saving again, all others count as saved, :attr:`dirty` is
-        cleared and all RAM is write-protected again."""
+        cleared and the pages it held are write-protected again (every other page still is: the
+        handler unprotects a page only after setting its dirty bit, under one lock with
+        :meth:`reprotect`).  Costs in proportion to the pages written since the last
+        :meth:`reprotect`, not to RAM: read :attr:`dirty` first if it matters."""
         if self.stats().queued:
             raise ValueError("rearm with shadow copies still queued")
         for number, block in enumerate(self._blocks):
@@ -513,6 +534,69 @@ class WriteProtectSession:
             if rc:
                 raise UffdError("UFFDIO_WRITEPROTECT", -rc, capability=LIVE,
                                 detail=f"re-arming RAM block {block.name!r}")
+
+    def reprotect(self, carried: Mapping[str, PageBitmap] | None = None) -> int:
+        """Write-protect again every page in :attr:`dirty` and clear those bits, or-ing them
+        into ``carried`` (per block name) when given; safe while writers run.  Returns the
+        pages protected again.  Done before a pause, it leaves the pause only what is written
+        after it."""
+        total = 0
+        for number, block in enumerate(self._blocks):
+            into = ffi.NULL
+            if carried is not None:
+                bitmap = carried[block.name]
+                if bitmap.npages != block.page_count:
+                    raise ValueError(f"bitmap of {bitmap.npages} pages for block "
+                                     f"{block.name!r}")
+                into = ffi.cast("pyvmm_u64 *", bitmap.address)
+            rc = int(lib.pyvmm_wp_session_reprotect(self._session, number, into))
+            if rc < 0:
+                raise UffdError("UFFDIO_WRITEPROTECT", -rc, capability=LIVE,
+                                detail=f"re-protecting RAM block {block.name!r}")
+            total += rc
+        return total
+
+    def abandon_round(self) -> None:
+        """Give up the current round (its save failed): pages not saved yet count as saved
+        and queued shadow copies are dropped, so the handler only tracks from now on."""
+        lib.pyvmm_wp_session_abandon_round(self._session)
+
+    def save(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], *,
+             open_saved: bool = False) -> tuple[list[LiveRun], LiveSaveCounts]:
+        """Write every page of ``selection`` as it was when the round began, as QEMU RAM
+        records at ``offset`` of ``fd``, in one C call that never needs the GIL: queued shadow
+        copies first whenever there are any, the other pages claimed and copied out of RAM,
+        64 records per ``pwritev``.  Returns the page runs written and the counters.
+
+        ``open_saved``: unprotect each page once it is copied out, so that later writes to it
+        do not fault; it then counts as dirty, so only for a session that is stopped after this
+        round (a live checkpoint that tracks nothing for the next one)."""
+        specs = ffi.new("struct pyvmm_live_block[]", max(1, len(self._blocks)))
+        keep: list[Any] = []
+        max_runs = 1
+        for number, block in enumerate(self._blocks):
+            selected = selection.get(block.name)
+            if selected is None:
+                continue
+            if selected.npages != block.page_count:
+                raise ValueError(f"bitmap of {selected.npages} pages for block {block.name!r}")
+            name = ffi.new("unsigned char[]", block.name.encode())
+            keep.append(name)
+            specs[number].select = ffi.cast("pyvmm_u64 *", selected.address)
+            specs[number].idstr = name
+            specs[number].idstr_len = len(block.name.encode())
+            max_runs += selected.count()
+        runs = ffi.new("struct pyvmm_live_run[]", max_runs)
+        out = ffi.new("struct pyvmm_live_save_stats *")
+        rc = int(lib.pyvmm_wp_session_save(self._session, fd, offset, specs, runs, max_runs,
+                                           int(open_saved), out))
+        counts = LiveSaveCounts(int(out.bytes_written), int(out.data_pages),
+                                int(out.zero_pages), int(out.from_shadow))
+        if rc:
+            raise UffdError("live save", -rc, capability=LIVE,
+                            detail=f"after {counts.bytes_written} bytes at offset {offset}")
+        return ([LiveRun(int(r.block), int(r.first_page), int(r.npages), int(r.data_offset),
+                         bool(r.zero)) for r in runs[0:int(out.nruns)]], counts)
 
     def mark_sent_unselected(self, block: str, selected: PageBitmap) -> int:
         """Claim, in one C call, every page of ``block`` NOT set in ``selected`` as needing no

@@ -168,8 +168,44 @@ int pyvmm_cow_start(int fd, pyvmm_u64 file_offset, const struct pyvmm_cow_job *j
                     pyvmm_u64 *fork_ns);
 pyvmm_u64 pyvmm_wp_session_mark_sent_unselected(void *handle, unsigned int block,
                                                const pyvmm_u64 *keep);
-pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const pyvmm_u64 *select,
-                                        pyvmm_u64 *next, unsigned char *out, pyvmm_u64 cap,
-                                        pyvmm_u64 *used, pyvmm_u64 *pages, unsigned char *kinds,
-                                        pyvmm_u64 max_records);
 int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *select);
+/* Protect again the pages of `block` with a dirty bit (clearing the bits, or-ing them into
+ * `carried` unless NULL): pages protected since, or -errno. */
+long pyvmm_wp_session_reprotect(void *handle, unsigned int block, pyvmm_u64 *carried);
+/* A failed round: unsaved pages count as saved, queued shadow copies are dropped. */
+void pyvmm_wp_session_abandon_round(void *handle);
+/* The C saver of a live checkpoint: per session block, the pages to save (NULL: none) and the
+ * block's name for its first record. */
+struct pyvmm_live_block {
+    const pyvmm_u64 *select;
+    const unsigned char *idstr;
+    unsigned idstr_len;
+};
+struct pyvmm_live_run {
+    unsigned block;
+    int zero;
+    pyvmm_u64 first_page;
+    pyvmm_u64 npages;
+    pyvmm_u64 data_offset;
+};
+struct pyvmm_live_save_stats {
+    pyvmm_u64 bytes_written;
+    pyvmm_u64 data_pages;
+    pyvmm_u64 zero_pages;
+    pyvmm_u64 from_shadow;
+    pyvmm_u64 nruns;
+};
+/* Writes every selected page as it was at the round's start as QEMU RAM records at `offset` of
+ * fd (pwritev, 64 records at a time): queued shadow copies first whenever there are any, the
+ * other pages claimed and copied out of RAM; returns once every page is written and no handler
+ * copy is pending.  Never needs the GIL.  0, -errno, or -EOVERFLOW when max_runs is short.
+ * open_saved: unprotect each page once claimed from RAM (marking it dirty): for a session that
+ * tracks nothing after this round. */
+int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
+                          const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
+                          pyvmm_u64 max_runs, int open_saved,
+                          struct pyvmm_live_save_stats *stats);
+/* Before start: a fault on the page right after the run the previous fault opened doubles the
+ * run, up to max_pages (dirty tracking then over-counts up to max_pages - 1 pages per
+ * sequential stretch); any other fault opens unprotect_pages again. */
+int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages);

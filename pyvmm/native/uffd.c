@@ -24,6 +24,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "native.h"
@@ -178,12 +179,32 @@ struct wp_session {
     pthread_mutex_t lock; /* guards free stack and queue */
     pthread_cond_t slot_freed;
     unsigned *free_stack, nfree;
-    /* queue of (block, page, slot), a ring of nslots entries: never more entries than slots */
-    unsigned *q_block, *q_slot, q_head, q_len;
+    /* queue of (block, page, slot), a ring of q_cap entries: a page is queued at most once per
+     * round, and a round's entries are all taken before the next, so pages + 1 is enough */
+    unsigned *q_block, *q_slot, q_head, q_len, q_cap;
     u64 *q_page;
+    /* Overflow slots (ids nslots + i), malloc'ed one page each when the pool is full and no C
+     * saver runs (saver_active 0): the handler then never waits for a thread that may need the
+     * GIL; freed as soon as released.  While a C saver runs, a full pool makes writers wait
+     * for it instead (it frees slots without the GIL), which bounds the memory. */
+    unsigned char **extra;
+    unsigned *extra_free, extra_cap, nextra_free; /* free ids of extra, a stack */
+    int saver_active;
     pthread_t thread;
     int running, stopping, error;
     u64 faults, shadow_copies, pool_waits;
+    /* Held while a block's dirty bits and its protection change together: the handler sets a
+     * page's dirty bit and then unprotects it; reprotect takes the bits and protects those
+     * pages.  So a page is unprotected only while its dirty bit is set (or a reprotect pass
+     * that took the bit is protecting it): re-arming then needs to protect only dirty pages. */
+    pthread_mutex_t wp_lock;
+    /* fault-around (handler thread only): a fault on the page right after the run the last
+     * fault opened doubles the run, up to max_unprotect pages; any other fault starts again */
+    u64 max_unprotect, window, last_end;
+    unsigned last_block;
+    /* handlers between claiming a page (NONE -> PROCESSING) and queueing its shadow copy: the
+     * saver is done only when this is 0 and the queue is empty */
+    u64 inflight;
 };
 
 void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslots,
@@ -198,22 +219,22 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
     s->unprotect_pages = unprotect_pages ? unprotect_pages : 1;
     s->blocks = calloc(max_blocks ? max_blocks : 1, sizeof *s->blocks);
     s->free_stack = calloc(s->nslots, sizeof(unsigned));
-    s->q_block = calloc(s->nslots, sizeof(unsigned));
-    s->q_slot = calloc(s->nslots, sizeof(unsigned));
-    s->q_page = calloc(s->nslots, sizeof(u64));
     if (posix_memalign((void **)&s->pool, PAGE_SZ, (size_t)s->nslots * PAGE_SZ))
         s->pool = NULL;
-    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->q_block || !s->q_slot || !s->q_page ||
-        !s->pool) {
+    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->pool) {
         pyvmm_wp_session_free(s);
         return NULL;
     }
-    /* touch the pool now: a shadow copy must not page-fault on first use in the hot path */
-    memset(s->pool, 0, (size_t)s->nslots * PAGE_SZ);
+    /* Only the first slots are touched now (1 MiB at most): a slot costs host memory from its
+     * first shadow copy on, and the free stack hands out the most recently freed slot first
+     * (slot 0 first), so the pool's footprint is the most copies ever waiting at once, not its
+     * size; a copy into a slot beyond these pays one page fault the first time. */
+    memset(s->pool, 0, (size_t)(s->nslots < 256 ? s->nslots : 256) * PAGE_SZ);
     for (unsigned i = 0; i < s->nslots; i++)
         s->free_stack[i] = s->nslots - 1 - i;
     s->nfree = s->nslots;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->wp_lock, NULL);
     pthread_cond_init(&s->slot_freed, NULL);
     return s;
 }
@@ -241,15 +262,47 @@ static struct wp_block *find_block(struct wp_session *s, u64 addr) {
     return NULL;
 }
 
-/* A free shadow slot, waiting for the saver to release one when the pool is full; -1 when the
- * session is stopping. */
+/* An overflow slot (lock held), or -1 without memory. */
+static int take_extra_slot(struct wp_session *s) {
+    if (!s->nextra_free) {
+        unsigned cap = s->extra_cap ? 2 * s->extra_cap : 64;
+        unsigned char **grown = realloc(s->extra, cap * sizeof *grown);
+        if (!grown)
+            return -1;
+        s->extra = grown;
+        unsigned *free_ids = realloc(s->extra_free, cap * sizeof *free_ids);
+        if (!free_ids)
+            return -1;
+        s->extra_free = free_ids;
+        for (unsigned i = cap; i > s->extra_cap; i--) {
+            s->extra[i - 1] = NULL;
+            s->extra_free[s->nextra_free++] = i - 1;
+        }
+        s->extra_cap = cap;
+    }
+    unsigned i = s->extra_free[s->nextra_free - 1];
+    if (posix_memalign((void **)&s->extra[i], PAGE_SZ, PAGE_SZ)) {
+        s->extra[i] = NULL;
+        return -1;
+    }
+    s->nextra_free--;
+    return (int)(s->nslots + i);
+}
+
+/* A free shadow slot; when the pool is full, an overflow slot unless a C saver runs, whom the
+ * handler then waits for.  -1 when the session is stopping. */
 static int take_slot(struct wp_session *s) {
     pthread_mutex_lock(&s->lock);
+    int slot = -1;
     if (!s->nfree)
         s->pool_waits++;
-    while (!s->nfree && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
+    while (!s->nfree && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE)) {
+        if (!s->saver_active && (slot = take_extra_slot(s)) >= 0)
+            break;
         pthread_cond_wait(&s->slot_freed, &s->lock);
-    int slot = s->nfree ? (int)s->free_stack[--s->nfree] : -1;
+    }
+    if (slot < 0 && s->nfree)
+        slot = (int)s->free_stack[--s->nfree];
     pthread_mutex_unlock(&s->lock);
     return slot;
 }
@@ -268,18 +321,24 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
             continue;
         }
         unsigned char expect = ST_NONE;
-        if (!__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_ACQUIRE))
+        /* counted before the claim: a saver that sees 0 here after its pass knows that no
+         * claim of a page it skipped is still on its way to the queue */
+        __atomic_add_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
+        if (!__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST)) {
+            __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
             continue;
+        }
         int slot = take_slot(s);
         if (slot < 0) { /* stopping: nobody will save it any more */
             __atomic_store_n(st, ST_NONE, __ATOMIC_RELEASE);
+            __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
             return;
         }
-        memcpy(s->pool + (size_t)slot * PAGE_SZ, (void *)(uintptr_t)(b->base + p * PAGE_SZ),
-               PAGE_SZ);
+        memcpy(pyvmm_wp_session_slot_addr(s, (unsigned)slot),
+               (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
         pthread_mutex_lock(&s->lock);
-        unsigned tail = (s->q_head + s->q_len) % s->nslots;
+        unsigned tail = (s->q_head + s->q_len) % s->q_cap;
         s->q_block[tail] = (unsigned)(b - s->blocks);
         s->q_page[tail] = p;
         s->q_slot[tail] = (unsigned)slot;
@@ -287,6 +346,7 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
         s->shadow_copies++;
         pthread_mutex_unlock(&s->lock);
         __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+        __atomic_sub_fetch(&s->inflight, 1, __ATOMIC_SEQ_CST);
         return;
     }
 }
@@ -297,21 +357,34 @@ static void handle_fault(struct wp_session *s, u64 addr) {
         pyvmm_uffd_writeprotect(s->uffd, addr & ~(u64)(PAGE_SZ - 1), PAGE_SZ, 0);
         return;
     }
-    u64 page = (addr - b->base) / PAGE_SZ;
-    u64 first = page - page % s->unprotect_pages;
-    u64 last = first + s->unprotect_pages;
+    u64 page = (addr - b->base) / PAGE_SZ, first, last;
+    unsigned number = (unsigned)(b - s->blocks);
+    if (s->max_unprotect > s->unprotect_pages && number == s->last_block && s->last_end &&
+        page == s->last_end) { /* a sequential writer: open more ahead of it */
+        s->window = 2 * s->window < s->max_unprotect ? 2 * s->window : s->max_unprotect;
+        first = page;
+        last = page + s->window;
+    } else {
+        s->window = s->unprotect_pages;
+        first = page - page % s->unprotect_pages;
+        last = first + s->unprotect_pages;
+    }
     if (last > b->npages)
         last = b->npages;
+    s->last_block = number;
+    s->last_end = last;
     /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
      * it will not fault */
-    for (u64 p = first; p < last; p++) {
+    for (u64 p = first; p < last; p++)
         secure_page(s, b, p);
+    pthread_mutex_lock(&s->wp_lock);
+    for (u64 p = first; p < last; p++)
         pyvmm_bitmap_set_bit(b->dirty, p);
-    }
     /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
     __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
     int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ,
                                      (last - first) * PAGE_SZ, 0);
+    pthread_mutex_unlock(&s->wp_lock);
     /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown */
     if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
         __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
@@ -354,6 +427,15 @@ int pyvmm_wp_session_start(void *handle, int cpu) {
     struct wp_session *s = handle;
     if (s->running)
         return -EBUSY;
+    if (!s->q_cap) { /* the blocks are known now */
+        u64 cap = s->total_pages + 1;
+        s->q_block = calloc(cap, sizeof(unsigned));
+        s->q_slot = calloc(cap, sizeof(unsigned));
+        s->q_page = calloc(cap, sizeof(u64));
+        if (!s->q_block || !s->q_slot || !s->q_page || cap > 0xffffffffu)
+            return -ENOMEM;
+        s->q_cap = (unsigned)cap;
+    }
     int rc = pthread_create(&s->thread, NULL, handler_main, s);
     if (rc)
         return -rc;
@@ -405,6 +487,10 @@ void pyvmm_wp_session_free(void *handle) {
     free(s->q_block);
     free(s->q_slot);
     free(s->q_page);
+    for (unsigned i = 0; i < s->extra_cap; i++)
+        free(s->extra[i]);
+    free(s->extra);
+    free(s->extra_free);
     free(s);
 }
 
@@ -417,7 +503,7 @@ int pyvmm_wp_session_next_shadow(void *handle, unsigned int *block, pyvmm_u64 *p
         *block = s->q_block[s->q_head];
         *page = s->q_page[s->q_head];
         *slot = s->q_slot[s->q_head];
-        s->q_head = (s->q_head + 1) % s->nslots;
+        s->q_head = (s->q_head + 1) % s->q_cap;
         s->q_len--;
         got = 1;
     }
@@ -427,18 +513,30 @@ int pyvmm_wp_session_next_shadow(void *handle, unsigned int *block, pyvmm_u64 *p
 
 void *pyvmm_wp_session_slot_addr(void *handle, unsigned int slot) {
     struct wp_session *s = handle;
-    return slot < s->nslots ? s->pool + (size_t)slot * PAGE_SZ : NULL;
+    if (slot < s->nslots)
+        return s->pool + (size_t)slot * PAGE_SZ;
+    slot -= s->nslots;
+    return slot < s->extra_cap ? s->extra[slot] : NULL;
 }
 
 int pyvmm_wp_session_release_shadow(void *handle, unsigned int slot) {
     struct wp_session *s = handle;
-    if (slot >= s->nslots)
-        return -EINVAL;
     pthread_mutex_lock(&s->lock);
-    int rc = s->nfree < s->nslots ? 0 : -EINVAL;
-    if (!rc) {
+    int rc = 0;
+    if (slot >= s->nslots) {
+        unsigned i = slot - s->nslots;
+        if (i < s->extra_cap && s->extra[i]) {
+            free(s->extra[i]);
+            s->extra[i] = NULL;
+            s->extra_free[s->nextra_free++] = i;
+        } else {
+            rc = -EINVAL;
+        }
+    } else if (s->nfree < s->nslots) {
         s->free_stack[s->nfree++] = slot;
         pthread_cond_signal(&s->slot_freed);
+    } else {
+        rc = -EINVAL;
     }
     pthread_mutex_unlock(&s->lock);
     return rc;
@@ -519,72 +617,57 @@ pyvmm_u64 pyvmm_wp_session_mark_sent_unselected(void *handle, unsigned int block
     return marked;
 }
 
-/* Claim and copy out, as CONTINUE RAM records, the pages of `block` from *next on that are set
- * in `select` and not saved yet: per page the be64 header (offset | PAGE | CONTINUE) and the
- * 4096 bytes, or (offset | ZERO | CONTINUE) and a 0 fill byte for an all-zero page.  Stops
- * before `out` (cap bytes) or pages/kinds (max_records) would overflow.  pages[i]/kinds[i] (0 data, 1 zero) describe record
- * i.  Returns the number of records; *next is where to go on (npages: done), *used the bytes.
- * Each page is claimed, copied and marked sent without leaving C, so a writer faulting on it
- * meanwhile waits for a memcpy only, never for the GIL. */
-pyvmm_u64 pyvmm_wp_session_take_records(void *handle, unsigned int block, const pyvmm_u64 *select,
-                                        pyvmm_u64 *next, unsigned char *out, pyvmm_u64 cap,
-                                        pyvmm_u64 *used, pyvmm_u64 *pages, unsigned char *kinds,
-                                        pyvmm_u64 max_records) {
+/* ---- re-arming without walking all of RAM ------------------------------------------------ */
+
+/* Protect again every page of `block` whose dirty bit is set, clearing the bits (or-ed into
+ * `carried` when it is not NULL).  Pages without a dirty bit are still protected (see wp_lock),
+ * so this costs in proportion to the pages written since the last pass, not to RAM.  Works a
+ * 64-word (4096-page) chunk per lock hold, so a writer faulting meanwhile waits for one chunk
+ * at most; the runs of one chunk go in one WRITEPROTECT per span of consecutive non-empty
+ * words (the clean pages inside a span are protected already: protecting them again is cheap).
+ * Returns the pages protected again, or -errno. */
+long pyvmm_wp_session_reprotect(void *handle, unsigned int block, pyvmm_u64 *carried) {
     struct wp_session *s = handle;
-    u64 n = 0, off = 0;
-    if (block >= s->nblocks) {
-        *used = 0;
-        return 0;
-    }
+    if (block >= s->nblocks)
+        return -EINVAL;
     struct wp_block *b = &s->blocks[block];
-    u64 p = *next;
-    while (p < b->npages) {
-        u64 word = __atomic_load_n(&select[p / 64], __ATOMIC_ACQUIRE) >> (p % 64);
-        if (!word) { /* nothing selected in the rest of this word */
-            p = (p / 64 + 1) * 64;
-            continue;
-        }
-        if (!(word & 1)) {
-            p++;
-            continue;
-        }
-        if (off + 8 + PAGE_SZ > cap || n >= max_records)
-            break;
-        unsigned char *st = &s->state[b->first + p];
-        unsigned char expect = ST_NONE;
-        if (__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_ACQ_REL,
-                                        __ATOMIC_ACQUIRE)) {
-            unsigned char *rec = out + off;
-            memcpy(rec + 8, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
-            __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
-            const u64 *w = (const u64 *)(rec + 8);
-            int zero = 1;
-            for (unsigned i = 0; i < PAGE_SZ / 8; i++)
-                if (w[i]) {
-                    zero = 0;
+    u64 words = (b->npages + 63) / 64, count = 0;
+    int rc = 0;
+    for (u64 w0 = 0; w0 < words && !rc; w0 += 64) {
+        u64 w1 = w0 + 64 < words ? w0 + 64 : words;
+        u64 span_start = 0, span_end = 0; /* pages; empty when equal */
+        pthread_mutex_lock(&s->wp_lock);
+        for (u64 w = w0; w <= w1; w++) {
+            u64 bits = 0;
+            if (w < w1 && __atomic_load_n(&b->dirty[w], __ATOMIC_RELAXED))
+                bits = __atomic_exchange_n(&b->dirty[w], 0, __ATOMIC_ACQ_REL);
+            if (bits) {
+                if (carried)
+                    carried[w] |= bits;
+                count += (u64)__builtin_popcountll(bits);
+                u64 lo = w * 64 + (u64)__builtin_ctzll(bits);
+                u64 hi = w * 64 + 64 - (u64)__builtin_clzll(bits);
+                if (span_end == span_start)
+                    span_start = lo;
+                span_end = hi;
+                continue;
+            }
+            if (span_end != span_start) {
+                rc = pyvmm_uffd_writeprotect(s->uffd, b->base + span_start * PAGE_SZ,
+                                             (span_end - span_start) * PAGE_SZ, 1);
+                span_start = span_end = 0;
+                if (rc)
                     break;
-                }
-            u64 header = p * PAGE_SZ | (zero ? 0x02 : 0x08) | 0x20;
-            for (int i = 0; i < 8; i++)
-                rec[i] = (unsigned char)(header >> (56 - 8 * i));
-            if (zero)
-                rec[8] = 0;
-            off += zero ? 9 : 8 + PAGE_SZ;
-            pages[n] = p;
-            kinds[n] = (unsigned char)zero;
-            n++;
+            }
         }
-        p++;
+        pthread_mutex_unlock(&s->wp_lock);
     }
-    *next = p;
-    *used = off;
-    return n;
+    return rc ? rc : (long)count;
 }
 
-/* Start a new round on a live session whose guest is paused and whose shadow queue is empty:
- * pages set in `select` need saving again, all others count as saved; the block's dirty bitmap
- * is cleared and the whole block write-protected again.  Re-arming costs one WRITEPROTECT
- * instead of a new userfaultfd, registration, handler thread and shadow pool. */
+/* Start a new round (guest paused, the previous round finished): pages set in `select` need
+ * saving, all others count as saved; pages written since the last reprotect are protected
+ * again and the block's dirty bits cleared (the caller read them first). */
 int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *select) {
     struct wp_session *s = handle;
     if (block >= s->nblocks)
@@ -594,11 +677,296 @@ int pyvmm_wp_session_rearm(void *handle, unsigned int block, const pyvmm_u64 *se
     u64 words = (b->npages + 63) / 64;
     for (u64 w = 0; w < words; w++) {
         u64 bits = select[w];
-        u64 end = (w + 1) * 64 < b->npages ? (w + 1) * 64 : b->npages;
-        for (u64 p = w * 64; p < end; p++)
-            __atomic_store_n(&st[p], (bits >> (p - w * 64) & 1) ? ST_NONE : ST_SENT,
-                             __ATOMIC_RELEASE);
-        __atomic_store_n(&b->dirty[w], 0, __ATOMIC_RELEASE);
+        u64 p0 = w * 64, end = p0 + 64 < b->npages ? p0 + 64 : b->npages;
+        if (bits == 0 || (bits == ~(u64)0 && end - p0 == 64)) {
+            memset(st + p0, bits ? ST_NONE : ST_SENT, end - p0);
+            continue;
+        }
+        for (u64 p = p0; p < end; p++)
+            st[p] = (bits >> (p - p0) & 1) ? ST_NONE : ST_SENT;
     }
-    return pyvmm_uffd_writeprotect(s->uffd, b->base, b->npages * PAGE_SZ, 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    long rc = pyvmm_wp_session_reprotect(s, block, NULL);
+    return rc < 0 ? (int)rc : 0;
+}
+
+/* Give up the current round (a failed save): every page not saved yet counts as saved, and the
+ * queued shadow copies are dropped, once no handler is between claim and queue.  Afterwards the
+ * handler only tracks, and never waits for a saver that is gone. */
+void pyvmm_wp_session_abandon_round(void *handle) {
+    struct wp_session *s = handle;
+    for (u64 i = 0; i < s->total_pages; i++) {
+        unsigned char expect = ST_NONE;
+        __atomic_compare_exchange_n(&s->state[i], &expect, ST_SENT, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST);
+    }
+    for (;;) {
+        u64 busy = __atomic_load_n(&s->inflight, __ATOMIC_SEQ_CST);
+        unsigned block, slot;
+        u64 page;
+        while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot))
+            pyvmm_wp_session_release_shadow(s, slot);
+        if (!busy)
+            break;
+        sched_yield();
+    }
+}
+
+/* ---- the saver, in C ---------------------------------------------------------------------- */
+
+#define SAVE_BATCH 64u  /* records per pwritev */
+#define SAVE_POLL 16u   /* pages claimed from RAM between two looks at the shadow queue */
+#define REC_PAGE 0x08u
+#define REC_ZERO 0x02u
+#define REC_CONTINUE 0x20u
+
+struct saver {
+    struct wp_session *s;
+    const struct pyvmm_live_block *blocks;
+    int fd;
+    u64 offset;  /* file offset of the next batch */
+    u64 pending; /* bytes in the batch */
+    int last_block;
+    struct iovec iov[2 * SAVE_BATCH];
+    unsigned niov, nrec, ncopy, nslots;
+    unsigned char hdr[SAVE_BATCH][8 + 1 + 255 + 1];
+    unsigned char *copy; /* SAVE_BATCH pages copied out of RAM */
+    unsigned slots[SAVE_BATCH];
+    struct pyvmm_live_run *runs;
+    u64 max_runs;
+    struct pyvmm_live_save_stats *st;
+    int open_saved;
+    unsigned open_block;
+    u64 open_start, open_end; /* pages claimed from RAM, to unprotect (empty when equal) */
+};
+
+/* Unprotect the run of pages the saver claimed (open_saved): later writes to them need no
+ * fault.  Their dirty bits are set first, under wp_lock, as for a handler's unprotect. */
+static int saver_open(struct saver *sv) {
+    if (sv->open_end == sv->open_start)
+        return 0;
+    struct wp_session *s = sv->s;
+    struct wp_block *b = &s->blocks[sv->open_block];
+    pthread_mutex_lock(&s->wp_lock);
+    pyvmm_bitmap_set_range(b->dirty, sv->open_start, sv->open_end - sv->open_start);
+    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + sv->open_start * PAGE_SZ,
+                                     (sv->open_end - sv->open_start) * PAGE_SZ, 0);
+    pthread_mutex_unlock(&s->wp_lock);
+    sv->open_start = sv->open_end = 0;
+    return rc == -EAGAIN ? 0 : rc;
+}
+
+static int is_zero_page(const void *data) {
+    const u64 *w = data;
+    for (unsigned i = 0; i < PAGE_SZ / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+static int saver_flush(struct saver *sv) {
+    struct iovec *iov = sv->iov;
+    unsigned n = sv->niov;
+    u64 off = sv->offset;
+    while (n) {
+        ssize_t got = pwritev(sv->fd, iov, (int)n, (off_t)off);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (got == 0)
+            return -EIO;
+        off += (u64)got;
+        sv->st->bytes_written += (u64)got;
+        while (n && (u64)got >= iov->iov_len) {
+            got -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n) {
+            iov->iov_base = (char *)iov->iov_base + got;
+            iov->iov_len -= (size_t)got;
+        }
+    }
+    sv->offset = off;
+    sv->pending = 0;
+    for (unsigned i = 0; i < sv->nslots; i++)
+        pyvmm_wp_session_release_shadow(sv->s, sv->slots[i]);
+    sv->niov = sv->nrec = sv->ncopy = sv->nslots = 0;
+    return 0;
+}
+
+static int saver_add_run(struct saver *sv, unsigned block, u64 page, u64 data_offset, int zero,
+                         int cont) {
+    struct pyvmm_live_save_stats *st = sv->st;
+    if (st->nruns) {
+        struct pyvmm_live_run *r = &sv->runs[st->nruns - 1];
+        if (cont && r->block == block && r->first_page + r->npages == page && r->zero == zero &&
+            (zero || r->data_offset + r->npages * (8 + PAGE_SZ) == data_offset)) {
+            r->npages++;
+            return 0;
+        }
+    }
+    if (st->nruns >= sv->max_runs)
+        return -EOVERFLOW;
+    sv->runs[st->nruns++] = (struct pyvmm_live_run){block, zero, page, 1, data_offset};
+    return 0;
+}
+
+/* Append the record of `page` of `block` (4 KiB at `data`, in the copy buffer or a shadow slot
+ * that is released once written: slot >= 0). */
+static int saver_record(struct saver *sv, unsigned block, u64 page, const void *data, int slot) {
+    int zero = is_zero_page(data);
+    unsigned char *h = sv->hdr[sv->nrec];
+    int cont = (int)block == sv->last_block;
+    u64 header = page * PAGE_SZ | (zero ? REC_ZERO : REC_PAGE) | (cont ? REC_CONTINUE : 0);
+    for (int i = 0; i < 8; i++)
+        h[i] = (unsigned char)(header >> (56 - 8 * i));
+    size_t hlen = 8;
+    if (!cont) {
+        const struct pyvmm_live_block *lb = &sv->blocks[block];
+        h[8] = (unsigned char)lb->idstr_len;
+        memcpy(h + 9, lb->idstr, lb->idstr_len);
+        hlen = 9 + lb->idstr_len;
+        sv->last_block = (int)block;
+    }
+    if (zero)
+        h[hlen++] = 0;
+    sv->iov[sv->niov++] = (struct iovec){h, hlen};
+    u64 data_offset = zero ? 0 : sv->offset + sv->pending + hlen;
+    sv->pending += hlen;
+    if (!zero) {
+        sv->iov[sv->niov++] = (struct iovec){(void *)data, PAGE_SZ};
+        sv->pending += PAGE_SZ;
+        sv->st->data_pages++;
+    } else {
+        sv->st->zero_pages++;
+    }
+    if (slot >= 0) {
+        sv->slots[sv->nslots++] = (unsigned)slot;
+        sv->st->from_shadow++;
+    }
+    sv->nrec++;
+    int rc = saver_add_run(sv, block, page, data_offset, zero, cont);
+    if (rc)
+        return rc;
+    return sv->nrec == SAVE_BATCH ? saver_flush(sv) : 0;
+}
+
+/* Write every queued shadow copy; their slots go back to the pool right away. */
+static int saver_drain(struct saver *sv) {
+    struct wp_session *s = sv->s;
+    if (!__atomic_load_n(&s->q_len, __ATOMIC_ACQUIRE))
+        return 0;
+    unsigned block, slot;
+    u64 page;
+    int got = 0;
+    while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot)) {
+        got = 1;
+        int rc = saver_record(sv, block, page, pyvmm_wp_session_slot_addr(s, slot), (int)slot);
+        if (rc) {
+            pyvmm_wp_session_release_shadow(s, slot);
+            return rc;
+        }
+    }
+    /* a waiting writer gets its slot back now, not after the next full batch */
+    return got && sv->nslots ? saver_flush(sv) : 0;
+}
+
+int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
+                          const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
+                          pyvmm_u64 max_runs, int open_saved,
+                          struct pyvmm_live_save_stats *stats) {
+    struct wp_session *s = handle;
+    memset(stats, 0, sizeof *stats);
+    struct saver *sv = calloc(1, sizeof *sv);
+    if (!sv)
+        return -ENOMEM;
+    if (posix_memalign((void **)&sv->copy, PAGE_SZ, (size_t)SAVE_BATCH * PAGE_SZ)) {
+        free(sv);
+        return -ENOMEM;
+    }
+    *sv = (struct saver){.s = s, .blocks = blocks, .fd = fd, .offset = offset, .last_block = -1,
+                         .copy = sv->copy, .runs = runs, .max_runs = max_runs, .st = stats,
+                         .open_saved = open_saved};
+    pthread_mutex_lock(&s->lock);
+    s->saver_active = 1;
+    pthread_mutex_unlock(&s->lock);
+    int rc = 0;
+    for (unsigned bi = 0; bi < s->nblocks && !rc; bi++) {
+        const u64 *select = blocks[bi].select;
+        struct wp_block *b = &s->blocks[bi];
+        if (!select)
+            continue;
+        unsigned since_poll = 0;
+        for (u64 p = 0; p < b->npages && !rc;) {
+            u64 word = select[p / 64] >> (p % 64);
+            if (!word) {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            if (!(word & 1)) {
+                p += (u64)__builtin_ctzll(word);
+                continue;
+            }
+            if (++since_poll == SAVE_POLL) {
+                since_poll = 0;
+                if ((rc = saver_drain(sv)))
+                    break;
+            }
+            unsigned char *st = &s->state[b->first + p];
+            unsigned char expect = ST_NONE;
+            if (__atomic_compare_exchange_n(st, &expect, ST_PROCESSING, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST)) {
+                unsigned char *dst = sv->copy + (size_t)sv->ncopy++ * PAGE_SZ;
+                memcpy(dst, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
+                __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
+                if (sv->open_saved) {
+                    if (sv->open_end != p || sv->open_block != bi ||
+                        sv->open_end - sv->open_start >= SAVE_BATCH) {
+                        if ((rc = saver_open(sv)))
+                            break;
+                        sv->open_block = bi;
+                        sv->open_start = p;
+                    }
+                    sv->open_end = p + 1;
+                }
+                rc = saver_record(sv, bi, p, dst, -1);
+            }
+            p++;
+        }
+        if (!rc)
+            rc = saver_open(sv);
+    }
+    /* pages a handler claimed before the pass reached them are still on their way */
+    while (!rc) {
+        u64 busy = __atomic_load_n(&s->inflight, __ATOMIC_SEQ_CST);
+        if ((rc = saver_drain(sv)))
+            break;
+        if (!busy && !__atomic_load_n(&s->q_len, __ATOMIC_SEQ_CST))
+            break;
+        if (busy)
+            sched_yield();
+    }
+    if (!rc)
+        rc = saver_flush(sv);
+    if (rc) /* copies taken but not written: their slots go back (the round is abandoned) */
+        for (unsigned i = 0; i < sv->nslots; i++)
+            pyvmm_wp_session_release_shadow(s, sv->slots[i]);
+    pthread_mutex_lock(&s->lock);
+    s->saver_active = 0;
+    pthread_cond_broadcast(&s->slot_freed); /* waiters go on with overflow slots */
+    pthread_mutex_unlock(&s->lock);
+    free(sv->copy);
+    free(sv);
+    return rc;
+}
+
+int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages) {
+    struct wp_session *s = handle;
+    if (s->running)
+        return -EBUSY;
+    s->max_unprotect = max_pages;
+    return 0;
 }

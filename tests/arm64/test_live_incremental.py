@@ -22,6 +22,7 @@ from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine
 from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import CheckpointFile
+from pyvmm.migration.postcopy_uffd import WriteProtectSession
 
 
 def ram_digest(machine: Machine) -> str:
@@ -217,3 +218,47 @@ def test_negative_disk_full_loses_no_dirty_page(tmp_path: Path, capabilities: li
         assert list(chain_states(path, 2)) == expected
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("tracker", ["async", "wp"])
+def test_live_incremental_keeps_one_userfaultfd(tmp_path: Path, tracker: str) -> None:
+    """A live incremental chain re-arms one session (one userfaultfd, one registration) at every
+    pause, whichever tracker was named; the chain still reloads to each pause's state."""
+    path = tmp_path / "chain.bin"
+    at_pause: list[tuple[str, object, object]] = []
+    with workload("random", "8M") as machine:
+        checkpointer = Checkpointer(machine, path, capabilities=["live", "incremental"],
+                                    tracker=tracker)
+        checkpointer.on_pause = lambda m: at_pause.append(state(m))
+        machine.start()
+        sessions = set()
+        fds = set()
+        kinds = []
+        for _ in range(4):
+            time.sleep(0.03)
+            stats = checkpointer.checkpoint()
+            kinds.append(stats.kind)
+            assert stats.tracker == "wp"  # the live session tracks, see pyvmm.migration.dirty
+            live = checkpointer._tracker
+            assert live is not None and hasattr(live, "session")
+            sessions.add(id(live.session))
+            fds.add(live.session._uffd.fileno())
+        machine.pause()
+        checkpointer.close()
+    assert kinds == ["full"] + ["incremental"] * 3
+    assert len(sessions) == 1 and len(fds) == 1 and -1 not in fds
+    assert list(chain_states(path, 4)) == at_pause
+
+
+def test_live_only_checkpointer_tracks_nothing_between_checkpoints(tmp_path: Path) -> None:
+    with workload("sequential", "4M") as machine:
+        checkpointer = Checkpointer(machine, tmp_path / "live.bin", capabilities=["live"])
+        machine.start()
+        time.sleep(0.02)
+        stats = checkpointer.checkpoint()
+        assert checkpointer._tracker is None and stats.pages_carried == 0
+        machine.pause()
+        # RAM is no longer registered: a new userfaultfd can take it
+        session = WriteProtectSession(machine.ram_blocks, tracking_only=True)
+        session.stop()
+        checkpointer.close()

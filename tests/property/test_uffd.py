@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -195,8 +196,6 @@ def _run_live_checkpoint(block: RamBlock, seed: int, *, shadow_pages: int,
     stats = session.stats()
     session.stop()
     assert not failures, failures
-    print(stats)
-    return stats
     assert sorted(saved) == list(range(NPAGES))
     image = b"".join(saved[p] for p in range(NPAGES))
     assert image == image_at_protect
@@ -206,6 +205,7 @@ def _run_live_checkpoint(block: RamBlock, seed: int, *, shadow_pages: int,
     # RAM itself holds the writes: every written byte is 0xee
     for off, n in writes[-20:]:
         assert block.read(off, n) == b"\xee" * n
+    return stats
 
 
 @settings(FAST, max_examples=15)
@@ -270,3 +270,236 @@ def test_negative_wrapper_errors_name_the_ioctl(block: RamBlock) -> None:
     with pytest.raises(UffdError) as info:
         uffd.wake(block.host_addr, PAGE_SIZE)
     assert info.value.errno == errno.EBADF
+
+
+def _parse_records(data: bytes) -> dict[int, bytes]:
+    """Page -> bytes of a run of QEMU RAM records (one block named 'ram'), each page once."""
+    pages: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        header = int.from_bytes(data[pos:pos + 8], "big")
+        pos += 8
+        page, flags = header // PAGE_SIZE, header % PAGE_SIZE
+        if not flags & 0x20:  # no CONTINUE: the block's name follows
+            assert data[pos + 1:pos + 1 + data[pos]] == b"ram"
+            pos += 1 + data[pos]
+        assert page not in pages, f"page {page} saved twice"
+        if flags & 0x02:
+            assert data[pos] == 0
+            pages[page] = bytes(PAGE_SIZE)
+            pos += 1
+        else:
+            assert flags & 0x08
+            pages[page] = data[pos:pos + PAGE_SIZE]
+            pos += PAGE_SIZE
+    return pages
+
+
+def _c_saver_round(block: RamBlock, tmp_path: Path, seed: int, *, shadow_pages: int,
+                   gil_holding: bool) -> WriteProtectStats:
+    """Protect, let a writer scribble while the C saver writes the records to a file."""
+    rng = random.Random(seed)
+    for page in rng.sample(range(NPAGES), NPAGES // 2):
+        block.write(page * PAGE_SIZE, rng.randbytes(64) * (PAGE_SIZE // 64))
+    image_at_protect = block.read(0, block.size)
+    selected = block.new_bitmap()
+    selected.set_all()
+    # writes of up to 16 pages: a GIL-holding one faults page after page with the GIL held
+    writes = [(rng.randrange(NPAGES * PAGE_SIZE - 16 * PAGE_SIZE),
+               rng.randrange(1, 16 * PAGE_SIZE)) for _ in range(200)]
+    written_pages = {p for off, n in writes for p in range(off // PAGE_SIZE,
+                                                           (off + n - 1) // PAGE_SIZE + 1)}
+    failures: list[BaseException] = []
+    session = WriteProtectSession([block], shadow_pages=shadow_pages, tracking_only=True)
+    session.rearm({"ram": selected})
+    path = tmp_path / f"records-{seed}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    result: list[object] = []
+
+    def writer() -> None:
+        try:
+            for off, n in writes:
+                if gil_holding:  # slice assignment: the GIL stays held while it faults
+                    block.mem[off:off + n] = b"\xee" * n
+                else:
+                    ctypes.memset(block.host_addr + off, 0xEE, n)
+        except BaseException as err:
+            failures.append(err)
+
+    def saver() -> None:
+        try:
+            result.append(session.save(fd, 100, {"ram": selected}))
+        except BaseException as err:
+            failures.append(err)
+
+    try:
+        threads = [threading.Thread(target=writer), threading.Thread(target=saver)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "deadlock: a thread did not finish"
+        stats = session.stats()
+        session.stop()
+        assert not failures, failures
+        runs, counts = result[0]  # type: ignore[misc]
+        data = os.pread(fd, counts.bytes_written + 1, 100)
+    finally:
+        os.close(fd)
+    assert len(data) == counts.bytes_written
+    saved = _parse_records(data)
+    assert sorted(saved) == list(range(NPAGES))
+    assert b"".join(saved[p] for p in range(NPAGES)) == image_at_protect
+    assert counts.data_pages + counts.zero_pages == NPAGES
+    assert counts.from_shadow == stats.shadow_copies
+    # the runs the container's page index gets say the same
+    for run in runs:
+        for k in range(run.npages):
+            page = run.first_page + k
+            if run.zero:
+                assert saved[page] == bytes(PAGE_SIZE)
+            else:
+                offset = run.data_offset + k * (8 + PAGE_SIZE) - 100
+                assert data[offset:offset + PAGE_SIZE] == saved[page]
+    assert sum(run.npages for run in runs) == NPAGES
+    assert set(session.dirty["ram"]) == written_pages
+    assert stats.handler_errno == 0
+    return stats
+
+
+@settings(FAST, max_examples=10)
+@given(seed=st.integers(0, 2**32), gil_holding=st.booleans())
+def test_c_saver_holds_ram_as_at_protect(block: RamBlock, tmp_path: Path, seed: int,
+                                         gil_holding: bool) -> None:
+    _c_saver_round(block, tmp_path, seed, shadow_pages=64, gil_holding=gil_holding)
+
+
+def test_c_saver_full_pool_with_gil_holding_writer_completes(block: RamBlock,
+                                                             tmp_path: Path) -> None:
+    """One shadow slot and a writer that holds the GIL through multi-page writes: each fault
+    waits for the saver to free the slot.  A saver that needed the GIL would deadlock here."""
+    stats = _c_saver_round(block, tmp_path, 11, shadow_pages=1, gil_holding=True)
+    assert stats.pool_waits > 0
+
+
+def test_reprotect_keeps_every_clean_page_protected(block: RamBlock) -> None:
+    """Pre-pause passes re-protect only dirty pages while a writer runs; afterwards every page
+    is protected again or carried, so re-arming needs no walk over all of RAM."""
+    block.write(0, bytes(block.size))  # populated
+    carried = {"ram": block.new_bitmap()}
+    written: set[int] = set()
+    stop = threading.Event()
+    rng = random.Random(3)
+    order = [rng.randrange(NPAGES) for _ in range(4000)]
+
+    with WriteProtectSession([block], tracking_only=True) as session:
+        def writer() -> None:
+            for page in order:
+                if stop.is_set():
+                    break
+                ctypes.memset(block.host_addr + page * PAGE_SIZE + 8, 0x33, 8)
+                written.add(page)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        passes = 0
+        while thread.is_alive() and passes < 200:
+            session.reprotect(carried)
+            passes += 1
+        stop.set()
+        thread.join()
+        session.reprotect(carried)
+        assert set(carried["ram"]) == written
+        assert not session.dirty["ram"].any()
+        before = session.stats().faults
+        ctypes.memset(block.host_addr, 0x44, block.size)  # every page: protected, so faults
+        assert session.stats().faults - before == NPAGES
+        assert session.dirty["ram"].count() == NPAGES
+        assert session.stats().shadow_copies == 0  # tracking only: nothing to save
+
+
+def test_rearm_and_abandoned_round(block: RamBlock) -> None:
+    block.write(0, b"x" * block.size)
+    selected = block.new_bitmap()
+    selected.set_range(0, 10)
+    with WriteProtectSession([block], shadow_pages=1, tracking_only=True) as session:
+        block.write(5 * PAGE_SIZE, b"before")  # tracked: dirty, unprotected
+        assert list(session.dirty["ram"]) == [5]
+        session.rearm({"ram": selected})
+        assert not session.dirty["ram"].any()
+        assert not session.is_sent("ram", 5) and session.is_sent("ram", 10)
+        block.write(5 * PAGE_SIZE, b"during")  # protected again: faults, shadowed
+        assert session.stats().queued == 1
+        assert list(session.dirty["ram"]) == [5]
+        session.abandon_round()  # the save failed
+        assert session.stats().queued == 0
+        assert all(session.is_sent("ram", p) for p in range(NPAGES))
+        done = threading.Event()
+
+        def writer() -> None:  # unsaved pages, one slot: waits forever unless abandoned
+            ctypes.memset(block.host_addr, 0x55, 20 * PAGE_SIZE)
+            done.set()
+
+        threading.Thread(target=writer, daemon=True).start()
+        assert done.wait(10), "a writer waited for a saver that is gone"
+        assert session.stats().shadow_copies == 1
+        session.rearm({"ram": selected})  # the next round starts clean
+        assert session.stats().queued == 0 and not session.is_sent("ram", 0)
+
+
+def test_full_pool_without_saver_takes_extra_pages(block: RamBlock, tmp_path: Path) -> None:
+    """No saver runs yet and a GIL-holding writer opens 8 pages with a 1-slot pool: the handler
+    must not wait for a saver (this thread, which holds the GIL); the copies wait in extra
+    pages until the C saver writes them."""
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    before = block.read(0, 8 * PAGE_SIZE)
+    selected = block.new_bitmap()
+    selected.set_range(0, 8)
+    with WriteProtectSession([block], shadow_pages=1, tracking_only=True) as session:
+        session.rearm({"ram": selected})
+        block.mem[0:8 * PAGE_SIZE] = b"\x01" * (8 * PAGE_SIZE)  # GIL held across 8 faults
+        stats = session.stats()
+        assert (stats.shadow_copies, stats.queued) == (8, 8) and stats.pool_waits >= 7
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            runs, counts = session.save(fd, 0, {"ram": selected})
+            data = os.pread(fd, counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+        assert counts.from_shadow == 8 and session.stats().queued == 0
+    saved = _parse_records(data)
+    assert b"".join(saved[p] for p in range(8)) == before
+    assert [(r.first_page, r.npages, r.zero) for r in runs] == [(0, 8, False)]
+
+
+def test_fault_around_opens_growing_runs_for_a_sequential_writer(block: RamBlock,
+                                                                  tmp_path: Path) -> None:
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    before = block.read(0, block.size)
+    selected = block.new_bitmap()
+    selected.set_all()
+    with WriteProtectSession([block], shadow_pages=64, tracking_only=True,
+                             fault_around=8) as session:
+        session.rearm({"ram": selected})
+        ctypes.memset(block.host_addr, 0x11, 64 * PAGE_SIZE)  # pages 0..63 in order
+        stats = session.stats()
+        # runs of 1, 2, 4, then 8 pages: 3 + 8 faults instead of 64
+        assert stats.faults == 11
+        dirty = set(session.dirty["ram"])
+        assert set(range(64)) <= dirty and max(dirty) < 64 + 7
+        assert stats.shadow_copies == len(dirty)  # each opened page was saved first
+        faults = stats.faults
+        ctypes.memset(block.host_addr + 300 * PAGE_SIZE, 0x22, 8)  # elsewhere: one page again
+        ctypes.memset(block.host_addr + 302 * PAGE_SIZE, 0x22, 8)
+        assert session.stats().faults == faults + 2
+        assert {300, 302} <= set(session.dirty["ram"]) and 301 not in session.dirty["ram"]
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _, counts = session.save(fd, 0, {"ram": selected})
+            data = os.pread(fd, counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+    saved = _parse_records(data)
+    assert b"".join(saved[p] for p in range(NPAGES)) == before
+    with pytest.raises(ValueError):
+        WriteProtectSession([block], unprotect_pages=4, fault_around=2)
