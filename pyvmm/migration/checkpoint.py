@@ -34,6 +34,9 @@ from .machine_state import (
     linux_state_from,
     machine_save_state,
 )
+from .checksum import (RamCrcTable, check_before_load, check_reloaded_ram,
+                       increment_checksums, reload_blocks, table_from_file)
+from .container import ChecksumBlock
 from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
@@ -76,7 +79,7 @@ def parse_target(uri: str) -> CheckpointTarget:
                             squash=match.group("squash") is not None)
 
 
-CAPABILITIES = ("incremental", "live", "cow")
+CAPABILITIES = ("incremental", "live", "cow", "checksum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._cow_blocks: list[str] = []
         self._handed_over: WriteProtectSession | None = None
+        self._crc_table: RamCrcTable | None = None  # per-page CRCs of RAM at the last checkpoint
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
         #: Called with the machine while it is paused at each checkpoint's consistency point
@@ -177,6 +181,24 @@ class Checkpointer:
     def cow(self) -> bool:
         return "cow" in self.capabilities
 
+    @property
+    def checksum(self) -> bool:
+        return "checksum" in self.capabilities
+
+    def _checksums(self, container: CheckpointFile, kind: str, stream_offset: int,
+                   stream_length: int, runs: list[PageRun]
+                   ) -> tuple[ChecksumBlock, RamCrcTable] | None:
+        """The ``checksum`` capability: CRCs of the stream just written (read back from the
+        file) and the RAM CRC table after it (kept once the increment is committed)."""
+        if not self.checksum:
+            return None
+        table = self._crc_table
+        if kind == "full" or not container.header.increments:
+            table = RamCrcTable(container.header.ram_blocks, container.header.page_size)
+        elif table is None:  # appending to a file written by another process
+            table = table_from_file(container)
+        return increment_checksums(container, kind, stream_offset, stream_length, runs, table)
+
     def _container(self) -> CheckpointFile:
         if self._file is None:
             layout = tuple(RamBlockInfo(b.name, b.gpa, b.size) for b in self.machine.ram_blocks)
@@ -187,6 +209,12 @@ class Checkpointer:
                     self._file = None
                     raise ConfigError(f"{self.path} holds a machine with another RAM layout; "
                                       f"write the checkpoint to a new file")
+                if self.checksum and self._file.header.format_version < 2:
+                    version = self._file.header.format_version
+                    self._file.close()
+                    self._file = None
+                    raise ConfigError(f"{self.path} is in format {version}, which has no "
+                                      f"checksums; write the checkpoint to a new file")
             else:
                 self._file = CheckpointFile.create(self.path, page_size=PAGE_SIZE,
                                                    ram_blocks=layout, machine=self.machine.name,
@@ -285,6 +313,10 @@ class Checkpointer:
                 save_state.save_trailer(f, devices, PAGE_SIZE)
                 f.flush()
                 stream_length = f.pos
+            page_runs = [PageRun(r.block, r.first_page, r.npages, r.data_offset, r.zero)
+                         for r in runs]
+            checksums = self._checksums(container, kind, writer.stream_offset, stream_length,
+                                        page_runs)
             faults = shadows = carried = 0
             if session is not None:
                 wp = session.stats()
@@ -304,10 +336,11 @@ class Checkpointer:
                 tracker=self.tracker_kind if self.incremental else "",
                 write_faults=faults, shadow_copies=shadows, pages_carried=carried,
                 fork_ms=fork_ms)
-            writer.commit(stream_length=stream_length,
-                          page_runs=[PageRun(r.block, r.first_page, r.npages, r.data_offset,
-                                             r.zero) for r in runs],
-                          pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict())
+            writer.commit(stream_length=stream_length, page_runs=page_runs,
+                          pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict(),
+                          checksums=None if checksums is None else checksums[0])
+            if checksums is not None:
+                self._crc_table = checksums[1]
             ok = True
             self.history.append(stats)
             return stats
@@ -491,11 +524,16 @@ def reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = None,
         count = available if target.count is None else target.count
         if count > available:
             raise ConfigError(f"{target.path} holds {available} increment(s), not {count}")
+        # with checksums: streams checked now, the reloaded RAM after loading (never run)
+        expected = check_before_load(container, header.increments[:count])
         machine = Machine(_main_ram_size(header.ram_blocks, target.path),
                           uart_sink=uart_sink, name=header.machine or "guest")
         try:
             _load_increments(machine, container, header.increments[:count], header.ram_blocks,
                              stdout, stderr)
+            if expected is not None:
+                check_reloaded_ram(reload_blocks(machine.ram_blocks, header.ram_blocks),
+                                   expected, count - 1)
         except BaseException:
             machine.close()
             raise

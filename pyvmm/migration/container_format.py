@@ -12,11 +12,13 @@ It does no I/O: :mod:`pyvmm.migration.container` reads and writes the file.
 
 from __future__ import annotations
 
+import array
 import functools
 import importlib.resources
 import importlib.util
 import json
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,10 +152,15 @@ class IncrementInfo:
     index_length: int
     stats_offset: int  # 0 with stats_length 0: no stats
     stats_length: int
+    checksum_offset: int = 0  # 0 with checksum_length 0: no checksum block (always in format 1)
+    checksum_length: int = 0
 
     @property
     def end(self) -> int:
-        """File offset just past this increment's last byte (its stats, else its page index)."""
+        """File offset just past this increment's last byte (its checksum block, else its stats,
+        else its page index)."""
+        if self.checksum_length:
+            return self.checksum_offset + self.checksum_length
         if self.stats_length:
             return self.stats_offset + self.stats_length
         return self.index_offset + self.index_length
@@ -186,8 +193,8 @@ class ContainerHeader:
 # ----- encoding and decoding the structures -----------------------------------------------------
 
 
-def _entry_value(info: IncrementInfo) -> dict[str, Any]:
-    return {
+def _entry_value(info: IncrementInfo, version: int) -> dict[str, Any]:
+    v1 = {
         "kind": info.kind,
         "index": info.index,
         "parent": info.parent,
@@ -202,6 +209,15 @@ def _entry_value(info: IncrementInfo) -> dict[str, Any]:
         "stats_offset": info.stats_offset,
         "stats_length": info.stats_length,
     }
+    if version == 1:
+        if info.checksum_length or info.checksum_offset:
+            raise ValueError(f"format 1 has no checksum block (increment {info.index})")
+        return v1
+    return {
+        "v1": v1,
+        "checksum_offset": info.checksum_offset,
+        "checksum_length": info.checksum_length,
+    }
 
 
 def _body_value(header: ContainerHeader) -> dict[str, Any]:
@@ -211,16 +227,21 @@ def _body_value(header: ContainerHeader) -> dict[str, Any]:
         "machine": header.machine,
         "ram_blocks": [{"name": b.name, "gpa": b.gpa, "size": b.size} for b in header.ram_blocks],
         "capabilities": list(header.capabilities),
-        "increments": [{"fields": {"value": _entry_value(i)}} for i in header.increments],
+        "increments": [
+            {"fields": {"value": _entry_value(i, header.format_version)}}
+            for i in header.increments
+        ],
     }
 
 
 def encode_header_slot(header: ContainerHeader) -> bytes:
-    """The bytes of one header slot holding ``header`` (unpadded; at most ``SLOT_SIZE``)."""
+    """The bytes of one header slot holding ``header`` (unpadded; at most ``SLOT_SIZE``), in the
+    header's format version (any this pyvmm reads: appends keep a file's version)."""
     spec = load_spec()
-    if header.format_version != spec.FORMAT_VERSION:
-        raise ValueError(f"pyvmm writes format version {spec.FORMAT_VERSION} only")
-    body = construct_call(lambda: spec.HeaderBodyV1.build(_body_value(header)), "header")
+    declaration = spec.HEADER_BODIES.get(header.format_version)
+    if declaration is None:
+        raise ValueError(f"pyvmm cannot write format version {header.format_version}")
+    body = construct_call(lambda: declaration.build(_body_value(header)), "header")
     if len(body) + spec.SLOT_OVERHEAD > spec.SLOT_SIZE:
         raise FormatError(
             f"the header needs {len(body) + spec.SLOT_OVERHEAD} bytes but a header slot holds "
@@ -270,10 +291,18 @@ def decode_header_body(version: int, sequence: int, body: bytes, *, offset: int)
         raise VersionError(f"unknown checkpoint format version {version}", offset=offset)
     body_offset = offset + spec.SLOT_FRAME_SIZE
     parsed = construct_call(lambda: declaration.parse(body), "header", offset=body_offset)
-    entries_offset = body_offset + len(body) - len(parsed.increments) * spec.INCREMENT_ENTRY_SIZE
+    entry_size = spec.INCREMENT_ENTRY_SIZES[version]
+    entries_offset = body_offset + len(body) - len(parsed.increments) * entry_size
     increments = []
     for entry in parsed.increments:
         fields = entry.fields.value
+        extra = {}
+        if version >= 2:
+            extra = {
+                "checksum_offset": int(fields.checksum_offset),
+                "checksum_length": int(fields.checksum_length),
+            }
+            fields = fields.v1
         increments.append(
             IncrementInfo(
                 index=int(fields.index),
@@ -289,6 +318,7 @@ def decode_header_body(version: int, sequence: int, body: bytes, *, offset: int)
                 index_length=int(fields.index_length),
                 stats_offset=int(fields.stats_offset),
                 stats_length=int(fields.stats_length),
+                **extra,
             )
         )
     header = ContainerHeader(
@@ -405,6 +435,99 @@ def decode_stats(data: bytes, *, increment: int, offset: int | None = None) -> d
     return stats
 
 
+@dataclass(frozen=True)
+class ChecksumBlock:
+    """An increment's checksum block (format 2, ``checksum`` capability): CRC-32C values as
+    ``array('I')`` in host order. See the declaration's docstring for what each covers.
+
+    ``page_crcs``: one per data page in page-index order; ``gap_crcs``: one per stream gap in
+    file order (data runs + 1); ``ram_digest``: CRC-32C of the whole RAM's per-page CRC table.
+    """
+
+    algorithm: str
+    ram_digest: int
+    page_crcs: array.array[int]
+    gap_crcs: array.array[int]
+
+
+def _be_u32s(values: array.array[int]) -> bytes:
+    out = array.array("I", values)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _u32s_from_be(data: bytes) -> array.array[int]:
+    out = array.array("I")
+    out.frombytes(data)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out
+
+
+def encode_checksums(increment: int, block: ChecksumBlock) -> bytes:
+    """The checksum block of ``increment``."""
+    spec = load_spec()
+    value = {
+        "increment": increment,
+        "algorithm": block.algorithm,
+        "ram_digest": block.ram_digest,
+        "page_count": len(block.page_crcs),
+        "page_crcs": _be_u32s(block.page_crcs),
+        "gap_count": len(block.gap_crcs),
+        "gap_crcs": _be_u32s(block.gap_crcs),
+    }
+    return bytes(
+        construct_call(
+            lambda: spec.ChecksumBlob.build({"fields": {"value": value}}),
+            "checksum block",
+            increment=increment,
+        )
+    )
+
+
+def decode_checksums(
+    data: bytes, *, increment: int, offset: int | None = None
+) -> ChecksumBlock:
+    """The checksum block of ``increment`` (its CRC checked); FormatError/ChecksumError else."""
+    spec = load_spec()
+    parsed = construct_call(
+        lambda: spec.ChecksumBlob.parse(data), "checksum block", offset=offset, increment=increment
+    )
+    fields = parsed.fields.value
+    if fields.increment != increment:
+        raise FormatError(
+            f"checksum block belongs to increment {fields.increment}",
+            offset=offset,
+            increment=increment,
+        )
+    return ChecksumBlock(
+        algorithm=str(fields.algorithm),
+        ram_digest=int(fields.ram_digest),
+        page_crcs=_u32s_from_be(bytes(fields.page_crcs)),
+        gap_crcs=_u32s_from_be(bytes(fields.gap_crcs)),
+    )
+
+
+def check_checksums(info: IncrementInfo, runs: Sequence[PageRun], block: ChecksumBlock) -> None:
+    """Raise FormatError unless ``block`` has a CRC for each of ``info``'s data pages and for each
+    gap of its stream (data runs + 1)."""
+    data_runs = sum(1 for run in runs if not run.zero)
+    if len(block.page_crcs) != info.pages:
+        raise FormatError(
+            f"checksum block holds {len(block.page_crcs)} page CRCs for {info.pages} data pages",
+            increment=info.index,
+            offset=info.checksum_offset,
+        )
+    if len(block.gap_crcs) != data_runs + 1:
+        raise FormatError(
+            f"checksum block holds {len(block.gap_crcs)} gap CRCs for {data_runs} data runs "
+            f"(expected {data_runs + 1})",
+            increment=info.index,
+            offset=info.checksum_offset,
+        )
+
+
 # ----- checks ----------------------------------------------------------------------------------
 
 
@@ -430,11 +553,15 @@ def check_header(
     check_capabilities(header.capabilities, offset=offset)
     total_pages = header.total_pages
     max_index_length = spec.PAGE_INDEX_OVERHEAD + total_pages * spec.PAGE_RUN_SIZE
+    # a CRC per data page and per gap (data runs + 1)
+    max_checksum_length = spec.CHECKSUM_OVERHEAD + (2 * total_pages + 1) * 4
     previous_end = spec.DATA_START
     for number, info in enumerate(header.increments):
         where: dict[str, Any] = {"increment": number}
         if entries_offset is not None:
-            where["offset"] = entries_offset + number * spec.INCREMENT_ENTRY_SIZE
+            where["offset"] = entries_offset + number * spec.INCREMENT_ENTRY_SIZES.get(
+                header.format_version, spec.INCREMENT_ENTRY_SIZE
+            )
 
         def bad(message: str) -> FormatError:
             return FormatError(f"increment table: {message}", **where)  # noqa: B023
@@ -464,6 +591,16 @@ def check_header(
             max_stats = spec.STATS_OVERHEAD + MAX_STATS_BYTES
             if not spec.STATS_OVERHEAD <= info.stats_length <= max_stats:
                 raise bad(f"stats length {info.stats_length} is impossible")
+        if info.checksum_length or info.checksum_offset:
+            if header.format_version < 2:
+                raise bad("a format 1 increment has a checksum block")
+            before = info.stats_offset + info.stats_length if info.stats_length else (
+                info.index_offset + info.index_length
+            )
+            if info.checksum_offset != before:
+                raise bad("the checksum block does not follow the stats or page index")
+            if not spec.CHECKSUM_OVERHEAD <= info.checksum_length <= max_checksum_length:
+                raise bad(f"checksum block length {info.checksum_length} is impossible")
         if info.pages + info.zero_pages > total_pages:
             raise bad(f"{info.pages} + {info.zero_pages} pages exceed the {total_pages} of RAM")
         previous_end = info.end
