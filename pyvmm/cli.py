@@ -133,14 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_checkpoint_commands(sub: Any) -> None:
-    chpt = sub.add_parser("checkpoint", help="inspect checkpoint files",
-                          description="Inspect and export checkpoint files.")
+    chpt = sub.add_parser("checkpoint", help="inspect and verify checkpoint files",
+                          description="Inspect, verify and export checkpoint files.")
     verbs = chpt.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
     info = verbs.add_parser("info", help="increments, sizes, page counts, devices",
                             description="Show what a checkpoint file holds.")
     info.add_argument("file", metavar="FILE")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = verbs.add_parser(
+        "verify", help="check headers, indexes, streams and checksums without loading a guest",
+        description="Check every increment of FILE: header, page index, stats, checksum block, "
+                    "parent chain, stream; with the checksum capability also every page's and "
+                    "device section's CRC-32C and the RAM digest. Exit 0 when all is well, 1 "
+                    "with one line per problem otherwise.")
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     export = verbs.add_parser(
         "export", help="write one increment's raw QEMU migration stream",
         description="Write increment K's QEMU v3 migration stream to OUT, e.g. for QEMU's "
@@ -354,11 +363,38 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         else:
             print(format_info(info))
         return 0
+    if args.verb == "verify":
+        return _cmd_verify(args)
     if args.verb == "export":
         written = export_increment(args.file, args.increment, args.output)
         print(f"pyvmm: wrote {format_size(written)} to {args.output}", file=sys.stderr)
         return 0
     raise ConfigError(f"unknown checkpoint verb {args.verb}")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .migration.verify import verify_file
+
+    def progress(done: int, total: int, increment: int) -> None:
+        percent = 100 * done // total if total else 100
+        print(f"\rpyvmm: verifying {args.file}: {percent:3d}% (increment {increment})",
+              end="", file=sys.stderr, flush=True)
+
+    show = not args.quiet and not args.json and sys.stderr.isatty()
+    report = verify_file(args.file, progress=progress if show else None)
+    if show:
+        print(file=sys.stderr)
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            print(f"pyvmm: {args.file}: {problem}")
+        for note in report.notes:
+            print(f"pyvmm: note: {note}")
+        print(report.summary())
+    return 0 if report.ok else EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,6 +90,8 @@ class RamCrcTable:
         self.page_size = page_size
         self.zero_crc = zero_page_crc(page_size)
         self.blocks = [_u32_array(b.size // page_size, self.zero_crc) for b in self.layout]
+        #: (increment, its runs) applied since the last full increment: who wrote which page
+        self.sources: list[tuple[int, Sequence[PageRun]]] = []
 
     def copy(self) -> RamCrcTable:
         other = RamCrcTable.__new__(RamCrcTable)
@@ -97,14 +99,18 @@ class RamCrcTable:
         other.page_size = self.page_size
         other.zero_crc = self.zero_crc
         other.blocks = [array.array("I", b) for b in self.blocks]
+        other.sources = list(self.sources)
         return other
 
-    def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int]) -> None:
+    def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int],
+              increment: int = -1) -> None:
         """Update with one increment: its data pages take ``page_crcs`` (page-index order), its
         zero runs the zero-page CRC; a full increment starts from an all-zero RAM."""
         if kind == "full":
             for table in self.blocks:
                 table[:] = _u32_array(len(table), self.zero_crc)
+            self.sources = []
+        self.sources.append((increment, runs))
         position = 0
         for run in runs:
             table = self.blocks[run.block]
@@ -132,7 +138,7 @@ class RamCrcTable:
         """Up to ``limit`` (block number, page) whose CRC in ``actual`` differs from this table."""
         found: list[tuple[int, int]] = []
         for number, (want, have) in enumerate(zip(self.blocks, actual)):
-            if want == have:
+            if want.tobytes() == have.tobytes():  # memcmp, not a compare per item
                 continue
             for page, (a, b) in enumerate(zip(want, have)):
                 if a != b:
@@ -140,6 +146,14 @@ class RamCrcTable:
                     if len(found) >= limit:
                         return found
         return found
+
+    def source(self, block: int, page: int) -> int | None:
+        """The increment whose data (or zero run) set ``page`` of ``block``; None: never saved."""
+        for increment, runs in reversed(self.sources):
+            for run in runs:
+                if run.block == block and run.first_page <= page < run.first_page + run.npages:
+                    return increment
+        return None
 
 
 # ----- reading a stream's CRCs -------------------------------------------------------------------
@@ -285,7 +299,7 @@ def table_from_file(container: CheckpointFile, count: int | None = None) -> RamC
         if block is None:
             raise ChecksumError(f"{container.path}: increment {info.index} has no checksum block",
                                 increment=info.index)
-        table.apply(info.kind, runs, block.page_crcs)
+        table.apply(info.kind, runs, block.page_crcs, info.index)
         if table.digest() != block.ram_digest:
             raise ChecksumError("the RAM digest does not match the page checksums",
                                 increment=info.index, offset=info.checksum_offset)
@@ -321,7 +335,7 @@ def check_before_load(container: CheckpointFile,
             raise problems[0]
         if number < start:
             continue
-        table.apply(info.kind, runs, block.page_crcs)
+        table.apply(info.kind, runs, block.page_crcs, info.index)
         if table.digest() != block.ram_digest:
             raise ChecksumError("the RAM digest does not match the page checksums",
                                 increment=info.index, offset=info.checksum_offset)
@@ -330,8 +344,9 @@ def check_before_load(container: CheckpointFile,
 
 def check_reloaded_ram(blocks: Sequence[RamBlock], expected: RamCrcTable,
                        increment: int) -> None:
-    """Raise ChecksumError naming ``increment`` and the first bad pages unless the reloaded
-    RAM ``blocks`` (in file order) hold exactly what the checksums say."""
+    """Raise ChecksumError naming the increment that holds the first bad page (else
+    ``increment``, the last loaded) and the first bad pages unless the reloaded RAM ``blocks``
+    (in file order) hold exactly what the checksums say."""
     actual = [ram_page_crcs(block) for block in blocks]
     bad = expected.first_mismatches(actual)
     if not bad:
@@ -340,8 +355,9 @@ def check_reloaded_ram(blocks: Sequence[RamBlock], expected: RamCrcTable,
     shown = ", ".join(
         f"RAM block {expected.layout[b].name!r} page {p} "
         f"(GPA 0x{expected.layout[b].gpa + p * page_size:x})" for b, p in bad)
+    source = expected.source(*bad[0])
     raise ChecksumError(f"reloaded RAM does not match the checksums: {shown}",
-                        increment=increment)
+                        increment=increment if source is None else source)
 
 
 def reload_blocks(machine_blocks: Sequence[RamBlock],
