@@ -29,6 +29,11 @@ from pyvmm.ram import PAGE_SIZE, RamBlock
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
 from .container_format import RamBlockInfo
 
+__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "RamBlockInfo", "RamCrcTable",
+           "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
+           "hardware", "increment_checksums", "page_location", "portable_only",
+           "ram_page_crcs", "reload_blocks", "stream_crcs", "table_from_file", "zero_page_crc"]
+
 ALGORITHM = "crc32c"
 CAPABILITY = "checksum"
 
