@@ -372,17 +372,28 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     raise ConfigError(f"unknown checkpoint verb {args.verb}")
 
 
+VERIFY_PROGRESS_BYTES = 256 << 20
+"""Files whose streams are at least this long get progress lines when stderr is not a tty."""
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .migration.verify import verify_file
 
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
     def progress(done: int, total: int, increment: int) -> None:
         percent = 100 * done // total if total else 100
-        print(f"\rpyvmm: verifying {args.file}: {percent:3d}% (increment {increment})",
-              end="", file=sys.stderr, flush=True)
+        if tty:
+            print(f"\rpyvmm: verifying {args.file}: {percent:3d}% (increment {increment})",
+                  end="", file=sys.stderr, flush=True)
+        elif total >= VERIFY_PROGRESS_BYTES and percent // 10 > shown[0]:
+            shown[0] = percent // 10  # a log, not a terminal: a line per 10 %, long files only
+            print(f"pyvmm: verifying {args.file}: {percent}%", file=sys.stderr, flush=True)
 
-    show = not args.quiet and not args.json and sys.stderr.isatty()
+    show = not args.quiet
     report = verify_file(args.file, progress=progress if show else None)
-    if show:
+    if show and tty:
         print(file=sys.stderr)
     if args.json:
         import json

@@ -194,6 +194,64 @@ def test_chain_digests_are_the_ram_at_each_pause(chain: Chain) -> None:
         f"{d:08x}" for d in chain.pause_digests]
 
 
+@pytest.mark.parametrize("capabilities", [["checksum"], ["incremental", "checksum"],
+                                          ["incremental", "cow", "checksum"]])
+def test_every_save_path_records_the_ram_at_the_pause(tmp_path: Path,
+                                                      capabilities: list[str]) -> None:
+    """Stop-and-copy, incremental and cow: the stored digest is the RAM's at each pause and a
+    checked reload of every prefix passes and reproduces it."""
+    path = tmp_path / "paths.chpt"
+    options = WorkloadOptions.parse("pattern=random,working_set=2M,passes=0,touch=64")
+    digests: list[int] = []
+    states = []
+
+    def at_pause(machine: Machine) -> None:
+        table = checksum.RamCrcTable(
+            [checksum.RamBlockInfo(b.name, b.gpa, b.size) for b in machine.ram_blocks])
+        table.blocks = [checksum.ram_page_crcs(b) for b in machine.ram_blocks]
+        digests.append(table.digest())
+        states.append(ram_state(machine))
+
+    with boot(GuestSpec(workload=options), ram_size=16 << 20, seed=11) as machine:
+        checkpointer = Checkpointer(machine, path, capabilities=capabilities)
+        checkpointer.on_pause = at_pause
+        for k in range(3):
+            machine.run(max_insns=150_000)
+            machine.write_memory(0x4000_0000 + (8 << 20) + k * PAGE_SIZE, b"host %d" % k)
+            checkpointer.checkpoint()
+        checkpointer.close()
+    with CheckpointFile.open(path) as container:
+        stored = [container.checksums(i.index) for i in container.header.increments]
+    assert [b.ram_digest for b in stored if b is not None] == digests
+    for k in range(1, 4):
+        with reload(f"chpt:{k}:{path}") as copy:
+            assert ram_state(copy) == states[k - 1]
+    assert verify_file(path).ok
+
+
+def test_verify_reports_a_truncated_file_and_a_broken_parent_link(chain: Chain,
+                                                                 tmp_path: Path) -> None:
+    path = tmp_path / "cut.chpt"
+    path.write_bytes(chain.data[:-100])
+    report = verify_file(path)
+    assert not report.ok and "truncated" in report.problems[0].message
+    with CheckpointFile.open(chain.path) as container:
+        header = container.header
+    # a hostile but self-consistent header: increment 2 says its parent is 0
+    bad = header.increments[2]
+    changed = dataclasses.replace(header, increments=header.increments[:2] + (
+        dataclasses.replace(bad, parent=0),), sequence=header.sequence + 1)
+    damaged = bytearray(chain.data)
+    slot = encode_header_slot(changed).ljust(SPEC.SLOT_SIZE, b"\0")
+    with CheckpointFile.open(chain.path) as container:
+        older = 1 - container._slot
+    damaged[older * SPEC.SLOT_SIZE:(older + 1) * SPEC.SLOT_SIZE] = slot
+    path.write_bytes(damaged)
+    report = verify_file(path)
+    assert [str(p) for p in report.problems] == [
+        "increment 2: header: parent is 0, expected 1"]
+
+
 def _regions(data: bytes) -> dict[str, list[tuple[int, int, int | None]]]:
     """(start, length, increment) of every committed byte range, by kind."""
     path = Path(f"/tmp/pyvmm-regions-{os.getpid()}.chpt")
