@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--cow", action="store_true",
                       help="capability: fork at the pause; a child process writes the RAM pages "
                            "from its copy-on-write view while the guest runs on (not with --live)")
+    chpt.add_argument("--checksum", action="store_true",
+                      help="capability: record CRC-32C checksums of every page, the stream and "
+                           "the RAM; reloads check them, 'checkpoint verify' finds damage")
     chpt.add_argument("--tracker", choices=("async", "wp"), default="async",
                       help="dirty tracker for --incremental: async (kernel WP_ASYNC + "
                            "PAGEMAP_SCAN, default) or wp (write-protect faults)")
@@ -230,9 +233,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, not {args.seconds}")
     points = _checkpoint_points(args)
-    if (args.incremental or args.live or args.cow) and not args.checkpoint:
-        raise ConfigError("--incremental, --live and --cow are capabilities of --checkpoint "
-                          "chpt:FILE")
+    if (args.incremental or args.live or args.cow or args.checksum) and not args.checkpoint:
+        raise ConfigError("--incremental, --live, --cow and --checksum are capabilities of "
+                          "--checkpoint chpt:FILE")
     if args.unprotect_pages < 1:
         raise ConfigError(f"--unprotect-pages must be at least 1, not {args.unprotect_pages}")
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
@@ -306,7 +309,7 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
         same = incoming is not None and os.path.exists(save_target.path) and \
             os.path.samefile(save_target.path, incoming.path)
         caps = [name for name, on in (("incremental", args.incremental), ("live", args.live),
-                                      ("cow", args.cow)) if on]
+                                      ("cow", args.cow), ("checksum", args.checksum)) if on]
         checkpointer = Checkpointer(machine, save_target.path, append=same,
                                     durable=not args.no_fsync, capabilities=caps,
                                     tracker=args.tracker, unprotect_pages=args.unprotect_pages)

@@ -465,3 +465,18 @@ def test_negative_hostile_checksum_blocks() -> None:
     data[21] ^= 1  # a page CRC value (bytes 20..27): the block's own CRC catches it
     with pytest.raises(ChecksumError, match="checksum block: checksum mismatch"):
         decode_checksums(bytes(data), increment=5)
+
+
+def test_cli_run_with_checksum_capability(tmp_path: Path) -> None:
+    path = tmp_path / "run.chpt"
+    run = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-q", "--max-insns", "300K",
+                          "--workload", "working_set=1M,passes=0",
+                          "--checkpoint", f"chpt:{path}", "--checksum"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run_cli("info", "--json", str(path)).stdout)
+    assert "checksum" in info["capabilities"] and info["increments"][0]["ram_digest"]
+    assert run_cli("verify", "-q", str(path)).returncode == 0
+    refused = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--checksum"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "capabilities of --checkpoint" in refused.stderr
