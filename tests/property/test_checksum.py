@@ -44,7 +44,7 @@ FAST = settings(max_examples=25, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-# ----- CRC-32C -------------------------------------------------------------------------------------
+# ----- CRC-32C ------------------------------------------------------------------------------------
 
 
 def reference_crc32c(data: bytes) -> int:
@@ -126,7 +126,7 @@ def test_page_crcs_in_memory_and_in_a_file(npages: int, seed: int) -> None:
         os.unlink(path)
 
 
-# ----- a real chain --------------------------------------------------------------------------------
+# ----- a real chain -------------------------------------------------------------------------------
 
 
 def ram_state(machine: Machine) -> str:
@@ -349,7 +349,7 @@ def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain,
             checksum.check_before_load(container, container.header.increments, pages=True)
 
 
-# ----- format 1 files ------------------------------------------------------------------------------
+# ----- format 1 files -----------------------------------------------------------------------------
 
 
 def as_format_1(path: Path) -> None:
@@ -411,7 +411,7 @@ def test_append_rebuilds_the_table_from_the_file(chain: Chain, tmp_path: Path) -
     assert verify_file(path).ok
 
 
-# ----- the command line ----------------------------------------------------------------------------
+# ----- the command line ---------------------------------------------------------------------------
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
