@@ -36,6 +36,9 @@ __all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "RamBlockInfo", "RamCrcTa
 
 ALGORITHM = "crc32c"
 CAPABILITY = "checksum"
+MAX_TABLE_PAGES = 1 << 26
+"""Most guest pages a RAM CRC table covers (256 GiB of 4 KiB pages, a 256 MiB table): the RAM
+layout comes from an untrusted header, so the table it sizes is bounded."""
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -90,7 +93,12 @@ class RamCrcTable:
     """Per-page CRC-32C of every page of every RAM block, in the file's block order."""
 
     def __init__(self, layout: Sequence[RamBlockInfo], page_size: int = PAGE_SIZE) -> None:
-        """All pages zero (a machine before its first checkpoint, or before a full one)."""
+        """All pages zero (a machine before its first checkpoint, or before a full one).
+        FormatError when the layout has more than :data:`MAX_TABLE_PAGES` pages."""
+        total = sum(b.size // page_size for b in layout)
+        if total > MAX_TABLE_PAGES:
+            raise FormatError(f"{total} RAM pages are more than the {MAX_TABLE_PAGES} whose "
+                              f"checksums pyvmm keeps")
         self.layout = tuple(layout)
         self.page_size = page_size
         self.zero_crc = zero_page_crc(page_size)

@@ -166,7 +166,10 @@ def _verify_increment(container: CheckpointFile, info: IncrementInfo,
     if mismatches:
         return problem("stream", mismatches[0])
     if info.kind == "full":
-        table = RamCrcTable(header.ram_blocks, header.page_size)
+        try:
+            table = RamCrcTable(header.ram_blocks, header.page_size)
+        except FormatError as err:
+            return problem("checksum block", err)
     if table is not None:
         table.apply(info.kind, runs, block.page_crcs, index)
         if table.digest() != block.ram_digest:

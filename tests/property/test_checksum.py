@@ -480,3 +480,10 @@ def test_cli_run_with_checksum_capability(tmp_path: Path) -> None:
     refused = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--checksum"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "capabilities of --checkpoint" in refused.stderr
+
+
+def test_negative_huge_ram_layout_is_refused_not_allocated() -> None:
+    huge = [checksum.RamBlockInfo("mach-virt.ram", 0x4000_0000, (checksum.MAX_TABLE_PAGES + 1)
+                                  * PAGE_SIZE)]
+    with pytest.raises(FormatError, match="more than the .* whose checksums pyvmm keeps"):
+        checksum.RamCrcTable(huge)
