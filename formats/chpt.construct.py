@@ -40,6 +40,10 @@ block's own values are CRC-32C (Castagnoli, the SSE4.2 instruction's), over the 
   ``i`` (from the stream start or the previous extent's end) and the last gap the bytes after the
   last extent, up to the stream end (the device sections live there). One CRC-32C per gap, so
   damage is located to a byte range: data runs + 1 gaps.
+* ``sections``: each device section of the stream (a FULL section, header to the next one's
+  header; the last one to the end of the device state) with its idstr, instance, absolute file
+  offset, length and CRC-32C. They lie inside the last gap and repeat part of its coverage, to
+  name the device whose bytes are damaged.
 * ``ram_digest``: the CRC-32C of the whole guest RAM at the pause, as a table of per-page CRCs:
   for every RAM block in header order, every page in order, its CRC-32C as a little-endian u32
   (a page never saved counts as a zero page); the digest is the CRC-32C of that table's bytes.
@@ -231,6 +235,16 @@ STATS_OVERHEAD = 4 + 4 + 4 + 4  # magic, increment, JSON length, CRC
 
 # ----- checksum block (format 2) ---------------------------------------------------------------
 
+DeviceSection = Struct(
+    "name" / PascalString(Int8ub, "utf8"),  # the section's idstr
+    "instance_id" / Int32ub,
+    "offset" / Int64ub,  # absolute file offset of the section header
+    "length" / Int32ub,
+    "crc" / Int32ub,
+)
+MAX_DEVICE_SECTIONS = 1024
+DEVICE_SECTION_MAX_SIZE = 1 + 255 + 4 + 8 + 4 + 4
+
 ChecksumFields = Struct(
     "magic" / Const(CHECKSUM_MAGIC),
     "increment" / Int32ub,
@@ -241,6 +255,7 @@ ChecksumFields = Struct(
     "page_crcs" / Bytes(this.page_count * 4),  # big-endian u32 each, page-index order
     "gap_count" / Int32ub,
     "gap_crcs" / Bytes(this.gap_count * 4),  # big-endian u32 each, file order
+    "sections" / PrefixedArray(Int16ub, DeviceSection),
 )
 
 ChecksumBlob = Struct(
@@ -248,7 +263,7 @@ ChecksumBlob = Struct(
     "crc" / Checksum(Int32ub, crc32, this.fields.data),
     Terminated,
 )
-CHECKSUM_OVERHEAD = 4 + 4 + 1 + 3 + 4 + 4 + 4 + 4  # every fixed field and the CRC
+CHECKSUM_OVERHEAD = 4 + 4 + 1 + 3 + 4 + 4 + 4 + 2 + 4  # every fixed field and the CRC
 
 __all__ = [
     "BYTE_ORDER_MARK",
@@ -257,6 +272,9 @@ __all__ = [
     "CHECKSUM_OVERHEAD",
     "ChecksumBlob",
     "ChecksumFields",
+    "DEVICE_SECTION_MAX_SIZE",
+    "DeviceSection",
+    "MAX_DEVICE_SECTIONS",
     "HeaderBodyV2",
     "INCREMENT_ENTRY_SIZES",
     "IncrementEntryV2",

@@ -186,8 +186,8 @@ class Checkpointer:
         return "checksum" in self.capabilities
 
     def _checksums(self, container: CheckpointFile, kind: str, stream_offset: int,
-                   stream_length: int, runs: list[PageRun]
-                   ) -> tuple[ChecksumBlock, RamCrcTable] | None:
+                   stream_length: int, runs: list[PageRun], device_bytes: bytes,
+                   devices: list[dict[str, Any]]) -> tuple[ChecksumBlock, RamCrcTable] | None:
         """The ``checksum`` capability: CRCs of the stream just written (read back from the
         file) and the RAM CRC table after it (kept once the increment is committed)."""
         if not self.checksum:
@@ -197,7 +197,8 @@ class Checkpointer:
             table = RamCrcTable(container.header.ram_blocks, container.header.page_size)
         elif table is None:  # appending to a file written by another process
             table = table_from_file(container)
-        return increment_checksums(container, kind, stream_offset, stream_length, runs, table)
+        return increment_checksums(container, kind, stream_offset, stream_length, runs, table,
+                                   device_bytes, devices)
 
     def _container(self) -> CheckpointFile:
         if self._file is None:
@@ -316,7 +317,7 @@ class Checkpointer:
             page_runs = [PageRun(r.block, r.first_page, r.npages, r.data_offset, r.zero)
                          for r in runs]
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,
-                                        page_runs)
+                                        page_runs, device_bytes, devices)
             faults = shadows = carried = 0
             if session is not None:
                 wp = session.stats()

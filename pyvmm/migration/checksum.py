@@ -18,8 +18,9 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyvmm._native import ffi, lib
@@ -27,15 +28,19 @@ from pyvmm.errors import ChecksumError, FormatError, StreamError
 from pyvmm.ram import PAGE_SIZE, RamBlock
 
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
-from .container_format import RamBlockInfo
+from .container_format import DeviceSectionCrc, RamBlockInfo
 
-__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "RamBlockInfo", "RamCrcTable",
+__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "device_sections", "RamBlockInfo", "RamCrcTable",
            "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
            "hardware", "increment_checksums", "page_location", "portable_only",
            "ram_page_crcs", "reload_blocks", "stream_crcs", "table_from_file", "zero_page_crc"]
 
 ALGORITHM = "crc32c"
 CAPABILITY = "checksum"
+MAX_DEVICE_GAP = 64 << 20
+"""Largest last gap searched for the device sections (it holds them, the trailer and the zero
+records after the last data run)."""
+_SECTION_FULL = 0x04
 MAX_TABLE_PAGES = 1 << 26
 """Most guest pages a RAM CRC table covers (256 GiB of 4 KiB pages, a 256 MiB table): the RAM
 layout comes from an untrusted header, so the table it sizes is bounded."""
@@ -253,15 +258,62 @@ def page_location(header_blocks: Sequence[RamBlockInfo], runs: Sequence[PageRun]
     return f"data page {position}"
 
 
-def compare_stream(info: IncrementInfo, runs: Sequence[PageRun], layout: Sequence[RamBlockInfo],
-                   block: ChecksumBlock, crcs: StreamCrcs) -> list[ChecksumError]:
+def _section_crc(fd: int, section: DeviceSectionCrc) -> int:
+    data = os.pread(fd, section.length, section.offset)  # checked inside the stream
+    return crc32c(data) if len(data) == section.length else -1
+
+
+def device_sections(fd: int, gap: tuple[int, int], device_bytes: bytes,
+                    devices: Sequence[Mapping[str, object]]) -> tuple[DeviceSectionCrc, ...]:
+    """The device sections of a stream whose last gap is ``gap`` (offset, length) and which
+    holds ``device_bytes``, the FULL sections of ``devices`` (the savevm descriptions, in
+    order): found by their headers, each with its CRC. ``()`` when they cannot be found."""
+    offset, length = gap
+    if not device_bytes or not devices or length > MAX_DEVICE_GAP:
+        return ()
+    where = os.pread(fd, length, offset).rfind(device_bytes)
+    if where < 0:
+        return ()
+    starts: list[tuple[str, int, int]] = []
+    position = 0
+    for device in devices:
+        name, instance = device.get("name"), device.get("instance_id")
+        if not isinstance(name, str) or not isinstance(instance, int):
+            return ()
+        idstr = name.encode()
+        tail = bytes([len(idstr)]) + idstr + struct.pack(">I", instance)
+        found = device_bytes.find(tail, position + 5)
+        if found < 5 or device_bytes[found - 5] != _SECTION_FULL:
+            return ()
+        starts.append((name, instance, found - 5))
+        position = found
+    sections = []
+    for number, (name, instance, start) in enumerate(starts):
+        end = starts[number + 1][2] if number + 1 < len(starts) else len(device_bytes)
+        sections.append(DeviceSectionCrc(name, instance, offset + where + start, end - start,
+                                         crc32c(device_bytes[start:end])))
+    return tuple(sections)
+
+
+def compare_stream(fd: int, info: IncrementInfo, runs: Sequence[PageRun],
+                   layout: Sequence[RamBlockInfo], block: ChecksumBlock,
+                   crcs: StreamCrcs) -> list[ChecksumError]:
     """Every disagreement between a stream's CRCs and its checksum block (first gap, first few
-    pages), as ChecksumErrors naming the increment and the page or byte range."""
+    pages), as ChecksumErrors naming the increment and the device section, page or byte
+    range."""
     problems = []
     for number, (want, have) in enumerate(zip(block.gap_crcs, crcs.gap_crcs)):
         if want != have:
             offset, length = crcs.gaps[number]
             last = number == len(crcs.gaps) - 1
+            damaged = [d for d in block.sections if last and _section_crc(fd, d) != d.crc]
+            if damaged:
+                d = damaged[0]
+                problems.append(ChecksumError(
+                    f"device section {d.name!r} instance {d.instance_id} (bytes "
+                    f"0x{d.offset:x}..0x{d.offset + d.length:x}) does not match its checksum",
+                    increment=info.index, offset=d.offset, section=d.name))
+                break
             what = "after the RAM pages (device sections, trailer)" if last else \
                 "outside page data"
             problems.append(ChecksumError(
@@ -281,10 +333,14 @@ def compare_stream(info: IncrementInfo, runs: Sequence[PageRun], layout: Sequenc
 
 
 def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int,
-                        stream_length: int, runs: Sequence[PageRun],
-                        table: RamCrcTable) -> tuple[ChecksumBlock, RamCrcTable]:
+                        stream_length: int, runs: Sequence[PageRun], table: RamCrcTable,
+                        device_bytes: bytes = b"",
+                        devices: Sequence[Mapping[str, object]] = ()
+                        ) -> tuple[ChecksumBlock, RamCrcTable]:
     """The checksum block of an increment whose stream is in the file, and the RAM table after
-    it (``table`` is left as it is: the caller keeps the new one once the commit succeeded)."""
+    it (``table`` is left as it is: the caller keeps the new one once the commit succeeded).
+    ``device_bytes`` and ``devices`` (what savevm's ``save_devices`` wrote and returned) let the
+    block name each device section."""
     info = IncrementInfo(index=len(container.header.increments), kind=kind, parent=-1,
                          created_ns=0, stream_offset=stream_offset, stream_length=stream_length,
                          pages=0, zero_pages=0, stream_crc=0, index_offset=0, index_length=0,
@@ -293,7 +349,9 @@ def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int
     assert crcs.page_crcs is not None
     after = table.copy()
     after.apply(kind, runs, crcs.page_crcs)
-    return ChecksumBlock(ALGORITHM, after.digest(), crcs.page_crcs, crcs.gap_crcs), after
+    sections = device_sections(container.fd, crcs.gaps[-1], device_bytes, devices)
+    return ChecksumBlock(ALGORITHM, after.digest(), crcs.page_crcs, crcs.gap_crcs,
+                         sections), after
 
 
 def table_from_file(container: CheckpointFile, count: int | None = None) -> RamCrcTable:
@@ -343,7 +401,7 @@ def check_before_load(container: CheckpointFile,
             raise ChecksumError(f"increment {info.index} has no checksum block",
                                 increment=info.index)
         crcs = stream_crcs(container.fd, info, runs, page_size=header.page_size, pages=pages)
-        problems = compare_stream(info, runs, header.ram_blocks, block, crcs)
+        problems = compare_stream(container.fd, info, runs, header.ram_blocks, block, crcs)
         if problems:
             raise problems[0]
         if number < start:

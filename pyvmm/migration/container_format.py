@@ -441,13 +441,26 @@ class ChecksumBlock:
     ``array('I')`` in host order. See the declaration's docstring for what each covers.
 
     ``page_crcs``: one per data page in page-index order; ``gap_crcs``: one per stream gap in
-    file order (data runs + 1); ``ram_digest``: CRC-32C of the whole RAM's per-page CRC table.
+    file order (data runs + 1); ``ram_digest``: CRC-32C of the whole RAM's per-page CRC table;
+    ``sections``: the device sections, to name a damaged one.
     """
 
     algorithm: str
     ram_digest: int
     page_crcs: array.array[int]
     gap_crcs: array.array[int]
+    sections: tuple[DeviceSectionCrc, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceSectionCrc:
+    """One device section of a stream: idstr, instance, absolute file offset, length, CRC-32C."""
+
+    name: str
+    instance_id: int
+    offset: int
+    length: int
+    crc: int
 
 
 def _be_u32s(values: array.array[int]) -> bytes:
@@ -476,7 +489,15 @@ def encode_checksums(increment: int, block: ChecksumBlock) -> bytes:
         "page_crcs": _be_u32s(block.page_crcs),
         "gap_count": len(block.gap_crcs),
         "gap_crcs": _be_u32s(block.gap_crcs),
+        "sections": [
+            {"name": d.name, "instance_id": d.instance_id, "offset": d.offset,
+             "length": d.length, "crc": d.crc}
+            for d in block.sections
+        ],
     }
+    if len(block.sections) > spec.MAX_DEVICE_SECTIONS:
+        raise ValueError(f"{len(block.sections)} device sections: at most "
+                         f"{spec.MAX_DEVICE_SECTIONS} fit")
     return bytes(
         construct_call(
             lambda: spec.ChecksumBlob.build({"fields": {"value": value}}),
@@ -506,6 +527,11 @@ def decode_checksums(
         ram_digest=int(fields.ram_digest),
         page_crcs=_u32s_from_be(bytes(fields.page_crcs)),
         gap_crcs=_u32s_from_be(bytes(fields.gap_crcs)),
+        sections=tuple(
+            DeviceSectionCrc(str(d.name), int(d.instance_id), int(d.offset), int(d.length),
+                             int(d.crc))
+            for d in fields.sections
+        ),
     )
 
 
@@ -519,6 +545,20 @@ def check_checksums(info: IncrementInfo, runs: Sequence[PageRun], block: Checksu
             increment=info.index,
             offset=info.checksum_offset,
         )
+    if len(block.sections) > load_spec().MAX_DEVICE_SECTIONS:
+        raise FormatError(
+            f"checksum block lists {len(block.sections)} device sections",
+            increment=info.index,
+            offset=info.checksum_offset,
+        )
+    stream_end = info.stream_offset + info.stream_length
+    for section in block.sections:
+        if section.offset < info.stream_offset or section.offset + section.length > stream_end:
+            raise FormatError(
+                f"checksum block: device section {section.name!r} lies outside the stream",
+                increment=info.index,
+                offset=info.checksum_offset,
+            )
     if len(block.gap_crcs) != data_runs + 1:
         raise FormatError(
             f"checksum block holds {len(block.gap_crcs)} gap CRCs for {data_runs} data runs "
@@ -554,7 +594,8 @@ def check_header(
     total_pages = header.total_pages
     max_index_length = spec.PAGE_INDEX_OVERHEAD + total_pages * spec.PAGE_RUN_SIZE
     # a CRC per data page and per gap (data runs + 1)
-    max_checksum_length = spec.CHECKSUM_OVERHEAD + (2 * total_pages + 1) * 4
+    max_checksum_length = (spec.CHECKSUM_OVERHEAD + (2 * total_pages + 1) * 4
+                           + spec.MAX_DEVICE_SECTIONS * spec.DEVICE_SECTION_MAX_SIZE)
     previous_end = spec.DATA_START
     for number, info in enumerate(header.increments):
         where: dict[str, Any] = {"increment": number}

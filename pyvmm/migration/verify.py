@@ -162,7 +162,7 @@ def _verify_increment(container: CheckpointFile, info: IncrementInfo,
         return problem("stream", err)
     if block is None:
         return None, False, None
-    mismatches = compare_stream(info, runs, header.ram_blocks, block, crcs)
+    mismatches = compare_stream(container.fd, info, runs, header.ram_blocks, block, crcs)
     if mismatches:
         return problem("stream", mismatches[0])
     if info.kind == "full":

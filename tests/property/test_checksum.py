@@ -186,6 +186,14 @@ def test_chain_digests_are_the_ram_at_each_pause(chain: Chain) -> None:
         blocks = [container.checksums(i.index) for i in container.header.increments]
     assert [b.ram_digest for b in blocks if b is not None] == chain.pause_digests
     assert len(set(chain.pause_digests)) == 3  # the guest changed RAM between checkpoints
+    with CheckpointFile.open(chain.path) as container:
+        for inc in container.header.increments:  # every device section named and covered
+            devices = container.stats(inc.index)["devices"]
+            sections = container.checksums(inc.index).sections  # type: ignore[union-attr]
+            assert [f"{d.name}/{d.instance_id}" for d in sections] == [
+                name.split(" ")[0] for name in devices]
+            assert all(checksum.crc32c(chain.data[d.offset:d.offset + d.length]) == d.crc
+                       for d in sections)
     report = verify_file(chain.path)
     assert report.ok, report.problems
     assert (report.increments, report.checksummed) == (3, 3)
@@ -263,13 +271,17 @@ def _regions(data: bytes) -> dict[str, list[tuple[int, int, int | None]]]:
             regions: dict[str, list[tuple[int, int, int | None]]] = {
                 "header": [(container._slot * SPEC.SLOT_SIZE, used, None)],
                 "page index": [], "stats": [], "checksum block": [], "page data": [],
-                "stream outside page data": []}
+                "stream outside page data": [], "device section": []}
             for inc in header.increments:
                 k = inc.index
                 regions["page index"].append((inc.index_offset, inc.index_length, k))
                 regions["stats"].append((inc.stats_offset, inc.stats_length, k))
                 regions["checksum block"].append((inc.checksum_offset, inc.checksum_length, k))
                 runs = container.page_index(k)
+                block = container.checksums(k, runs)
+                assert block is not None
+                for section in block.sections:
+                    regions["device section"].append((section.offset, section.length, k))
                 stride = PAGE_SIZE + 8
                 extents = []
                 for run in runs:
@@ -291,7 +303,7 @@ def _regions(data: bytes) -> dict[str, list[tuple[int, int, int | None]]]:
 
 @FAST
 @given(kind=st.sampled_from(["header", "page index", "stats", "checksum block", "page data",
-                             "stream outside page data"]),
+                             "stream outside page data", "device section"]),
        pick=st.floats(0, 1, exclude_max=True), where=st.floats(0, 1, exclude_max=True),
        mask=st.integers(1, 255))
 def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Path, kind: str,
@@ -314,6 +326,8 @@ def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Pa
         assert first.increment == increment and f"increment {increment}" in first.message
     if kind == "page data":
         assert "page" in first.message and "GPA 0x" in first.message
+    if kind == "device section":
+        assert "device section '" in first.message
     # a reload gives a clean prefix's state or refuses: never a guest on damaged bytes
     for k in range(1, 4):
         try:
