@@ -20,6 +20,7 @@ import contextlib
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -188,12 +189,67 @@ class StreamCrcs:
     gaps: list[tuple[int, int]]
 
 
+PARALLEL_PAGES = 16384
+"""Streams with at least this many data pages are read back by two threads (the pread copy out
+of the page cache is CPU-bound: two cores halve it)."""
+
+
+class _Part:
+    """One C pass over a byte range of a stream holding some of its (sorted) data runs."""
+
+    def __init__(self, start: int, end: int,
+                 runs: list[tuple[int, int, int, int]]) -> None:
+        self.start, self.end, self.runs = start, end, runs
+        self.gap_crcs = _u32_array(len(runs) + 1)
+        self.rc = 0
+        self.err = ffi.new("struct pyvmm_crc_error *")
+
+    def run(self, fd: int, page_size: int, page_ptr: object) -> None:
+        c_runs = ffi.new("struct pyvmm_crc_run[]", max(len(self.runs), 1))
+        for i, (offset, npages, first, out_index) in enumerate(self.runs):
+            c_runs[i].data_offset = offset
+            c_runs[i].npages = npages
+            c_runs[i].first_page = first
+            c_runs[i].out_index = out_index
+        self.rc = lib.pyvmm_crc32c_stream(
+            fd, self.start, self.end - self.start, c_runs, len(self.runs), page_size,
+            PAGE_RECORD_HEADER + page_size, page_ptr,
+            ffi.from_buffer("unsigned int[]", self.gap_crcs, require_writable=True), self.err)
+
+    def check(self, info: IncrementInfo, page_size: int) -> None:
+        rc, err = self.rc, self.err
+        at = int(err.offset) or None
+        if rc < 0:
+            raise StreamError(f"cannot read the stream: {os.strerror(-rc)} (errno {-rc})",
+                              increment=info.index, offset=at) from OSError(-rc,
+                                                                            os.strerror(-rc))
+        if rc == lib.PYVMM_CRC_TRUNCATED:
+            raise FormatError("the stream is cut short by the end of the file",
+                              increment=info.index, offset=at)
+        if rc == lib.PYVMM_CRC_BAD_RUNS:
+            raise FormatError(f"data run at 0x{self.runs[int(err.run)][0]:x} overlaps another "
+                              f"or lies outside the stream", increment=info.index)
+        if rc == lib.PYVMM_CRC_BAD_HEADER:
+            _, _, first, _ = self.runs[int(err.run)]
+            _bad_header(info, first + int(err.page), int(err.found), int(err.offset),
+                        page_size)
+        assert rc == 0, rc
+
+
+def _bad_header(info: IncrementInfo, page: int, found: int, offset: int,
+                page_size: int) -> None:
+    want = page * page_size | 0x28
+    raise FormatError(f"record header of page {page} is 0x{found:016x}, expected "
+                      f"0x{want:016x}", increment=info.index, offset=offset)
+
+
 def stream_crcs(fd: int, info: IncrementInfo, runs: Sequence[PageRun], *,
                 page_size: int = PAGE_SIZE, pages: bool = True) -> StreamCrcs:
-    """One C pass over increment ``info``'s stream: its page CRCs (with ``pages``; the record
+    """C passes over increment ``info``'s stream: its page CRCs (with ``pages``; the record
     headers inside data runs are compared with the expected ones too) and its gap CRCs (without
-    ``pages``, the page data is not read at all). FormatError for runs that do not fit the
-    stream or a wrong record header, StreamError for I/O errors."""
+    ``pages``, the page data is not read at all). A long stream is cut in two at a page boundary
+    and read by two threads (GIL released). FormatError for runs that do not fit the stream or
+    a wrong record header, StreamError for I/O errors. Any thread."""
     stride = PAGE_RECORD_HEADER + page_size
     data_runs = []
     position = 0
@@ -202,45 +258,59 @@ def stream_crcs(fd: int, info: IncrementInfo, runs: Sequence[PageRun], *,
             data_runs.append((run.data_offset, run.npages, run.first_page, position))
             position += run.npages
     data_runs.sort()
-    c_runs = ffi.new("struct pyvmm_crc_run[]", max(len(data_runs), 1))
-    for i, (offset, npages, first, out_index) in enumerate(data_runs):
-        c_runs[i].data_offset = offset
-        c_runs[i].npages = npages
-        c_runs[i].first_page = first
-        c_runs[i].out_index = out_index
+    stream_end = info.stream_offset + info.stream_length
     page_crcs = _u32_array(position) if pages else None
-    gap_crcs = _u32_array(len(data_runs) + 1)
-    err = ffi.new("struct pyvmm_crc_error *")
     page_ptr = (ffi.from_buffer("unsigned int[]", page_crcs, require_writable=True)
                 if page_crcs is not None and position else
                 ffi.new("unsigned int[]", 1) if pages else ffi.NULL)
-    rc = lib.pyvmm_crc32c_stream(fd, info.stream_offset, info.stream_length, c_runs,
-                                 len(data_runs), page_size, stride, page_ptr,
-                                 ffi.from_buffer("unsigned int[]", gap_crcs,
-                                                 require_writable=True), err)
-    at = int(err.offset) or None
-    if rc < 0:
-        raise StreamError(f"cannot read the stream: {os.strerror(-rc)} (errno {-rc})",
-                          increment=info.index, offset=at) from OSError(-rc, os.strerror(-rc))
-    if rc == lib.PYVMM_CRC_TRUNCATED:
-        raise FormatError("the stream is cut short by the end of the file",
-                          increment=info.index, offset=at)
-    if rc == lib.PYVMM_CRC_BAD_RUNS:
-        raise FormatError(f"data run at 0x{data_runs[int(err.run)][0]:x} overlaps another or "
-                          f"lies outside the stream", increment=info.index)
-    if rc == lib.PYVMM_CRC_BAD_HEADER:
-        offset, _, first, _ = data_runs[int(err.run)]
-        page = first + int(err.page)
-        want = page * page_size | 0x28
-        raise FormatError(f"record header of page {page} is 0x{int(err.found):016x}, expected "
-                          f"0x{want:016x}", increment=info.index, offset=int(err.offset))
-    assert rc == 0, rc
+    split_header: tuple[int, int] | None = None  # (file offset, page) of a header between parts
+    if pages and position >= PARALLEL_PAGES:
+        # cut where half the pages are on each side, inside a run if need be
+        left = position // 2
+        r = 0
+        while data_runs[r][1] <= left:
+            left -= data_runs[r][1]
+            r += 1
+        offset, npages, first, out_index = data_runs[r]
+        if left == 0:
+            parts = [_Part(info.stream_offset, offset, data_runs[:r]),
+                     _Part(offset, stream_end, data_runs[r:])]
+        else:
+            second = offset + left * stride
+            parts = [_Part(info.stream_offset, second - PAGE_RECORD_HEADER,
+                           data_runs[:r] + [(offset, left, first, out_index)]),
+                     _Part(second, stream_end, [(second, npages - left, first + left,
+                                                 out_index + left)] + data_runs[r + 1:])]
+            split_header = (second - PAGE_RECORD_HEADER, first + left)
+        helper = threading.Thread(target=parts[1].run, args=(fd, page_size, page_ptr),
+                                  name="pyvmm-crc")
+        helper.start()
+        try:
+            parts[0].run(fd, page_size, page_ptr)
+        finally:
+            helper.join()
+        for part in parts:
+            part.check(info, page_size)
+        # the first part's last gap is empty when cut inside a run; the second's first always
+        head = parts[0].gap_crcs if split_header is None else parts[0].gap_crcs[:-1]
+        gap_crcs = head + parts[1].gap_crcs[1:]
+        if split_header is not None:
+            header_offset, page = split_header
+            raw = os.pread(fd, PAGE_RECORD_HEADER, header_offset)
+            found = int.from_bytes(raw, "big") if len(raw) == PAGE_RECORD_HEADER else -1
+            if found != page * page_size | 0x28:
+                _bad_header(info, page, found, header_offset, page_size)
+    else:
+        part = _Part(info.stream_offset, stream_end, data_runs)
+        part.run(fd, page_size, page_ptr)
+        part.check(info, page_size)
+        gap_crcs = part.gap_crcs
     gaps = []
     start = info.stream_offset
     for offset, npages, _, _ in data_runs:
         gaps.append((start, offset - start))
         start = offset + (npages - 1) * stride + page_size
-    gaps.append((start, info.stream_offset + info.stream_length - start))
+    gaps.append((start, stream_end - start))
     return StreamCrcs(page_crcs, gap_crcs, gaps)
 
 

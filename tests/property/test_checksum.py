@@ -501,3 +501,40 @@ def test_negative_huge_ram_layout_is_refused_not_allocated() -> None:
                                   * PAGE_SIZE)]
     with pytest.raises(FormatError, match="more than the .* whose checksums pyvmm keeps"):
         checksum.RamCrcTable(huge)
+
+
+def test_two_thread_read_back_equals_one_pass(chain: Chain, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """Long streams are cut in two at a page boundary (inside a run or between runs): the CRCs
+    are the one-pass ones, and a bad record header right at a cut inside a run is found."""
+    path = tmp_path / "split.chpt"
+    path.write_bytes(chain.data)
+    cuts_inside_a_run = 0
+    for increment in range(3):
+        with CheckpointFile.open(path) as container:
+            info = container.header.increments[increment]
+            runs = container.page_index(increment)
+            monkeypatch.setattr(checksum, "PARALLEL_PAGES", 1 << 30)
+            one = checksum.stream_crcs(container.fd, info, runs)
+            assert one.page_crcs is not None and len(one.page_crcs) >= 2
+            monkeypatch.setattr(checksum, "PARALLEL_PAGES", 2)
+            two = checksum.stream_crcs(container.fd, info, runs)
+            assert (two.page_crcs, two.gap_crcs, two.gaps) == (one.page_crcs, one.gap_crcs,
+                                                               one.gaps)
+            # where the cut falls: half of the data pages, in file order
+            data = sorted((r.data_offset, r.npages, r.first_page) for r in runs if not r.zero)
+            left = len(one.page_crcs) // 2
+            for offset, npages, first in data:
+                if npages > left:
+                    break
+                left -= npages
+            if not left:
+                continue
+            cuts_inside_a_run += 1
+            header_at = offset + left * (PAGE_SIZE + 8) - 8
+            with open(path, "r+b") as f:
+                f.seek(header_at)
+                f.write(b"\xff")
+            with pytest.raises(FormatError, match=f"record header of page {first + left} "):
+                checksum.stream_crcs(container.fd, info, runs)
+    assert cuts_inside_a_run  # the chain's runs are short: at least one cut lands inside one
