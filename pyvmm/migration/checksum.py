@@ -29,7 +29,8 @@ from pyvmm.errors import ChecksumError, FormatError, StreamError
 from pyvmm.ram import PAGE_SIZE, RamBlock
 
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
-from .container_format import DeviceSectionCrc, RamBlockInfo
+from .checksum_format import DeviceSectionCrc
+from .container_format import RamBlockInfo
 
 __all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "device_sections", "RamBlockInfo", "RamCrcTable",
            "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",

@@ -40,25 +40,27 @@ from types import TracebackType
 from typing import Any
 
 from pyvmm.errors import ConfigError, FormatError, PyvmmError
+from pyvmm.migration.checksum_format import (
+    ChecksumBlock,
+    check_checksums,
+    decode_checksums,
+    encode_checksums,
+)
 from pyvmm.migration.container_format import (
     KINDS,
     PAGE_RECORD_HEADER,
-    ChecksumBlock,
     ContainerHeader,
     IncrementInfo,
     PageRun,
     RamBlockInfo,
     check_capabilities,
-    check_checksums,
     check_header,
     check_page_runs,
-    decode_checksums,
     decode_header_body,
     decode_header_slot,
     decode_page_index,
     decode_slot_frame,
     decode_stats,
-    encode_checksums,
     encode_header_slot,
     encode_page_index,
     encode_stats,

@@ -34,7 +34,7 @@ from pyvmm.machine import Machine
 from pyvmm.migration import checksum
 from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import CheckpointFile, encode_header_slot, load_spec
-from pyvmm.migration.container_format import decode_checksums, encode_checksums
+from pyvmm.migration.checksum_format import decode_checksums, encode_checksums
 from pyvmm.migration.inspect import file_info
 from pyvmm.migration.verify import verify_file
 from pyvmm.ram import PAGE_SIZE

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 from pyvmm.errors import ChecksumError, ConfigError, FormatError, PyvmmError, VersionError
-from pyvmm.migration import container, container_format
+from pyvmm.migration import checksum_format, container, container_format
 from pyvmm.migration.container import (
     PAGE_RECORD_HEADER,
     CheckpointFile,
@@ -198,7 +198,7 @@ def test_negative_random_bytes_never_escape(data: bytes, increment: int) -> None
     """Garbage given to every decoder: FormatError or a value, nothing else."""
     for decode in (decode_header_slot, lambda d: decode_page_index(d, increment=increment),
                    lambda d: decode_stats(d, increment=increment),
-                   lambda d: container_format.decode_checksums(d, increment=increment)):
+                   lambda d: checksum_format.decode_checksums(d, increment=increment)):
         for candidate in (data, SPEC.MAGIC + data, b"PGIX" + data, b"STAT" + data,
                           b"CSUM" + data):
             try:
