@@ -1,13 +1,14 @@
 """Cost of the ``checksum`` capability: checkpoint and reload of a 1 GiB guest, checksums on vs off.
 
 Same run, same machine, same directory, interleaved: a full checkpoint (``durable=False``: the
-page cache, so the comparison is not drowned by the disk) with and without the ``checksum``
+page cache, so the comparison is not drowned by the disk; ``--durable`` for the default, which
+fsyncs) with and without the ``checksum``
 capability, then a reload of each file (with checksums: the stream gaps checked before the load
 and the reloaded RAM's page CRCs compared with the file's after it). Throughput ratio = time off
 / time on. Also the raw CRC-32C speed (hardware and portable, one buffer and per page).
 Target (issue 5): checkpoint and reload throughput with checksums >= 0.8x without.
 
-    python benchmarks/bench_checksum.py [--ram 1G] [--dir DIR] [--repeat 4]
+    python benchmarks/bench_checksum.py [--ram 1G] [--dir DIR] [--repeat 4] [--durable]
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--ram", default="1G")
     parser.add_argument("--dir", default=None, help="where files go (default: a temp dir in .)")
     parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--durable", action="store_true",
+                        help="fsync each checkpoint (the default of Checkpointer and `run`)")
     args = parser.parse_args()
     ram = parse_size(args.ram)
     speeds = crc_speed(min(ram, 256 << 20))
@@ -81,7 +84,8 @@ def main() -> None:
                 # no writeback of the previous file competes with the one timed
                 path.unlink(missing_ok=True)
                 os.sync()
-                checkpointer = Checkpointer(machine, path, durable=False, capabilities=caps)
+                checkpointer = Checkpointer(machine, path, durable=args.durable,
+                                            capabilities=caps)
                 started = time.perf_counter()
                 checkpointer.checkpoint()
                 times["save on" if on else "save off"].append(time.perf_counter() - started)
@@ -95,7 +99,9 @@ def main() -> None:
                 copy.close()
         machine.close()
     gib = ram / (1 << 30)
-    print(f"guest RAM {gib:.2f} GiB, every page non-zero; best of {args.repeat} (median)")
+    print(f"guest RAM {gib:.2f} GiB, every page non-zero, checkpoints "
+          f"{'durable (fsync)' if args.durable else 'not fsynced'}; best of {args.repeat} "
+          f"(median)")
     for what in ("save", "load"):
         off, on = min(times[f"{what} off"]), min(times[f"{what} on"])
         off_med, on_med = statistics.median(times[f"{what} off"]), statistics.median(
