@@ -407,8 +407,8 @@ def test_format_1_files_still_load_verify_and_append(tmp_path: Path) -> None:
 
 
 def test_append_rebuilds_the_table_from_the_file(chain: Chain, tmp_path: Path) -> None:
-    """A second process appending an incremental checksummed increment gets the same digest
-    as a table computed from the whole RAM."""
+    """The RAM table rebuilt from a file's checksum blocks (what an appending Checkpointer
+    without its own table starts from) is the table of the machine's RAM as it is."""
     path = tmp_path / "append.chpt"
     options = WorkloadOptions.parse("pattern=random,working_set=1M,passes=0,touch=64")
     with boot(GuestSpec(workload=options), ram_size=16 << 20, seed=9) as machine:
