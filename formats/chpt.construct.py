@@ -13,6 +13,8 @@ Layout of a file (every integer big-endian; offsets are absolute file offsets)::
                stream      QEMU v3 migration stream (written by the caller), 4 KiB aligned start
                page index  PageIndex, right after the stream
                stats       StatsBlob, right after the page index (absent when empty)
+               checksums   ChecksumBlob, right after the stats, else the page index (format 2;
+                           absent when the writer computed none)
 
 The two slots make header updates crash-safe: an append writes its data, syncs, then writes the
 new header (sequence + 1) over the *older* slot and syncs again. A reader takes the slot with the
@@ -25,6 +27,26 @@ body behind it (HEADER_BODIES) changes with the version.
 
 Checksums are CRC-32 (zlib's, ISO-HDLC polynomial). An increment's ``stream_crc`` is different: a
 CRC-32C of its stream computed by the writer, or 0 for none; the container stores it as given.
+
+Format 2 adds the checksum block (``ChecksumBlob``, the ``checksum`` capability) and its place in
+the increment entry; format 1 files are still read, and appended to in format 1. The checksum
+block's own values are CRC-32C (Castagnoli, the SSE4.2 instruction's), over the stream as follows:
+
+* ``page_crcs``: one per data page of the increment, in page-index order (runs as listed, pages
+  of a run in order): the CRC-32C of the page's ``page_size`` data bytes.
+* ``gap_crcs``: the stream cut at every data run's *extent* (its first page's data to its last
+  page's data end; the record headers inside an extent are fixed by the run and are compared
+  exactly instead). With the data runs sorted by file offset, gap ``i`` is the bytes before run
+  ``i`` (from the stream start or the previous extent's end) and the last gap the bytes after the
+  last extent, up to the stream end (the device sections live there). One CRC-32C per gap, so
+  damage is located to a byte range: data runs + 1 gaps.
+* ``sections``: each device section of the stream (a FULL section, header to the next one's
+  header; the last one to the end of the device state) with its idstr, instance, absolute file
+  offset, length and CRC-32C. They lie inside the last gap and repeat part of its coverage, to
+  name the device whose bytes are damaged.
+* ``ram_digest``: the CRC-32C of the whole guest RAM at the pause, as a table of per-page CRCs:
+  for every RAM block in header order, every page in order, its CRC-32C as a little-endian u32
+  (a page never saved counts as a zero page); the digest is the CRC-32C of that table's bytes.
 """
 
 import zlib
@@ -52,7 +74,7 @@ from construct import (
 )
 
 MAGIC = b"PYVMMCPT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BYTE_ORDER_MARK = 0x01020304  # reads 0x04030201 if someone writes the fields little-endian
 SLOT_SIZE = 64 * 1024
 SLOT_COUNT = 2
@@ -61,6 +83,8 @@ STREAM_ALIGN = 4096
 
 PAGE_INDEX_MAGIC = b"PGIX"
 STATS_MAGIC = b"STAT"
+CHECKSUM_MAGIC = b"CSUM"
+CHECKSUM_ALGORITHMS = {"crc32c": 1}
 RUN_ZERO = 0x01  # PageRun.flags: the run's pages are all zero and have no data in the file
 RUN_FLAGS = RUN_ZERO  # every flag bit this version knows; others must be clear
 
@@ -124,7 +148,7 @@ IncrementEntry = Struct(
     # per entry, so that one entry can be checked (and reported) on its own
     "crc" / Checksum(Int32ub, crc32, this.fields.data),
 )
-INCREMENT_ENTRY_SIZE = IncrementEntry.sizeof()
+INCREMENT_ENTRY_SIZE = IncrementEntry.sizeof()  # format 1
 
 HeaderBodyV1 = Struct(
     "page_size" / Int32ub,
@@ -136,8 +160,33 @@ HeaderBodyV1 = Struct(
     Terminated,
 )
 
-HEADER_BODIES = {1: HeaderBodyV1}
-"""Body declaration for each format version this pyvmm reads (and writes: FORMAT_VERSION)."""
+# ----- header body, version 2: the increment entry locates the checksum block -------------------
+
+IncrementFieldsV2 = Struct(
+    "v1" / IncrementFields,
+    "checksum_offset" / Int64ub,  # 0 with length 0: no checksum block
+    "checksum_length" / Int64ub,
+)
+
+IncrementEntryV2 = Struct(
+    "fields" / RawCopy(IncrementFieldsV2),
+    "crc" / Checksum(Int32ub, crc32, this.fields.data),
+)
+
+HeaderBodyV2 = Struct(
+    "page_size" / Int32ub,
+    "vm_id" / Bytes(16),
+    "machine" / PascalString(Int8ub, "utf8"),
+    "ram_blocks" / PrefixedArray(Int16ub, RamBlock),
+    "capabilities" / PrefixedArray(Int8ub, PascalString(Int8ub, "ascii")),
+    "increments" / PrefixedArray(Int32ub, IncrementEntryV2),
+    Terminated,
+)
+
+HEADER_BODIES = {1: HeaderBodyV1, 2: HeaderBodyV2}
+"""Body declaration for each format version this pyvmm reads (and writes: FORMAT_VERSION for new
+files, the file's own version when appending)."""
+INCREMENT_ENTRY_SIZES = {1: INCREMENT_ENTRY_SIZE, 2: IncrementEntryV2.sizeof()}
 
 # ----- page index ------------------------------------------------------------------------------
 
@@ -184,8 +233,52 @@ StatsBlob = Struct(
 )
 STATS_OVERHEAD = 4 + 4 + 4 + 4  # magic, increment, JSON length, CRC
 
+# ----- checksum block (format 2) ---------------------------------------------------------------
+
+DeviceSection = Struct(
+    "name" / PascalString(Int8ub, "utf8"),  # the section's idstr
+    "instance_id" / Int32ub,
+    "offset" / Int64ub,  # absolute file offset of the section header
+    "length" / Int32ub,
+    "crc" / Int32ub,
+)
+MAX_DEVICE_SECTIONS = 1024
+DEVICE_SECTION_MAX_SIZE = 1 + 255 + 4 + 8 + 4 + 4
+
+ChecksumFields = Struct(
+    "magic" / Const(CHECKSUM_MAGIC),
+    "increment" / Int32ub,
+    "algorithm" / Mapping(Int8ub, CHECKSUM_ALGORITHMS),
+    "reserved" / Const(bytes(3)),
+    "ram_digest" / Int32ub,  # CRC-32C of the RAM's per-page CRC table at the pause
+    "page_count" / Int32ub,
+    "page_crcs" / Bytes(this.page_count * 4),  # big-endian u32 each, page-index order
+    "gap_count" / Int32ub,
+    "gap_crcs" / Bytes(this.gap_count * 4),  # big-endian u32 each, file order
+    "sections" / PrefixedArray(Int16ub, DeviceSection),
+)
+
+ChecksumBlob = Struct(
+    "fields" / RawCopy(ChecksumFields),
+    "crc" / Checksum(Int32ub, crc32, this.fields.data),
+    Terminated,
+)
+CHECKSUM_OVERHEAD = 4 + 4 + 1 + 3 + 4 + 4 + 4 + 2 + 4  # every fixed field and the CRC
+
 __all__ = [
     "BYTE_ORDER_MARK",
+    "CHECKSUM_ALGORITHMS",
+    "CHECKSUM_MAGIC",
+    "CHECKSUM_OVERHEAD",
+    "ChecksumBlob",
+    "ChecksumFields",
+    "DEVICE_SECTION_MAX_SIZE",
+    "DeviceSection",
+    "MAX_DEVICE_SECTIONS",
+    "HeaderBodyV2",
+    "INCREMENT_ENTRY_SIZES",
+    "IncrementEntryV2",
+    "IncrementFieldsV2",
     "DATA_START",
     "FORMAT_VERSION",
     "HEADER_BODIES",

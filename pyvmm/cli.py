@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--cow", action="store_true",
                       help="capability: fork at the pause; a child process writes the RAM pages "
                            "from its copy-on-write view while the guest runs on (not with --live)")
+    chpt.add_argument("--checksum", action="store_true",
+                      help="capability: record CRC-32C checksums of every page, the stream and "
+                           "the RAM; reloads check them, 'checkpoint verify' finds damage")
     chpt.add_argument("--tracker", choices=("async", "wp"), default="async",
                       help="dirty tracker for --incremental: async (kernel WP_ASYNC + "
                            "PAGEMAP_SCAN, default) or wp (write-protect faults)")
@@ -133,14 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_checkpoint_commands(sub: Any) -> None:
-    chpt = sub.add_parser("checkpoint", help="inspect checkpoint files",
-                          description="Inspect and export checkpoint files.")
+    chpt = sub.add_parser("checkpoint", help="inspect and verify checkpoint files",
+                          description="Inspect, verify and export checkpoint files.")
     verbs = chpt.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
     info = verbs.add_parser("info", help="increments, sizes, page counts, devices",
                             description="Show what a checkpoint file holds.")
     info.add_argument("file", metavar="FILE")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = verbs.add_parser(
+        "verify", help="check headers, indexes, streams and checksums without loading a guest",
+        description="Check every increment of FILE: header, page index, stats, checksum block, "
+                    "parent chain, stream; with the checksum capability also every page's and "
+                    "device section's CRC-32C and the RAM digest. Exit 0 when all is well, 1 "
+                    "with one line per problem otherwise.")
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     export = verbs.add_parser(
         "export", help="write one increment's raw QEMU migration stream",
         description="Write increment K's QEMU v3 migration stream to OUT, e.g. for QEMU's "
@@ -221,9 +233,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, not {args.seconds}")
     points = _checkpoint_points(args)
-    if (args.incremental or args.live or args.cow) and not args.checkpoint:
-        raise ConfigError("--incremental, --live and --cow are capabilities of --checkpoint "
-                          "chpt:FILE")
+    if (args.incremental or args.live or args.cow or args.checksum) and not args.checkpoint:
+        raise ConfigError("--incremental, --live, --cow and --checksum are capabilities of "
+                          "--checkpoint chpt:FILE")
     if args.unprotect_pages < 1:
         raise ConfigError(f"--unprotect-pages must be at least 1, not {args.unprotect_pages}")
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
@@ -297,7 +309,7 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
         same = incoming is not None and os.path.exists(save_target.path) and \
             os.path.samefile(save_target.path, incoming.path)
         caps = [name for name, on in (("incremental", args.incremental), ("live", args.live),
-                                      ("cow", args.cow)) if on]
+                                      ("cow", args.cow), ("checksum", args.checksum)) if on]
         checkpointer = Checkpointer(machine, save_target.path, append=same,
                                     durable=not args.no_fsync, capabilities=caps,
                                     tracker=args.tracker, unprotect_pages=args.unprotect_pages)
@@ -354,11 +366,49 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         else:
             print(format_info(info))
         return 0
+    if args.verb == "verify":
+        return _cmd_verify(args)
     if args.verb == "export":
         written = export_increment(args.file, args.increment, args.output)
         print(f"pyvmm: wrote {format_size(written)} to {args.output}", file=sys.stderr)
         return 0
     raise ConfigError(f"unknown checkpoint verb {args.verb}")
+
+
+VERIFY_PROGRESS_BYTES = 256 << 20
+"""Files whose streams are at least this long get progress lines when stderr is not a tty."""
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .migration.verify import verify_file
+
+    tty = sys.stderr.isatty()
+    shown = [-1]
+
+    def progress(done: int, total: int, increment: int) -> None:
+        percent = 100 * done // total if total else 100
+        if tty:
+            print(f"\rpyvmm: verifying {args.file}: {percent:3d}% (increment {increment})",
+                  end="", file=sys.stderr, flush=True)
+        elif total >= VERIFY_PROGRESS_BYTES and percent // 10 > shown[0]:
+            shown[0] = percent // 10  # a log, not a terminal: a line per 10 %, long files only
+            print(f"pyvmm: verifying {args.file}: {percent}%", file=sys.stderr, flush=True)
+
+    show = not args.quiet
+    report = verify_file(args.file, progress=progress if show else None)
+    if show and tty:
+        print(file=sys.stderr)
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            print(f"pyvmm: {args.file}: {problem}")
+        for note in report.notes:
+            print(f"pyvmm: note: {note}")
+        print(report.summary())
+    return 0 if report.ok else EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,8 @@ from .machine_state import (
     capture,
     machine_save_state,
 )
+from .checksum import RamCrcTable, increment_checksums, table_from_file
+from .container import ChecksumBlock
 from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
@@ -77,7 +79,7 @@ def parse_target(uri: str) -> CheckpointTarget:
                             squash=match.group("squash") is not None)
 
 
-CAPABILITIES = ("incremental", "live", "cow")
+CAPABILITIES = ("incremental", "live", "cow", "checksum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +170,7 @@ class Checkpointer:
         self._pending: dict[str, PageBitmap] = {}
         self._lock = threading.Lock()
         self._cow_blocks: list[str] = []
+        self._crc_table: RamCrcTable | None = None  # per-page CRCs of RAM at the last checkpoint
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
         #: Called with the machine while it is paused at each checkpoint's consistency point
@@ -185,6 +188,25 @@ class Checkpointer:
     @property
     def cow(self) -> bool:
         return "cow" in self.capabilities
+
+    @property
+    def checksum(self) -> bool:
+        return "checksum" in self.capabilities
+
+    def _checksums(self, container: CheckpointFile, kind: str, stream_offset: int,
+                   stream_length: int, runs: list[PageRun], device_bytes: bytes,
+                   devices: list[dict[str, Any]]) -> tuple[ChecksumBlock, RamCrcTable] | None:
+        """The ``checksum`` capability: CRCs of the stream just written (read back from the
+        file) and the RAM CRC table after it (kept once the increment is committed)."""
+        if not self.checksum:
+            return None
+        table = self._crc_table
+        if kind == "full" or not container.header.increments:
+            table = RamCrcTable(container.header.ram_blocks, container.header.page_size)
+        elif table is None:  # appending to a file written by another process
+            table = table_from_file(container)
+        return increment_checksums(container, kind, stream_offset, stream_length, runs, table,
+                                   device_bytes, devices)
 
     def _container(self) -> CheckpointFile:
         container = self._open_container()
@@ -235,6 +257,12 @@ class Checkpointer:
                     self._file = None
                     raise ConfigError(f"{self.path} holds a machine with another RAM layout; "
                                       f"write the checkpoint to a new file")
+                if self.checksum and self._file.header.format_version < 2:
+                    version = self._file.header.format_version
+                    self._file.close()
+                    self._file = None
+                    raise ConfigError(f"{self.path} is in format {version}, which has no "
+                                      f"checksums; write the checkpoint to a new file")
                 self._file.durable = self._durable
             else:
                 return self._create_container(self.path)
@@ -336,6 +364,10 @@ class Checkpointer:
                 save_state.save_trailer(f, devices, PAGE_SIZE)
                 f.flush()
                 stream_length = f.pos
+            page_runs = [PageRun(r.block, r.first_page, r.npages, r.data_offset, r.zero)
+                         for r in runs]
+            checksums = self._checksums(container, kind, writer.stream_offset, stream_length,
+                                        page_runs, device_bytes, devices)
             faults = shadows = carried = 0
             if session is not None:
                 wp = session.stats()
@@ -357,10 +389,11 @@ class Checkpointer:
                          self.tracker_kind) if self.incremental else "",
                 write_faults=faults, shadow_copies=shadows, pages_carried=carried,
                 fork_ms=fork_ms)
-            writer.commit(stream_length=stream_length,
-                          page_runs=[PageRun(r.block, r.first_page, r.npages, r.data_offset,
-                                             r.zero) for r in runs],
-                          pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict())
+            writer.commit(stream_length=stream_length, page_runs=page_runs,
+                          pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict(),
+                          checksums=None if checksums is None else checksums[0])
+            if checksums is not None:
+                self._crc_table = checksums[1]
             ok = True
             self._finish_restart(True)
             self.history.append(stats)

@@ -40,6 +40,12 @@ from types import TracebackType
 from typing import Any
 
 from pyvmm.errors import ConfigError, FormatError, PyvmmError
+from pyvmm.migration.checksum_format import (
+    ChecksumBlock,
+    check_checksums,
+    decode_checksums,
+    encode_checksums,
+)
 from pyvmm.migration.container_format import (
     KINDS,
     PAGE_RECORD_HEADER,
@@ -64,6 +70,7 @@ from pyvmm.migration.container_format import (
 __all__ = [
     "PAGE_RECORD_HEADER",
     "CheckpointFile",
+    "ChecksumBlock",
     "ContainerHeader",
     "IncrementInfo",
     "IncrementWriter",
@@ -341,7 +348,8 @@ class CheckpointFile:
     def _capacity(header: ContainerHeader) -> int:
         spec = load_spec()
         empty = encode_header_slot(replace(header, increments=()))
-        fit: int = (spec.SLOT_SIZE - len(empty)) // spec.INCREMENT_ENTRY_SIZE
+        entry_size: int = spec.INCREMENT_ENTRY_SIZES[header.format_version]
+        fit: int = (spec.SLOT_SIZE - len(empty)) // entry_size
         return max(0, fit)
 
     def _increment(self, increment: int) -> IncrementInfo:
@@ -373,11 +381,29 @@ class CheckpointFile:
         )
         return decode_stats(data, increment=increment, offset=info.stats_offset)
 
+    def checksums(
+        self, increment: int, runs: Sequence[PageRun] | None = None
+    ) -> ChecksumBlock | None:
+        """The checksum block of increment ``increment`` (CRC checked, sizes checked against its
+        page index, ``runs`` when the caller has read it already); ``None`` when it has none."""
+        info = self._increment(increment)
+        if not info.checksum_length:
+            return None
+        data = _pread_exact(
+            self._fd, info.checksum_length, info.checksum_offset, what="checksum block",
+            increment=increment,
+        )
+        block = decode_checksums(data, increment=increment, offset=info.checksum_offset)
+        check_checksums(info, self.page_index(increment) if runs is None else runs, block)
+        return block
+
     def verify(self) -> None:
-        """Read and check every increment's page index and stats; FormatError if one is bad."""
+        """Read and check every increment's page index, stats and checksum block (not the
+        stream: see :mod:`pyvmm.migration.verify`); FormatError if one is bad."""
         for info in self.header.increments:
-            self.page_index(info.index)
+            runs = self.page_index(info.index)
             self.stats(info.index)
+            self.checksums(info.index, runs)
 
     # -- writing --
 
@@ -454,6 +480,7 @@ class CheckpointFile:
         zero_pages: int,
         stats: dict[str, Any] | None,
         stream_crc: int,
+        checksums: ChecksumBlock | None,
     ) -> IncrementInfo:
         self._require(_State.WRITING)
         if writer is not self._writer:
@@ -469,6 +496,14 @@ class CheckpointFile:
             )
         index_bytes = encode_page_index(writer.index, page_runs)
         stats_bytes = encode_stats(writer.index, stats) if stats else b""
+        checksum_bytes = b""
+        if checksums is not None:
+            if header.format_version < 2:
+                raise ValueError(
+                    f"{self._path} is in format {header.format_version}, which has no checksums"
+                )
+            checksum_bytes = encode_checksums(writer.index, checksums)
+        checksum_offset = stream_end + len(index_bytes) + len(stats_bytes)
         info = IncrementInfo(
             index=writer.index,
             kind=writer.kind,
@@ -483,14 +518,18 @@ class CheckpointFile:
             index_length=len(index_bytes),
             stats_offset=stream_end + len(index_bytes) if stats_bytes else 0,
             stats_length=len(stats_bytes),
+            checksum_offset=checksum_offset if checksum_bytes else 0,
+            checksum_length=len(checksum_bytes),
         )
         new = replace(header, increments=header.increments + (info,), sequence=header.sequence + 1)
         try:
             check_page_runs(header, info, page_runs)
+            if checksums is not None:
+                check_checksums(info, page_runs, checksums)
             check_header(new)
         except FormatError as err:
             raise ValueError(f"cannot commit increment {writer.index}: {err.reason}") from err
-        _pwrite_all(self._fd, index_bytes + stats_bytes, stream_end)
+        _pwrite_all(self._fd, index_bytes + stats_bytes + checksum_bytes, stream_end)
         # anything the caller wrote past stream_length is not part of the increment
         os.ftruncate(self._fd, info.end)
         if self.durable:
@@ -586,11 +625,13 @@ class IncrementWriter:
         zero_pages: int,
         stats: dict[str, Any] | None = None,
         stream_crc: int = 0,
+        checksums: ChecksumBlock | None = None,
     ) -> IncrementInfo:
         """Publish the increment: its stream is ``stream_length`` bytes at :attr:`stream_offset`.
 
         Writes the page index (``page_runs``, checked: inside RAM blocks and the stream, no page
-        twice, counts equal to ``pages`` / ``zero_pages``) and ``stats`` after the stream,
+        twice, counts equal to ``pages`` / ``zero_pages``), ``stats`` and ``checksums`` (sizes
+        checked against the runs; format 2 files only) after the stream,
         syncs, then writes and syncs the new header. Raises ValueError for inconsistent
         arguments (nothing is written then) and OSError for I/O failures; after either the
         increment is not committed and :meth:`abort` discards it.
@@ -603,6 +644,7 @@ class IncrementWriter:
             zero_pages=zero_pages,
             stats=stats,
             stream_crc=stream_crc,
+            checksums=checksums,
         )
 
     def abort(self) -> None:

@@ -150,10 +150,15 @@ class IncrementInfo:
     index_length: int
     stats_offset: int  # 0 with stats_length 0: no stats
     stats_length: int
+    checksum_offset: int = 0  # 0 with checksum_length 0: no checksum block (always in format 1)
+    checksum_length: int = 0
 
     @property
     def end(self) -> int:
-        """File offset just past this increment's last byte (its stats, else its page index)."""
+        """File offset just past this increment's last byte (its checksum block, else its stats,
+        else its page index)."""
+        if self.checksum_length:
+            return self.checksum_offset + self.checksum_length
         if self.stats_length:
             return self.stats_offset + self.stats_length
         return self.index_offset + self.index_length
@@ -186,8 +191,8 @@ class ContainerHeader:
 # ----- encoding and decoding the structures -----------------------------------------------------
 
 
-def _entry_value(info: IncrementInfo) -> dict[str, Any]:
-    return {
+def _entry_value(info: IncrementInfo, version: int) -> dict[str, Any]:
+    v1 = {
         "kind": info.kind,
         "index": info.index,
         "parent": info.parent,
@@ -202,6 +207,15 @@ def _entry_value(info: IncrementInfo) -> dict[str, Any]:
         "stats_offset": info.stats_offset,
         "stats_length": info.stats_length,
     }
+    if version == 1:
+        if info.checksum_length or info.checksum_offset:
+            raise ValueError(f"format 1 has no checksum block (increment {info.index})")
+        return v1
+    return {
+        "v1": v1,
+        "checksum_offset": info.checksum_offset,
+        "checksum_length": info.checksum_length,
+    }
 
 
 def _body_value(header: ContainerHeader) -> dict[str, Any]:
@@ -211,16 +225,21 @@ def _body_value(header: ContainerHeader) -> dict[str, Any]:
         "machine": header.machine,
         "ram_blocks": [{"name": b.name, "gpa": b.gpa, "size": b.size} for b in header.ram_blocks],
         "capabilities": list(header.capabilities),
-        "increments": [{"fields": {"value": _entry_value(i)}} for i in header.increments],
+        "increments": [
+            {"fields": {"value": _entry_value(i, header.format_version)}}
+            for i in header.increments
+        ],
     }
 
 
 def encode_header_slot(header: ContainerHeader) -> bytes:
-    """The bytes of one header slot holding ``header`` (unpadded; at most ``SLOT_SIZE``)."""
+    """The bytes of one header slot holding ``header`` (unpadded; at most ``SLOT_SIZE``), in the
+    header's format version (any this pyvmm reads: appends keep a file's version)."""
     spec = load_spec()
-    if header.format_version != spec.FORMAT_VERSION:
-        raise ValueError(f"pyvmm writes format version {spec.FORMAT_VERSION} only")
-    body = construct_call(lambda: spec.HeaderBodyV1.build(_body_value(header)), "header")
+    declaration = spec.HEADER_BODIES.get(header.format_version)
+    if declaration is None:
+        raise ValueError(f"pyvmm cannot write format version {header.format_version}")
+    body = construct_call(lambda: declaration.build(_body_value(header)), "header")
     if len(body) + spec.SLOT_OVERHEAD > spec.SLOT_SIZE:
         raise FormatError(
             f"the header needs {len(body) + spec.SLOT_OVERHEAD} bytes but a header slot holds "
@@ -270,10 +289,18 @@ def decode_header_body(version: int, sequence: int, body: bytes, *, offset: int)
         raise VersionError(f"unknown checkpoint format version {version}", offset=offset)
     body_offset = offset + spec.SLOT_FRAME_SIZE
     parsed = construct_call(lambda: declaration.parse(body), "header", offset=body_offset)
-    entries_offset = body_offset + len(body) - len(parsed.increments) * spec.INCREMENT_ENTRY_SIZE
+    entry_size = spec.INCREMENT_ENTRY_SIZES[version]
+    entries_offset = body_offset + len(body) - len(parsed.increments) * entry_size
     increments = []
     for entry in parsed.increments:
         fields = entry.fields.value
+        extra = {}
+        if version >= 2:
+            extra = {
+                "checksum_offset": int(fields.checksum_offset),
+                "checksum_length": int(fields.checksum_length),
+            }
+            fields = fields.v1
         increments.append(
             IncrementInfo(
                 index=int(fields.index),
@@ -289,6 +316,7 @@ def decode_header_body(version: int, sequence: int, body: bytes, *, offset: int)
                 index_length=int(fields.index_length),
                 stats_offset=int(fields.stats_offset),
                 stats_length=int(fields.stats_length),
+                **extra,
             )
         )
     header = ContainerHeader(
@@ -430,11 +458,16 @@ def check_header(
     check_capabilities(header.capabilities, offset=offset)
     total_pages = header.total_pages
     max_index_length = spec.PAGE_INDEX_OVERHEAD + total_pages * spec.PAGE_RUN_SIZE
+    # a CRC per data page and per gap (data runs + 1)
+    max_checksum_length = (spec.CHECKSUM_OVERHEAD + (2 * total_pages + 1) * 4
+                           + spec.MAX_DEVICE_SECTIONS * spec.DEVICE_SECTION_MAX_SIZE)
     previous_end = spec.DATA_START
     for number, info in enumerate(header.increments):
         where: dict[str, Any] = {"increment": number}
         if entries_offset is not None:
-            where["offset"] = entries_offset + number * spec.INCREMENT_ENTRY_SIZE
+            where["offset"] = entries_offset + number * spec.INCREMENT_ENTRY_SIZES.get(
+                header.format_version, spec.INCREMENT_ENTRY_SIZE
+            )
 
         def bad(message: str) -> FormatError:
             return FormatError(f"increment table: {message}", **where)  # noqa: B023
@@ -464,6 +497,16 @@ def check_header(
             max_stats = spec.STATS_OVERHEAD + MAX_STATS_BYTES
             if not spec.STATS_OVERHEAD <= info.stats_length <= max_stats:
                 raise bad(f"stats length {info.stats_length} is impossible")
+        if info.checksum_length or info.checksum_offset:
+            if header.format_version < 2:
+                raise bad("a format 1 increment has a checksum block")
+            before = info.stats_offset + info.stats_length if info.stats_length else (
+                info.index_offset + info.index_length
+            )
+            if info.checksum_offset != before:
+                raise bad("the checksum block does not follow the stats or page index")
+            if not spec.CHECKSUM_OVERHEAD <= info.checksum_length <= max_checksum_length:
+                raise bad(f"checksum block length {info.checksum_length} is impossible")
         if info.pages + info.zero_pages > total_pages:
             raise bad(f"{info.pages} + {info.zero_pages} pages exceed the {total_pages} of RAM")
         previous_end = info.end

@@ -19,6 +19,7 @@ def file_info(path: str) -> dict[str, Any]:
         increments = []
         for inc in header.increments:
             stats = container.stats(inc.index)
+            checksums = container.checksums(inc.index)
             increments.append({
                 "index": inc.index,
                 "kind": inc.kind,
@@ -30,6 +31,8 @@ def file_info(path: str) -> dict[str, Any]:
                 "pages": inc.pages,
                 "zero_pages": inc.zero_pages,
                 "stats": stats,
+                # CRC-32C of the RAM's per-page CRC table at the pause (checksum capability)
+                "ram_digest": None if checksums is None else f"{checksums.ram_digest:08x}",
             })
         return {
             "file": path,
@@ -63,6 +66,9 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"  #{inc['index']} {inc['kind']}{parent}  {inc['created']}  "
                      f"stream {format_size(inc['stream_bytes'])}, {inc['pages']} pages, "
                      f"{inc['zero_pages']} zero pages")
+        if inc.get("ram_digest"):
+            lines.append(f"      RAM digest {inc['ram_digest']} (CRC-32C, checksums on pages and "
+                         f"stream)")
         if stats:
             timing = ", ".join(f"{key.removesuffix('_ms')} {stats[key]:.1f} ms"
                                for key in ("total_ms", "setup_ms", "downtime_ms")

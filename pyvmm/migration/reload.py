@@ -30,6 +30,7 @@ from ..devices.pl011 import UartSink
 from ..errors import ConfigError, FormatError, PyvmmError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PageBitmap
+from .checksum import check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
 from .machine_state import MachineStateEntries, apply, linux_state_from, machine_save_state
 from .pageio import PAGE_RECORD_SIZE, read_page_runs
@@ -59,6 +60,8 @@ class ReloadReport:
     #: device post_load phases run, per ``idstr/instance``: 1 each after a correct reload
     post_load: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    #: the file had checksums and the reloaded RAM matched them
+    checksums_verified: bool = False
 
 
 def check_strategy(strategy: str) -> str:
@@ -97,12 +100,18 @@ def reload_file(path: str, count: int | None = None, *, strategy: str = DEFAULT_
             raise ConfigError(f"{path} holds {available} increment(s), not {n}")
         increments = header.increments[:n]
         check_chain(increments, path)
+        # with checksums: streams checked now, the reloaded RAM after loading (never run)
+        expected = check_before_load(container, increments)
         machine = Machine(main_ram_size(header.ram_blocks, path), uart_sink=uart_sink,
                           name=header.machine or "guest")
         report = ReloadReport(path=str(path), strategy=strategy, increments=n)
         try:
             _Loader(machine, container, increments, report, progress).run(
                 header.ram_blocks, stdout, stderr)
+            if expected is not None:
+                check_reloaded_ram(reload_blocks(machine.ram_blocks, header.ram_blocks),
+                                   expected, n - 1)
+                report.checksums_verified = True
         except BaseException:
             machine.close()
             raise

@@ -209,3 +209,50 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
  * run, up to max_pages (dirty tracking then over-counts up to max_pages - 1 pages per
  * sequential stretch); any other fault opens unprotect_pages again. */
 int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages);
+
+/* ---- pyvmm.migration.checksum (crc.c): CRC-32C of buffers, guest pages and page records ----
+ * CRC-32C (Castagnoli), zlib-style: pass 0 to start, the previous result to continue.
+ * SSE4.2 instruction when the CPU has it, else a portable slicing-by-8 table; same results. */
+unsigned int pyvmm_crc32c(unsigned int crc, const void *buf, pyvmm_u64 length);
+int pyvmm_crc32c_hardware(void); /* 1 when the SSE4.2 path is in use */
+/* Test hook: on = 0 forces the portable path, 1 uses the hardware if present; returns the old
+ * state. Not for use while other threads compute CRCs. */
+int pyvmm_crc32c_set_hardware(int on);
+/* out[k] = CRC-32C of page k of the npages pages at base; pages clear in `populated` (NULL =
+ * all populated) are not read and get the CRC of a zero page. */
+void pyvmm_crc32c_pages(const void *base, pyvmm_u64 page_size, pyvmm_u64 npages,
+                        const pyvmm_u64 *populated, unsigned int *out);
+/* Where a file CRC call stopped: the run (stream calls), the file offset, and for BAD_HEADER
+ * the page of the run whose record header was wrong and the be64 found instead. */
+struct pyvmm_crc_error {
+    pyvmm_u64 run;
+    pyvmm_u64 offset;
+    pyvmm_u64 page;
+    pyvmm_u64 found;
+};
+/* Positive results of the file CRC calls (negative ones are -errno). */
+enum {
+    PYVMM_CRC_TRUNCATED = 1, /* the file ends before the bytes asked for */
+    PYVMM_CRC_BAD_RUNS = 2,  /* runs unsorted, overlapping or outside the stream */
+    PYVMM_CRC_BAD_HEADER = 3 /* a page record header inside a run is not the expected one */
+};
+/* out[k] = CRC-32C of the page_size bytes at offset + k * stride of fd (pread in large chunks). */
+int pyvmm_crc32c_file_pages(int fd, pyvmm_u64 offset, pyvmm_u64 npages, pyvmm_u64 page_size,
+                            pyvmm_u64 stride, unsigned int *out, struct pyvmm_crc_error *err);
+/* A data run of a stream: page k's bytes at data_offset + k * stride, its CRC to
+ * page_crcs[out_index + k]; first_page: the page number the record headers carry. */
+struct pyvmm_crc_run {
+    pyvmm_u64 data_offset;
+    pyvmm_u64 npages;
+    pyvmm_u64 first_page;
+    pyvmm_u64 out_index;
+};
+/* One pass over the stream [start, start+length) of fd: runs (sorted by data_offset, inside
+ * the stream, not overlapping) split it into data extents (first page's data to last page's
+ * data end) and nruns + 1 gaps; gap_crcs[i] = CRC-32C of the bytes before run i (i = nruns: after
+ * the last run). With page_crcs, each page's CRC is stored and the record headers inside runs
+ * checked; with page_crcs NULL, the data extents are not read at all. 0, -errno or PYVMM_CRC_*. */
+int pyvmm_crc32c_stream(int fd, pyvmm_u64 start, pyvmm_u64 length,
+                        const struct pyvmm_crc_run *runs, pyvmm_u64 nruns, pyvmm_u64 page_size,
+                        pyvmm_u64 stride, unsigned int *page_crcs, unsigned int *gap_crcs,
+                        struct pyvmm_crc_error *err);

@@ -1,0 +1,117 @@
+"""Cost of the ``checksum`` capability: checkpoint and reload of a 1 GiB guest, checksums on vs off.
+
+Same run, same machine, same directory, interleaved: a full checkpoint (``durable=False``: the
+page cache, so the comparison is not drowned by the disk; ``--durable`` for the default, which
+fsyncs) with and without the ``checksum``
+capability, then a reload of each file (with checksums: the stream gaps checked before the load
+and the reloaded RAM's page CRCs compared with the file's after it). Throughput ratio = time off
+/ time on. Also the raw CRC-32C speed (hardware and portable, one buffer and per page).
+Target (issue 5): checkpoint and reload throughput with checksums >= 0.8x without.
+
+    python benchmarks/bench_checksum.py [--ram 1G] [--dir DIR] [--repeat 4] [--durable]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyvmm._native import ffi, lib
+from pyvmm.migration import checksum
+from pyvmm.migration.checkpoint import Checkpointer, reload
+from pyvmm.units import parse_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_checkpoint import filled_machine  # noqa: E402
+
+
+def crc_speed(nbytes: int) -> dict[str, float]:
+    """GB/s of one-buffer and per-page CRC-32C over ``nbytes``, hardware and portable."""
+    data = bytearray(nbytes)
+    for i in range(0, nbytes, 4096):
+        data[i:i + 8] = i.to_bytes(8, "little")
+    buf = ffi.from_buffer(data)
+    out = ffi.new("unsigned int[]", nbytes // 4096)
+    result = {}
+
+    def best(call: object) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            call()  # type: ignore[operator]
+            times.append(time.perf_counter() - started)
+        return nbytes / min(times) / 1e9
+
+    for name, hw in (("hardware", 1), ("portable", 0)):
+        before = lib.pyvmm_crc32c_set_hardware(hw)
+        try:
+            if hw and not lib.pyvmm_crc32c_hardware():
+                continue
+            result[f"{name} buffer"] = best(lambda: lib.pyvmm_crc32c(0, buf, nbytes))
+            result[f"{name} per page"] = best(
+                lambda: lib.pyvmm_crc32c_pages(buf, 4096, nbytes // 4096, ffi.NULL, out))
+        finally:
+            lib.pyvmm_crc32c_set_hardware(before)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ram", default="1G")
+    parser.add_argument("--dir", default=None, help="where files go (default: a temp dir in .)")
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--durable", action="store_true",
+                        help="fsync each checkpoint (the default of Checkpointer and `run`)")
+    args = parser.parse_args()
+    ram = parse_size(args.ram)
+    speeds = crc_speed(min(ram, 256 << 20))
+    times: dict[str, list[float]] = {k: [] for k in ("save off", "save on", "load off",
+                                                    "load on")}
+    with tempfile.TemporaryDirectory(dir=args.dir or ".") as tmp:
+        directory = Path(tmp)
+        machine = filled_machine(ram)
+        for i in range(args.repeat):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for on in order:
+                path = directory / f"{'on' if on else 'off'}.bin"
+                caps = ["checksum"] if on else []
+                # no writeback of the previous file competes with the one timed
+                path.unlink(missing_ok=True)
+                os.sync()
+                checkpointer = Checkpointer(machine, path, durable=args.durable,
+                                            capabilities=caps)
+                started = time.perf_counter()
+                checkpointer.checkpoint()
+                times["save on" if on else "save off"].append(time.perf_counter() - started)
+                checkpointer.close()
+            os.sync()
+            for on in order:
+                path = directory / f"{'on' if on else 'off'}.bin"
+                started = time.perf_counter()
+                copy = reload(f"chpt:{path}")
+                times["load on" if on else "load off"].append(time.perf_counter() - started)
+                copy.close()
+        machine.close()
+    gib = ram / (1 << 30)
+    print(f"guest RAM {gib:.2f} GiB, every page non-zero, checkpoints "
+          f"{'durable (fsync)' if args.durable else 'not fsynced'}; best of {args.repeat} "
+          f"(median)")
+    for what in ("save", "load"):
+        off, on = min(times[f"{what} off"]), min(times[f"{what} on"])
+        off_med, on_med = statistics.median(times[f"{what} off"]), statistics.median(
+            times[f"{what} on"])
+        print(f"  {'checkpoint' if what == 'save' else 'reload    '}  off {off:.3f} s "
+              f"({off_med:.3f})  on {on:.3f} s ({on_med:.3f})  throughput ratio "
+              f"{off / on:.2f}x ({off_med / on_med:.2f}x) (target >= 0.8x)")
+    print("  raw CRC-32C: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in speeds.items())
+          + f" (hardware in use: {checksum.hardware()})")
+
+
+if __name__ == "__main__":
+    main()

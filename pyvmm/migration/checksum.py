@@ -1,0 +1,509 @@
+"""CRC-32C checksums of checkpoints: the ``checksum`` capability's computing and checking.
+
+What an increment's checksum block holds is described in ``formats/chpt.construct.py``: a CRC-32C
+per data page, one per stream gap (the stream bytes outside the data runs' extents: section
+headers, zero records, device sections), and the RAM digest, a CRC-32C over the per-page CRC
+table of the whole RAM at the pause.
+
+The writer side (:func:`increment_checksums`) runs after an increment's stream is in the file,
+whatever wrote it (stop-and-copy, live, cow): it reads the stream back (page cache) in one C pass
+and keeps the :class:`RamCrcTable` of the whole RAM up to date. The reader side checks a reload
+(:func:`check_before_load`, :func:`check_reloaded_ram`) and a whole file
+(:mod:`pyvmm.migration.verify`). Every CRC is computed in C with the GIL released
+(``pyvmm/native/crc.c``: the SSE4.2 instruction, three pages at a time, or slicing-by-8).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import struct
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from pyvmm._native import ffi, lib
+from pyvmm.errors import ChecksumError, FormatError, StreamError
+from pyvmm.ram import PAGE_SIZE, RamBlock
+
+from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
+from .checksum_format import DeviceSectionCrc
+from .container_format import RamBlockInfo
+
+__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "device_sections", "RamBlockInfo", "RamCrcTable",
+           "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
+           "hardware", "increment_checksums", "page_location", "portable_only",
+           "ram_page_crcs", "reload_blocks", "stream_crcs", "table_from_file", "zero_page_crc"]
+
+ALGORITHM = "crc32c"
+CAPABILITY = "checksum"
+MAX_DEVICE_GAP = 64 << 20
+"""Largest last gap searched for the device sections (it holds them, the trailer and the zero
+records after the last data run)."""
+_SECTION_FULL = 0x04
+MAX_TABLE_PAGES = 1 << 26
+"""Most guest pages a RAM CRC table covers (256 GiB of 4 KiB pages, a 256 MiB table): the RAM
+layout comes from an untrusted header, so the table it sizes is bounded."""
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC-32C of ``data``, continuing ``crc`` (zlib style: 0 to start)."""
+    view = memoryview(data).cast("B")
+    return int(lib.pyvmm_crc32c(crc, ffi.from_buffer(view), view.nbytes))
+
+
+def hardware() -> bool:
+    """Whether the SSE4.2 instruction computes the CRCs (else the portable tables do)."""
+    return bool(lib.pyvmm_crc32c_hardware())
+
+
+@contextlib.contextmanager
+def portable_only() -> Iterator[None]:
+    """Use the portable implementation inside the block (tests, benchmarks; not thread-safe)."""
+    before = lib.pyvmm_crc32c_set_hardware(0)
+    try:
+        yield
+    finally:
+        lib.pyvmm_crc32c_set_hardware(before)
+
+
+def _u32_array(count: int, value: int = 0) -> array.array[int]:
+    return array.array("I", [value]) * count
+
+
+def zero_page_crc(page_size: int = PAGE_SIZE) -> int:
+    """CRC-32C of an all-zero page: the CRC of every page never saved."""
+    return crc32c(bytes(page_size))
+
+
+def ram_page_crcs(block: RamBlock) -> array.array[int]:
+    """The CRC-32C of every page of ``block`` as it is now; pages never populated are not read
+    (they are zero). One C call, GIL released."""
+    out = _u32_array(block.page_count)
+    if not block.page_count:
+        return out
+    populated = block.populated_pages()
+    mem = ffi.from_buffer(block.mem)
+    lib.pyvmm_crc32c_pages(mem, PAGE_SIZE, block.page_count,
+                           ffi.cast("pyvmm_u64 *", populated.address),
+                           ffi.from_buffer("unsigned int[]", out, require_writable=True))
+    del mem
+    return out
+
+
+# ----- the table of the whole RAM ----------------------------------------------------------------
+
+
+class RamCrcTable:
+    """Per-page CRC-32C of every page of every RAM block, in the file's block order."""
+
+    def __init__(self, layout: Sequence[RamBlockInfo], page_size: int = PAGE_SIZE) -> None:
+        """All pages zero (a machine before its first checkpoint, or before a full one).
+        FormatError when the layout has more than :data:`MAX_TABLE_PAGES` pages."""
+        total = sum(b.size // page_size for b in layout)
+        if total > MAX_TABLE_PAGES:
+            raise FormatError(f"{total} RAM pages are more than the {MAX_TABLE_PAGES} whose "
+                              f"checksums pyvmm keeps")
+        self.layout = tuple(layout)
+        self.page_size = page_size
+        self.zero_crc = zero_page_crc(page_size)
+        self.blocks = [_u32_array(b.size // page_size, self.zero_crc) for b in self.layout]
+        #: (increment, its runs) applied since the last full increment: who wrote which page
+        self.sources: list[tuple[int, Sequence[PageRun]]] = []
+
+    def copy(self) -> RamCrcTable:
+        other = RamCrcTable.__new__(RamCrcTable)
+        other.layout = self.layout
+        other.page_size = self.page_size
+        other.zero_crc = self.zero_crc
+        other.blocks = [array.array("I", b) for b in self.blocks]
+        other.sources = list(self.sources)
+        return other
+
+    def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int],
+              increment: int = -1) -> None:
+        """Update with one increment: its data pages take ``page_crcs`` (page-index order), its
+        zero runs the zero-page CRC; a full increment starts from an all-zero RAM."""
+        if kind == "full":
+            for table in self.blocks:
+                table[:] = _u32_array(len(table), self.zero_crc)
+            self.sources = []
+        self.sources.append((increment, runs))
+        position = 0
+        for run in runs:
+            table = self.blocks[run.block]
+            end = run.first_page + run.npages
+            if run.zero:
+                table[run.first_page:end] = _u32_array(run.npages, self.zero_crc)
+            else:
+                table[run.first_page:end] = array.array(
+                    "I", page_crcs[position:position + run.npages])
+                position += run.npages
+
+    def digest(self) -> int:
+        """CRC-32C of the table: every block's CRCs as little-endian u32, blocks in order."""
+        crc = 0
+        for table in self.blocks:
+            data = table
+            if sys.byteorder != "little":
+                data = array.array("I", table)
+                data.byteswap()
+            crc = crc32c(memoryview(data).cast("B"), crc)
+        return crc
+
+    def first_mismatches(self, actual: Sequence[array.array[int]],
+                         limit: int = 3) -> list[tuple[int, int]]:
+        """Up to ``limit`` (block number, page) whose CRC in ``actual`` differs from this table."""
+        found: list[tuple[int, int]] = []
+        for number, (want, have) in enumerate(zip(self.blocks, actual)):
+            if want.tobytes() == have.tobytes():  # memcmp, not a compare per item
+                continue
+            for page, (a, b) in enumerate(zip(want, have)):
+                if a != b:
+                    found.append((number, page))
+                    if len(found) >= limit:
+                        return found
+        return found
+
+    def source(self, block: int, page: int) -> int | None:
+        """The increment whose data (or zero run) set ``page`` of ``block``; None: never saved."""
+        for increment, runs in reversed(self.sources):
+            for run in runs:
+                if run.block == block and run.first_page <= page < run.first_page + run.npages:
+                    return increment
+        return None
+
+
+# ----- reading a stream's CRCs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamCrcs:
+    """CRCs of one increment's stream as read from the file: ``page_crcs`` in page-index order
+    (``None`` when page data was skipped) and ``gap_crcs`` with ``gaps`` (offset, length) in
+    file order."""
+
+    page_crcs: array.array[int] | None
+    gap_crcs: array.array[int]
+    gaps: list[tuple[int, int]]
+
+
+PARALLEL_PAGES = 16384
+"""Streams with at least this many data pages are read back by two threads (the pread copy out
+of the page cache is CPU-bound: two cores halve it)."""
+
+
+class _Part:
+    """One C pass over a byte range of a stream holding some of its (sorted) data runs."""
+
+    def __init__(self, start: int, end: int,
+                 runs: list[tuple[int, int, int, int]]) -> None:
+        self.start, self.end, self.runs = start, end, runs
+        self.gap_crcs = _u32_array(len(runs) + 1)
+        self.rc = 0
+        self.err = ffi.new("struct pyvmm_crc_error *")
+
+    def run(self, fd: int, page_size: int, page_ptr: object) -> None:
+        c_runs = ffi.new("struct pyvmm_crc_run[]", max(len(self.runs), 1))
+        for i, (offset, npages, first, out_index) in enumerate(self.runs):
+            c_runs[i].data_offset = offset
+            c_runs[i].npages = npages
+            c_runs[i].first_page = first
+            c_runs[i].out_index = out_index
+        self.rc = lib.pyvmm_crc32c_stream(
+            fd, self.start, self.end - self.start, c_runs, len(self.runs), page_size,
+            PAGE_RECORD_HEADER + page_size, page_ptr,
+            ffi.from_buffer("unsigned int[]", self.gap_crcs, require_writable=True), self.err)
+
+    def check(self, info: IncrementInfo, page_size: int) -> None:
+        rc, err = self.rc, self.err
+        at = int(err.offset) or None
+        if rc < 0:
+            raise StreamError(f"cannot read the stream: {os.strerror(-rc)} (errno {-rc})",
+                              increment=info.index, offset=at) from OSError(-rc,
+                                                                            os.strerror(-rc))
+        if rc == lib.PYVMM_CRC_TRUNCATED:
+            raise FormatError("the stream is cut short by the end of the file",
+                              increment=info.index, offset=at)
+        if rc == lib.PYVMM_CRC_BAD_RUNS:
+            raise FormatError(f"data run at 0x{self.runs[int(err.run)][0]:x} overlaps another "
+                              f"or lies outside the stream", increment=info.index)
+        if rc == lib.PYVMM_CRC_BAD_HEADER:
+            _, _, first, _ = self.runs[int(err.run)]
+            _bad_header(info, first + int(err.page), int(err.found), int(err.offset),
+                        page_size)
+        assert rc == 0, rc
+
+
+def _bad_header(info: IncrementInfo, page: int, found: int, offset: int,
+                page_size: int) -> None:
+    want = page * page_size | 0x28
+    raise FormatError(f"record header of page {page} is 0x{found:016x}, expected "
+                      f"0x{want:016x}", increment=info.index, offset=offset)
+
+
+def stream_crcs(fd: int, info: IncrementInfo, runs: Sequence[PageRun], *,
+                page_size: int = PAGE_SIZE, pages: bool = True) -> StreamCrcs:
+    """C passes over increment ``info``'s stream: its page CRCs (with ``pages``; the record
+    headers inside data runs are compared with the expected ones too) and its gap CRCs (without
+    ``pages``, the page data is not read at all). A long stream is cut in two at a page boundary
+    and read by two threads (GIL released). FormatError for runs that do not fit the stream or
+    a wrong record header, StreamError for I/O errors. Any thread."""
+    stride = PAGE_RECORD_HEADER + page_size
+    data_runs = []
+    position = 0
+    for run in runs:
+        if not run.zero:
+            data_runs.append((run.data_offset, run.npages, run.first_page, position))
+            position += run.npages
+    data_runs.sort()
+    stream_end = info.stream_offset + info.stream_length
+    page_crcs = _u32_array(position) if pages else None
+    page_ptr = (ffi.from_buffer("unsigned int[]", page_crcs, require_writable=True)
+                if page_crcs is not None and position else
+                ffi.new("unsigned int[]", 1) if pages else ffi.NULL)
+    split_header: tuple[int, int] | None = None  # (file offset, page) of a header between parts
+    if pages and position >= PARALLEL_PAGES:
+        # cut where half the pages are on each side, inside a run if need be
+        left = position // 2
+        r = 0
+        while data_runs[r][1] <= left:
+            left -= data_runs[r][1]
+            r += 1
+        offset, npages, first, out_index = data_runs[r]
+        if left == 0:
+            parts = [_Part(info.stream_offset, offset, data_runs[:r]),
+                     _Part(offset, stream_end, data_runs[r:])]
+        else:
+            second = offset + left * stride
+            parts = [_Part(info.stream_offset, second - PAGE_RECORD_HEADER,
+                           data_runs[:r] + [(offset, left, first, out_index)]),
+                     _Part(second, stream_end, [(second, npages - left, first + left,
+                                                 out_index + left)] + data_runs[r + 1:])]
+            split_header = (second - PAGE_RECORD_HEADER, first + left)
+        helper = threading.Thread(target=parts[1].run, args=(fd, page_size, page_ptr),
+                                  name="pyvmm-crc")
+        helper.start()
+        try:
+            parts[0].run(fd, page_size, page_ptr)
+        finally:
+            helper.join()
+        for part in parts:
+            part.check(info, page_size)
+        # the first part's last gap is empty when cut inside a run; the second's first always
+        head = parts[0].gap_crcs if split_header is None else parts[0].gap_crcs[:-1]
+        gap_crcs = head + parts[1].gap_crcs[1:]
+        if split_header is not None:
+            header_offset, page = split_header
+            raw = os.pread(fd, PAGE_RECORD_HEADER, header_offset)
+            found = int.from_bytes(raw, "big") if len(raw) == PAGE_RECORD_HEADER else -1
+            if found != page * page_size | 0x28:
+                _bad_header(info, page, found, header_offset, page_size)
+    else:
+        part = _Part(info.stream_offset, stream_end, data_runs)
+        part.run(fd, page_size, page_ptr)
+        part.check(info, page_size)
+        gap_crcs = part.gap_crcs
+    gaps = []
+    start = info.stream_offset
+    for offset, npages, _, _ in data_runs:
+        gaps.append((start, offset - start))
+        start = offset + (npages - 1) * stride + page_size
+    gaps.append((start, stream_end - start))
+    return StreamCrcs(page_crcs, gap_crcs, gaps)
+
+
+def page_location(header_blocks: Sequence[RamBlockInfo], runs: Sequence[PageRun],
+                  position: int, page_size: int = PAGE_SIZE) -> str:
+    """'RAM block NAME page P (GPA 0x...)' of the data page at ``position`` in page-index order."""
+    for run in runs:
+        if run.zero:
+            continue
+        if position < run.npages:
+            block = header_blocks[run.block]
+            page = run.first_page + position
+            return f"RAM block {block.name!r} page {page} (GPA 0x{block.gpa + page * page_size:x})"
+        position -= run.npages
+    return f"data page {position}"
+
+
+def _section_crc(fd: int, section: DeviceSectionCrc) -> int:
+    data = os.pread(fd, section.length, section.offset)  # checked inside the stream
+    return crc32c(data) if len(data) == section.length else -1
+
+
+def device_sections(fd: int, gap: tuple[int, int], device_bytes: bytes,
+                    devices: Sequence[Mapping[str, object]]) -> tuple[DeviceSectionCrc, ...]:
+    """The device sections of a stream whose last gap is ``gap`` (offset, length) and which
+    holds ``device_bytes``, the FULL sections of ``devices`` (the savevm descriptions, in
+    order): found by their headers, each with its CRC. ``()`` when they cannot be found."""
+    offset, length = gap
+    if not device_bytes or not devices or length > MAX_DEVICE_GAP:
+        return ()
+    where = os.pread(fd, length, offset).rfind(device_bytes)
+    if where < 0:
+        return ()
+    starts: list[tuple[str, int, int]] = []
+    position = 0
+    for device in devices:
+        name, instance = device.get("name"), device.get("instance_id")
+        if not isinstance(name, str) or not isinstance(instance, int):
+            return ()
+        idstr = name.encode()
+        tail = bytes([len(idstr)]) + idstr + struct.pack(">I", instance)
+        found = device_bytes.find(tail, position + 5)
+        if found < 5 or device_bytes[found - 5] != _SECTION_FULL:
+            return ()
+        starts.append((name, instance, found - 5))
+        position = found
+    sections = []
+    for number, (name, instance, start) in enumerate(starts):
+        end = starts[number + 1][2] if number + 1 < len(starts) else len(device_bytes)
+        sections.append(DeviceSectionCrc(name, instance, offset + where + start, end - start,
+                                         crc32c(device_bytes[start:end])))
+    return tuple(sections)
+
+
+def compare_stream(fd: int, info: IncrementInfo, runs: Sequence[PageRun],
+                   layout: Sequence[RamBlockInfo], block: ChecksumBlock,
+                   crcs: StreamCrcs) -> list[ChecksumError]:
+    """Every disagreement between a stream's CRCs and its checksum block (first gap, first few
+    pages), as ChecksumErrors naming the increment and the device section, page or byte
+    range."""
+    problems = []
+    for number, (want, have) in enumerate(zip(block.gap_crcs, crcs.gap_crcs)):
+        if want != have:
+            offset, length = crcs.gaps[number]
+            last = number == len(crcs.gaps) - 1
+            damaged = [d for d in block.sections if last and _section_crc(fd, d) != d.crc]
+            if damaged:
+                d = damaged[0]
+                problems.append(ChecksumError(
+                    f"device section {d.name!r} instance {d.instance_id} (bytes "
+                    f"0x{d.offset:x}..0x{d.offset + d.length:x}) does not match its checksum",
+                    increment=info.index, offset=d.offset, section=d.name))
+                break
+            what = "after the RAM pages (device sections, trailer)" if last else \
+                "outside page data"
+            problems.append(ChecksumError(
+                f"stream bytes 0x{offset:x}..0x{offset + length:x} {what} do not match their "
+                f"checksum", increment=info.index, offset=offset))
+            break
+    if crcs.page_crcs is not None and crcs.page_crcs != block.page_crcs:
+        bad = [i for i, (a, b) in enumerate(zip(block.page_crcs, crcs.page_crcs)) if a != b]
+        shown = ", ".join(page_location(layout, runs, i) for i in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        problems.append(ChecksumError(
+            f"page data of {shown}{more} does not match its checksum", increment=info.index))
+    return problems
+
+
+# ----- writing ---------------------------------------------------------------------------------
+
+
+def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int,
+                        stream_length: int, runs: Sequence[PageRun], table: RamCrcTable,
+                        device_bytes: bytes = b"",
+                        devices: Sequence[Mapping[str, object]] = ()
+                        ) -> tuple[ChecksumBlock, RamCrcTable]:
+    """The checksum block of an increment whose stream is in the file, and the RAM table after
+    it (``table`` is left as it is: the caller keeps the new one once the commit succeeded).
+    ``device_bytes`` and ``devices`` (what savevm's ``save_devices`` wrote and returned) let the
+    block name each device section."""
+    info = IncrementInfo(index=len(container.header.increments), kind=kind, parent=-1,
+                         created_ns=0, stream_offset=stream_offset, stream_length=stream_length,
+                         pages=0, zero_pages=0, stream_crc=0, index_offset=0, index_length=0,
+                         stats_offset=0, stats_length=0)
+    crcs = stream_crcs(container.fd, info, runs, page_size=container.header.page_size)
+    assert crcs.page_crcs is not None
+    after = table.copy()
+    after.apply(kind, runs, crcs.page_crcs)
+    sections = device_sections(container.fd, crcs.gaps[-1], device_bytes, devices)
+    return ChecksumBlock(ALGORITHM, after.digest(), crcs.page_crcs, crcs.gap_crcs,
+                         sections), after
+
+
+def table_from_file(container: CheckpointFile, count: int | None = None) -> RamCrcTable:
+    """The RAM CRC table after the first ``count`` (default all) increments, from their checksum
+    blocks; ChecksumError if one since the last full increment has none."""
+    header = container.header
+    increments = header.increments[:count] if count is not None else header.increments
+    table = RamCrcTable(header.ram_blocks, header.page_size)
+    start = 0
+    for info in increments:
+        if info.kind == "full":
+            start = info.index
+    for info in increments[start:]:
+        runs = container.page_index(info.index)
+        block = container.checksums(info.index, runs)
+        if block is None:
+            raise ChecksumError(f"{container.path}: increment {info.index} has no checksum block",
+                                increment=info.index)
+        table.apply(info.kind, runs, block.page_crcs, info.index)
+        if table.digest() != block.ram_digest:
+            raise ChecksumError("the RAM digest does not match the page checksums",
+                                increment=info.index, offset=info.checksum_offset)
+    return table
+
+
+# ----- reload ------------------------------------------------------------------------------------
+
+
+def check_before_load(container: CheckpointFile,
+                      increments: Sequence[IncrementInfo], *,
+                      pages: bool = False) -> RamCrcTable | None:
+    """Before a reload of ``increments``: ``None`` when the last has no checksum block (no
+    checks); else check every one's page index, checksum block and stream gaps (``pages``: and
+    page data) and return the RAM table the reloaded machine must match. ChecksumError or
+    FormatError naming the increment otherwise."""
+    if not increments or not increments[-1].checksum_length:
+        return None
+    header = container.header
+    table = RamCrcTable(header.ram_blocks, header.page_size)
+    start = max((i for i, info in enumerate(increments) if info.kind == "full"), default=0)
+    for number, info in enumerate(increments):
+        runs = container.page_index(info.index)
+        block = container.checksums(info.index, runs)
+        if block is None:
+            if number < start:
+                continue  # RAM comes from the full increment on; its devices are overwritten
+            raise ChecksumError(f"increment {info.index} has no checksum block",
+                                increment=info.index)
+        crcs = stream_crcs(container.fd, info, runs, page_size=header.page_size, pages=pages)
+        problems = compare_stream(container.fd, info, runs, header.ram_blocks, block, crcs)
+        if problems:
+            raise problems[0]
+        if number < start:
+            continue
+        table.apply(info.kind, runs, block.page_crcs, info.index)
+        if table.digest() != block.ram_digest:
+            raise ChecksumError("the RAM digest does not match the page checksums",
+                                increment=info.index, offset=info.checksum_offset)
+    return table
+
+
+def check_reloaded_ram(blocks: Sequence[RamBlock], expected: RamCrcTable,
+                       increment: int) -> None:
+    """Raise ChecksumError naming the increment that holds the first bad page (else
+    ``increment``, the last loaded) and the first bad pages unless the reloaded RAM ``blocks``
+    (in file order) hold exactly what the checksums say."""
+    actual = [ram_page_crcs(block) for block in blocks]
+    bad = expected.first_mismatches(actual)
+    if not bad:
+        return
+    page_size = expected.page_size
+    shown = ", ".join(
+        f"RAM block {expected.layout[b].name!r} page {p} "
+        f"(GPA 0x{expected.layout[b].gpa + p * page_size:x})" for b, p in bad)
+    source = expected.source(*bad[0])
+    raise ChecksumError(f"reloaded RAM does not match the checksums: {shown}",
+                        increment=increment if source is None else source)
+
+
+def reload_blocks(machine_blocks: Sequence[RamBlock],
+                  layout: Sequence[RamBlockInfo]) -> list[RamBlock]:
+    """The machine's RAM blocks in the file's order."""
+    by_name = {block.name: block for block in machine_blocks}
+    return [by_name[info.name] for info in layout]
