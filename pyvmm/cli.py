@@ -279,6 +279,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             try:
                 result = _run_with_checkpoints(args, machine, max_insns, points, save_target,
                                                incoming, loader)
+            except PyvmmError as err:
+                if loader is not None and loader.error is not None:
+                    raise loader.error from err  # the cause, not the stopped machine
+                raise
             finally:
                 if loader is not None:
                     loader.close()  # before the machine: the fill finishes first

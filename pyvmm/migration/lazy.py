@@ -148,6 +148,7 @@ class LazyLoader:
         self._lock = threading.Lock()
         self._close_requested = threading.Event()
         self._released = False
+        self._fill_started = False
         self._final: Any = None
         self._error: PyvmmError | None = None
         self._setup_ms = 0.0
@@ -179,10 +180,9 @@ class LazyLoader:
         if rc:
             raise UffdError("lazy reload", -rc, detail="cannot start the fault handler")
 
-    def _start(self) -> None:
-        rc = lib.pyvmm_lazy_start_fill(self._handle)
-        if rc:
-            raise UffdError("lazy reload", -rc, detail="cannot start the fill thread")
+    def _start(self, fill: bool) -> None:
+        if fill:
+            self.start_fill()
         self._setup_ms = (time.perf_counter() - self._started) * 1e3
         self._watcher.start()
 
@@ -270,6 +270,16 @@ class LazyLoader:
         self._container.close()
 
     # ----------------------------------------------------------------------------- public
+    def start_fill(self) -> None:
+        """Start the fill thread (lazy_reload does, unless asked not to); idempotent."""
+        with self._lock:
+            if self._fill_started or self._released:
+                return
+            rc = lib.pyvmm_lazy_start_fill(self._handle)
+            if rc:
+                raise UffdError("lazy reload", -rc, detail="cannot start the fill thread")
+            self._fill_started = True
+
     @property
     def error(self) -> PyvmmError | None:
         """Why the reload failed (the machine is then in ``internal-error``), or None."""
@@ -331,6 +341,7 @@ class LazyLoader:
         ``internal-error`` and its RAM incomplete. Idempotent; does not raise the loader's error.
         """
         self._close_requested.set()
+        self.start_fill()
         if self._watcher.is_alive() or self._watcher.ident is not None:
             self._watcher.join()
         with self._lock:
@@ -354,14 +365,16 @@ def _main_ram_size(blocks: tuple[RamBlockInfo, ...], path: str) -> int:
 def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = None,
                 stdout: OutputSink | None = None, stderr: OutputSink | None = None,
                 fault_run: int = 64, fill_run: int = 256, fill_nice: int = 0,
-                handler_cpu: int | None = None) -> tuple[Machine, LazyLoader]:
+                handler_cpu: int | None = None, fill: bool = True) -> tuple[Machine, LazyLoader]:
     """A new machine holding the state of the target's first N (default all) increments, whose
     RAM is loaded while it runs.
 
     Same machine and errors as :func:`~pyvmm.migration.checkpoint.reload`; in addition
     UffdError when userfaultfd cannot be used. ``fault_run``: pages served per fault (an
     aligned window, a power of two); ``fill_run``: pages per fill read; ``fill_nice``: niceness
-    added to the fill thread; ``handler_cpu``: host CPU of the fault handler (default any).
+    added to the fill thread; ``handler_cpu``: host CPU of the fault handler (default any);
+    ``fill``: start the fill thread now (else pages come only by faults until
+    :meth:`LazyLoader.start_fill` or :meth:`LazyLoader.close`).
     """
     started = time.perf_counter()
     if isinstance(target, str):
@@ -416,7 +429,7 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         _load_devices(machine, container, increments[-1], last_runs, stdout, stderr)
         if machine.state is not RunState.SHUTDOWN:
             loader._hook_first_instruction()
-        loader._start()
+        loader._start(fill)
     except BaseException:
         if loader is not None:
             with loader._lock:

@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -138,7 +139,7 @@ static int read_run(struct lazy *l, unsigned bi, u64 page, u64 n, unsigned char 
     struct iovec *at = iov;
     u64 pos = offset;
     while (cnt > 0) {
-        ssize_t got = preadv(l->fd, at, cnt, (off_t)pos);
+        ssize_t got = preadv(l->fd, at, cnt < IOV_MAX ? cnt : IOV_MAX, (off_t)pos);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
