@@ -14,11 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvmm.boot import GuestSpec, boot
 from pyvmm.errors import ConfigError, FormatError, RunStateError
 from pyvmm.machine import Machine, RunResult, RunState, StopReason
-from pyvmm.migration.checkpoint import reload
+from pyvmm.guests.workload import WorkloadOptions
+from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import PAGE_RECORD_HEADER, CheckpointFile
 from pyvmm.migration.lazy import LazyLoader, lazy_reload
+from pyvmm.migration.machine_state import machine_save_state
+from pyvmm.migration.ram_handler import RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_ZERO, IndexedRun
+from pyvmm.migration.stream import QEMUFile
 from pyvmm.ram import PAGE_SIZE
 
 from test_checkpoint import WORKLOAD, machine_digest, pyvmm
@@ -341,3 +346,83 @@ def test_new_process_lazy_run_equals_whole_run(tmp_path: Path) -> None:
     assert first.stdout + second.stdout == whole.stdout
     with reload(f"chpt:{split_file}") as a, reload(f"chpt:{whole_file}") as b:
         assert machine_digest(a) == machine_digest(b)
+
+
+def load_stream(path: Path, *, skip: bool, from_memory: bool) -> tuple[Machine, int, int]:
+    """Load increment 0's stream of `path` into a fresh machine; (machine, pages_loaded, bytes
+    consumed)."""
+    with CheckpointFile.open(path) as container:
+        info = container.header.increments[0]
+        runs = container.page_index(0)
+        machine = Machine(container.header.ram_blocks[0].size)
+        entries = machine_save_state(machine, with_linux=True)
+        entries.ram.skip_pages = skip
+        entries.ram.set_load_index([IndexedRun(r.block, r.first_page, r.npages, r.data_offset,
+                                               r.zero) for r in runs])
+        if from_memory:
+            data = os.pread(container.fd, info.stream_length, info.stream_offset)
+            f = QEMUFile.memory(data)
+        else:
+            f = QEMUFile.for_reading(container.fd, info.stream_offset, info.stream_length)
+        machine.set_state(RunState.INMIGRATE)
+        entries.save_state.load(f)
+        return machine, entries.ram.pages_loaded, f.pos
+
+
+@pytest.mark.parametrize("from_memory", [False, True])
+def test_ram_handler_skip_mode_parses_everything_and_writes_no_page(
+        workload_file: Path, from_memory: bool) -> None:
+    loaded, loaded_pages, loaded_end = load_stream(workload_file, skip=False,
+                                                   from_memory=from_memory)
+    skipped, skipped_pages, skipped_end = load_stream(workload_file, skip=True,
+                                                      from_memory=from_memory)
+    with loaded, skipped:
+        assert loaded.ram.populated_pages().count() > 1000
+        assert skipped.ram.populated_pages().count() == 0  # not one page touched
+        with CheckpointFile.open(workload_file) as container:
+            info = container.header.increments[0]
+        assert skipped_pages == loaded_pages == info.pages + info.zero_pages
+        assert skipped_end == loaded_end  # the device sections after RAM were read alike
+
+
+def test_negative_skip_mode_refuses_a_filled_zero_record() -> None:
+    with Machine(1 << 20) as machine:
+        entries = machine_save_state(machine)
+        entries.ram.skip_pages = True
+        record = QEMUFile.memory()
+        record.put_be64(5 * PAGE_SIZE | RAM_SAVE_FLAG_ZERO)
+        record.put_str8(machine.ram.name)
+        record.put_u8(0xAB)
+        record.put_be64(RAM_SAVE_FLAG_EOS)
+        with pytest.raises(FormatError, match="filled with 0xab"):
+            entries.ram.load(QEMUFile.memory(record.getvalue()), 4)
+
+
+def test_lazy_chain_with_pages_zeroed_later(tmp_path: Path) -> None:
+    """Pages written in increment 0 and zeroed in increment 1 (an incremental checkpoint records
+    them as zero pages): the lazy reload of 1 increment has the data, of 2 the zeros."""
+    path = tmp_path / "zeroed.bin"
+    spec = GuestSpec(workload=WorkloadOptions.parse("working_set=64K,passes=0"))
+    with boot(spec, ram_size=16 << 20) as machine:
+        checkpointer = Checkpointer(machine, path, capabilities=["incremental"], durable=False)
+        for page in range(100, 300):
+            machine.ram.write(page * PAGE_SIZE, page.to_bytes(4, "little") * 16)
+        checkpointer.checkpoint()
+        for page in range(150, 250, 3):
+            machine.ram.write(page * PAGE_SIZE, bytes(PAGE_SIZE))
+        machine.ram.write(400 * PAGE_SIZE, b"new")
+        checkpointer.checkpoint()
+        checkpointer.close()
+    for count in (1, 2):
+        target = f"chpt:{count}:{path}"
+        machine, loader = lazy_reload(target, fill=False)
+        with machine, reload(target) as eager:
+            with loader:
+                for page in (100, 150, 151, 153, 249, 299, 400, 401):
+                    assert machine.ram.page(page).tobytes() == eager.ram.page(page).tobytes()
+                if count == 2:
+                    assert machine.ram.page(150).tobytes() == bytes(PAGE_SIZE)
+                    assert loader.stats().zero_pages >= 1
+                else:
+                    assert machine.ram.page(150).tobytes() != bytes(PAGE_SIZE)
+            assert machine_digest(machine) == machine_digest(eager)
