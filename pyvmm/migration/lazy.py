@@ -42,7 +42,7 @@ from unicorn import arm64_const as a64
 from pyvmm._native import ffi, lib
 
 from ..devices.pl011 import UartSink
-from ..errors import ConfigError, FormatError, PyvmmError, UffdError
+from ..errors import ConfigError, FormatError, PyvmmError, RunStateError, UffdError
 from ..machine import MAIN_RAM_NAME, Machine, RunState, StopReason
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
@@ -123,7 +123,9 @@ class LazyLoader:
     """The C threads filling a lazily reloaded machine's RAM, and what they did.
 
     Created by :func:`lazy_reload`. :meth:`close` (or leaving a ``with`` block) waits for the
-    fill to finish, so the machine stays correct: close the loader before the machine.
+    fill to finish, so the machine stays correct: close the loader before the machine. A
+    checkpoint of the machine waits for the fill too (at its pause), and fails with the loader's
+    error if the reload failed.
     Methods may be called from any thread but the vCPU's.
     """
 
@@ -148,6 +150,7 @@ class LazyLoader:
         self._lock = threading.Lock()
         self._close_requested = threading.Event()
         self._released = False
+        self._released_event = threading.Event()
         self._fill_started = False
         self._final: Any = None
         self._error: PyvmmError | None = None
@@ -185,6 +188,7 @@ class LazyLoader:
             self.start_fill()
         self._setup_ms = (time.perf_counter() - self._started) * 1e3
         self._watcher.start()
+        self.machine.add_state_listener(self._on_state)
 
     def _hook_first_instruction(self) -> None:
         """Note when the guest executes its first instruction (then the hook goes away)."""
@@ -216,19 +220,37 @@ class LazyLoader:
             self._release()
 
     def _fail(self) -> None:
-        stats = ffi.new("struct pyvmm_lazy_stats *")
-        lib.pyvmm_lazy_get_stats(self._handle, stats)
-        self._error = self._describe(stats)
+        self._error = self._describe(self._raw_stats())
         machine = self.machine
         # the guest must not run on what could not be loaded
         if machine.state is RunState.RUNNING:
             machine.pause(RunState.INTERNAL_ERROR, reason=StopReason.ERROR)
         if machine.state not in (RunState.SHUTDOWN, RunState.GUEST_PANICKED,
                                  RunState.INTERNAL_ERROR):
-            # a stopped machine reaches internal-error through finish-migrate, as a failed
-            # incoming migration ends
-            machine.set_state(RunState.FINISH_MIGRATE)
-            machine.set_state(RunState.INTERNAL_ERROR)
+            try:
+                machine.set_state(RunState.INTERNAL_ERROR)
+            except RunStateError:
+                # a paused machine reaches internal-error through finish-migrate, as a failed
+                # incoming migration ends
+                machine.set_state(RunState.FINISH_MIGRATE)
+                machine.set_state(RunState.INTERNAL_ERROR)
+
+    def _raw_stats(self) -> Any:
+        stats = ffi.new("struct pyvmm_lazy_stats *")
+        lib.pyvmm_lazy_get_stats(self._handle, stats)
+        return stats
+
+    def _on_state(self, _old: RunState, new: RunState) -> None:
+        """Machine state listener: a checkpoint (SAVE_VM) waits until all RAM is loaded and
+        unregistered (a full checkpoint skips pages not populated yet; dirty tracking needs the
+        range). Runs on the checkpointing thread, holding the machine's lock: it waits for the C
+        threads and the watcher's release, neither of which needs that lock."""
+        if new is not RunState.SAVE_VM or self._released_event.is_set():
+            return
+        self.start_fill()
+        if int(lib.pyvmm_lazy_wait(self._handle, -1)) == 2:
+            raise self._describe(self._raw_stats())
+        self._released_event.wait()
 
     def _describe(self, stats: Any) -> PyvmmError:
         kind = int(stats.error_kind)
@@ -268,6 +290,7 @@ class LazyLoader:
         self._final = final
         self._uffd.close()
         self._container.close()
+        self._released_event.set()
 
     # ----------------------------------------------------------------------------- public
     def start_fill(self) -> None:

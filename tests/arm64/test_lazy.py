@@ -426,3 +426,40 @@ def test_lazy_chain_with_pages_zeroed_later(tmp_path: Path) -> None:
                 else:
                     assert machine.ram.page(150).tobytes() != bytes(PAGE_SIZE)
             assert machine_digest(machine) == machine_digest(eager)
+
+
+@pytest.mark.parametrize("capabilities", [(), ("incremental",)])
+def test_checkpoint_during_the_fill_waits_for_it(tmp_path: Path, workload_file: Path,
+                                                 capabilities: tuple[str, ...]) -> None:
+    """A checkpoint taken before the fill ends (none started here) saves all of RAM, not just
+    the pages touched so far, and can track dirty pages afterwards."""
+    path = tmp_path / "again.bin"
+    machine, loader = lazy_reload(f"chpt:{workload_file}", fill=False)
+    with machine, reload(f"chpt:{workload_file}") as eager:
+        checkpointer = Checkpointer(machine, path, capabilities=capabilities, durable=False)
+        stats = checkpointer.checkpoint()
+        assert loader.stats().filled
+        machine.run(max_insns=100_000)
+        checkpointer.checkpoint()
+        checkpointer.close()
+        loader.close()
+        eager.run(max_insns=100_000)
+        with reload(f"chpt:{path}") as again:
+            assert machine_digest(again)["ram"] == machine_digest(eager)["ram"]
+    with CheckpointFile.open(workload_file) as container:
+        assert stats.pages == container.header.increments[0].pages
+
+
+def test_negative_checkpoint_of_a_failed_lazy_reload(tmp_path: Path,
+                                                     workload_file: Path) -> None:
+    path = tmp_path / "bad.bin"
+    path.write_bytes(workload_file.read_bytes())
+    corrupt_a_record_header(path)
+    machine, loader = lazy_reload(f"chpt:{path}", fill=False)
+    with machine:
+        checkpointer = Checkpointer(machine, tmp_path / "out.bin", durable=False)
+        with pytest.raises(FormatError, match="record header"):
+            checkpointer.checkpoint()
+        checkpointer.close()
+        loader.close()
+        assert machine.state is RunState.INTERNAL_ERROR
