@@ -6,9 +6,9 @@ CPU, devices and Linux layer from the last increment's stream without writing a 
 starts two C threads (``pyvmm/native/lazy.c``):
 
 * the fault handler serves each first touch of a page (by the vCPU, by Python device or syscall
-  code, by the kernel) with one ``UFFDIO_COPY`` of the run of pages around it that lie one after
-  the other in the file (an aligned window of ``fault_run`` pages), or ``UFFDIO_ZEROPAGE`` for
-  zero pages. It never takes the GIL, so a thread that holds the GIL and touches RAM is served
+  code, by the kernel) with one ``UFFDIO_COPY`` of the missing pages around it, inside an aligned
+  window of ``fault_run`` pages, whose records follow each other in the file (or one
+  ``UFFDIO_ZEROPAGE`` of the zero pages around it). It never takes the GIL, so a thread that holds the GIL and touches RAM is served
   like any other (DESIGN.md section 5);
 * the fill thread copies every data page not yet there, in page order, ``fill_run`` pages per
   read; zero pages are left alone (once the RAM is unregistered they read as zero anyway).

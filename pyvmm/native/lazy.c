@@ -246,30 +246,41 @@ static void serve_fault(struct lazy *l, u64 addr) {
         wake_page(l, bi, page);
         return;
     }
-    /* serve the aligned window of fault_run pages around the fault, from the fault on */
-    u64 window_end = page - page % l->fault_run + l->fault_run;
-    u64 n = run_length(b, page, window_end - page);
-    if (b->table[page] < 0 || failed(l)) {
-        if (b->table[page] >= 0)
-            n = 1; /* cannot read the file any more: a zero page, so nothing hangs */
-        rc = install(l, bi, page, n, NULL, &skipped);
-        if (rc > 0)
-            count(&l->st.zero_pages, (u64)rc);
-    } else if (read_run(l, bi, page, n, l->fault_buf, l->fault_hdrs, l->fault_iov) < 0) {
-        rc = install(l, bi, page, 1, NULL, &skipped);
+    u64 fault = page;
+    if (b->table[fault] >= 0 && failed(l)) {
+        /* the file cannot be read any more: a zero page, so that nothing hangs */
+        rc = install(l, bi, fault, 1, NULL, &skipped);
     } else {
-        rc = install(l, bi, page, n, l->fault_buf, &skipped);
-        if (rc > 0)
-            count(&l->st.fault_pages, (u64)rc);
+        /* serve the part of the aligned window of fault_run pages around the fault that is one
+         * run with the faulting page: missing, and consecutive in the file or all zero */
+        u64 window = fault - fault % l->fault_run, window_end = window + l->fault_run;
+        long long kind = b->table[fault];
+        while (page > window && !present(b, page - 1) &&
+               (kind < 0 ? b->table[page - 1] < 0 : b->table[page - 1] == kind - STRIDE)) {
+            page--;
+            kind = b->table[page];
+        }
+        u64 n = run_length(b, page, window_end - page);
+        if (kind < 0) {
+            rc = install(l, bi, page, n, NULL, &skipped);
+            if (rc > 0)
+                count(&l->st.zero_pages, (u64)rc);
+        } else if (read_run(l, bi, page, n, l->fault_buf, l->fault_hdrs, l->fault_iov) < 0) {
+            rc = install(l, bi, fault, 1, NULL, &skipped);
+        } else {
+            rc = install(l, bi, page, n, l->fault_buf, &skipped);
+            if (rc > 0)
+                count(&l->st.fault_pages, (u64)rc);
+        }
     }
     /* ENOENT: the range was unregistered under us, which woke the faulting thread already */
     if (rc < 0 && rc != -ENOENT && !stopping(l)) {
-        record_error(l, PYVMM_LAZY_UFFD_FAILED, (int)-rc, bi, page, 0, 0);
-        wake_page(l, bi, page);
+        record_error(l, PYVMM_LAZY_UFFD_FAILED, (int)-rc, bi, fault, 0, 0);
+        wake_page(l, bi, fault);
     }
     if (skipped) {
         count(&l->st.exists, (u64)skipped);
-        wake_page(l, bi, page); /* EEXIST does not wake: the waiter may still sleep */
+        wake_page(l, bi, fault); /* EEXIST does not wake: the waiter may still sleep */
     }
 }
 
