@@ -88,8 +88,9 @@ class _SourceTables:
     def __init__(self, layout: tuple[RamBlockInfo, ...]) -> None:
         self.npages = [block.size // PAGE_SIZE for block in layout]
         self.tables: list[Any] = []
+        allocate = ffi.new_allocator(should_clear_after_alloc=False)  # every entry set below
         for npages in self.npages:
-            table = ffi.new("long long[]", npages)
+            table = allocate("long long[]", npages)
             everything = ffi.new("struct pyvmm_page_run *", {"first_page": 0, "npages": npages,
                                                              "data_offset": 0, "zero": 1})
             lib.pyvmm_lazy_table_apply(table, npages, everything, 1)
