@@ -40,6 +40,7 @@ checkpoints:
   --checkpoint-at instruction count.  --incoming chpt:FILE reloads the last
   checkpoint in FILE (chpt:N:FILE: the first N increments) into a new machine
   and runs on from there; the guest, RAM size and seed come from the file.
+  With --lazy the guest starts at once and its RAM is loaded while it runs.
   Inspect files with "pyvmm checkpoint info FILE".
 
 examples:
@@ -47,6 +48,7 @@ examples:
   python -m pyvmm run --checkpoint chpt:out.bin
   python -m pyvmm run --max-insns 20M --checkpoint chpt:out.bin
   python -m pyvmm run --incoming chpt:out.bin
+  python -m pyvmm run --incoming chpt:out.bin --lazy
   python -m pyvmm run --workload pattern=random,working_set=128M,passes=8
   python -m pyvmm run --ram 512M --max-insns 50M
   python -m pyvmm run --files data.bin --guest ./busybox sha256sum data.bin

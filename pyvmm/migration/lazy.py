@@ -223,18 +223,21 @@ class LazyLoader:
     def _fail(self) -> None:
         self._error = self._describe(self._raw_stats())
         machine = self.machine
-        # the guest must not run on what could not be loaded
-        if machine.state is RunState.RUNNING:
-            machine.pause(RunState.INTERNAL_ERROR, reason=StopReason.ERROR)
-        if machine.state not in (RunState.SHUTDOWN, RunState.GUEST_PANICKED,
-                                 RunState.INTERNAL_ERROR):
-            try:
-                machine.set_state(RunState.INTERNAL_ERROR)
-            except RunStateError:
-                # a paused machine reaches internal-error through finish-migrate, as a failed
-                # incoming migration ends
-                machine.set_state(RunState.FINISH_MIGRATE)
-                machine.set_state(RunState.INTERNAL_ERROR)
+        try:
+            # the guest must not run on what could not be loaded
+            if machine.state is RunState.RUNNING:
+                machine.pause(RunState.INTERNAL_ERROR, reason=StopReason.ERROR)
+            if machine.state not in (RunState.SHUTDOWN, RunState.GUEST_PANICKED,
+                                     RunState.INTERNAL_ERROR):
+                try:
+                    machine.set_state(RunState.INTERNAL_ERROR)
+                except RunStateError:
+                    # a paused machine reaches internal-error through finish-migrate, as a
+                    # failed incoming migration ends
+                    machine.set_state(RunState.FINISH_MIGRATE)
+                    machine.set_state(RunState.INTERNAL_ERROR)
+        except RunStateError:
+            pass  # the machine was closed under the loader: nothing can run on it any more
 
     def _raw_stats(self) -> Any:
         stats = ffi.new("struct pyvmm_lazy_stats *")

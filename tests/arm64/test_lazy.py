@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.errors import ConfigError, FormatError, RunStateError
-from pyvmm.machine import Machine, RunResult, RunState, StopReason
+from pyvmm.machine import Machine, RunState, StopReason
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import PAGE_RECORD_HEADER, CheckpointFile
@@ -222,48 +222,74 @@ def corrupt_a_record_header(path: Path) -> tuple[int, int]:
     return at, run.first_page + 1
 
 
-def test_negative_bad_record_header_stops_the_guest(tmp_path: Path,
-                                                    workload_file: Path) -> None:
+@pytest.fixture
+def bad_header_file(tmp_path: Path, workload_file: Path) -> tuple[Path, int, int]:
     path = tmp_path / "bad.bin"
     path.write_bytes(workload_file.read_bytes())
     at, page = corrupt_a_record_header(path)
+    return path, at, page
+
+
+def test_negative_bad_record_header_found_by_the_fill(
+        bad_header_file: tuple[Path, int, int]) -> None:
+    path, at, page = bad_header_file
     machine, loader = lazy_reload(f"chpt:{path}")
     with machine:
-        try:
-            result: RunResult | None = machine.run(seconds=RUN_TIMEOUT)  # must not hang
-        except RunStateError:
-            result = None  # the fill found the damage first: the machine would not start
         with pytest.raises(FormatError, match="record header") as err:
-            loader.wait_filled(RUN_TIMEOUT)
+            loader.wait_filled(RUN_TIMEOUT)  # must not hang
         assert err.value.offset == at and err.value.increment == 0
         assert f"page {page} of RAM block" in str(err.value)
         assert machine.state is RunState.INTERNAL_ERROR
-        # stopped by the loader (a pause that lands before the vCPU ran leaves the old result)
-        assert result is None or result.reason is not StopReason.SHUTDOWN
+        with pytest.raises(RunStateError, match="internal-error"):
+            machine.run()  # never runs on RAM that could not be loaded
         loader.close()
         assert loader.error is err.value
-    # the CLI: one line, exit code != 0
+
+
+def test_negative_bad_record_header_found_by_a_fault(
+        bad_header_file: tuple[Path, int, int]) -> None:
+    path, at, page = bad_header_file
+    machine, loader = lazy_reload(f"chpt:{path}", fill=False, fault_run=1024)
+    with machine:
+        assert page % 1024, "the page before must lie in the same fault window"
+        machine.ram.page(page).tobytes()  # served (with zeros) so that nothing hangs
+        with pytest.raises(FormatError, match="record header") as err:
+            loader.wait_filled(RUN_TIMEOUT)
+        assert err.value.offset == at
+        assert machine.state is RunState.INTERNAL_ERROR
+        assert loader.stats().fault_pages == 0
+        loader.close()
+
+
+def test_negative_bad_record_header_on_the_cli(bad_header_file: tuple[Path, int, int]) -> None:
+    """One line, exit code 1, whether the guest ended before the fill found the damage or not."""
+    path, _, _ = bad_header_file
     proc = pyvmm("run", "--incoming", f"chpt:{path}", "--lazy")
     lines = proc.stderr.decode().strip().splitlines()
-    assert proc.returncode not in (0, None)
+    assert proc.returncode == 1
     assert lines[-1].startswith("pyvmm: error: lazy reload of") and "record header" in lines[-1]
     assert "Traceback" not in proc.stderr.decode()
 
 
 def test_negative_file_cut_short_after_start(tmp_path: Path, workload_file: Path) -> None:
-    """The file loses its page data while the guest runs: the guest is stopped, not hung."""
+    """The file loses its page data after the reload started: a touch of a page that is gone is
+    served (zeros, nothing hangs), the loader fails and the machine will not run."""
     path = tmp_path / "cut.bin"
     path.write_bytes(workload_file.read_bytes())
     with CheckpointFile.open(path) as container:
-        stream = container.header.increments[0].stream_offset
+        info = container.header.increments[0]
+        run = max((r for r in container.page_index(0) if not r.zero), key=lambda r: r.npages)
     machine, loader = lazy_reload(f"chpt:{path}", fill=False)
-    os.truncate(path, stream + 4096)
+    os.truncate(path, info.stream_offset + 4096)
     with machine:
-        result = machine.run(seconds=RUN_TIMEOUT)
-        assert result.reason is not StopReason.SHUTDOWN or loader.error is not None
-        with pytest.raises(FormatError, match="cut short"):
+        last = run.first_page + run.npages - 1
+        assert machine.ram.page(last).tobytes() == bytes(PAGE_SIZE)
+        with pytest.raises(FormatError, match="cut short") as err:
             loader.wait_filled(RUN_TIMEOUT)
+        assert err.value.increment is None or err.value.increment == 0
         assert machine.state is RunState.INTERNAL_ERROR
+        with pytest.raises(RunStateError):
+            machine.run()
         loader.close()
 
 
