@@ -488,3 +488,25 @@ def test_negative_checkpoint_of_a_failed_lazy_reload(tmp_path: Path,
         checkpointer.close()
         loader.close()
         assert machine.state is RunState.INTERNAL_ERROR
+
+
+def test_lazy_reload_of_several_ram_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "blocks.bin"
+    with Machine(8 << 20) as machine:
+        extra = machine.add_ram_block("extra.ram", 0x0100_0000, 1 << 20)
+        for block in (machine.ram, extra):
+            for page in range(3, block.page_count, 7):
+                block.write(page * PAGE_SIZE, f"{block.name}:{page}".encode())
+        checkpointer = Checkpointer(machine, path, durable=False)
+        checkpointer.checkpoint()
+        checkpointer.close()
+    machine, loader = lazy_reload(f"chpt:{path}", fill=False, fault_run=4)
+    with machine, reload(f"chpt:{path}") as eager:
+        with loader:
+            extra = machine.ram_blocks[1]
+            assert extra.name == "extra.ram"
+            assert extra.read(10 * PAGE_SIZE, 16) == b"extra.ram:10".ljust(16, b"\0")
+            assert loader.stats().faults == 1
+        assert loader.stats().data_pages == sum(len(range(3, b.page_count, 7))
+                                                for b in eager.ram_blocks)
+        assert machine_digest(machine) == machine_digest(eager)
