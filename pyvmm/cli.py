@@ -40,6 +40,7 @@ checkpoints:
   --checkpoint-at instruction count.  --incoming chpt:FILE reloads the last
   checkpoint in FILE (chpt:N:FILE: the first N increments) into a new machine
   and runs on from there; the guest, RAM size and seed come from the file.
+  With --lazy the guest starts at once and its RAM is loaded while it runs.
   Inspect files with "pyvmm checkpoint info FILE".
 
 examples:
@@ -47,6 +48,7 @@ examples:
   python -m pyvmm run --checkpoint chpt:out.bin
   python -m pyvmm run --max-insns 20M --checkpoint chpt:out.bin
   python -m pyvmm run --incoming chpt:out.bin
+  python -m pyvmm run --incoming chpt:out.bin --lazy
   python -m pyvmm run --workload pattern=random,working_set=128M,passes=8
   python -m pyvmm run --ram 512M --max-insns 50M
   python -m pyvmm run --files data.bin --guest ./busybox sha256sum data.bin
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "written checkpoint loadable, an OS crash or power loss may not")
     chpt.add_argument("--incoming", metavar="chpt:[N:]FILE",
                       help="start from a checkpoint instead of booting a guest")
+    chpt.add_argument("--lazy", action="store_true",
+                      help="with --incoming: start the guest at once and load its RAM from the "
+                           "file while it runs (userfaultfd); prints the time to the first "
+                           "guest instruction")
     guest = run.add_argument_group("guest")
     guest.add_argument("--workload", metavar="KEY=VALUE,...", action="append", default=[],
                        help="options of the built-in workload (see below); may be repeated")
@@ -242,6 +248,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if save_target is not None and (save_target.count is not None or save_target.squash):
         raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")
     incoming = parse_target(args.incoming) if args.incoming else None
+    if args.lazy and incoming is None:
+        raise ConfigError("--lazy needs --incoming chpt:[N:]FILE")
     if incoming is not None:
         given = [opt for opt, value in (("--ram", args.ram), ("--seed", args.seed),
                                         ("--guest", args.guest), ("--workload", args.workload),
@@ -263,8 +271,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--output {args.output}: {err.strerror}") from err
     sink = _LineSink(out_stream)
     err_sink = _LineSink(sys.stderr.buffer)
+    loader = None
     try:
-        if incoming is not None:
+        if incoming is not None and args.lazy:
+            from .migration.lazy import lazy_reload
+
+            machine, loader = lazy_reload(incoming, uart_sink=sink, stdout=sink,
+                                          stderr=err_sink)
+            ram_size = machine.ram.size
+        elif incoming is not None:
             from .migration.checkpoint import reload
 
             machine = reload(incoming, uart_sink=sink, stdout=sink, stderr=err_sink)
@@ -275,15 +290,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            stdout=sink, stderr=err_sink)
         with machine:
             started = time.monotonic()
-            result = _run_with_checkpoints(args, machine, max_insns, points, save_target,
-                                           incoming)
+            try:
+                result = _run_with_checkpoints(args, machine, max_insns, points, save_target,
+                                               incoming, loader)
+            except PyvmmError as err:
+                if loader is not None and loader.error is not None:
+                    raise loader.error from err  # the cause, not the stopped machine
+                raise
+            finally:
+                if loader is not None:
+                    loader.close()  # before the machine: the fill finishes first
             elapsed = time.monotonic() - started
     finally:
         out_stream.flush()
         if out_stream is not sys.stdout.buffer:
             out_stream.close()
+    if loader is not None and loader.error is not None:
+        raise loader.error
     if result.error is not None:
         raise result.error
+    if loader is not None and not args.quiet:
+        lazy = loader.stats()
+        first = "-" if lazy.first_insn_ms is None else f"{lazy.first_insn_ms:.1f} ms"
+        filled = "-" if lazy.filled_ms is None else f"{lazy.filled_ms:.0f} ms"
+        print(f"pyvmm: lazy reload: first guest instruction after {first}, RAM filled after "
+              f"{filled} ({lazy.fault_pages} pages by {lazy.faults} faults, {lazy.fill_pages} "
+              f"by the fill)", file=sys.stderr)
     if not args.quiet:
         what = {
             StopReason.SHUTDOWN: f"guest exited with code {result.exit_code}",
@@ -299,9 +331,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns: int | None,
-                          points: list[int], save_target: Any, incoming: Any) -> RunResult:
+                          points: list[int], save_target: Any, incoming: Any,
+                          loader: Any = None) -> RunResult:
     """Run in segments: up to each --checkpoint-at count, checkpoint, go on; checkpoint at the
-    end.  Limits (--max-insns, --seconds) count from the start of this run."""
+    end.  Limits (--max-insns, --seconds) count from the start of this run.  A lazy reload's
+    ``loader`` is closed before the first checkpoint (the checkpointer needs the RAM)."""
     from .migration.checkpoint import Checkpointer
 
     checkpointer = None
@@ -333,19 +367,23 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
                     break
                 done = stop
                 if stop in points and checkpointer is not None:
-                    _checkpoint(checkpointer, args.quiet)
+                    _checkpoint(checkpointer, args.quiet, loader)
                 if stop == max_insns:
                     break
         if checkpointer is not None and result.error is None and \
                 not (done and done in points and done == max_insns):
-            _checkpoint(checkpointer, args.quiet)
+            _checkpoint(checkpointer, args.quiet, loader)
     finally:
         if checkpointer is not None:
             checkpointer.close()
     return result
 
 
-def _checkpoint(checkpointer: Any, quiet: bool) -> None:
+def _checkpoint(checkpointer: Any, quiet: bool, loader: Any = None) -> None:
+    if loader is not None:
+        loader.close()  # the RAM must be whole and unregistered before it is saved
+        if loader.error is not None:
+            raise loader.error
     stats = checkpointer.checkpoint()
     if not quiet:
         print(f"pyvmm: checkpoint {stats.increment} ({stats.kind}) -> {checkpointer.path}: "

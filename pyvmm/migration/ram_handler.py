@@ -72,8 +72,9 @@ class RamHandler:
         #: For loading: data runs by (block number, absolute offset of their first page's data).
         self.load_index: dict[tuple[int, int], IndexedRun] = {}
         self.pages_loaded = 0
-        #: Loading parses and checks the records but leaves guest RAM alone (the pages were
-        #: placed already, e.g. by an indexed reload or a lazy one); still counts them.
+        #: Loading parses the records but writes no page (the pages were placed already by an
+        #: indexed reload, or a lazy reload fills RAM itself): indexed runs are skipped in one
+        #: seek, other pages one by one; pages are still counted.
         self.skip_pages = False
 
     # ------------------------------------------------------------------------- saving
@@ -179,24 +180,33 @@ class RamHandler:
                 f.check()
                 if not self.skip_pages:
                     self._fill_page(block, page, fill)
+                elif fill:  # the page index (what a lazy reload loads) only knows zero pages
+                    raise FormatError(f"RAM page at 0x{addr:x} filled with 0x{fill:02x}: only "
+                                      f"zero-filled pages can be skipped", offset=at)
+            elif self.skip_pages:
+                self._skip_page(f, number, page)
             else:
                 self._load_page(f, number, block, page)
             self.pages_loaded += 1
 
     def _load_page(self, f: QEMUFile, number: int, block: RamBlock, page: int) -> None:
         run = self.load_index.get((number, f.offset))
-        if run is not None and run.first_page == page and self.skip_pages:
-            f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)
-            self.pages_loaded += run.npages - 1
-        elif self.skip_pages:
-            f.skip(PAGE_SIZE)
-        elif run is not None and run.first_page == page and f.fd is not None:
+        if run is not None and run.first_page == page and f.fd is not None:
             read_page_runs(f.fd, block, [PageRun(run.first_page, run.npages, run.data_offset,
                                                  False)])
             f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)
             self.pages_loaded += run.npages - 1
         else:
             f.read_into(block.page(page))
+        f.check()
+
+    def _skip_page(self, f: QEMUFile, number: int, page: int) -> None:
+        run = self.load_index.get((number, f.offset))
+        if run is not None and run.first_page == page:
+            f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)
+            self.pages_loaded += run.npages - 1
+        else:
+            f.skip(PAGE_SIZE)
         f.check()
 
     @staticmethod

@@ -256,3 +256,52 @@ int pyvmm_crc32c_stream(int fd, pyvmm_u64 start, pyvmm_u64 length,
                         const struct pyvmm_crc_run *runs, pyvmm_u64 nruns, pyvmm_u64 page_size,
                         pyvmm_u64 stride, unsigned int *page_crcs, unsigned int *gap_crcs,
                         struct pyvmm_crc_error *err);
+
+/* ---- pyvmm.migration.lazy (lazy.c): lazy reload under userfaultfd MISSING mode ----
+ * A page source table holds one long long per guest page of a block: the file offset of the
+ * page's 4096 data bytes (pages of a run at data_offset + k * 4104), or -1 for a zero page. */
+/* Apply an increment's page runs to a table (data runs: offsets, zero runs: -1); later calls
+ * override earlier ones. 0, or -EINVAL if a run lies outside the npages pages. */
+int pyvmm_lazy_table_apply(long long *table, pyvmm_u64 npages,
+                           const struct pyvmm_page_run *runs, pyvmm_u64 nruns);
+/* One past the last file byte the table refers to (0 if none); *data_pages = pages >= 0. */
+pyvmm_u64 pyvmm_lazy_table_end(const long long *table, pyvmm_u64 npages, pyvmm_u64 *data_pages);
+/* What went wrong first (error_kind), with errno (READ_FAILED, UFFD_FAILED), the block and
+ * page concerned, the file offset, and for BAD_HEADER the be64 found instead. */
+enum {
+    PYVMM_LAZY_READ_FAILED = 1,
+    PYVMM_LAZY_TRUNCATED = 2,
+    PYVMM_LAZY_BAD_HEADER = 3,
+    PYVMM_LAZY_UFFD_FAILED = 4
+};
+struct pyvmm_lazy_stats {
+    pyvmm_u64 faults;      /* fault messages handled */
+    pyvmm_u64 fault_pages; /* data pages installed by the fault handler */
+    pyvmm_u64 zero_pages;  /* pages the fault handler mapped with UFFDIO_ZEROPAGE */
+    pyvmm_u64 fill_pages;  /* data pages installed by the fill thread */
+    pyvmm_u64 data_pages;  /* data pages in the tables: fault_pages + fill_pages once filled */
+    pyvmm_u64 exists;      /* pages found installed already (EEXIST) */
+    int fill_done;
+    int error_kind;
+    int error;
+    unsigned error_block;
+    pyvmm_u64 error_page;
+    pyvmm_u64 error_offset;
+    pyvmm_u64 error_found;
+};
+/* A loader for RAM registered in MISSING mode on uffd, reading fd. fault_run: pages served per
+ * fault (aligned window, a power of two <= 1024); fill_run: pages per fill copy (<= 1024);
+ * fill_nice: nice value added to the fill thread. NULL on bad arguments or out of memory. */
+void *pyvmm_lazy_new(int uffd, int fd, unsigned int max_blocks, pyvmm_u64 fault_run,
+                     pyvmm_u64 fill_run, int fill_nice);
+/* table and present (one bit per page, zeroed) must outlive the loader; before any start. */
+int pyvmm_lazy_add_block(void *handle, pyvmm_u64 base, pyvmm_u64 npages, const long long *table,
+                         pyvmm_u64 *present);
+int pyvmm_lazy_start_handler(void *handle, int cpu); /* cpu < 0: no pinning */
+int pyvmm_lazy_start_fill(void *handle);
+/* Block until the fill is done (1), a failure was recorded (2) or timeout_ms passed (0; < 0:
+ * no timeout). Returns at once after pyvmm_lazy_stop (0 unless done or failed). */
+int pyvmm_lazy_wait(void *handle, long long timeout_ms);
+int pyvmm_lazy_stop(void *handle); /* stop and join both threads; 0 or -errno */
+void pyvmm_lazy_free(void *handle);
+void pyvmm_lazy_get_stats(void *handle, struct pyvmm_lazy_stats *out);
