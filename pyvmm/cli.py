@@ -13,6 +13,7 @@ from .boot import BUILTIN_GUESTS, GuestSpec, boot
 from .errors import ConfigError, PyvmmError
 from .guests.workload import WORKLOAD_HELP, WorkloadOptions
 from .machine import DEFAULT_RAM_SIZE, Machine, RunResult, RunState, StopReason
+from .migration.reload import DEFAULT_STRATEGY, STRATEGIES
 from .units import format_size, parse_count, parse_size
 
 EXIT_ERROR = 1
@@ -41,7 +42,10 @@ checkpoints:
   checkpoint in FILE (chpt:N:FILE: the first N increments) into a new machine
   and runs on from there; the guest, RAM size and seed come from the file.
   With --lazy the guest starts at once and its RAM is loaded while it runs.
-  Inspect files with "pyvmm checkpoint info FILE".
+  --period S checkpoints every S seconds while the guest runs (with
+  --incremental each one holds only the pages written since the last).
+  --incoming chpt:squash[:N]:FILE folds N increments into FILE_squashed and
+  exits.  Inspect, verify and squash files with "pyvmm checkpoint ...".
 
 examples:
   python -m pyvmm run
@@ -49,6 +53,9 @@ examples:
   python -m pyvmm run --max-insns 20M --checkpoint chpt:out.bin
   python -m pyvmm run --incoming chpt:out.bin
   python -m pyvmm run --incoming chpt:out.bin --lazy
+  python -m pyvmm run --checkpoint chpt:out.bin --incremental --live --period 0.5
+  python -m pyvmm run --incoming chpt:2:out.bin --reload-strategy partial
+  python -m pyvmm checkpoint squash out.bin -n 3 -o full.bin
   python -m pyvmm run --workload pattern=random,working_set=128M,passes=8
   python -m pyvmm run --ram 512M --max-insns 50M
   python -m pyvmm run --files data.bin --guest ./busybox sha256sum data.bin
@@ -113,8 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--no-fsync", action="store_true",
                       help="do not fsync checkpoints: faster; a killed pyvmm still leaves every "
                            "written checkpoint loadable, an OS crash or power loss may not")
+    chpt.add_argument("--period", metavar="SECONDS", type=float,
+                      help="also checkpoint every SECONDS (a float) while the guest runs, counted "
+                           "from the end of one checkpoint to the start of the next; 0: off. A "
+                           "failed periodic checkpoint stops the timer and is reported")
+    chpt.add_argument("--max-checkpoints", metavar="K", type=int,
+                      help="with --period: end the run after K periodic checkpoints (the file "
+                           "is complete; no end-of-run checkpoint is added)")
+    chpt.add_argument("--max-increments", metavar="K", type=int,
+                      help="when FILE holds K increments, the next checkpoint starts a new chain: "
+                           "a full checkpoint that replaces FILE (the original reset after 99)")
     chpt.add_argument("--incoming", metavar="chpt:[N:]FILE",
                       help="start from a checkpoint instead of booting a guest")
+    chpt.add_argument("--reload-strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                      help="how --incoming reads a chain of increments (same result): indexed "
+                           "reads each page once from the newest increment holding it (default); "
+                           "partial stops non-last increments after their RAM; sequential loads "
+                           "every increment whole, as the original did")
     chpt.add_argument("--lazy", action="store_true",
                       help="with --incoming: start the guest at once and load its RAM from the "
                            "file while it runs (userfaultfd); prints the time to the first "
@@ -150,6 +172,17 @@ def _add_checkpoint_commands(sub: Any) -> None:
                             description="Show what a checkpoint file holds.")
     info.add_argument("file", metavar="FILE")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    squash = verbs.add_parser(
+        "squash", help="fold the first N increments into one full checkpoint",
+        description="Reload the first N increments of FILE (without running the guest) and "
+                    "write their state as one full checkpoint to OUT (default FILE_squashed). "
+                    "OUT may be FILE itself: it is replaced only once the new file is complete.")
+    squash.add_argument("file", metavar="FILE")
+    squash.add_argument("-n", "--increments", metavar="N", type=int, default=None,
+                        help="how many increments to fold (default: all)")
+    squash.add_argument("-o", "--output", metavar="OUT", default=None)
+    squash.add_argument("--no-fsync", action="store_true", help="do not fsync the output")
+    squash.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     verify = verbs.add_parser(
         "verify", help="check headers, indexes, streams and checksums without loading a guest",
         description="Check every increment of FILE: header, page index, stats, checksum block, "
@@ -247,7 +280,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
     if save_target is not None and (save_target.count is not None or save_target.squash):
         raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")
+    if args.period is not None:
+        from .migration.periodic import check_period
+
+        check_period(args.period)
+        if not args.checkpoint:
+            raise ConfigError("--period needs --checkpoint chpt:FILE to write into")
+    if args.max_checkpoints is not None and not args.period:
+        raise ConfigError("--max-checkpoints counts periodic checkpoints: it needs --period")
+    if args.max_checkpoints is not None and args.max_checkpoints < 1:
+        raise ConfigError(f"--max-checkpoints must be at least 1, not {args.max_checkpoints}")
+    if args.max_increments is not None and (args.max_increments < 1 or not args.checkpoint):
+        raise ConfigError("--max-increments needs --checkpoint chpt:FILE and a count >= 1")
     incoming = parse_target(args.incoming) if args.incoming else None
+    if incoming is not None and incoming.squash:
+        return _squash_incoming(args, incoming)
     if args.lazy and incoming is None:
         raise ConfigError("--lazy needs --incoming chpt:[N:]FILE")
     if incoming is not None:
@@ -282,7 +329,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elif incoming is not None:
             from .migration.checkpoint import reload
 
-            machine = reload(incoming, uart_sink=sink, stdout=sink, stderr=err_sink)
+            machine = reload(incoming, strategy=args.reload_strategy, uart_sink=sink,
+                             stdout=sink, stderr=err_sink)
             ram_size = machine.ram.size
         else:
             assert spec is not None
@@ -346,11 +394,15 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
                                       ("cow", args.cow), ("checksum", args.checksum)) if on]
         checkpointer = Checkpointer(machine, save_target.path, append=same,
                                     durable=not args.no_fsync, capabilities=caps,
-                                    tracker=args.tracker, unprotect_pages=args.unprotect_pages)
+                                    tracker=args.tracker, unprotect_pages=args.unprotect_pages,
+                                    max_increments=args.max_increments)
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     done = 0
     result = machine.last_result
+    periodic = None
     try:
+        if checkpointer is not None and args.period and machine.state is not RunState.SHUTDOWN:
+            periodic = _start_periodic(args, machine, checkpointer, loader)
         if machine.state is RunState.SHUTDOWN:
             if not args.quiet:
                 print("pyvmm: the checkpointed guest had already powered off", file=sys.stderr)
@@ -370,13 +422,87 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
                     _checkpoint(checkpointer, args.quiet, loader)
                 if stop == max_insns:
                     break
-        if checkpointer is not None and result.error is None and \
+        if periodic is not None:
+            periodic.stop()
+        limited = periodic is not None and periodic.limit_reached()
+        if checkpointer is not None and result.error is None and not limited and \
                 not (done and done in points and done == max_insns):
             _checkpoint(checkpointer, args.quiet, loader)
+        if periodic is not None and periodic.error is not None:
+            raise PyvmmError(f"periodic checkpoints stopped after {periodic.count}: "
+                             f"{periodic.error}")
+        if limited and periodic is not None and not args.quiet:
+            print(f"pyvmm: {periodic.count} periodic checkpoints taken (--max-checkpoints)",
+                  file=sys.stderr)
     finally:
+        if periodic is not None:
+            periodic.stop()
         if checkpointer is not None:
             checkpointer.close()
     return result
+
+
+def _start_periodic(args: argparse.Namespace, machine: Machine, checkpointer: Any,
+                    loader: Any) -> Any:
+    from .migration.periodic import PeriodicCheckpointer
+
+    def report(stats: Any) -> None:
+        if not args.quiet:
+            _print_stats(checkpointer, stats)
+
+    def before() -> None:
+        if loader is not None:
+            loader.close()  # the RAM must be whole and unregistered before it is saved
+
+    def failed_or_done() -> None:
+        machine.pause()  # --max-checkpoints: the run ends here, paused, the file complete
+
+    return PeriodicCheckpointer(checkpointer, args.period, max_checkpoints=args.max_checkpoints,
+                                on_checkpoint=report, on_limit=failed_or_done,
+                                before_checkpoint=before).start()
+
+
+def _squash_incoming(args: argparse.Namespace, target: Any) -> int:
+    """``--incoming chpt:squash[:N]:FILE``: fold N increments into FILE_squashed and exit."""
+    from .migration.squash import squash
+
+    result = squash(target.path, target.count, strategy=args.reload_strategy,
+                    durable=not args.no_fsync, progress=_Progress("squashing", args.quiet))
+    _squash_summary(result, args.quiet)
+    return 0
+
+
+def _squash_summary(result: Any, quiet: bool) -> None:
+    if not quiet:
+        print(f"pyvmm: squashed {result.increments} increment(s) into {result.output}: "
+              f"{result.stats.pages} pages + {result.stats.zero_pages} zero, "
+              f"{format_size(result.stats.bytes_written)} in {result.seconds:.2f} s",
+              file=sys.stderr)
+
+
+class _Progress:
+    """A progress line on stderr: redrawn in place on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, what: str, quiet: bool) -> None:
+        self.what = what
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        percent = 100 * done // total if total else 100
+        if self.tty:
+            bar = "#" * (percent // 5)
+            print(f"\rpyvmm: {self.what} [{bar:<20}] {percent:3d}%", end="", file=sys.stderr,
+                  flush=True)
+            if percent >= 100:
+                print(file=sys.stderr)
+                self.shown = 100
+        elif percent // 10 > self.shown // 10 or self.shown < 0:
+            self.shown = percent
+            print(f"pyvmm: {self.what}: {percent}%", file=sys.stderr, flush=True)
 
 
 def _checkpoint(checkpointer: Any, quiet: bool, loader: Any = None) -> None:
@@ -386,10 +512,14 @@ def _checkpoint(checkpointer: Any, quiet: bool, loader: Any = None) -> None:
             raise loader.error
     stats = checkpointer.checkpoint()
     if not quiet:
-        print(f"pyvmm: checkpoint {stats.increment} ({stats.kind}) -> {checkpointer.path}: "
-              f"{stats.pages} pages + {stats.zero_pages} zero, "
-              f"{format_size(stats.bytes_written)} in {stats.total_ms:.0f} ms, downtime "
-              f"{stats.downtime_ms:.1f} ms", file=sys.stderr)
+        _print_stats(checkpointer, stats)
+
+
+def _print_stats(checkpointer: Any, stats: Any) -> None:
+    print(f"pyvmm: checkpoint {stats.increment} ({stats.kind}) -> {checkpointer.path}: "
+          f"{stats.pages} pages + {stats.zero_pages} zero, "
+          f"{format_size(stats.bytes_written)} in {stats.total_ms:.0f} ms, downtime "
+          f"{stats.downtime_ms:.1f} ms", file=sys.stderr, flush=True)
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -406,6 +536,15 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "verify":
         return _cmd_verify(args)
+    if args.verb == "squash":
+        from .migration.squash import squash
+
+        if args.increments is not None and args.increments < 1:
+            raise ConfigError(f"-n must be at least 1, not {args.increments}")
+        result = squash(args.file, args.increments, args.output, durable=not args.no_fsync,
+                        progress=_Progress("squashing", args.quiet))
+        _squash_summary(result, args.quiet)
+        return 0
     if args.verb == "export":
         written = export_increment(args.file, args.increment, args.output)
         print(f"pyvmm: wrote {format_size(written)} to {args.output}", file=sys.stderr)

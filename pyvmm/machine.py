@@ -418,10 +418,13 @@ class Machine:
         self.uc.emu_stop()
 
     def wait(self, timeout: float | None = None) -> RunResult:
-        """Block until the vCPU stops (limit, pause, shutdown, error); return why."""
+        """Block until the vCPU stops (limit, pause, shutdown, error); return why.
+
+        A checkpoint's pause (SAVE_VM, from another thread) does not end the wait: the guest
+        resumes when the checkpoint is taken, and the run goes on to its own end."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._state is RunState.RUNNING or not self._parked:
+            while self._state in (RunState.RUNNING, RunState.SAVE_VM) or not self._parked:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
