@@ -367,7 +367,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         what = {
             StopReason.SHUTDOWN: f"guest exited with code {result.exit_code}",
-            StopReason.INSN_LIMIT: f"stopped after {result.insns} instructions (--max-insns)",
+            StopReason.INSN_LIMIT: f"stopped after {max_insns} instructions (--max-insns)",
             StopReason.TIME_LIMIT: "stopped at the time limit (--seconds)",
             StopReason.INTERRUPTED: "interrupted",
             StopReason.PAUSED: "paused",

@@ -46,9 +46,11 @@ from ..errors import ConfigError, FormatError, PyvmmError, RunStateError, UffdEr
 from ..machine import MAIN_RAM_NAME, Machine, RunState, StopReason
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
+from .checksum import check_before_load
 from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
-from .machine_state import apply, linux_state_from, machine_save_state
+from .machine_state import machine_save_state
 from .postcopy_uffd import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
+from .reload import check_chain, restore_machine
 from .ram_handler import IndexedRun
 from .stream import QEMUFile
 
@@ -426,6 +428,11 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         if count > available:
             raise ConfigError(f"{target.path} holds {available} increment(s), not {count}")
         increments = header.increments[:count]
+        check_chain(increments, target.path)
+        # with checksums: index, checksum blocks, device sections and the stream bytes around
+        # the page data are checked before the guest starts (page data itself is not: reading
+        # it all first is the eager reload's job)
+        check_before_load(container, increments)
         tables = _SourceTables(header.ram_blocks)
         last_runs: list[PageRun] = []
         for info in increments:
@@ -475,7 +482,7 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
 def _load_devices(machine: Machine, container: CheckpointFile, info: IncrementInfo,
                   runs: list[PageRun], stdout: OutputSink | None, stderr: OutputSink | None) -> None:
     """CPU, devices and the Linux layer from the last increment's stream; RAM records are
-    parsed and skipped (RAM comes from the loader). Mirrors checkpoint.reload's device half."""
+    parsed and skipped (RAM comes from the loader), as the indexed reload's last increment."""
     machine.set_state(RunState.INMIGRATE)
     entries = machine_save_state(machine, with_linux=True)
     entries.ram.skip_pages = True
@@ -486,22 +493,7 @@ def _load_devices(machine: Machine, container: CheckpointFile, info: IncrementIn
         entries.save_state.load(f)
     except FormatError as err:
         raise err.located(increment=info.index) from err
-    apply(machine, entries)
-    machine.seed = entries.machine_section.seed
-    linux_state = linux_state_from(entries)
-    if linux_state is not None:
-        from ..linux import attach_process  # only Linux guests need the layer
-
-        try:
-            attach_process(machine, linux_state, stdout=stdout, stderr=stderr)
-        except PyvmmError as err:
-            raise FormatError(f"cannot restore the Linux process: {err}",
-                              section="linux-user") from err
-    machine.guest_inform.restored()
-    machine.guest_inform.checkpoint_finished(True)
-    machine.set_state(RunState.PAUSED)
-    if entries.machine_section.ended:
-        machine.mark_shutdown(entries.machine_section.exit_code)
+    restore_machine(machine, entries, stdout, stderr)  # the same machine-level post_load
 
 
 __all__ = ["LazyLoader", "LazyStats", "lazy_reload"]

@@ -170,7 +170,7 @@ class _Loader:
                 self._load_stream(entries, info, final=final,
                                   stop_after_ram=strategy == "partial" and not final)
         self.report.post_load = dict(self.post_load)
-        _restore(machine, entries, stdout, stderr)
+        restore_machine(machine, entries, stdout, stderr)
 
     def _load_stream(self, entries: MachineStateEntries, info: IncrementInfo, *,
                      final: bool, skip_ram: bool = False, stop_after_ram: bool = False) -> None:
@@ -244,7 +244,7 @@ def _claim(claimed: PageBitmap, run: PageRun, out: list[PageRun]) -> None:
     claimed.set_range(run.first_page, run.npages)
 
 
-def _restore(machine: Machine, entries: MachineStateEntries, stdout: OutputSink | None,
+def restore_machine(machine: Machine, entries: MachineStateEntries, stdout: OutputSink | None,
              stderr: OutputSink | None) -> None:
     """The machine-level post_load: registers, Linux process, run state (once per reload)."""
     apply(machine, entries)
