@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--max-increments", metavar="K", type=int,
                       help="when FILE holds K increments, the next checkpoint starts a new chain: "
                            "a full checkpoint that replaces FILE (the original reset after 99)")
+    chpt.add_argument("--no-sanity-checks", action="store_true",
+                      help="skip the cheap end-of-save checks (pages saved == pages selected, "
+                           "none left under processing); on by default")
     chpt.add_argument("--incoming", metavar="chpt:[N:]FILE",
                       help="start from a checkpoint instead of booting a guest")
     chpt.add_argument("--reload-strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
@@ -395,7 +398,8 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
         checkpointer = Checkpointer(machine, save_target.path, append=same,
                                     durable=not args.no_fsync, capabilities=caps,
                                     tracker=args.tracker, unprotect_pages=args.unprotect_pages,
-                                    max_increments=args.max_increments)
+                                    max_increments=args.max_increments,
+                                    sanity_checks=not args.no_sanity_checks)
     deadline = None if args.seconds is None else time.monotonic() + args.seconds
     done = 0
     result = machine.last_result

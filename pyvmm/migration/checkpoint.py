@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devices.pl011 import UartSink
-from ..errors import ConfigError
+from ..errors import ConfigError, PyvmmError
 from ..machine import Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
 from .container import CheckpointFile, PageRun, RamBlockInfo
@@ -47,6 +47,10 @@ from .stream import QEMUFile
 OutputSink = Callable[[bytes], None]
 _LIVE_FAULT_AROUND = 64  # pages a live-only checkpoint may open per fault of a sequential writer
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
+
+
+class SanityError(PyvmmError):
+    """A checkpoint's own consistency check failed (a bug, not bad input); nothing committed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +137,10 @@ class Checkpointer:
                  durable: bool = True, capabilities: Iterable[str] = (),
                  tracker: str = "async", shadow_pages: int = 4096,
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
-                 max_increments: int | None = None) -> None:
+                 max_increments: int | None = None, sanity_checks: bool = True) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
+        ``sanity_checks``: after each save, check that the pages saved are exactly the pages
+        selected, each once, and that no page is left under processing (cheap; on by default).
         ``max_increments``: when the file holds that many increments, the next checkpoint is a
         full one that replaces the file (a new chain; the original fork did so after 99).
         ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
@@ -163,6 +169,7 @@ class Checkpointer:
         self._handler_cpu = handler_cpu if handler_cpu is not None else machine.vcpu_cpu
         self._file: CheckpointFile | None = None
         self._max_increments = max_increments
+        self.sanity_checks = sanity_checks
         #: The temporary file a restarted chain is written to, renamed over path when committed.
         self._restart: Path | None = None
         self._tracker: AsyncTracker | WpFaultTracker | None = None
@@ -366,6 +373,8 @@ class Checkpointer:
                 stream_length = f.pos
             page_runs = [PageRun(r.block, r.first_page, r.npages, r.data_offset, r.zero)
                          for r in runs]
+            if self.sanity_checks:
+                self._check_saved(selection, data_pages, zero_pages, page_runs, session)
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,
                                         page_runs, device_bytes, devices)
             faults = shadows = carried = 0
@@ -413,6 +422,24 @@ class Checkpointer:
                 self._unpause(was_running, before)
             if live is not None and live is not self._tracker:
                 live.stop()  # a live-only checkpointer tracks nothing between checkpoints
+
+    def _check_saved(self, selection: dict[str, PageBitmap], data_pages: int, zero_pages: int,
+                     runs: list[PageRun], session: WriteProtectSession | None) -> None:
+        """Cheap end-of-save checks (a failure aborts the increment; no page is lost): as many
+        pages saved and indexed as were selected, and no page left under processing.  (That no
+        page is indexed twice, the container checks at commit.)"""
+        selected = sum(bitmap.count() for bitmap in selection.values())
+        if data_pages + zero_pages != selected:
+            raise SanityError(f"{data_pages} data + {zero_pages} zero pages saved, "
+                              f"{selected} selected")
+        if sum(r.npages for r in runs) != selected:
+            raise SanityError(f"the page index lists {sum(r.npages for r in runs)} pages, "
+                              f"{selected} were selected")
+        if session is not None:
+            wp = session.stats()
+            if wp.queued or wp.handler_errno:
+                raise SanityError(f"live save ended with {wp.queued} shadow copies unsaved, "
+                                  f"handler errno {wp.handler_errno}")
 
     def _select(self, kind: str, live: WpFaultTracker | None,
                 populated: dict[str, PageBitmap] | None) -> dict[str, PageBitmap]:

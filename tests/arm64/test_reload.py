@@ -174,3 +174,45 @@ def test_bad_reload_requests_are_one_line_errors(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(FormatError):
         squash(empty)
+
+
+def test_sanity_checks_abort_a_checkpoint_that_lost_a_page(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saver that drops a selected page is caught before commit; the next checkpoint (with a
+    sound saver) still holds the page."""
+    from pyvmm.migration.checkpoint import SanityError
+    from pyvmm.migration.ram_handler import RamHandler
+
+    path = tmp_path / "c.bin"
+    with new_guest(0) as machine:
+        checkpointer = Checkpointer(machine, path, durable=False, capabilities=["incremental"])
+        states: list[dict[str, Any]] = []
+        checkpointer.on_pause = lambda m: states.append(state_of(m))
+        checkpointer.checkpoint()
+        machine.ram.write(1500 * PAGE_SIZE, b"\x05" * PAGE_SIZE)
+        machine.ram.write(1600 * PAGE_SIZE, b"\x06" * PAGE_SIZE)
+        select = RamHandler.select
+
+        def lose_one(self: RamHandler, pages: Any) -> None:
+            sent = {name: bitmap.copy() for name, bitmap in pages.items()}
+            for bitmap in sent.values():
+                if bitmap.count():
+                    bitmap.clear(bitmap.find_next_set(0))
+                    break
+            select(self, sent)
+
+        monkeypatch.setattr(RamHandler, "select", lose_one)
+        with pytest.raises(SanityError, match="selected"):
+            checkpointer.checkpoint()
+        monkeypatch.setattr(RamHandler, "select", select)
+        assert len(increments_of(path)) == 1
+        checkpointer.checkpoint()
+        checkpointer.close()
+    assert increments_of(path) == ["full", "incremental"]
+    with reload(f"chpt:{path}") as machine:
+        assert state_of(machine) == states[-1]
+
+
+def increments_of(path: Path) -> list[str]:
+    with CheckpointFile.open(path) as container:
+        return [i.kind for i in container.header.increments]
