@@ -212,8 +212,10 @@ class Checkpointer:
             table = RamCrcTable(container.header.ram_blocks, container.header.page_size)
         elif table is None:  # appending to a file written by another process
             table = table_from_file(container)
+        # stop-and-copy: RAM is still as saved, its CRCs need no read-back of the page data
+        still = None if self.live or self.cow else self.machine.ram_blocks
         return increment_checksums(container, kind, stream_offset, stream_length, runs, table,
-                                   device_bytes, devices)
+                                   device_bytes, devices, from_ram=still)
 
     def _container(self) -> CheckpointFile:
         container = self._open_container()

@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import ChecksumError, FormatError, StreamError
@@ -90,6 +91,52 @@ def ram_page_crcs(block: RamBlock) -> array.array[int]:
                            ffi.cast("pyvmm_u64 *", populated.address),
                            ffi.from_buffer("unsigned int[]", out, require_writable=True))
     del mem
+    return out
+
+
+_RAM_CHUNK = 4096  # pages per C call of ram_run_crcs (16 MiB), shared out between two threads
+
+
+def ram_run_crcs(blocks: Sequence[RamBlock], runs: Sequence[PageRun]) -> array.array[int]:
+    """The CRC-32C of every data page of ``runs`` (in page-index order, as a checksum block
+    lists them), computed from guest RAM: for a save whose RAM has not changed since its pause
+    (stop-and-copy), the same values as a read-back of the file, without reading it. One C call
+    per run, GIL released."""
+    total = sum(run.npages for run in runs if not run.zero)
+    out = _u32_array(total)
+    if not total:
+        return out
+    out_ptr = ffi.from_buffer("unsigned int[]", out, require_writable=True)
+    position = 0
+    mems = [ffi.from_buffer(block.mem) for block in blocks]
+    chunks: list[tuple[Any, int, Any]] = []  # (first page's bytes, pages, first CRC's slot)
+    for run in runs:
+        if run.zero:
+            continue
+        block = blocks[run.block]
+        if run.first_page + run.npages > block.page_count:
+            raise FormatError(f"page run {run.first_page}+{run.npages} lies outside RAM block "
+                              f"{block.name!r}")
+        for done in range(0, run.npages, _RAM_CHUNK):
+            count = min(_RAM_CHUNK, run.npages - done)
+            chunks.append((mems[run.block] + (run.first_page + done) * PAGE_SIZE, count,
+                           out_ptr + position + done))
+        position += run.npages
+
+    def work(mine: list[tuple[Any, int, Any]]) -> None:
+        for src, count, dst in mine:
+            lib.pyvmm_crc32c_pages(src, PAGE_SIZE, count, ffi.NULL, dst)
+
+    if total >= PARALLEL_PAGES:  # two cores: the second half on a helper thread
+        helper = threading.Thread(target=work, args=(chunks[1::2],), name="pyvmm-crc")
+        helper.start()
+        try:
+            work(chunks[0::2])
+        finally:
+            helper.join()
+    else:
+        work(chunks)
+    del mems
     return out
 
 
@@ -406,17 +453,23 @@ def compare_stream(fd: int, info: IncrementInfo, runs: Sequence[PageRun],
 def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int,
                         stream_length: int, runs: Sequence[PageRun], table: RamCrcTable,
                         device_bytes: bytes = b"",
-                        devices: Sequence[Mapping[str, object]] = ()
+                        devices: Sequence[Mapping[str, object]] = (),
+                        from_ram: Sequence[RamBlock] | None = None
                         ) -> tuple[ChecksumBlock, RamCrcTable]:
     """The checksum block of an increment whose stream is in the file, and the RAM table after
     it (``table`` is left as it is: the caller keeps the new one once the commit succeeded).
     ``device_bytes`` and ``devices`` (what savevm's ``save_devices`` wrote and returned) let the
-    block name each device section."""
+    block name each device section.  ``from_ram``: the machine's RAM blocks, unchanged since the
+    pause (stop-and-copy): page CRCs come from RAM, and only the stream bytes around the page
+    data are read back."""
     info = IncrementInfo(index=len(container.header.increments), kind=kind, parent=-1,
                          created_ns=0, stream_offset=stream_offset, stream_length=stream_length,
                          pages=0, zero_pages=0, stream_crc=0, index_offset=0, index_length=0,
                          stats_offset=0, stats_length=0)
-    crcs = stream_crcs(container.fd, info, runs, page_size=container.header.page_size)
+    crcs = stream_crcs(container.fd, info, runs, page_size=container.header.page_size,
+                       pages=from_ram is None)
+    if from_ram is not None:
+        crcs = StreamCrcs(ram_run_crcs(from_ram, runs), crcs.gap_crcs, crcs.gaps)
     assert crcs.page_crcs is not None
     after = table.copy()
     after.apply(kind, runs, crcs.page_crcs)
