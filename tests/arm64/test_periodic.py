@@ -163,11 +163,16 @@ def test_kill_9_during_periodic_incremental_checkpoints_leaves_a_loadable_file(
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-q", "--checkpoint",
                              f"chpt:{path}", "--incremental", "--checksum", "--period", "0.05",
                              *LONG_GUEST], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait for the first checkpoint to start, then kill at a random point of the chain
-    deadline = time.monotonic() + 60
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.4, 1.5))
+    # wait for the first checkpoint to be committed, then kill at a random point of the chain
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if increments(path):
+                break
+        except PyvmmError:
+            pass  # not there yet, or its header being written
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.0))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     report = verify_file(path)
