@@ -17,6 +17,7 @@ the chain's indexed reload is timed with checksums on vs off (throughput ratio =
 Targets (issue 5): indexed chain/squashed <= 1.3x; checksums on >= 0.8x the throughput of off.
 
     python benchmarks/bench_reload.py [--ram 1G] [--quick] [--dir DIR] [--repeat 3] [--checksum]
+                                      [--fill 0.75] [--dirty 0.03] [--hot 2048] [--cluster 1]
 """
 
 from __future__ import annotations
@@ -61,13 +62,17 @@ def filled_machine(ram: int, fill: float) -> tuple[Machine, int]:
     return machine, filled
 
 
-def schedule(filled: int, dirty: float, hot: int, seed: int) -> list[list[int]]:
-    """Pages written before each incremental checkpoint: a fresh random share and a hot set."""
+def schedule(filled: int, dirty: float, hot: int, seed: int, cluster: int = 1) -> list[list[int]]:
+    """Pages written before each incremental checkpoint: a fresh random share (in runs of
+    ``cluster`` pages at random places) and a hot set."""
     rng = random.Random(seed)
     pages = range(1, 1 + filled)
     hot_set = rng.sample(pages, min(hot, filled))
-    share = max(1, int(filled * dirty))
-    return [sorted(set(rng.sample(pages, share)) | set(hot_set)) for _ in range(INCREMENTS - 1)]
+    share = max(1, int(filled * dirty) // cluster)
+    starts = range(1, max(2, 2 + filled - cluster))
+    return [sorted({p for s in rng.sample(starts, min(share, len(starts)))
+                    for p in range(s, min(s + cluster, 1 + filled))} | set(hot_set))
+            for _ in range(INCREMENTS - 1)]
 
 
 def build_chain(machine: Machine, path: Path, writes: list[list[int]],
@@ -125,6 +130,8 @@ def main() -> None:
                         help="share of the filled pages written at random per increment")
     parser.add_argument("--hot", type=int, default=2048,
                         help="pages rewritten before every increment")
+    parser.add_argument("--cluster", type=int, default=1,
+                        help="the random share is written in runs of this many pages (default 1)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where files go (default: a temp dir in .)")
     parser.add_argument("--checksum", action="store_true",
@@ -133,13 +140,15 @@ def main() -> None:
     ram = parse_size(args.ram or ("256M" if args.quick else "1G"), "--ram")
     if not 0 < args.fill <= 1 or not 0 < args.dirty <= 1:
         parser.error("--fill and --dirty are shares in (0, 1]")
+    if args.cluster < 1:
+        parser.error("--cluster must be at least 1")
     times: dict[str, list[float]] = {}
     reports: dict[str, ReloadReport] = {}
     with tempfile.TemporaryDirectory(dir=args.dir or ".") as tmp:
         chain, squashed, summed = (Path(tmp) / n for n in ("chain.bin", "squashed.bin",
                                                             "checksum.bin"))
         machine, filled = filled_machine(ram, args.fill)
-        writes = schedule(filled, args.dirty, args.hot, seed=2)
+        writes = schedule(filled, args.dirty, args.hot, seed=2, cluster=args.cluster)
         with machine:
             save_seconds, chain_pages = build_chain(machine, chain, writes, ())
             expected = ram_digest(machine)
@@ -168,8 +177,8 @@ def main() -> None:
 
     mib = 1 << 20
     print(f"guest RAM {ram / mib:.0f} MiB, {filled} pages ({filled * PAGE_SIZE / mib:.0f} MiB) "
-          f"filled; {INCREMENTS} increments ({args.dirty:.0%} random + {args.hot} hot pages "
-          f"each), durable=False, page cache warm (CPU-side cost)")
+          f"filled; {INCREMENTS} increments ({args.dirty:.0%} random in runs of {args.cluster} + "
+          f"{args.hot} hot pages each), durable=False, page cache warm (CPU-side cost)")
     print(f"chain: {chain_pages} pages saved in {save_seconds:.2f} s, {sizes[0] / mib:.0f} MiB; "
           f"squashed: {sizes[1] / mib:.0f} MiB")
     print(f"squash: {result.seconds:.3f} s ({result.stats.pages} pages written)")
