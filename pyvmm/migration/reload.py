@@ -145,6 +145,14 @@ class _Loader:
         self.total = sum(i.stream_length for i in increments)
         self.done = 0
         self.post_load: collections.Counter[str] = collections.Counter()
+        self._indexes: dict[int, list[PageRun]] = {}
+
+    def _page_index(self, increment: int) -> list[PageRun]:
+        """Increment ``increment``'s checked page index, read and decoded once per reload."""
+        runs = self._indexes.get(increment)
+        if runs is None:
+            runs = self._indexes[increment] = self.container.page_index(increment)
+        return runs
 
     def _advance(self, nbytes: int) -> None:
         self.done += nbytes
@@ -174,7 +182,7 @@ class _Loader:
 
     def _load_stream(self, entries: MachineStateEntries, info: IncrementInfo, *,
                      final: bool, skip_ram: bool = False, stop_after_ram: bool = False) -> None:
-        runs = self.container.page_index(info.index)
+        runs = self._page_index(info.index)
         ram = entries.ram
         ram.set_load_index([IndexedRun(r.block, r.first_page, r.npages, r.data_offset, r.zero)
                             for r in runs])
@@ -210,7 +218,7 @@ class _Loader:
         fd = self.container.fd
         for info in reversed(self.increments):
             per_block: list[list[PageRun]] = [[] for _ in blocks]
-            for run in self.container.page_index(info.index):
+            for run in self._page_index(info.index):
                 if run.block >= len(blocks):
                     raise FormatError(f"page run for RAM block {run.block}, the machine has "
                                       f"{len(blocks)}", increment=info.index)
@@ -232,7 +240,14 @@ def _claim(claimed: PageBitmap, run: PageRun, out: list[PageRun]) -> None:
     if run.zero:  # a fresh machine's RAM is zero already: claiming is all there is to do
         claimed.set_range(run.first_page, run.npages)
         return
-    page = run.first_page
+    # the common cases, two bitmap calls: a newer increment holds all of the run, or none of it
+    page = claimed.find_next_clear(run.first_page)
+    if page >= end:
+        return
+    if page == run.first_page and claimed.find_next_set(page) >= end:
+        out.append(run)
+        claimed.set_range(run.first_page, run.npages)
+        return
     while page < end:
         start = claimed.find_next_clear(page)
         if start >= end:

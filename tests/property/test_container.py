@@ -155,6 +155,44 @@ def test_page_index_round_trip(increment: int, runs: list[PageRun]) -> None:
     assert encode_page_index(increment, decode_page_index(data, increment=increment)) == data
 
 
+def _decode_or_error(decode: Any, data: bytes, increment: int) -> Any:
+    try:
+        return decode(data, increment=increment)
+    except FormatError as err:
+        return type(err), str(err)
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), RUNS, st.integers(0, 2**32 - 1), st.data())
+def test_page_index_fast_path_matches_the_declaration(
+    increment: int, runs: list[PageRun], asked: int, data: st.DataObject
+) -> None:
+    """decode_page_index's struct fast path accepts exactly what the construct declaration
+    accepts, with the same runs, and leaves every rejection (and its message) to the latter:
+    for sound blobs, blobs of another increment, and blobs with one byte flipped or cut."""
+    blob = encode_page_index(increment, runs)
+    assert container_format._decode_page_index_fast(blob, increment) == runs
+    flip = data.draw(st.integers(0, len(blob) - 1))
+    bit = data.draw(st.integers(0, 7))
+    damaged = bytearray(blob)
+    damaged[flip] ^= 1 << bit
+    for candidate, owner in ((blob, increment), (blob, asked), (bytes(damaged), increment),
+                             (blob[:-1], increment), (blob + b"\0", increment)):
+        fast = container_format._decode_page_index_fast(candidate, owner)
+        reference = _decode_or_error(container_format._decode_page_index_construct, candidate,
+                                     owner)
+        if fast is not None:
+            assert fast == reference
+        assert _decode_or_error(decode_page_index, candidate, owner) == reference
+    if flip >= 12 and (flip - 12) % SPEC.PAGE_RUN_SIZE == 3 and flip < len(blob) - 4:
+        # the reserved byte of a run, with the CRC made to match: refused, by both
+        body = bytes(damaged[:-4])
+        forged = body + struct.pack(">I", SPEC.crc32(body))
+        assert container_format._decode_page_index_fast(forged, increment) is None
+        with pytest.raises(FormatError):
+            decode_page_index(forged, increment=increment)
+
+
 @FAST
 @given(st.integers(0, 2**32 - 1), STATS)
 def test_stats_round_trip(increment: int, stats: dict[str, Any]) -> None:
