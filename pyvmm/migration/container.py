@@ -371,6 +371,14 @@ class CheckpointFile:
             raise err.located(offset=info.index_offset) from err
         return runs
 
+    def page_index_blob(self, increment: int) -> bytes:
+        """The raw page index blob of increment ``increment`` (bounded by the header, not
+        decoded: see ``container_format.page_index_records``)."""
+        info = self._increment(increment)
+        return _pread_exact(
+            self._fd, info.index_length, info.index_offset, what="page index", increment=increment
+        )
+
     def stats(self, increment: int) -> dict[str, Any]:
         """The stats the writer stored with increment ``increment``; ``{}`` when none."""
         info = self._increment(increment)

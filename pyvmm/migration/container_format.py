@@ -375,6 +375,26 @@ def decode_page_index(data: bytes, *, increment: int, offset: int | None = None)
     return _decode_page_index_construct(data, increment=increment, offset=offset)
 
 
+def page_index_records(data: bytes, increment: int) -> memoryview | None:
+    """The raw run records of a page index blob of ``increment`` whose magic, length and CRC
+    hold (for C code that checks each record itself), else ``None``: then
+    :func:`decode_page_index` names what is wrong."""
+    spec = load_spec()
+    size = len(data)
+    head = _PAGE_INDEX_HEAD.size
+    if size < head + _PAGE_INDEX_CRC.size:
+        return None
+    magic, owner, count = _PAGE_INDEX_HEAD.unpack_from(data)
+    body_end = size - _PAGE_INDEX_CRC.size
+    if magic != spec.PAGE_INDEX_MAGIC or owner != increment or \
+            head + count * _PAGE_INDEX_RUN.size != body_end:
+        return None
+    view = memoryview(data)
+    if spec.crc32(view[:body_end]) != _PAGE_INDEX_CRC.unpack_from(data, body_end)[0]:
+        return None
+    return view[head:body_end]
+
+
 def _decode_page_index_fast(data: bytes, increment: int) -> list[PageRun] | None:
     """The runs of a well-formed page index blob of ``increment`` with struct alone (an index
     may hold a run per guest page: construct's per-run cost dominated a chain's reload), or

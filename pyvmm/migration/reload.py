@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..devices.pl011 import UartSink
-from ..errors import ConfigError, FormatError, PyvmmError
+from pyvmm._native import ffi, lib
+
+from ..errors import ConfigError, FormatError, PyvmmError, StreamError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
-from ..ram import PageBitmap
+from ..ram import PAGE_SIZE, PageBitmap
 from .checksum import check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
+from .container_format import page_index_records
 from .machine_state import MachineStateEntries, apply, linux_state_from, machine_save_state
 from .pageio import PAGE_RECORD_SIZE, read_page_runs
 from .ram_handler import IndexedRun
@@ -216,7 +221,20 @@ class _Loader:
         blocks = self.machine.ram_blocks
         claimed = [PageBitmap(b.page_count) for b in blocks]
         fd = self.container.fd
+        bases = ffi.new("void *[]", max(len(blocks), 1))
+        sizes = ffi.new("pyvmm_u64[]", max(len(blocks), 1))
+        bits = ffi.new("pyvmm_u64 *[]", max(len(blocks), 1))
+        mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
+        for i, block in enumerate(blocks):
+            bases[i] = mems[i]
+            sizes[i] = block.page_count
+            bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
         for info in reversed(self.increments):
+            records = page_index_records(self.container.page_index_blob(info.index), info.index)
+            if records is not None:  # the C path: no Python step per run
+                self._claim_read(info, records, len(blocks), bases, sizes, bits)
+                self._advance(info.stream_length if info is not self.increments[-1] else 0)
+                continue
             per_block: list[list[PageRun]] = [[] for _ in blocks]
             for run in self._page_index(info.index):
                 if run.block >= len(blocks):
@@ -232,6 +250,42 @@ class _Loader:
                         raise err.located(increment=info.index) from err
                     self.report.pages_read += sum(r.npages for r in todo)
             self._advance(info.stream_length if info is not self.increments[-1] else 0)
+
+
+    def _claim_read(self, info: IncrementInfo, records: memoryview, nblocks: int, bases: Any,
+                    sizes: Any, bits: Any) -> None:
+        result = ffi.new("struct pyvmm_claim_result *")
+        err = ffi.new("struct pyvmm_page_read_error *")
+        raw = ffi.from_buffer(records)
+        rc = lib.pyvmm_claim_read_index(
+            self.container.fd, raw, len(records) // _RECORD, nblocks, bases, sizes, bits,
+            PAGE_SIZE, info.stream_offset, info.stream_offset + info.stream_length, result, err)
+        del raw
+        if rc != 0:
+            raise _claim_error(rc, err, info)
+        if result.data_pages != info.pages or result.zero_pages != info.zero_pages:
+            raise FormatError(f"page index lists {result.data_pages} data + {result.zero_pages} "
+                              f"zero pages, the increment {info.pages} + {info.zero_pages}",
+                              increment=info.index)
+        self.report.pages_read += int(result.pages_read)
+
+
+_RECORD = 24  # bytes of one page index record
+
+
+def _claim_error(rc: int, err: Any, info: IncrementInfo) -> PyvmmError:
+    run, at = int(err.run), int(err.offset)
+    if rc < 0:
+        return StreamError(f"cannot read page run {run}: {os.strerror(-rc)}", offset=at)
+    message = {
+        lib.PYVMM_CLAIM_BAD_RECORD: "has a reserved byte set or unknown flags",
+        lib.PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK: "lies outside its RAM block",
+        lib.PYVMM_PAGEIO_RUN_OUTSIDE_FILE: "has page data outside the increment's stream",
+        lib.PYVMM_PAGEIO_TRUNCATED: "ends past the end of the file",
+        lib.PYVMM_PAGEIO_BAD_HEADER: f"has a wrong record header at page {int(err.page)} "
+                                     f"(0x{int(err.found):016x})",
+    }.get(rc, f"failed ({rc})")
+    return FormatError(f"page run {run} {message}", offset=at or None, increment=info.index)
 
 
 def _claim(claimed: PageBitmap, run: PageRun, out: list[PageRun]) -> None:

@@ -305,3 +305,24 @@ int pyvmm_lazy_wait(void *handle, long long timeout_ms);
 int pyvmm_lazy_stop(void *handle); /* stop and join both threads; 0 or -errno */
 void pyvmm_lazy_free(void *handle);
 void pyvmm_lazy_get_stats(void *handle, struct pyvmm_lazy_stats *out);
+
+/* ---- pyvmm.migration.reload (indexed.c): an increment's page index claimed and read ----
+ * records: nrecords raw 24-byte page index records (block, flags, reserved, npages, first page,
+ * data offset; big-endian) of one increment, newer increments done first. Each record's pages
+ * are claimed in claimed[block] (page bitmaps); data pages not claimed before are read into
+ * bases[block] (block_pages[block] pages) with pyvmm_read_page_runs; zero runs are only claimed
+ * (a fresh machine's RAM is zero). Data must lie in [stream_start, stream_end).
+ * 0, -errno, PYVMM_PAGEIO_* or PYVMM_CLAIM_BAD_RECORD; err->run = the record. */
+struct pyvmm_claim_result {
+    pyvmm_u64 data_pages;  /* listed by the index */
+    pyvmm_u64 zero_pages;  /* listed by the index */
+    pyvmm_u64 pages_read;  /* not claimed by a newer increment, so read */
+    pyvmm_u64 reads;       /* preadv calls */
+};
+enum { PYVMM_CLAIM_BAD_RECORD = 16 };
+int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                           unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
+                           pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
+                           pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                           struct pyvmm_claim_result *result,
+                           struct pyvmm_page_read_error *err);

@@ -242,3 +242,32 @@ def test_claim_gives_exactly_the_unclaimed_data_pages(
         assert all(not r.zero and r.npages >= 1 for r in out)
         model.update(range(first, first + npages))
     assert {p for p in range(80) if p in claimed} == model
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (0, 7, "lies outside its RAM block"),              # block number
+    (4, 1 << 30, "lies outside its RAM block"),        # npages
+    (16, 1 << 40, "outside the increment's stream"),   # data offset
+    (3, 1, "reserved byte"),                           # reserved byte
+])
+def test_forged_page_index_records_with_a_good_crc_are_refused(
+        tmp_path: Path, field: int, value: int, message: str) -> None:
+    """The indexed reload's C path checks each record itself (a CRC only proves the writer
+    wrote it): a forged index with a recomputed CRC is a one-line FormatError, never a read
+    outside RAM or the stream."""
+    import struct
+    import zlib
+
+    path = tmp_path / "c.bin"
+    build_chain(path, 0, [(1000, [(1500, 3)]), (1000, [(1501, 4)])])
+    with CheckpointFile.open(path) as container:
+        info = container.header.increments[0]
+        blob = bytearray(container.page_index_blob(0))
+    width = {0: ">H", 3: ">B", 4: ">I", 16: ">Q"}[field]
+    struct.pack_into(width, blob, 12 + field, value)  # the first record (after the head)
+    struct.pack_into(">I", blob, len(blob) - 4, zlib.crc32(bytes(blob[:-4])) & 0xFFFFFFFF)
+    with open(path, "r+b") as handle:
+        handle.seek(info.index_offset)
+        handle.write(blob)
+    with pytest.raises(FormatError, match=message):
+        reload_file(str(path), strategy="indexed")
