@@ -3,14 +3,112 @@
  * pages no newer increment holds read straight into guest RAM. Python runs once per increment,
  * never per run: with scattered writes an index holds a run per page. */
 #include <endian.h>
+#include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include "native.h"
 
 #define RECORD_SIZE 24   /* be16 block, u8 flags, u8 reserved, be32 npages, be64 first, be64 data */
 #define RUN_ZERO 0x01
 #define STRIDE_HEADER 8
+
+#define BATCH_IOV 1024 /* IOV_MAX on Linux */
+#define PAGE_FLAGS_CONTINUE_PAGE 0x28
+
+/* Pages that follow each other in the file (one 8-byte record header apart), read by one
+ * preadv however scattered they are in RAM; the headers in between go to `headers` and are
+ * checked afterwards. */
+struct batch {
+    struct iovec iov[BATCH_IOV];
+    unsigned char headers[BATCH_IOV / 2][8];
+    pyvmm_u64 expected[BATCH_IOV / 2];
+    pyvmm_u64 header_page[BATCH_IOV / 2];
+    pyvmm_u64 header_offset[BATCH_IOV / 2];
+    unsigned niov, nheaders;
+    pyvmm_u64 start, end; /* file offsets of the batch */
+    pyvmm_u64 preads;
+};
+
+static int batch_flush(int fd, struct batch *b, struct pyvmm_page_read_error *err) {
+    if (b->niov == 0)
+        return 0;
+    struct iovec *iov = b->iov;
+    unsigned n = b->niov;
+    pyvmm_u64 at = b->start;
+    while (n > 0) {
+        ssize_t got = preadv(fd, iov, (int)n, (off_t)at);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            err->offset = at;
+            return -errno;
+        }
+        if (got == 0) {
+            err->offset = at;
+            return PYVMM_PAGEIO_TRUNCATED;
+        }
+        b->preads++;
+        at += (pyvmm_u64)got;
+        size_t left = (size_t)got;
+        while (n > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0 && left) {
+            iov->iov_base = (char *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    for (unsigned h = 0; h < b->nheaders; h++) {
+        uint64_t found;
+        memcpy(&found, b->headers[h], 8);
+        found = be64toh(found);
+        if (found != b->expected[h]) {
+            err->offset = b->header_offset[h];
+            err->page = b->header_page[h];
+            err->found = found;
+            return PYVMM_PAGEIO_BAD_HEADER;
+        }
+    }
+    b->niov = b->nheaders = 0;
+    return 0;
+}
+
+/* Queue page `page` of RAM at `dst`, whose data is at file offset `offset`. */
+static int batch_add(int fd, struct batch *b, void *dst, pyvmm_u64 page, pyvmm_u64 offset,
+                     pyvmm_u64 page_size, struct pyvmm_page_read_error *err) {
+    if (b->niov && (offset != b->end + 8 || b->niov + 2 > BATCH_IOV)) {
+        int rc = batch_flush(fd, b, err);
+        if (rc)
+            return rc;
+    }
+    if (b->niov == 0) {
+        b->start = offset;
+    } else {
+        unsigned h = b->nheaders++;
+        b->expected[h] = page * page_size | PAGE_FLAGS_CONTINUE_PAGE;
+        b->header_page[h] = page;
+        b->header_offset[h] = offset - 8;
+        b->iov[b->niov].iov_base = b->headers[h];
+        b->iov[b->niov++].iov_len = 8;
+    }
+    b->iov[b->niov].iov_base = dst;
+    b->iov[b->niov++].iov_len = page_size;
+    b->end = offset + page_size;
+    return 0;
+}
+
+static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                      unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
+                      pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
+                      pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                      struct pyvmm_claim_result *result,
+                      struct pyvmm_page_read_error *err, struct batch *b);
 
 int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                            unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
@@ -20,6 +118,23 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
                            struct pyvmm_page_read_error *err) {
     memset(result, 0, sizeof *result);
     memset(err, 0, sizeof *err);
+    struct batch *b = malloc(sizeof *b);
+    if (b == NULL)
+        return -ENOMEM;
+    b->niov = b->nheaders = 0;
+    b->preads = 0;
+    int rc = claim_read(fd, records, nrecords, nblocks, bases, block_pages, claimed, page_size,
+                        stream_start, stream_end, result, err, b);
+    free(b);
+    return rc;
+}
+
+static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                      unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
+                      pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
+                      pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                      struct pyvmm_claim_result *result,
+                      struct pyvmm_page_read_error *err, struct batch *b) {
     const pyvmm_u64 stride = STRIDE_HEADER + page_size;
     for (pyvmm_u64 i = 0; i < nrecords; i++) {
         const unsigned char *r = records + i * RECORD_SIZE;
@@ -63,21 +178,18 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
             if (start >= end)
                 break;
             pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, end, start);
-            struct pyvmm_page_run run = {start, stop - start,
-                                         data_offset + (start - first) * stride, 0};
-            struct pyvmm_page_read_error sub;
-            int rc = pyvmm_read_page_runs(fd, bases[block], block_pages[block], &run, 1, &sub);
-            if (rc != 0) {
-                err->offset = sub.offset;
-                err->page = sub.page;
-                err->found = sub.found;
-                return rc;
+            for (pyvmm_u64 p = start; p < stop; p++) {
+                int rc = batch_add(fd, b, (char *)bases[block] + p * page_size, p,
+                                   data_offset + (p - first) * stride, page_size, err);
+                if (rc)
+                    return rc;
             }
             result->pages_read += stop - start;
-            result->reads++;
             page = stop;
         }
         pyvmm_bitmap_set_range(bits, first, npages);
     }
-    return 0;
+    int rc = batch_flush(fd, b, err);
+    result->reads = b->preads;
+    return rc;
 }

@@ -317,7 +317,7 @@ struct pyvmm_claim_result {
     pyvmm_u64 data_pages;  /* listed by the index */
     pyvmm_u64 zero_pages;  /* listed by the index */
     pyvmm_u64 pages_read;  /* not claimed by a newer increment, so read */
-    pyvmm_u64 reads;       /* preadv calls */
+    pyvmm_u64 reads;       /* preadv calls (file-adjacent pages share one) */
 };
 enum { PYVMM_CLAIM_BAD_RECORD = 16 };
 int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nrecords,

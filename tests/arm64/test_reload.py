@@ -271,3 +271,17 @@ def test_forged_page_index_records_with_a_good_crc_are_refused(
         handle.write(blob)
     with pytest.raises(FormatError, match=message):
         reload_file(str(path), strategy="indexed")
+
+
+def test_a_wrong_record_header_between_batched_pages_is_named(tmp_path: Path) -> None:
+    """Pages next to each other in the file are read by one preadv; the record headers between
+    them are still compared with what the writer puts there."""
+    path = tmp_path / "c.bin"
+    build_chain(path, 0, [(1000, [(p, 5) for p in range(1600, 1610)]), (1000, [(1500, 3)])])
+    with CheckpointFile.open(path) as container:
+        run = next(r for r in container.page_index(0) if not r.zero and r.npages >= 3)
+    with open(path, "r+b") as handle:
+        handle.seek(run.data_offset + 2 * 4104 - 8)  # the header of the run's third page
+        handle.write(b"\xff" * 8)
+    with pytest.raises(FormatError, match=f"wrong record header at page {run.first_page + 2}"):
+        reload_file(str(path), strategy="indexed")
