@@ -458,11 +458,11 @@ def _start_periodic(args: argparse.Namespace, machine: Machine, checkpointer: An
         if loader is not None:
             loader.close()  # the RAM must be whole and unregistered before it is saved
 
-    def failed_or_done() -> None:
+    def end_run() -> None:
         machine.pause()  # --max-checkpoints: the run ends here, paused, the file complete
 
     return PeriodicCheckpointer(checkpointer, args.period, max_checkpoints=args.max_checkpoints,
-                                on_checkpoint=report, on_limit=failed_or_done,
+                                on_checkpoint=report, on_limit=end_run,
                                 before_checkpoint=before).start()
 
 

@@ -38,7 +38,6 @@ from .checksum import check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
 from .container_format import page_index_records
 from .machine_state import MachineStateEntries, apply, linux_state_from, machine_save_state
-from .pageio import PAGE_RECORD_SIZE, read_page_runs
 from .ram_handler import IndexedRun
 from .savevm import SaveStateEntry
 from .stream import QEMUFile
@@ -220,7 +219,6 @@ class _Loader:
         """Every page from the newest increment that holds it, each read once."""
         blocks = self.machine.ram_blocks
         claimed = [PageBitmap(b.page_count) for b in blocks]
-        fd = self.container.fd
         bases = ffi.new("void *[]", max(len(blocks), 1))
         sizes = ffi.new("pyvmm_u64[]", max(len(blocks), 1))
         bits = ffi.new("pyvmm_u64 *[]", max(len(blocks), 1))
@@ -231,26 +229,12 @@ class _Loader:
             bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
         for info in reversed(self.increments):
             records = page_index_records(self.container.page_index_blob(info.index), info.index)
-            if records is not None:  # the C path: no Python step per run
+            if records is not None:  # checked record by record in C: no Python step per run
                 self._claim_read(info, records, len(blocks), bases, sizes, bits)
                 self._advance(info.stream_length if info is not self.increments[-1] else 0)
                 continue
-            per_block: list[list[PageRun]] = [[] for _ in blocks]
-            for run in self._page_index(info.index):
-                if run.block >= len(blocks):
-                    raise FormatError(f"page run for RAM block {run.block}, the machine has "
-                                      f"{len(blocks)}", increment=info.index)
-                _claim(claimed[run.block], run, per_block[run.block])
-            for block, todo in zip(blocks, per_block):
-                if todo:
-                    try:
-                        read_page_runs(fd, block, [(r.first_page, r.npages, r.data_offset,
-                                                    False) for r in todo])
-                    except FormatError as err:
-                        raise err.located(increment=info.index) from err
-                    self.report.pages_read += sum(r.npages for r in todo)
-            self._advance(info.stream_length if info is not self.increments[-1] else 0)
-
+            self._page_index(info.index)  # names what is wrong with the blob
+            raise FormatError("malformed page index", increment=info.index)
 
     def _claim_read(self, info: IncrementInfo, records: memoryview, nblocks: int, bases: Any,
                     sizes: Any, bits: Any) -> None:
@@ -286,31 +270,6 @@ def _claim_error(rc: int, err: Any, info: IncrementInfo) -> PyvmmError:
                                      f"(0x{int(err.found):016x})",
     }.get(rc, f"failed ({rc})")
     return FormatError(f"page run {run} {message}", offset=at or None, increment=info.index)
-
-
-def _claim(claimed: PageBitmap, run: PageRun, out: list[PageRun]) -> None:
-    """Mark the run's pages claimed; append its not yet claimed data pages to ``out`` as runs."""
-    end = run.first_page + run.npages
-    if run.zero:  # a fresh machine's RAM is zero already: claiming is all there is to do
-        claimed.set_range(run.first_page, run.npages)
-        return
-    # the common cases, two bitmap calls: a newer increment holds all of the run, or none of it
-    page = claimed.find_next_clear(run.first_page)
-    if page >= end:
-        return
-    if page == run.first_page and claimed.find_next_set(page) >= end:
-        out.append(run)
-        claimed.set_range(run.first_page, run.npages)
-        return
-    while page < end:
-        start = claimed.find_next_clear(page)
-        if start >= end:
-            break
-        stop = min(claimed.find_next_set(start), end)
-        out.append(PageRun(run.block, start, stop - start,
-                           run.data_offset + (start - run.first_page) * PAGE_RECORD_SIZE, False))
-        page = stop
-    claimed.set_range(run.first_page, run.npages)
 
 
 def restore_machine(machine: Machine, entries: MachineStateEntries, stdout: OutputSink | None,

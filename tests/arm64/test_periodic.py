@@ -19,7 +19,7 @@ import pytest
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.errors import PyvmmError
 from pyvmm.guests.workload import WorkloadOptions
-from pyvmm.machine import RunState
+from pyvmm.machine import Machine, RunState
 from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import CheckpointFile
 from pyvmm.migration.periodic import PeriodicCheckpointer
@@ -68,14 +68,14 @@ def test_period_zero_takes_no_periodic_checkpoint(tmp_path: Path) -> None:
     assert bad.returncode == 1 and b"needs --period" in bad.stderr
 
 
-def _guest() -> object:
+def _guest() -> Machine:
     options = WorkloadOptions(pattern="random", working_set=2 << 20, passes=10**6,
                               report_every=10**6)
     return boot(GuestSpec(workload=options), ram_size=16 << 20, uart_sink=lambda _b: None)
 
 
 def test_set_period_zero_stops_the_timer(tmp_path: Path) -> None:
-    with _guest() as machine:  # type: ignore[attr-defined]
+    with _guest() as machine:
         checkpointer = Checkpointer(machine, tmp_path / "p.bin", durable=False,
                                     capabilities=["incremental"])
         machine.start()
@@ -101,7 +101,7 @@ def test_a_failed_checkpoint_stops_the_timer_and_loses_nothing(tmp_path: Path) -
         pytest.fail("cannot mount a small tmpfs (the test needs root, as CI has)")
     try:
         path = mount / "p.bin"
-        with _guest() as machine:  # type: ignore[attr-defined]
+        with _guest() as machine:
             checkpointer = Checkpointer(machine, path, durable=False,
                                         capabilities=["incremental"])
             checkpointer.checkpoint()  # the full one fits

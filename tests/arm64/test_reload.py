@@ -218,61 +218,6 @@ def increments_of(path: Path) -> list[str]:
         return [i.kind for i in container.header.increments]
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 63), st.integers(1, 16), st.booleans()), max_size=12))
-def test_claim_gives_exactly_the_unclaimed_data_pages(
-        runs: list[tuple[int, int, bool]]) -> None:
-    """_claim (the indexed strategy's newest-first selection) against a plain set model: every
-    data page of a run not claimed by an earlier (newer) run comes out once, at its own offset."""
-    from pyvmm.migration.container import PageRun
-    from pyvmm.migration.pageio import PAGE_RECORD_SIZE
-    from pyvmm.migration.reload import _claim
-    from pyvmm.ram import PageBitmap
-
-    claimed, model = PageBitmap(80), set()
-    for first, npages, zero in runs:
-        run = PageRun(0, first, npages, 0 if zero else 0x1000 + first * PAGE_RECORD_SIZE, zero)
-        out: list[PageRun] = []
-        _claim(claimed, run, out)
-        got = [(r.first_page + k, r.data_offset + k * PAGE_RECORD_SIZE)
-               for r in out for k in range(r.npages)]
-        want = [] if zero else [(p, 0x1000 + p * PAGE_RECORD_SIZE)
-                                for p in range(first, first + npages) if p not in model]
-        assert got == want
-        assert all(not r.zero and r.npages >= 1 for r in out)
-        model.update(range(first, first + npages))
-    assert {p for p in range(80) if p in claimed} == model
-
-
-@pytest.mark.parametrize("field, value, message", [
-    (0, 7, "lies outside its RAM block"),              # block number
-    (4, 1 << 30, "lies outside its RAM block"),        # npages
-    (16, 1 << 40, "outside the increment's stream"),   # data offset
-    (3, 1, "reserved byte"),                           # reserved byte
-])
-def test_forged_page_index_records_with_a_good_crc_are_refused(
-        tmp_path: Path, field: int, value: int, message: str) -> None:
-    """The indexed reload's C path checks each record itself (a CRC only proves the writer
-    wrote it): a forged index with a recomputed CRC is a one-line FormatError, never a read
-    outside RAM or the stream."""
-    import struct
-    import zlib
-
-    path = tmp_path / "c.bin"
-    build_chain(path, 0, [(1000, [(1500, 3)]), (1000, [(1501, 4)])])
-    with CheckpointFile.open(path) as container:
-        info = container.header.increments[0]
-        blob = bytearray(container.page_index_blob(0))
-    width = {0: ">H", 3: ">B", 4: ">I", 16: ">Q"}[field]
-    struct.pack_into(width, blob, 12 + field, value)  # the first record (after the head)
-    struct.pack_into(">I", blob, len(blob) - 4, zlib.crc32(bytes(blob[:-4])) & 0xFFFFFFFF)
-    with open(path, "r+b") as handle:
-        handle.seek(info.index_offset)
-        handle.write(blob)
-    with pytest.raises(FormatError, match=message):
-        reload_file(str(path), strategy="indexed")
-
-
 def test_a_wrong_record_header_between_batched_pages_is_named(tmp_path: Path) -> None:
     """Pages next to each other in the file are read by one preadv; the record headers between
     them are still compared with what the writer puts there."""
