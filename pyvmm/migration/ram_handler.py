@@ -6,17 +6,24 @@ sends what is left.  Every section body ends with EOS.  Which pages to send is t
 choice (:meth:`RamHandler.select`): all populated pages for a full checkpoint, dirty pages for an
 incremental one.  The layout of what was written comes back as runs for the container's page index.
 
-Loading: records are parsed in order; a PAGE record that starts a run known from the page index
-is read, with the rest of its run, by one ``preadv`` into guest RAM (headers checked in C); other
-records are read one by one.  Ids and sizes of blocks must match the machine's.
+Loading: records are parsed in order, by C (``pyvmm_ram_walk``) for the common case of PAGE and
+ZERO records of known blocks, by Python for everything else (block lists, and any record C finds
+wrong, so each error has one message).  A PAGE record that starts a run of several pages known
+from the page index is read, with the rest of its run, by one ``preadv`` into guest RAM (headers
+checked in C).  Ids and sizes of blocks must match the machine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import struct
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from ..errors import FormatError
+from pyvmm._native import ffi, lib
+
+from ..errors import FormatError, StreamError
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .pageio import (
     PAGE_RECORD_SIZE,
@@ -37,6 +44,10 @@ _KNOWN_FLAGS = (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_MEM_SIZE | RAM_SAVE_FLAG_PAGE
 RAM_SECTION_VERSION = 4
 #: Bound on the number of RAM blocks a stream may list (each costs a lookup, nothing more).
 MAX_BLOCKS = 64
+#: One raw page index record, as the container stores it: block, flags, reserved, npages,
+#: first page, data offset.
+_INDEX_RECORD = struct.Struct(">HBBIQQ")
+_INDEX_ZERO = 0x01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +80,9 @@ class RamHandler:
         self._selection: dict[str, PageBitmap] = {}
         self.runs: list[IndexedRun] = []
         self.counters = RamSaveCounters()
-        #: For loading: data runs by (block number, absolute offset of their first page's data).
-        self.load_index: dict[tuple[int, int], IndexedRun] = {}
+        #: For loading: the page index of the increment being loaded, as raw records.
+        self._index_records: bytes | memoryview = b""
+        self._index_runs: dict[tuple[int, int], IndexedRun] | None = {}
         self.pages_loaded = 0
         #: Loading parses the records but writes no page (the pages were placed already by an
         #: indexed reload, or a lazy reload fills RAM itself): indexed runs are skipped in one
@@ -144,12 +156,41 @@ class RamHandler:
     # ------------------------------------------------------------------------- loading
     def set_load_index(self, runs: Sequence[IndexedRun]) -> None:
         """Runs from the container's page index of the increment about to be loaded."""
-        self.load_index = {(r.block, r.data_offset): r for r in runs if not r.zero}
+        self.set_load_index_records(b"".join(
+            _INDEX_RECORD.pack(r.block, _INDEX_ZERO if r.zero else 0, 0, r.npages, r.first_page,
+                               r.data_offset) for r in runs))
+
+    def set_load_index_records(self, records: bytes | memoryview) -> None:
+        """The same as raw 24-byte page index records (as the container stores them); they
+        are only hints: a run is used where the stream has a record for its first page at its
+        data offset."""
+        if len(records) % _INDEX_RECORD.size:
+            raise ValueError("page index records are 24 bytes each")
+        self._index_records = records
+        self._index_runs = None
+
+    @property
+    def load_index(self) -> dict[tuple[int, int], IndexedRun]:
+        """Data runs of the load index by (block number, absolute offset of their first page's
+        data), decoded when the Python parser first needs them."""
+        if self._index_runs is None:
+            self._index_runs = {
+                (block, data): IndexedRun(block, first, npages, data, False)
+                for block, flags, _, npages, first, data in _INDEX_RECORD.iter_unpack(
+                    self._index_records)
+                if not flags & _INDEX_ZERO}
+        return self._index_runs
 
     def load(self, f: QEMUFile, version_id: int) -> None:
         block: RamBlock | None = None
         number = -1
+        walker = _Walker(self, f) if f.fd is not None else None
         while True:
+            if walker is not None:
+                number, done = walker.walk(number)
+                if done:
+                    return
+                block = self.blocks[number] if number >= 0 else None
             at = f.offset
             header = f.get_be64()
             f.check()
@@ -241,3 +282,48 @@ class RamHandler:
             raise FormatError(f"RAM size mismatch: the checkpoint has {total} bytes of RAM, "
                               f"this machine {mine}", offset=at)
         f.check()
+
+
+class _Walker:
+    """``pyvmm_ram_walk`` over one section body of ``f``: the C side of :meth:`RamHandler.load`."""
+
+    def __init__(self, handler: RamHandler, f: QEMUFile) -> None:
+        assert f.fd is not None
+        self.handler = handler
+        self.f = f
+        self.fd = f.fd
+        blocks = handler.blocks
+        n = max(len(blocks), 1)
+        self._names = [ffi.new("unsigned char[]", bytes((len(b.name.encode()),)) + b.name.encode())
+                       for b in blocks]
+        self._mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
+        self.names: Any = ffi.new("unsigned char *[]", n)
+        self.bases: Any = ffi.new("void *[]", n)
+        self.pages: Any = ffi.new("pyvmm_u64[]", n)
+        for i, b in enumerate(blocks):
+            self.names[i] = self._names[i]
+            self.bases[i] = self._mems[i]
+            self.pages[i] = b.page_count
+        records = handler._index_records
+        self.nindex = len(records) // _INDEX_RECORD.size
+        self.index: Any = ffi.from_buffer(records) if self.nindex else ffi.NULL
+        self.end = (f.offset + f.remaining if f.limit is not None
+                    else os.fstat(self.fd).st_size)
+        self.state: Any = ffi.new("struct pyvmm_ram_walk *")
+
+    def walk(self, number: int) -> tuple[int, bool]:
+        """Parse from the stream's position; (block of the next CONTINUE record, section done)."""
+        f, w = self.f, self.state
+        f.check()
+        w.offset = f.offset
+        w.end = self.end
+        w.block = number
+        rc = lib.pyvmm_ram_walk(self.fd, len(self.handler.blocks), self.names, self.bases,
+                                self.pages, PAGE_SIZE, self.index, self.nindex,
+                                int(self.handler.skip_pages), w)
+        if w.offset > f.offset:
+            f.skip(w.offset - f.offset)
+        self.handler.pages_loaded += w.pages
+        if rc < 0:
+            raise StreamError(f"read failed: {os.strerror(-rc)}", offset=int(w.offset))
+        return int(w.block), bool(w.eos)

@@ -312,17 +312,41 @@ void pyvmm_lazy_get_stats(void *handle, struct pyvmm_lazy_stats *out);
  * are claimed in claimed[block] (page bitmaps); data pages not claimed before are read into
  * bases[block] (block_pages[block] pages) with pyvmm_read_page_runs; zero runs are only claimed
  * (a fresh machine's RAM is zero). Data must lie in [stream_start, stream_end).
+ * sieve_pages (0..PYVMM_CLAIM_MAX_SIEVE): a gap of at most this many page records between two
+ * pages to read is read too (into a scratch buffer, then ignored) instead of starting a new
+ * preadv; 0 reads nothing but the pages used.
  * 0, -errno, PYVMM_PAGEIO_* or PYVMM_CLAIM_BAD_RECORD; err->run = the record. */
 struct pyvmm_claim_result {
     pyvmm_u64 data_pages;  /* listed by the index */
     pyvmm_u64 zero_pages;  /* listed by the index */
     pyvmm_u64 pages_read;  /* not claimed by a newer increment, so read */
     pyvmm_u64 reads;       /* preadv calls (file-adjacent pages share one) */
+    pyvmm_u64 sieved_bytes; /* read only to bridge gaps (sieve_pages) */
 };
-enum { PYVMM_CLAIM_BAD_RECORD = 16 };
+enum { PYVMM_CLAIM_BAD_RECORD = 16, PYVMM_CLAIM_MAX_SIEVE = 64 };
 int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                            unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
                            pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
                            pyvmm_u64 stream_start, pyvmm_u64 stream_end,
-                           struct pyvmm_claim_result *result,
+                           pyvmm_u64 sieve_pages, struct pyvmm_claim_result *result,
                            struct pyvmm_page_read_error *err);
+
+/* ---- pyvmm.migration.ram_handler (ramwalk.c): page records of a RAM section body ----
+ * From w->offset, PAGE and ZERO records of the nblocks blocks (names[b]: a length byte, then the
+ * name; bases[b], block_pages[b]) are parsed up to and including the EOS (w->eos = 1, w->offset
+ * past it). Any other record, or one reaching past w->end, stops the walk with w->eos = 0 and
+ * w->offset at that record, for the caller to parse. w->block: block of a CONTINUE record (-1
+ * none), in and out. index: nindex raw page index records; a data run listed there is stepped
+ * over whole with skip, or (not skip) read with pyvmm_read_page_runs. Without skip, page data is
+ * copied to RAM and zero records fill their page. 0 or -errno (w->offset = the record). */
+struct pyvmm_ram_walk {
+    pyvmm_u64 offset;
+    pyvmm_u64 end;
+    int block;
+    int eos;
+    pyvmm_u64 pages;   /* page records walked (data and zero) */
+};
+int pyvmm_ram_walk(int fd, unsigned nblocks, const unsigned char *const *names,
+                   void *const *bases, const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
+                   const unsigned char *index, pyvmm_u64 nindex, int skip,
+                   struct pyvmm_ram_walk *w);

@@ -1,11 +1,17 @@
 """Properties of pyvmm.migration.savevm (with the RAM handler and the machine's entries): QEMU v3
 stream bytes spelled out field by field, round trips through SaveState.load, and hostile streams
-(altered, truncated at every byte) that only ever raise FormatError."""
+(altered, truncated at every byte) that only ever raise FormatError.
+
+A stream in memory is parsed by Python alone; from a file, the RAM handler's page records go
+through the C walker (``pyvmm_ram_walk``), which leaves every record it finds wrong to Python.
+Hostile streams are loaded both ways and must give the same error or the same machine."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -357,7 +363,8 @@ def device_state(machine: Machine, entries: MachineStateEntries) -> dict[str, An
 
 
 def load_into_new_machine(data: bytes | None = None, *, path: Path | None = None,
-                          runs: Any = None) -> tuple[LoadResult, dict[str, Any], bytes]:
+                          runs: Any = None, limit: int | None = None
+                          ) -> tuple[LoadResult, dict[str, Any], bytes]:
     with Machine(RAM_PAGES * PAGE_SIZE) as target:
         entries = machine_save_state(target)
         for name, _ in SYSTEM_REGISTERS:  # the loader fills in what capture() would have set
@@ -366,7 +373,8 @@ def load_into_new_machine(data: bytes | None = None, *, path: Path | None = None
             entries.ram.set_load_index(runs)
         if path is not None:
             with open(path, "rb") as handle:
-                result = entries.save_state.load(QEMUFile.for_reading(handle.fileno()))
+                result = entries.save_state.load(QEMUFile.for_reading(handle.fileno(),
+                                                                      limit=limit))
         else:
             assert data is not None
             result = entries.save_state.load(QEMUFile.memory(data))
@@ -509,10 +517,32 @@ def small_stream(machine: Machine) -> bytes:
     return f.getvalue()
 
 
+def load_both_ways(data: bytes) -> tuple[LoadResult, dict[str, Any], bytes] | FormatError:
+    """Load ``data`` from memory (Python parser) and from a file (C page-record walker); both
+    must give the same machine or the same FormatError (type, message, offset, section)."""
+    outcomes: list[Any] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stream.bin"
+        path.write_bytes(data)
+        for source in ({"data": data}, {"path": path}):
+            try:
+                loaded = load_into_new_machine(**source)  # type: ignore[arg-type]
+                outcomes.append((loaded[0].sections, loaded[1], loaded[2]))
+            except FormatError as err:
+                outcomes.append((type(err), str(err), err.offset, err.section))
+                if len(outcomes) == 1:
+                    first_error: FormatError | None = err
+            else:
+                if len(outcomes) == 1:
+                    first_error, first_loaded = None, loaded
+    assert outcomes[0] == outcomes[1], "memory and file loads differ"
+    return first_loaded if first_error is None else first_error
+
+
 def load_error(data: bytes) -> FormatError:
-    with pytest.raises(FormatError) as info:
-        load_into_new_machine(data)
-    return info.value
+    outcome = load_both_ways(data)
+    assert isinstance(outcome, FormatError), "the stream loaded"
+    return outcome
 
 
 def test_small_stream_loads(small_stream: bytes) -> None:
@@ -624,10 +654,25 @@ def test_negative_ram_unknown_flags(small_stream: bytes, flag: int) -> None:
     assert "unknown RAM record flags" in str(err) and err.section == "ram"
 
 
-def test_negative_truncated_at_every_byte(small_stream: bytes) -> None:
+def test_negative_truncated_at_every_byte(small_stream: bytes, tmp_path: Path) -> None:
     """Every prefix is refused with a FormatError (any other exception fails the test), except
-    the one that ends right after EOF: a QEMU stream need not carry a VMDESCRIPTION."""
+    the one that ends right after EOF: a QEMU stream need not carry a VMDESCRIPTION. From a file
+    (a stream limit, or the file's end), the same error as from memory."""
     trailer = small_stream.rindex(b"\x00\x06")
+    path = tmp_path / "stream.bin"
+    path.write_bytes(small_stream)
+    for n in [*range(0, len(small_stream), 97), *range(trailer - 40, trailer + 2)]:
+        with pytest.raises(FormatError) as from_memory:
+            if load_into_new_machine(small_stream[:n]) and n == trailer + 1:
+                raise FormatError("accepted")
+        with pytest.raises(FormatError) as from_file:
+            if load_into_new_machine(path=path, limit=n) and n == trailer + 1:
+                raise FormatError("accepted")
+        assert str(from_file.value) == str(from_memory.value), n
+    with open(path, "r+b") as handle:  # the file itself ends inside the RAM section
+        os.ftruncate(handle.fileno(), len(small_stream) // 2)
+    assert str(load_error(small_stream[:len(small_stream) // 2])) == str(
+        pytest.raises(FormatError, load_into_new_machine, path=path).value)
     accepted = []
     with Machine(RAM_PAGES * PAGE_SIZE) as target:
         entries = machine_save_state(target)
@@ -658,9 +703,7 @@ def test_negative_altered_bytes_raise_format_error_only(small_stream: bytes,
         stream[at] = data.draw(st.integers(0, 255))
     note(f"changed: {[(i, b) for i, (a, b) in enumerate(zip(small_stream, stream)) if a != b]}")
     try:
-        load_into_new_machine(bytes(stream))
-    except FormatError:
-        pass
+        load_both_ways(bytes(stream))
     except Exception as err:  # noqa: BLE001 - the property is: nothing but FormatError
         raise AssertionError(f"{type(err).__name__}: {err}") from err
 
