@@ -23,6 +23,14 @@ _DESCRIPTION = """\
 pyvmm: a small ARM64 machine in Python (CPU from unicorn, RAM in host mmap regions)
 with QEMU-like checkpointing."""
 
+_EPILOG = """\
+start here:
+  python -m pyvmm run --checkpoint chpt:out.bin      run the built-in guest, checkpoint it
+  python -m pyvmm run --incoming chpt:out.bin        run on from that checkpoint
+  python -m pyvmm checkpoint info out.bin            what the file holds
+  python -m pyvmm run --help                         guests, checkpoint capabilities, reloads
+  python -m pyvmm checkpoint --help                  info, verify, squash, export"""
+
 _RUN_EPILOG = f"""\
 guests:
   With no --guest, the built-in workload runs: a bare-metal ARM64 program that
@@ -61,7 +69,9 @@ examples:
   python -m pyvmm run --files data.bin --guest ./busybox sha256sum data.bin
 
 exit status: the guest's exit code; 0 when a limit (--max-insns, --seconds)
-ends the run; 1 on an error (one line on stderr); 2 on bad arguments."""
+ends the run; 1 on an error, a bad option value included (one line on stderr
+naming it); 2 when the command line cannot be parsed (unknown option, missing
+or non-numeric value)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +82,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pyvmm", description=_DESCRIPTION,
+    parser = _Parser(prog="pyvmm", description=_DESCRIPTION, epilog=_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -167,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_checkpoint_commands(sub: Any) -> None:
-    chpt = sub.add_parser("checkpoint", help="inspect and verify checkpoint files",
-                          description="Inspect, verify and export checkpoint files.")
+    chpt = sub.add_parser("checkpoint", help="inspect, verify, squash and export checkpoint files",
+                          description="Inspect, verify, squash and export checkpoint files.")
     verbs = chpt.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
     info = verbs.add_parser("info", help="increments, sizes, page counts, devices",
