@@ -10,7 +10,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "native.h"
+#include "internal.h"
 
 #define RECORD_SIZE 24   /* be16 block, u8 flags, u8 reserved, be32 npages, be64 first, be64 data */
 #define RUN_ZERO 0x01
@@ -41,34 +41,9 @@ struct batch {
 static int batch_flush(int fd, struct batch *b, struct pyvmm_page_read_error *err) {
     if (b->niov == 0)
         return 0;
-    struct iovec *iov = b->iov;
-    unsigned n = b->niov;
-    pyvmm_u64 at = b->start;
-    while (n > 0) {
-        ssize_t got = preadv(fd, iov, (int)n, (off_t)at);
-        if (got < 0) {
-            if (errno == EINTR)
-                continue;
-            err->offset = at;
-            return -errno;
-        }
-        if (got == 0) {
-            err->offset = at;
-            return PYVMM_PAGEIO_TRUNCATED;
-        }
-        b->preads++;
-        at += (pyvmm_u64)got;
-        size_t left = (size_t)got;
-        while (n > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n > 0 && left) {
-            iov->iov_base = (char *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
-    }
+    int rc = pyvmm_preadv_all(fd, b->iov, (int)b->niov, b->start, err, &b->preads);
+    if (rc)
+        return rc;
     for (unsigned h = 0; h < b->nheaders; h++) {
         uint64_t found;
         memcpy(&found, b->headers[h], 8);

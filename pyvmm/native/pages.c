@@ -20,7 +20,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "native.h"
+#include "internal.h"
 
 typedef pyvmm_u64 u64;
 
@@ -249,10 +249,8 @@ static int check_runs(int fd, u64 npages, const struct pyvmm_page_run *runs, u64
     return 0;
 }
 
-/* Reads iov[0..cnt) from `offset` to the end, retrying after EINTR and short reads. End of file
- * first: PYVMM_PAGEIO_TRUNCATED with err->offset where the file ended. */
-static int preadv_all(int fd, struct iovec *iov, int cnt, u64 offset,
-                      struct pyvmm_page_read_error *err) {
+int pyvmm_preadv_all(int fd, struct iovec *iov, int cnt, u64 offset,
+                     struct pyvmm_page_read_error *err, u64 *calls) {
     while (cnt > 0) {
         ssize_t n = preadv(fd, iov, cnt, (off_t)offset);
         if (n < 0) {
@@ -261,6 +259,8 @@ static int preadv_all(int fd, struct iovec *iov, int cnt, u64 offset,
             err->offset = offset;
             return -errno;
         }
+        if (calls)
+            (*calls)++;
         if (n == 0) {
             err->offset = offset;
             return PYVMM_PAGEIO_TRUNCATED;
@@ -301,7 +301,7 @@ static int read_data_run(int fd, unsigned char *mem, const struct pyvmm_page_run
                 cnt++;
             }
         }
-        int rc = preadv_all(fd, iov, cnt, offset, err);
+        int rc = pyvmm_preadv_all(fd, iov, cnt, offset, err, NULL);
         if (rc)
             return rc;
         for (int h = 0; h < nh; h++) {
