@@ -22,6 +22,7 @@ from pyvmm.machine import Machine, RunState
 from pyvmm.migration.checkpoint import Checkpointer, parse_target, reload
 from pyvmm.migration.machine_state import machine_save_state
 from pyvmm.migration.stream import QEMUFile
+from pyvmm.testing.digest import ram_digest
 
 WORKLOAD = ("--ram", "32M", "--seed", "5", "--workload",
             "pattern=random,working_set=4M,passes=40,report=8")
@@ -34,15 +35,9 @@ def pyvmm(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProces
 
 def machine_digest(machine: Machine) -> dict[str, object]:
     """Everything that must be equal between two runs that should be the same."""
-    ram = hashlib.sha256()
-    for block in machine.ram_blocks:
-        ram.update(block.name.encode())
-        for first, count in block.nonzero_pages().runs():
-            ram.update(first.to_bytes(8, "little"))
-            ram.update(block.mem[first * 4096:(first + count) * 4096])
     process = machine.extra_state.get("linux")
     return {
-        "ram": ram.hexdigest(),
+        "ram": ram_digest(machine),
         "cpu": machine.cpu_state(),
         "uart": machine.uart.state,
         "counter": machine.counter.state,

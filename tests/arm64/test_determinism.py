@@ -3,7 +3,6 @@ runs of N1 + N2 instructions, in CPU state, RAM and output."""
 
 from __future__ import annotations
 
-import hashlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,17 +10,9 @@ from hypothesis import strategies as st
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine, StopReason
+from pyvmm.testing.digest import ram_digest
 
 RAM = 32 << 20
-
-
-def ram_digest(machine: Machine) -> str:
-    digest = hashlib.sha256()
-    for block in machine.ram_blocks:
-        for first, count in block.nonzero_pages().runs():
-            digest.update(first.to_bytes(8, "little"))
-            digest.update(block.mem[first * 4096:(first + count) * 4096])
-    return digest.hexdigest()
 
 
 def workload(text: str, seed: int) -> Machine:

@@ -8,7 +8,6 @@ including zero pages over data, so increments override each other in every way."
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from pyvmm.migration.container import CheckpointFile
 from pyvmm.migration.reload import STRATEGIES, reload_file
 from pyvmm.migration.squash import default_output, squash
 from pyvmm.ram import PAGE_SIZE
+from pyvmm.testing.digest import ram_digest
 
 RAM = 8 << 20
 DEVICES = {"cpu/0", "pl011/0", "virt-counter/0", "guest-inform/0", "pyvmm-machine/0",
@@ -34,13 +34,7 @@ DEVICES = {"cpu/0", "pl011/0", "virt-counter/0", "guest-inform/0", "pyvmm-machin
 
 def state_of(machine: Machine) -> dict[str, Any]:
     """RAM bytes, registers and device registers: what a reload must reproduce."""
-    ram = hashlib.sha256()
-    for block in machine.ram_blocks:
-        ram.update(block.name.encode())
-        for first, count in block.nonzero_pages().runs():
-            ram.update(first.to_bytes(8, "little"))
-            ram.update(block.mem[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
-    return {"ram": ram.hexdigest(), "cpu": machine.cpu_state(), "insns": machine.insns,
+    return {"ram": ram_digest(machine), "cpu": machine.cpu_state(), "insns": machine.insns,
             "uart": copy.deepcopy(machine.uart.state),
             "counter": copy.deepcopy(machine.counter.state)}
 
