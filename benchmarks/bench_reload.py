@@ -11,6 +11,10 @@ Then:
            each machine is closed before the next reload. Nothing is dropped from the page cache:
            both files are read warm, so the ratio compares CPU-side cost (page index decode,
            claiming, preadv, stream parsing), not the disk.
+With ``--guest PATTERN`` the increments are written by the built-in workload guest instead of
+the host: RAM above the guest's first MiB is filled as above, then the workload runs with that
+pattern over the filled pages (``hotcold``: 90 % of its 64-byte touches in a hot 10 %; ``random``;
+``sequential``) for ``--insns`` instructions before each incremental checkpoint.
 The chain's and the squashed file's reloads must give the source machine's RAM (SHA-256).
 With ``--checksum`` the same schedule is also checkpointed with the ``checksum`` capability and
 the chain's indexed reload is timed with checksums on vs off (throughput ratio = off / on).
@@ -18,6 +22,7 @@ Targets (issue 5): indexed chain/squashed <= 1.3x; checksums on >= 0.8x the thro
 
     python benchmarks/bench_reload.py [--ram 1G] [--quick] [--dir DIR] [--repeat 3] [--checksum]
                                       [--fill 0.75] [--dirty 0.03] [--hot 2048] [--cluster 1]
+                                      [--guest hotcold|random|sequential] [--insns 2M]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pyvmm.migration.checkpoint import Checkpointer
 from pyvmm.migration.reload import STRATEGIES, ReloadReport, reload_file
 from pyvmm.migration.squash import squash
 from pyvmm.ram import PAGE_SIZE
-from pyvmm.units import parse_size
+from pyvmm.units import parse_count, parse_size
 
 INCREMENTS = 16
 TARGET_INDEXED = 1.3
@@ -60,6 +65,46 @@ def filled_machine(ram: int, fill: float) -> tuple[Machine, int]:
         start = (page * 97) % ((1 << 16) - 256)
         mem[offset:offset + 256] = noise[start:start + 256]
     return machine, filled
+
+
+#: The workload guest's image and stack live in RAM's first MiB; its working set starts there.
+GUEST_FIRST_PAGE = (1 << 20) // PAGE_SIZE
+
+
+def guest_machine(ram: int, fill: float, pattern: str) -> tuple[Machine, int]:
+    """A workload machine whose working set is the filled share of RAM above its first MiB,
+    filled from the host like :func:`filled_machine` (a full checkpoint of real size), paused
+    before its first touch; returns it and the filled page count."""
+    pages = max(1, int(ram // PAGE_SIZE * fill) - GUEST_FIRST_PAGE)
+    options = WorkloadOptions.parse(f"pattern={pattern},working_set={pages * PAGE_SIZE},"
+                                    f"passes=0,report=0")
+    machine = boot(GuestSpec(workload=options), ram_size=ram, uart_sink=lambda _b: None)
+    mem = machine.ram.mem
+    noise = random.Random(1).randbytes(1 << 16)
+    for page in range(GUEST_FIRST_PAGE, GUEST_FIRST_PAGE + pages):
+        offset = page * PAGE_SIZE
+        start = (page * 97) % ((1 << 16) - 256)
+        mem[offset:offset + 256] = noise[start:start + 256]
+    return machine, pages
+
+
+def build_guest_chain(machine: Machine, path: Path, insns: int,
+                      capabilities: Sequence[str]) -> tuple[float, int]:
+    """Full + 15 incremental checkpoints, the guest running ``insns`` instructions before each
+    incremental one; returns the time spent checkpointing and the pages saved in all."""
+    checkpointer = Checkpointer(machine, path, durable=False,
+                                capabilities=["incremental", *capabilities])
+    spent, pages = 0.0, 0
+    try:
+        for k in range(INCREMENTS):
+            if k:
+                machine.run(max_insns=insns)
+            started = time.perf_counter()
+            pages += checkpointer.checkpoint().pages
+            spent += time.perf_counter() - started
+    finally:
+        checkpointer.close()
+    return spent, pages
 
 
 def schedule(filled: int, dirty: float, hot: int, seed: int, cluster: int = 1) -> list[list[int]]:
@@ -136,6 +181,11 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where files go (default: a temp dir in .)")
     parser.add_argument("--checksum", action="store_true",
                         help="also compare reload with the checksum capability on vs off")
+    parser.add_argument("--guest", choices=("hotcold", "random", "sequential"), default=None,
+                        help="increments written by the workload guest with this pattern "
+                             "instead of host writes")
+    parser.add_argument("--insns", default="2M",
+                        help="with --guest: instructions run before each incremental checkpoint")
     args = parser.parse_args()
     ram = parse_size(args.ram or ("256M" if args.quick else "1G"), "--ram")
     if not 0 < args.fill <= 1 or not 0 < args.dirty <= 1:
@@ -147,13 +197,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir or ".") as tmp:
         chain, squashed, summed = (Path(tmp) / n for n in ("chain.bin", "squashed.bin",
                                                             "checksum.bin"))
-        machine, filled = filled_machine(ram, args.fill)
-        writes = schedule(filled, args.dirty, args.hot, seed=2, cluster=args.cluster)
-        with machine:
-            save_seconds, chain_pages = build_chain(machine, chain, writes, ())
-            expected = ram_digest(machine)
-            if args.checksum:  # the same schedule again, on the same RAM, with checksums
-                build_chain(machine, summed, writes, ("checksum",))
+        if args.guest:
+            insns = parse_count(args.insns, "--insns")
+            machine, filled = guest_machine(ram, args.fill, args.guest)
+            with machine:
+                save_seconds, chain_pages = build_guest_chain(machine, chain, insns, ())
+                expected = ram_digest(machine)
+                if args.checksum:  # a continuation of the same guest (same kind of chain)
+                    build_guest_chain(machine, summed, insns, ("checksum",))
+        else:
+            machine, filled = filled_machine(ram, args.fill)
+            writes = schedule(filled, args.dirty, args.hot, seed=2, cluster=args.cluster)
+            with machine:
+                save_seconds, chain_pages = build_chain(machine, chain, writes, ())
+                expected = ram_digest(machine)
+                if args.checksum:  # the same schedule again, on the same RAM, with checksums
+                    build_chain(machine, summed, writes, ("checksum",))
         result = squash(chain, output=squashed, durable=False)
         sizes = (chain.stat().st_size, squashed.stat().st_size)
 
@@ -176,9 +235,12 @@ def main() -> None:
                     times.setdefault(key, []).append(seconds)
 
     mib = 1 << 20
+    writer = (f"the workload guest, pattern={args.guest}, {args.insns} instructions each"
+              if args.guest else
+              f"{args.dirty:.0%} random in runs of {args.cluster} + {args.hot} hot pages each")
     print(f"guest RAM {ram / mib:.0f} MiB, {filled} pages ({filled * PAGE_SIZE / mib:.0f} MiB) "
-          f"filled; {INCREMENTS} increments ({args.dirty:.0%} random in runs of {args.cluster} + "
-          f"{args.hot} hot pages each), durable=False, page cache warm (CPU-side cost)")
+          f"filled; {INCREMENTS} increments ({writer}), durable=False, page cache warm "
+          f"(CPU-side cost)")
     print(f"chain: {chain_pages} pages saved in {save_seconds:.2f} s, {sizes[0] / mib:.0f} MiB; "
           f"squashed: {sizes[1] / mib:.0f} MiB")
     print(f"squash: {result.seconds:.3f} s ({result.stats.pages} pages written)")
