@@ -322,3 +322,18 @@ def test_vcpu_can_be_pinned_to_a_host_cpu() -> None:
         machine.pause()
         with pytest.raises(ConfigError):
             machine.pin_vcpu(10_000)
+
+
+def test_a_closed_machine_says_so_and_frees_its_engine_first() -> None:
+    """close() frees the unicorn engine (with its mappings of guest RAM) before the RAM itself;
+    using the machine afterwards is a RunStateError, never a touch of freed memory."""
+    machine = machine_with(COUNT_FOREVER)
+    machine.run(max_insns=1000)
+    ram = machine.ram
+    machine.close()
+    assert ram.closed
+    with pytest.raises(RunStateError, match="machine is closed"):
+        machine.cpu_state()
+    with pytest.raises(RunStateError, match="machine is closed"):
+        machine.uc.reg_read(0)
+    machine.close()  # twice is fine
