@@ -37,10 +37,9 @@ from ..errors import ConfigError, FormatError, PyvmmError, StreamError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
 from .checksum import check_before_load, check_reloaded_ram, reload_blocks
-from .container import CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
+from .container import CheckpointFile, IncrementInfo, RamBlockInfo
 from .container_format import page_index_records
 from .machine_state import MachineStateEntries, apply, linux_state_from, machine_save_state
-from .ram_handler import IndexedRun
 from .savevm import SaveStateEntry
 from .stream import QEMUFile
 

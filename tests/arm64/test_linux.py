@@ -22,7 +22,6 @@ from pyvmm.linux import (
     attach_process,
     load_program,
     state_from_dict,
-    state_to_dict,
 )
 from pyvmm.linux import mm
 from pyvmm.linux.abi import AT_NULL, AT_PHNUM, AT_RANDOM, Errno, LinuxErrno

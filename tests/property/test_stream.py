@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.errors import FormatError, StreamError
