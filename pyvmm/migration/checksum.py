@@ -30,8 +30,8 @@ from pyvmm.errors import ChecksumError, FormatError, StreamError
 from pyvmm.ram import PAGE_SIZE, RamBlock
 
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
-from .checksum_format import DeviceSectionCrc
-from .container_format import RamBlockInfo
+from .checksum_format import DeviceSectionCrc, check_checksum_counts, decode_checksums
+from .container_format import RamBlockInfo, decode_page_index, page_index_records
 
 __all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "device_sections", "RamBlockInfo", "RamCrcTable",
            "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
@@ -81,16 +81,32 @@ def zero_page_crc(page_size: int = PAGE_SIZE) -> int:
 
 def ram_page_crcs(block: RamBlock) -> array.array[int]:
     """The CRC-32C of every page of ``block`` as it is now; pages never populated are not read
-    (they are zero). One C call, GIL released."""
+    (they are zero). C calls with the GIL released: a large block is cut in two halves, the
+    second done by a helper thread (two cores halve it)."""
     out = _u32_array(block.page_count)
     if not block.page_count:
         return out
     populated = block.populated_pages()
     mem = ffi.from_buffer(block.mem)
-    lib.pyvmm_crc32c_pages(mem, PAGE_SIZE, block.page_count,
-                           ffi.cast("pyvmm_u64 *", populated.address),
-                           ffi.from_buffer("unsigned int[]", out, require_writable=True))
-    del mem
+    bits = ffi.cast("pyvmm_u64 *", populated.address)
+    dst = ffi.from_buffer("unsigned int[]", out, require_writable=True)
+
+    def work(first: int, count: int) -> None:  # first: a multiple of 64 (a bitmap word)
+        lib.pyvmm_crc32c_pages(mem + first * PAGE_SIZE, PAGE_SIZE, count, bits + first // 64,
+                               dst + first)
+
+    half = block.page_count // 2 // 64 * 64
+    if block.page_count < PARALLEL_PAGES or not half:
+        work(0, block.page_count)
+    else:
+        helper = threading.Thread(target=work, args=(half, block.page_count - half),
+                                  name="pyvmm-crc")
+        helper.start()
+        try:
+            work(0, half)
+        finally:
+            helper.join()
+    del mem, dst
     return out
 
 
@@ -157,8 +173,9 @@ class RamCrcTable:
         self.page_size = page_size
         self.zero_crc = zero_page_crc(page_size)
         self.blocks = [_u32_array(b.size // page_size, self.zero_crc) for b in self.layout]
-        #: (increment, its runs) applied since the last full increment: who wrote which page
-        self.sources: list[tuple[int, Sequence[PageRun]]] = []
+        #: (increment, its runs or its raw page index blob, decoded when asked) applied since
+        #: the last full increment: who wrote which page
+        self.sources: list[tuple[int, Sequence[PageRun] | bytes]] = []
 
     def copy(self) -> RamCrcTable:
         other = RamCrcTable.__new__(RamCrcTable)
@@ -217,6 +234,8 @@ class RamCrcTable:
     def source(self, block: int, page: int) -> int | None:
         """The increment whose data (or zero run) set ``page`` of ``block``; None: never saved."""
         for increment, runs in reversed(self.sources):
+            if isinstance(runs, bytes):  # checked before it was applied
+                runs = decode_page_index(runs, increment=increment)
             for run in runs:
                 if run.block == block and run.first_page <= page < run.first_page + run.npages:
                     return increment
@@ -510,9 +529,136 @@ def check_before_load(container: CheckpointFile,
     """Before a reload of ``increments``: ``None`` when the last has no checksum block (no
     checks); else check every one's page index, checksum block and stream gaps (``pages``: and
     page data) and return the RAM table the reloaded machine must match. ChecksumError or
-    FormatError naming the increment otherwise."""
+    FormatError naming the increment otherwise.
+
+    The checks run in C, one call per increment (:func:`_checked_in_c`); when that does not
+    accept the file, the same checks run again in Python, which names what is wrong."""
     if not increments or not increments[-1].checksum_length:
         return None
+    if not pages:
+        table = _checked_in_c(container, increments)
+        if table is not None:
+            return table
+    table = _checked_in_python(container, increments, pages=pages)
+    if not pages:  # C found something the Python checks do not: still never load the file
+        raise FormatError("the checksum checks in C rejected the file, those in Python did not")
+    return table
+
+
+def _checked_in_c(container: CheckpointFile,
+                  increments: Sequence[IncrementInfo]) -> RamCrcTable | None:
+    """:func:`check_before_load` without page data, in C: the RAM table, or ``None`` for
+    anything not accepted (then the Python checks name it). Each increment's page index is
+    checked and applied to the table in order (``pyvmm_crcindex_apply``, no I/O), then the
+    stream gaps of all of them are read and compared on two threads (``pyvmm_crcindex_gaps``,
+    the GIL released)."""
+    header = container.header
+    try:
+        table = RamCrcTable(header.ram_blocks, header.page_size)
+    except FormatError:
+        return None
+    start = max((i for i, info in enumerate(increments) if info.kind == "full"), default=0)
+    nblocks = len(table.blocks)
+    counts = [len(t) for t in table.blocks]
+    seen = [_u64_array((n + 63) // 64) for n in counts]
+    c_tables = ffi.new("unsigned int *[]", max(nblocks, 1))
+    c_seen = ffi.new("pyvmm_u64 *[]", max(nblocks, 1))
+    keep = []  # cffi buffers alive for the calls
+    for b in range(nblocks):
+        keep.append(ffi.from_buffer("unsigned int[]", table.blocks[b], require_writable=True))
+        keep.append(ffi.from_buffer("pyvmm_u64[]", seen[b], require_writable=True))
+        c_tables[b], c_seen[b] = keep[-2], keep[-1]
+    c_pages = ffi.new("pyvmm_u64[]", counts or [0])
+    result = ffi.new("struct pyvmm_crcindex_result *")
+    err = ffi.new("struct pyvmm_crcindex_error *")
+    gap_jobs: list[tuple[IncrementInfo, memoryview, array.array[int]]] = []
+    for number, info in enumerate(increments):
+        if not info.checksum_length:
+            if number >= start:
+                return None
+            try:
+                container.page_index(info.index)  # RAM comes from the full increment on
+            except FormatError:
+                return None
+            continue
+        try:
+            blob = container.page_index_blob(info.index)
+            records = page_index_records(blob, info.index)
+            data = os.pread(container.fd, info.checksum_length, info.checksum_offset)
+            if records is None or len(data) != info.checksum_length:
+                return None
+            block = decode_checksums(data, increment=info.index, offset=info.checksum_offset)
+        except FormatError:
+            return None
+        if info.kind == "full":
+            for t in table.blocks:
+                t[:] = _u32_array(len(t), table.zero_crc)
+            table.sources = []
+        raw = ffi.from_buffer(records)
+        page_crcs = ffi.from_buffer("unsigned int[]", block.page_crcs)
+        rc = lib.pyvmm_crcindex_apply(
+            raw, len(records) // _RECORD, nblocks, c_tables, c_pages, c_seen, header.page_size,
+            info.stream_offset, info.stream_offset + info.stream_length, page_crcs,
+            len(block.page_crcs), table.zero_crc, result, err)
+        del raw, page_crcs
+        if rc or result.data_pages != info.pages or result.zero_pages != info.zero_pages:
+            return None
+        try:
+            check_checksum_counts(info, int(result.data_runs), block)
+        except FormatError:
+            return None
+        gap_jobs.append((info, records, block.gap_crcs))
+        if number < start:
+            continue
+        table.sources.append((info.index, blob))
+        if lib.pyvmm_crcindex_digest(nblocks, c_tables, c_pages) != block.ram_digest:
+            return None
+    del keep
+    return table if _gaps_match(container.fd, header.page_size, gap_jobs) else None
+
+
+def _gaps_match(fd: int, page_size: int,
+                jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> bool:
+    """Whether every increment's stream gaps have the CRCs of its checksum block: increments
+    taken in turn by two threads (C calls, GIL released)."""
+    todo = iter(range(len(jobs)))
+    failed: list[int] = []
+
+    def work() -> None:
+        err = ffi.new("struct pyvmm_crcindex_error *")
+        for number in todo:  # next() on a range iterator is atomic under the GIL
+            info, records, gap_crcs = jobs[number]
+            raw = ffi.from_buffer(records)
+            crcs = ffi.from_buffer("unsigned int[]", gap_crcs)
+            if lib.pyvmm_crcindex_gaps(fd, raw, len(records) // _RECORD, page_size,
+                                       info.stream_offset,
+                                       info.stream_offset + info.stream_length, crcs,
+                                       len(gap_crcs), err):
+                failed.append(number)
+                return
+
+    helper = threading.Thread(target=work, name="pyvmm-crc") if len(jobs) > 1 else None
+    if helper is not None:
+        helper.start()
+    try:
+        work()
+    finally:
+        if helper is not None:
+            helper.join()
+    return not failed
+
+
+_RECORD = 24  # bytes of one raw page index record
+
+
+def _u64_array(count: int) -> array.array[int]:
+    return array.array("Q", bytes(8 * max(count, 1)))
+
+
+def _checked_in_python(container: CheckpointFile, increments: Sequence[IncrementInfo], *,
+                       pages: bool) -> RamCrcTable:
+    """:func:`check_before_load` for a file whose last increment has checksums, decoding each
+    page index in Python."""
     header = container.header
     table = RamCrcTable(header.ram_blocks, header.page_size)
     start = max((i for i, info in enumerate(increments) if info.kind == "full"), default=0)

@@ -326,3 +326,47 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
                            pyvmm_u64 stream_start, pyvmm_u64 stream_end,
                            struct pyvmm_claim_result *result,
                            struct pyvmm_page_read_error *err);
+
+/* ---- pyvmm.migration.checksum (crcindex.c): an increment checked before a reload ----
+ * records: the increment's nrecords raw 24-byte page index records (as for
+ * pyvmm_claim_read_index). _apply checks each record (reserved byte, flags, inside its RAM block,
+ * a zero run without data offset, data inside [stream_start, stream_end), no page listed twice:
+ * seen[block] are scratch bitmaps of block_pages[block] bits, cleared first) and applies it to the
+ * per-page CRC tables (tables[block], host order): data pages take page_crcs in page-index
+ * order (exactly npage_crcs of them), zero pages zero_crc. No I/O. 0 when everything holds; else
+ * -EINVAL or PYVMM_CRCINDEX_* with err->run the record; the tables are then partly updated. */
+struct pyvmm_crcindex_result {
+    pyvmm_u64 data_pages;
+    pyvmm_u64 zero_pages;
+    pyvmm_u64 data_runs;
+};
+struct pyvmm_crcindex_error {
+    pyvmm_u64 run;
+    pyvmm_u64 offset;
+};
+enum {
+    PYVMM_CRCINDEX_BAD_RECORD = 1,   /* a record the container's decoder rejects */
+    PYVMM_CRCINDEX_COUNTS = 2,       /* page or gap CRCs not as many as the index needs */
+    PYVMM_CRCINDEX_OVERLAP = 3,      /* data extents overlap */
+    PYVMM_CRCINDEX_TRUNCATED = 4,    /* the file ends inside the stream */
+    PYVMM_CRCINDEX_GAP_MISMATCH = 5  /* a gap's CRC is not the block's */
+};
+int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                         unsigned int *const *tables, const pyvmm_u64 *block_pages,
+                         pyvmm_u64 *const *seen, pyvmm_u64 page_size, pyvmm_u64 stream_start,
+                         pyvmm_u64 stream_end, const unsigned int *page_crcs,
+                         pyvmm_u64 npage_crcs, unsigned int zero_crc,
+                         struct pyvmm_crcindex_result *result,
+                         struct pyvmm_crcindex_error *err);
+/* The data runs' extents of records (accepted by _apply), sorted by file offset and not
+ * overlapping, cut the stream into data runs + 1 gaps, which are read (never the page data, but
+ * for short extents read through in one pread) and compared with gap_crcs (ngap_crcs, file
+ * order). 0, -errno or PYVMM_CRCINDEX_*, with err->run the gap (or record) and err->offset. */
+int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                        pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
+                        struct pyvmm_crcindex_error *err);
+/* CRC-32C of the tables (block_pages[b] u32 each, as little-endian bytes, blocks in order):
+ * the RAM digest of a checksum block. */
+unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,
+                                   const pyvmm_u64 *block_pages);
