@@ -370,3 +370,11 @@ int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords
  * the RAM digest of a checksum block. */
 unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,
                                    const pyvmm_u64 *block_pages);
+
+/* ---- pyvmm.migration.lazy (lazy.c): page data checked against the checksum capability ----
+ * crcs: one CRC-32C per page of block `block` (added before): each page read from the file is
+ * compared with it before it is installed; a mismatch is recorded as PYVMM_LAZY_BAD_CRC with
+ * the page, its data's file offset and (error_found) the CRC found. Before any start; crcs must
+ * outlive the loader. 0, -EBUSY or -EINVAL. */
+enum { PYVMM_LAZY_BAD_CRC = 5 };
+int pyvmm_lazy_set_block_crcs(void *handle, unsigned int block, const unsigned int *crcs);
