@@ -10,7 +10,9 @@ whatever wrote it (stop-and-copy, live, cow): it reads the stream back (page cac
 and keeps the :class:`RamCrcTable` of the whole RAM up to date. The reader side checks a reload
 (:func:`check_before_load`, :func:`check_reloaded_ram`) and a whole file
 (:mod:`pyvmm.migration.verify`). Every CRC is computed in C with the GIL released
-(``pyvmm/native/crc.c``: the SSE4.2 instruction, three pages at a time, or slicing-by-8).
+(``pyvmm/native/crc.c``: the SSE4.2 instruction, three pages at a time, or slicing-by-8); before
+a reload each increment's raw page index is checked and applied to the table in C too
+(``pyvmm/native/crcindex.c``), Python naming the problem only when C does not accept the file.
 """
 
 from __future__ import annotations
