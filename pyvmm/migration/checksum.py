@@ -483,6 +483,14 @@ def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int
     block name each device section.  ``from_ram``: the machine's RAM blocks, unchanged since the
     pause (stop-and-copy): page CRCs come from RAM, and only the stream bytes around the page
     data are read back."""
+    if from_ram is not None:
+        done = _increment_checksums_in_c(container, kind, stream_offset, stream_length, runs,
+                                         table, from_ram)
+        if done is not None:
+            page_crcs, gap_crcs, last_gap, after = done
+            sections = device_sections(container.fd, last_gap, device_bytes, devices)
+            return ChecksumBlock(ALGORITHM, after.digest(), page_crcs, gap_crcs,
+                                 sections), after
     info = IncrementInfo(index=len(container.header.increments), kind=kind, parent=-1,
                          created_ns=0, stream_offset=stream_offset, stream_length=stream_length,
                          pages=0, zero_pages=0, stream_crc=0, index_offset=0, index_length=0,
@@ -497,6 +505,111 @@ def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int
     sections = device_sections(container.fd, crcs.gaps[-1], device_bytes, devices)
     return ChecksumBlock(ALGORITHM, after.digest(), crcs.page_crcs, crcs.gap_crcs,
                          sections), after
+
+
+_RUN_RECORD = struct.Struct(">HBBIQQ")  # a raw page index record (container_format's layout)
+
+
+def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offset: int,
+                              stream_length: int, runs: Sequence[PageRun], table: RamCrcTable,
+                              from_ram: Sequence[RamBlock]
+                              ) -> tuple[array.array[int], array.array[int], tuple[int, int],
+                                         RamCrcTable] | None:
+    """:func:`increment_checksums` of a stop-and-copy save without a Python step per run: the
+    runs packed as raw page index records, page CRCs from RAM (``pyvmm_crcindex_ram_crcs``)
+    while a helper thread reads the gaps (``pyvmm_crcindex_gap_crcs``), then the table applied
+    in C. (page CRCs, gap CRCs, the last gap, the table after) or ``None`` if C declines (the
+    Python path then does it)."""
+    page_size = container.header.page_size
+    if len(from_ram) != len(table.blocks) or any(
+            block.page_count != len(t) for block, t in zip(from_ram, table.blocks)):
+        return None
+    try:
+        records = b"".join([_RUN_RECORD.pack(r.block, 1 if r.zero else 0, 0, r.npages,
+                                             r.first_page, r.data_offset) for r in runs])
+    except struct.error:
+        return None
+    data_pages = sum(r.npages for r in runs if not r.zero)
+    data_runs = sum(1 for r in runs if not r.zero)
+    nblocks = len(from_ram)
+    page_crcs = _u32_array(data_pages)
+    gap_crcs = _u32_array(data_runs + 1)
+    mems = [ffi.from_buffer(block.mem) for block in from_ram]
+    bases = ffi.new("void *[]", mems or [ffi.NULL])
+    c_pages = ffi.new("pyvmm_u64[]", [len(t) for t in table.blocks] or [0])
+    raw = ffi.from_buffer(records)
+    out = ffi.from_buffer("unsigned int[]", page_crcs, require_writable=True)
+    last = ffi.new("pyvmm_u64 *")
+    results = [0, 0, 0]
+
+    def ram_part(slot: int, first: int, count: int, position: int, npages: int) -> None:
+        err = ffi.new("struct pyvmm_crcindex_error *")
+        results[slot] = lib.pyvmm_crcindex_ram_crcs(ram_records + first * _RECORD, count,
+                                                    nblocks, bases, c_pages, page_size,
+                                                    out + position, npages, err)
+
+    def gap_part() -> None:
+        err = ffi.new("struct pyvmm_crcindex_error *")
+        results[2] = lib.pyvmm_crcindex_gap_crcs(
+            container.fd, raw, len(runs), page_size, stream_offset, stream_offset + stream_length,
+            ffi.from_buffer("unsigned int[]", gap_crcs, require_writable=True), len(gap_crcs),
+            last, err)
+
+    # the RAM CRCs in two halves by pages: long runs cut in _RAM_CHUNK pieces (for RAM only:
+    # the gaps and the table take the runs as they are)
+    ram_records, split, before = raw, len(runs), data_pages
+    ram_keep = None
+    if data_pages >= PARALLEL_PAGES:
+        pieces: list[bytes] = []
+        before = 0
+        for r in runs:
+            if r.zero:
+                continue
+            for done in range(0, r.npages, _RAM_CHUNK):
+                count = min(_RAM_CHUNK, r.npages - done)
+                if before < data_pages // 2:
+                    split = len(pieces) + 1
+                    before += count
+                pieces.append(_RUN_RECORD.pack(r.block, 0, 0, count, r.first_page + done, 0))
+        ram_keep = b"".join(pieces)
+        ram_records = ffi.from_buffer(ram_keep)
+        nram = len(pieces)
+    else:
+        nram = len(runs)
+
+    def helper_work() -> None:
+        gap_part()
+        if split < nram:
+            ram_part(1, split, nram - split, before, data_pages - before)
+
+    helper = threading.Thread(target=helper_work, name="pyvmm-crc")
+    helper.start()
+    try:
+        ram_part(0, 0, split, 0, before)
+    finally:
+        helper.join()
+    if any(results):
+        return None
+    after = table.copy()
+    if kind == "full":
+        for t in after.blocks:
+            t[:] = _u32_array(len(t), after.zero_crc)
+        after.sources = []
+    tables = [ffi.from_buffer("unsigned int[]", t, require_writable=True) for t in after.blocks]
+    c_tables = ffi.new("unsigned int *[]", tables or [ffi.NULL])
+    seen = [_u64_array((len(t) + 63) // 64) for t in after.blocks]
+    c_seen_keep = [ffi.from_buffer("pyvmm_u64[]", b, require_writable=True) for b in seen]
+    c_seen = ffi.new("pyvmm_u64 *[]", c_seen_keep or [ffi.NULL])
+    result = ffi.new("struct pyvmm_crcindex_result *")
+    err = ffi.new("struct pyvmm_crcindex_error *")
+    rc = lib.pyvmm_crcindex_apply(raw, len(runs), nblocks, c_tables, c_pages, c_seen, page_size,
+                                  stream_offset, stream_offset + stream_length, out, data_pages,
+                                  after.zero_crc, result, err)
+    del raw, out, tables, c_tables, c_seen_keep, c_seen, mems, bases, ram_records, ram_keep
+    if rc:
+        return None
+    after.sources.append((-1, runs))
+    return page_crcs, gap_crcs, (int(last[0]), stream_offset + stream_length - int(last[0])), after
 
 
 def table_from_file(container: CheckpointFile, count: int | None = None) -> RamCrcTable:

@@ -144,10 +144,11 @@ static int gap_crc(struct gap_reader *g, u64 pos, u64 n, u64 ahead, unsigned int
     return 0;
 }
 
-/* The gaps around the sorted extents against gap_crcs (file order). */
+/* The gaps around the sorted extents against gap_crcs (file order), or with `out` their CRCs
+ * stored there instead (and *last = where the last gap starts). */
 static int check_gaps(int fd, struct extent *extents, u64 nextents, u64 stream_start,
                       u64 stream_end, const unsigned int *gap_crcs, u64 ngap_crcs,
-                      struct pyvmm_crcindex_error *err) {
+                      unsigned int *out, u64 *last, struct pyvmm_crcindex_error *err) {
     if (ngap_crcs != nextents + 1)
         return PYVMM_CRCINDEX_COUNTS;
     int sorted = 1;
@@ -180,7 +181,9 @@ static int check_gaps(int fd, struct extent *extents, u64 nextents, u64 stream_s
             err->run = i;
             break;
         }
-        if (crc != gap_crcs[i]) {
+        if (out) {
+            out[i] = crc;
+        } else if (crc != gap_crcs[i]) {
             err->run = i;
             err->offset = pos;
             rc = PYVMM_CRCINDEX_GAP_MISMATCH;
@@ -189,6 +192,8 @@ static int check_gaps(int fd, struct extent *extents, u64 nextents, u64 stream_s
         if (i < nextents)
             pos = extents[i].end;
     }
+    if (last)
+        *last = pos;
     free(g.buf);
     return rc;
 }
@@ -211,10 +216,9 @@ int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsig
                          err);
 }
 
-int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
-                        pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
-                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
-                        struct pyvmm_crcindex_error *err) {
+static int gaps(int fd, const unsigned char *records, u64 nrecords, u64 page_size,
+                u64 stream_start, u64 stream_end, const unsigned int *gap_crcs, u64 ngap_crcs,
+                unsigned int *out, u64 *last, struct pyvmm_crcindex_error *err) {
     memset(err, 0, sizeof *err);
     if (page_size == 0 || stream_end < stream_start)
         return -EINVAL;
@@ -245,9 +249,79 @@ int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords
         extents[n].end = data_offset + (u64)(npages - 1) * stride + page_size;
         n++;
     }
-    int rc = check_gaps(fd, extents, n, stream_start, stream_end, gap_crcs, ngap_crcs, err);
+    int rc = check_gaps(fd, extents, n, stream_start, stream_end, gap_crcs, ngap_crcs, out,
+                        last, err);
     free(extents);
     return rc;
+}
+
+int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                        pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
+                        struct pyvmm_crcindex_error *err) {
+    return gaps(fd, records, nrecords, page_size, stream_start, stream_end, gap_crcs, ngap_crcs,
+                NULL, NULL, err);
+}
+
+int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                            pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                            unsigned int *out, pyvmm_u64 nout, pyvmm_u64 *last_gap,
+                            struct pyvmm_crcindex_error *err) {
+    return gaps(fd, records, nrecords, page_size, stream_start, stream_end, NULL, nout, out,
+                last_gap, err);
+}
+
+#define PAGE_LIST 48 /* page pointers handed to the CRC code at once (a multiple of 3) */
+
+int pyvmm_crcindex_ram_crcs(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                            void *const *bases, const pyvmm_u64 *block_pages,
+                            pyvmm_u64 page_size, unsigned int *out, pyvmm_u64 nout,
+                            struct pyvmm_crcindex_error *err) {
+    memset(err, 0, sizeof *err);
+    const void *list[PAGE_LIST];
+    unsigned listed = 0;
+    u64 position = 0, flushed = 0;
+    for (u64 i = 0; i < nrecords; i++) {
+        const unsigned char *r = records + i * RECORD_SIZE;
+        uint16_t block;
+        uint32_t npages;
+        uint64_t first;
+        if (r[2] & RUN_ZERO)
+            continue;
+        memcpy(&block, r, 2);
+        memcpy(&npages, r + 4, 4);
+        memcpy(&first, r + 8, 8);
+        block = be16toh(block);
+        npages = be32toh(npages);
+        first = be64toh(first);
+        err->run = i;
+        if (block >= nblocks || first > block_pages[block] ||
+            npages > block_pages[block] - first || npages > nout - position)
+            return PYVMM_CRCINDEX_BAD_RECORD;
+        const unsigned char *base = (const unsigned char *)bases[block] + first * page_size;
+        if (npages >= PAGE_LIST) { /* a long run: its pages lie next to each other */
+            if (listed) {
+                pyvmm_crc32c_page_list(list, listed, page_size, out + flushed);
+                listed = 0;
+            }
+            pyvmm_crc32c_pages(base, page_size, npages, NULL, out + position);
+            position += npages;
+            flushed = position;
+            continue;
+        }
+        for (u64 k = 0; k < npages; k++) {
+            list[listed++] = base + k * page_size;
+            if (listed == PAGE_LIST) {
+                pyvmm_crc32c_page_list(list, listed, page_size, out + flushed);
+                flushed += listed;
+                listed = 0;
+            }
+        }
+        position += npages;
+    }
+    if (listed)
+        pyvmm_crc32c_page_list(list, listed, page_size, out + flushed);
+    return position == nout ? 0 : PYVMM_CRCINDEX_COUNTS;
 }
 
 unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,

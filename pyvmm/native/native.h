@@ -378,3 +378,21 @@ unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables
  * outlive the loader. 0, -EBUSY or -EINVAL. */
 enum { PYVMM_LAZY_BAD_CRC = 5 };
 int pyvmm_lazy_set_block_crcs(void *handle, unsigned int block, const unsigned int *crcs);
+
+/* ---- pyvmm.migration.checksum (crc.c, crcindex.c): the writer's side in C ----
+ * out[k] = CRC-32C of the page_size bytes at pages[k] (three pages at a time). */
+void pyvmm_crc32c_page_list(const void *const *pages, pyvmm_u64 npages, pyvmm_u64 page_size,
+                            unsigned int *out);
+/* out[k] = CRC-32C of the k-th data page of the records (page-index order) as it is in RAM
+ * (bases[block], block_pages[block] pages); nout: the data pages the records hold. 0, or
+ * PYVMM_CRCINDEX_BAD_RECORD / _COUNTS with err->run. */
+int pyvmm_crcindex_ram_crcs(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                            void *const *bases, const pyvmm_u64 *block_pages,
+                            pyvmm_u64 page_size, unsigned int *out, pyvmm_u64 nout,
+                            struct pyvmm_crcindex_error *err);
+/* pyvmm_crcindex_gaps computing: out[i] = CRC-32C of gap i (nout = data runs + 1), and
+ * *last_gap = the file offset where the last gap starts. */
+int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                            pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                            unsigned int *out, pyvmm_u64 nout, pyvmm_u64 *last_gap,
+                            struct pyvmm_crcindex_error *err);

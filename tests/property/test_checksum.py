@@ -687,3 +687,45 @@ def test_ram_page_crcs_in_two_halves_equal_one_pass(monkeypatch: pytest.MonkeyPa
                              for p in range(333)]
     finally:
         block.close()
+
+
+@pytest.mark.parametrize("parallel", [1 << 30, 2])
+def test_stop_and_copy_checksums_in_c_equal_python(tmp_path: Path, parallel: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C writer path (RAM CRCs in one or two halves, gaps, table) gives the checksum block
+    and table the Python path gives, for a full and an incremental stop-and-copy increment."""
+    monkeypatch.setattr(checksum, "PARALLEL_PAGES", parallel)
+    calls = {"c": 0, "python": 0}
+    in_c = checksum._increment_checksums_in_c
+
+    def both(*args: object, **kwargs: object) -> object:
+        done = in_c(*args, **kwargs)  # type: ignore[arg-type]
+        assert done is not None
+        calls["c"] += 1
+        monkeypatch.setattr(checksum, "_increment_checksums_in_c", lambda *a, **k: None)
+        try:
+            container, kind, offset, length, runs, table, ram = args
+            block, after = checksum.increment_checksums(
+                container, kind, offset, length, runs, table,  # type: ignore[arg-type]
+                from_ram=ram)  # type: ignore[arg-type]
+        finally:
+            monkeypatch.setattr(checksum, "_increment_checksums_in_c", both)
+        calls["python"] += 1
+        page_crcs, gap_crcs, last_gap, table_after = done  # type: ignore[misc]
+        assert (page_crcs, gap_crcs) == (block.page_crcs, block.gap_crcs)
+        assert [t.tobytes() for t in table_after.blocks] == [t.tobytes() for t in after.blocks]
+        assert table_after.digest() == block.ram_digest
+        assert last_gap[0] + last_gap[1] == offset + length  # type: ignore[operator]
+        return done
+
+    monkeypatch.setattr(checksum, "_increment_checksums_in_c", both)
+    options = WorkloadOptions.parse("pattern=hotcold,working_set=2M,passes=0,touch=64")
+    path = tmp_path / "sc.chpt"
+    with boot(GuestSpec(workload=options), ram_size=16 << 20, seed=4) as machine:
+        checkpointer = Checkpointer(machine, path, capabilities=["incremental", "checksum"])
+        for _ in range(3):
+            machine.run(max_insns=200_000)
+            checkpointer.checkpoint()
+        checkpointer.close()
+    assert calls == {"c": 3, "python": 3}
+    assert verify_file(path).ok
