@@ -178,6 +178,8 @@ class RamCrcTable:
         #: (increment, its runs or its raw page index blob, decoded when asked) applied since
         #: the last full increment: who wrote which page
         self.sources: list[tuple[int, Sequence[PageRun] | bytes]] = []
+        #: checks of the file still running, which the reloaded RAM waits for
+        self.pending: _DeferredGaps | None = None
 
     def copy(self) -> RamCrcTable:
         other = RamCrcTable.__new__(RamCrcTable)
@@ -186,6 +188,7 @@ class RamCrcTable:
         other.zero_crc = self.zero_crc
         other.blocks = [array.array("I", b) for b in self.blocks]
         other.sources = list(self.sources)
+        other.pending = None
         return other
 
     def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int],
@@ -640,18 +643,24 @@ def table_from_file(container: CheckpointFile, count: int | None = None) -> RamC
 
 def check_before_load(container: CheckpointFile,
                       increments: Sequence[IncrementInfo], *,
-                      pages: bool = False) -> RamCrcTable | None:
+                      pages: bool = False, defer_older_gaps: bool = False) -> RamCrcTable | None:
     """Before a reload of ``increments``: ``None`` when the last has no checksum block (no
     checks); else check every one's page index, checksum block and stream gaps (``pages``: and
     page data) and return the RAM table the reloaded machine must match. ChecksumError or
     FormatError naming the increment otherwise.
 
     The checks run in C, one call per increment (:func:`_checked_in_c`); when that does not
-    accept the file, the same checks run again in Python, which names what is wrong."""
+    accept the file, the same checks run again in Python, which names what is wrong.
+
+    ``defer_older_gaps`` (for a loader that parses only the last increment's stream, as the
+    indexed reload does, and reads the others' page data alone): the stream gaps of the other
+    increments are checked on a background thread while the RAM loads, and
+    :func:`check_reloaded_ram` waits for that check and raises its error (the container must
+    still be open then)."""
     if not increments or not increments[-1].checksum_length:
         return None
     if not pages:
-        table = _checked_in_c(container, increments)
+        table = _checked_in_c(container, increments, defer_older_gaps)
         if table is not None:
             return table
     table = _checked_in_python(container, increments, pages=pages)
@@ -660,8 +669,8 @@ def check_before_load(container: CheckpointFile,
     return table
 
 
-def _checked_in_c(container: CheckpointFile,
-                  increments: Sequence[IncrementInfo]) -> RamCrcTable | None:
+def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo],
+                  defer_older_gaps: bool = False) -> RamCrcTable | None:
     """:func:`check_before_load` without page data, in C: the RAM table, or ``None`` for
     anything not accepted (then the Python checks name it). Each increment's page index is
     checked and applied to the table in order (``pyvmm_crcindex_apply``, no I/O), then the
@@ -729,13 +738,52 @@ def _checked_in_c(container: CheckpointFile,
         if lib.pyvmm_crcindex_digest(nblocks, c_tables, c_pages) != block.ram_digest:
             return None
     del keep
+    if defer_older_gaps and len(gap_jobs) > 1:
+        if not _gaps_match(container.fd, header.page_size, gap_jobs[-1:]):
+            return None
+        table.pending = _DeferredGaps(container, increments, gap_jobs[:-1])
+        return table
     return table if _gaps_match(container.fd, header.page_size, gap_jobs) else None
 
 
+class _DeferredGaps:
+    """Stream gap checks running on a background thread (one thread: the loader runs
+    meanwhile), on a duplicate of the container's descriptor, closed when done whether or not
+    anyone waits (a loader that failed does not)."""
+
+    def __init__(self, container: CheckpointFile, increments: Sequence[IncrementInfo],
+                 jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> None:
+        self._container = container
+        self._increments = increments
+        self._fd = os.dup(container.fd)
+        self._ok = False
+        self._thread = threading.Thread(target=self._run, args=(container.header.page_size,
+                                                                jobs),
+                                        name="pyvmm-crc-gaps", daemon=True)
+        self._thread.start()
+
+    def _run(self, page_size: int,
+             jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> None:
+        try:
+            self._ok = _gaps_match(self._fd, page_size, jobs, threads=1)
+        finally:
+            os.close(self._fd)
+
+    def check(self) -> None:
+        """Wait for the checks; raise what the Python checks say about the file if they
+        failed."""
+        self._thread.join()
+        if not self._ok:
+            _checked_in_python(self._container, self._increments, pages=False)
+            raise FormatError("the checksum checks in C rejected the file, those in Python "
+                              "did not")
+
+
 def _gaps_match(fd: int, page_size: int,
-                jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> bool:
+                jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]],
+                threads: int = 2) -> bool:
     """Whether every increment's stream gaps have the CRCs of its checksum block: increments
-    taken in turn by two threads (C calls, GIL released)."""
+    taken in turn by ``threads`` (1 or 2) threads (C calls, GIL released)."""
     todo = iter(range(len(jobs)))
     failed: list[int] = []
 
@@ -752,7 +800,8 @@ def _gaps_match(fd: int, page_size: int,
                 failed.append(number)
                 return
 
-    helper = threading.Thread(target=work, name="pyvmm-crc") if len(jobs) > 1 else None
+    helper = threading.Thread(target=work, name="pyvmm-crc") \
+        if len(jobs) > 1 and threads > 1 else None
     if helper is not None:
         helper.start()
     try:
@@ -802,7 +851,11 @@ def check_reloaded_ram(blocks: Sequence[RamBlock], expected: RamCrcTable,
                        increment: int) -> None:
     """Raise ChecksumError naming the increment that holds the first bad page (else
     ``increment``, the last loaded) and the first bad pages unless the reloaded RAM ``blocks``
-    (in file order) hold exactly what the checksums say."""
+    (in file order) hold exactly what the checksums say. Waits for the checks
+    :func:`check_before_load` deferred first, and raises their error."""
+    pending, expected.pending = expected.pending, None
+    if pending is not None:
+        pending.check()
     actual = [ram_page_crcs(block) for block in blocks]
     bad = expected.first_mismatches(actual)
     if not bad:

@@ -568,6 +568,17 @@ def _before_load(path: Path, k: int) -> tuple[str, object]:
             assert checked is not None and python[0] == "ok"
         except PyvmmError as err:
             assert (type(err).__name__, str(err)) == python
+        # deferred: the older increments' gaps are checked while the RAM loads, and the
+        # reloaded RAM's check raises what the checks before would have raised
+        try:
+            checked = checksum.check_before_load(container, increments, defer_older_gaps=True)
+            assert checked is not None
+            assert (checked.pending is not None) == (k > 1)
+            if checked.pending is not None:
+                checked.pending.check()
+            assert python[0] == "ok"
+        except PyvmmError as err:
+            assert (type(err).__name__, str(err)) == python
     return python
 
 
@@ -729,3 +740,36 @@ def test_stop_and_copy_checksums_in_c_equal_python(tmp_path: Path, parallel: int
         checkpointer.close()
     assert calls == {"c": 3, "python": 3}
     assert verify_file(path).ok
+
+
+def test_deferred_gap_checks_fail_the_reloaded_ram_check(chain: Chain, tmp_path: Path) -> None:
+    """With the older increments' gaps checked while the RAM loads, damage there is raised by
+    the reloaded RAM's check (as the checks before the load raise it), and a reload that ends
+    before that check leaves no descriptor behind."""
+    regions = [r for r in _regions(chain.data)["stream outside page data"] if r[2] == 0]
+    start, length, _ = regions[len(regions) // 2]
+    damaged = bytearray(chain.data)
+    damaged[start + length // 2] ^= 0x20
+    path = tmp_path / "older.chpt"
+    path.write_bytes(damaged)
+    with CheckpointFile.open(chain.path) as clean:
+        layout = clean.header.ram_blocks
+    with reload(f"chpt:{chain.path}") as copy:
+        blocks = checksum.reload_blocks(copy.ram_blocks, layout)
+        with CheckpointFile.open(path) as container:
+            with pytest.raises(ChecksumError) as before:
+                checksum.check_before_load(container, container.header.increments)
+            assert before.value.increment == 0
+            expected = checksum.check_before_load(container, container.header.increments,
+                                                  defer_older_gaps=True)
+            assert expected is not None and expected.pending is not None
+            with pytest.raises(ChecksumError) as after:
+                checksum.check_reloaded_ram(blocks, expected, 2)
+            assert str(after.value) == str(before.value)
+        fds = len(os.listdir("/proc/self/fd"))
+        with CheckpointFile.open(chain.path) as container:
+            expected = checksum.check_before_load(container, container.header.increments,
+                                                  defer_older_gaps=True)
+            assert expected is not None and expected.pending is not None
+            expected.pending._thread.join()  # a loader that failed never waits
+        assert len(os.listdir("/proc/self/fd")) == fds
