@@ -18,14 +18,11 @@ a reload each increment's raw page index is checked and applied to the table in 
 from __future__ import annotations
 
 import array
-import contextlib
 import os
 import struct
-import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import ChecksumError, FormatError, StreamError
@@ -33,9 +30,13 @@ from pyvmm.ram import PAGE_SIZE, RamBlock
 
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
 from .checksum_format import DeviceSectionCrc, check_checksum_counts, decode_checksums
-from .container_format import RamBlockInfo, decode_page_index, page_index_records
+from .checksum_table import (MAX_TABLE_PAGES, RECORD_SIZE, RamCrcTable, crc32c, hardware,
+                             portable_only, ram_page_crcs, ram_run_crcs, u32_array, u64_array,
+                             zero_page_crc)
+from .container_format import RamBlockInfo, page_index_records
 
-__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "device_sections", "RamBlockInfo", "RamCrcTable",
+__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "MAX_TABLE_PAGES",
+           "device_sections", "RamBlockInfo", "RamCrcTable",
            "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
            "hardware", "increment_checksums", "page_location", "portable_only",
            "ram_page_crcs", "reload_blocks", "stream_crcs", "table_from_file", "zero_page_crc"]
@@ -46,207 +47,7 @@ MAX_DEVICE_GAP = 64 << 20
 """Largest last gap searched for the device sections (it holds them, the trailer and the zero
 records after the last data run)."""
 _SECTION_FULL = 0x04
-MAX_TABLE_PAGES = 1 << 26
-"""Most guest pages a RAM CRC table covers (256 GiB of 4 KiB pages, a 256 MiB table): the RAM
-layout comes from an untrusted header, so the table it sizes is bounded."""
-
-
-def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """CRC-32C of ``data``, continuing ``crc`` (zlib style: 0 to start)."""
-    view = memoryview(data).cast("B")
-    return int(lib.pyvmm_crc32c(crc, ffi.from_buffer(view), view.nbytes))
-
-
-def hardware() -> bool:
-    """Whether the SSE4.2 instruction computes the CRCs (else the portable tables do)."""
-    return bool(lib.pyvmm_crc32c_hardware())
-
-
-@contextlib.contextmanager
-def portable_only() -> Iterator[None]:
-    """Use the portable implementation inside the block (tests, benchmarks; not thread-safe)."""
-    before = lib.pyvmm_crc32c_set_hardware(0)
-    try:
-        yield
-    finally:
-        lib.pyvmm_crc32c_set_hardware(before)
-
-
-def _u32_array(count: int, value: int = 0) -> array.array[int]:
-    return array.array("I", [value]) * count
-
-
-def zero_page_crc(page_size: int = PAGE_SIZE) -> int:
-    """CRC-32C of an all-zero page: the CRC of every page never saved."""
-    return crc32c(bytes(page_size))
-
-
-def ram_page_crcs(block: RamBlock) -> array.array[int]:
-    """The CRC-32C of every page of ``block`` as it is now; pages never populated are not read
-    (they are zero). C calls with the GIL released: a large block is cut in two halves, the
-    second done by a helper thread (two cores halve it)."""
-    out = _u32_array(block.page_count)
-    if not block.page_count:
-        return out
-    populated = block.populated_pages()
-    mem = ffi.from_buffer(block.mem)
-    bits = ffi.cast("pyvmm_u64 *", populated.address)
-    dst = ffi.from_buffer("unsigned int[]", out, require_writable=True)
-
-    def work(first: int, count: int) -> None:  # first: a multiple of 64 (a bitmap word)
-        lib.pyvmm_crc32c_pages(mem + first * PAGE_SIZE, PAGE_SIZE, count, bits + first // 64,
-                               dst + first)
-
-    half = block.page_count // 2 // 64 * 64
-    if block.page_count < PARALLEL_PAGES or not half:
-        work(0, block.page_count)
-    else:
-        helper = threading.Thread(target=work, args=(half, block.page_count - half),
-                                  name="pyvmm-crc")
-        helper.start()
-        try:
-            work(0, half)
-        finally:
-            helper.join()
-    del mem, dst
-    return out
-
-
-_RAM_CHUNK = 4096  # pages per C call of ram_run_crcs (16 MiB), shared out between two threads
-
-
-def ram_run_crcs(blocks: Sequence[RamBlock], runs: Sequence[PageRun]) -> array.array[int]:
-    """The CRC-32C of every data page of ``runs`` (in page-index order, as a checksum block
-    lists them), computed from guest RAM: for a save whose RAM has not changed since its pause
-    (stop-and-copy), the same values as a read-back of the file, without reading it. One C call
-    per run, GIL released."""
-    total = sum(run.npages for run in runs if not run.zero)
-    out = _u32_array(total)
-    if not total:
-        return out
-    out_ptr = ffi.from_buffer("unsigned int[]", out, require_writable=True)
-    position = 0
-    mems = [ffi.from_buffer(block.mem) for block in blocks]
-    chunks: list[tuple[Any, int, Any]] = []  # (first page's bytes, pages, first CRC's slot)
-    for run in runs:
-        if run.zero:
-            continue
-        block = blocks[run.block]
-        if run.first_page + run.npages > block.page_count:
-            raise FormatError(f"page run {run.first_page}+{run.npages} lies outside RAM block "
-                              f"{block.name!r}")
-        for done in range(0, run.npages, _RAM_CHUNK):
-            count = min(_RAM_CHUNK, run.npages - done)
-            chunks.append((mems[run.block] + (run.first_page + done) * PAGE_SIZE, count,
-                           out_ptr + position + done))
-        position += run.npages
-
-    def work(mine: list[tuple[Any, int, Any]]) -> None:
-        for src, count, dst in mine:
-            lib.pyvmm_crc32c_pages(src, PAGE_SIZE, count, ffi.NULL, dst)
-
-    if total >= PARALLEL_PAGES:  # two cores: the second half on a helper thread
-        helper = threading.Thread(target=work, args=(chunks[1::2],), name="pyvmm-crc")
-        helper.start()
-        try:
-            work(chunks[0::2])
-        finally:
-            helper.join()
-    else:
-        work(chunks)
-    del mems
-    return out
-
-
-# ----- the table of the whole RAM ----------------------------------------------------------------
-
-
-class RamCrcTable:
-    """Per-page CRC-32C of every page of every RAM block, in the file's block order."""
-
-    def __init__(self, layout: Sequence[RamBlockInfo], page_size: int = PAGE_SIZE) -> None:
-        """All pages zero (a machine before its first checkpoint, or before a full one).
-        FormatError when the layout has more than :data:`MAX_TABLE_PAGES` pages."""
-        total = sum(b.size // page_size for b in layout)
-        if total > MAX_TABLE_PAGES:
-            raise FormatError(f"{total} RAM pages are more than the {MAX_TABLE_PAGES} whose "
-                              f"checksums pyvmm keeps")
-        self.layout = tuple(layout)
-        self.page_size = page_size
-        self.zero_crc = zero_page_crc(page_size)
-        self.blocks = [_u32_array(b.size // page_size, self.zero_crc) for b in self.layout]
-        #: (increment, its runs or its raw page index blob, decoded when asked) applied since
-        #: the last full increment: who wrote which page
-        self.sources: list[tuple[int, Sequence[PageRun] | bytes]] = []
-        #: checks of the file still running, which the reloaded RAM waits for
-        self.pending: _DeferredGaps | None = None
-
-    def copy(self) -> RamCrcTable:
-        other = RamCrcTable.__new__(RamCrcTable)
-        other.layout = self.layout
-        other.page_size = self.page_size
-        other.zero_crc = self.zero_crc
-        other.blocks = [array.array("I", b) for b in self.blocks]
-        other.sources = list(self.sources)
-        other.pending = None
-        return other
-
-    def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int],
-              increment: int = -1) -> None:
-        """Update with one increment: its data pages take ``page_crcs`` (page-index order), its
-        zero runs the zero-page CRC; a full increment starts from an all-zero RAM."""
-        if kind == "full":
-            for table in self.blocks:
-                table[:] = _u32_array(len(table), self.zero_crc)
-            self.sources = []
-        self.sources.append((increment, runs))
-        position = 0
-        for run in runs:
-            table = self.blocks[run.block]
-            end = run.first_page + run.npages
-            if run.zero:
-                table[run.first_page:end] = _u32_array(run.npages, self.zero_crc)
-            else:
-                table[run.first_page:end] = array.array(
-                    "I", page_crcs[position:position + run.npages])
-                position += run.npages
-
-    def digest(self) -> int:
-        """CRC-32C of the table: every block's CRCs as little-endian u32, blocks in order."""
-        crc = 0
-        for table in self.blocks:
-            data = table
-            if sys.byteorder != "little":
-                data = array.array("I", table)
-                data.byteswap()
-            crc = crc32c(memoryview(data).cast("B"), crc)
-        return crc
-
-    def first_mismatches(self, actual: Sequence[array.array[int]],
-                         limit: int = 3) -> list[tuple[int, int]]:
-        """Up to ``limit`` (block number, page) whose CRC in ``actual`` differs from this table."""
-        found: list[tuple[int, int]] = []
-        for number, (want, have) in enumerate(zip(self.blocks, actual)):
-            if want.tobytes() == have.tobytes():  # memcmp, not a compare per item
-                continue
-            for page, (a, b) in enumerate(zip(want, have)):
-                if a != b:
-                    found.append((number, page))
-                    if len(found) >= limit:
-                        return found
-        return found
-
-    def source(self, block: int, page: int) -> int | None:
-        """The increment whose data (or zero run) set ``page`` of ``block``; None: never saved."""
-        for increment, runs in reversed(self.sources):
-            if isinstance(runs, bytes):  # checked before it was applied
-                runs = decode_page_index(runs, increment=increment)
-            for run in runs:
-                if run.block == block and run.first_page <= page < run.first_page + run.npages:
-                    return increment
-        return None
-
-
+_RAM_CHUNK = 4096  # pages per piece of a long run when RAM CRCs are shared out between threads
 # ----- reading a stream's CRCs -------------------------------------------------------------------
 
 
@@ -272,7 +73,7 @@ class _Part:
     def __init__(self, start: int, end: int,
                  runs: list[tuple[int, int, int, int]]) -> None:
         self.start, self.end, self.runs = start, end, runs
-        self.gap_crcs = _u32_array(len(runs) + 1)
+        self.gap_crcs = u32_array(len(runs) + 1)
         self.rc = 0
         self.err = ffi.new("struct pyvmm_crc_error *")
 
@@ -331,7 +132,7 @@ def stream_crcs(fd: int, info: IncrementInfo, runs: Sequence[PageRun], *,
             position += run.npages
     data_runs.sort()
     stream_end = info.stream_offset + info.stream_length
-    page_crcs = _u32_array(position) if pages else None
+    page_crcs = u32_array(position) if pages else None
     page_ptr = (ffi.from_buffer("unsigned int[]", page_crcs, require_writable=True)
                 if page_crcs is not None and position else
                 ffi.new("unsigned int[]", 1) if pages else ffi.NULL)
@@ -535,8 +336,8 @@ def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offse
     data_pages = sum(r.npages for r in runs if not r.zero)
     data_runs = sum(1 for r in runs if not r.zero)
     nblocks = len(from_ram)
-    page_crcs = _u32_array(data_pages)
-    gap_crcs = _u32_array(data_runs + 1)
+    page_crcs = u32_array(data_pages)
+    gap_crcs = u32_array(data_runs + 1)
     mems = [ffi.from_buffer(block.mem) for block in from_ram]
     bases = ffi.new("void *[]", mems or [ffi.NULL])
     c_pages = ffi.new("pyvmm_u64[]", [len(t) for t in table.blocks] or [0])
@@ -547,7 +348,7 @@ def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offse
 
     def ram_part(slot: int, first: int, count: int, position: int, npages: int) -> None:
         err = ffi.new("struct pyvmm_crcindex_error *")
-        results[slot] = lib.pyvmm_crcindex_ram_crcs(ram_records + first * _RECORD, count,
+        results[slot] = lib.pyvmm_crcindex_ram_crcs(ram_records + first * RECORD_SIZE, count,
                                                     nblocks, bases, c_pages, page_size,
                                                     out + position, npages, err)
 
@@ -596,11 +397,11 @@ def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offse
     after = table.copy()
     if kind == "full":
         for t in after.blocks:
-            t[:] = _u32_array(len(t), after.zero_crc)
+            t[:] = u32_array(len(t), after.zero_crc)
         after.sources = []
     tables = [ffi.from_buffer("unsigned int[]", t, require_writable=True) for t in after.blocks]
     c_tables = ffi.new("unsigned int *[]", tables or [ffi.NULL])
-    seen = [_u64_array((len(t) + 63) // 64) for t in after.blocks]
+    seen = [u64_array((len(t) + 63) // 64) for t in after.blocks]
     c_seen_keep = [ffi.from_buffer("pyvmm_u64[]", b, require_writable=True) for b in seen]
     c_seen = ffi.new("pyvmm_u64 *[]", c_seen_keep or [ffi.NULL])
     result = ffi.new("struct pyvmm_crcindex_result *")
@@ -608,7 +409,6 @@ def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offse
     rc = lib.pyvmm_crcindex_apply(raw, len(runs), nblocks, c_tables, c_pages, c_seen, page_size,
                                   stream_offset, stream_offset + stream_length, out, data_pages,
                                   after.zero_crc, result, err)
-    del raw, out, tables, c_tables, c_seen_keep, c_seen, mems, bases, ram_records, ram_keep
     if rc:
         return None
     after.sources.append((-1, runs))
@@ -684,7 +484,7 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
     start = max((i for i, info in enumerate(increments) if info.kind == "full"), default=0)
     nblocks = len(table.blocks)
     counts = [len(t) for t in table.blocks]
-    seen = [_u64_array((n + 63) // 64) for n in counts]
+    seen = [u64_array((n + 63) // 64) for n in counts]
     c_tables = ffi.new("unsigned int *[]", max(nblocks, 1))
     c_seen = ffi.new("pyvmm_u64 *[]", max(nblocks, 1))
     keep = []  # cffi buffers alive for the calls
@@ -716,12 +516,12 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
             return None
         if info.kind == "full":
             for t in table.blocks:
-                t[:] = _u32_array(len(t), table.zero_crc)
+                t[:] = u32_array(len(t), table.zero_crc)
             table.sources = []
         raw = ffi.from_buffer(records)
         page_crcs = ffi.from_buffer("unsigned int[]", block.page_crcs)
         rc = lib.pyvmm_crcindex_apply(
-            raw, len(records) // _RECORD, nblocks, c_tables, c_pages, c_seen, header.page_size,
+            raw, len(records) // RECORD_SIZE, nblocks, c_tables, c_pages, c_seen, header.page_size,
             info.stream_offset, info.stream_offset + info.stream_length, page_crcs,
             len(block.page_crcs), table.zero_crc, result, err)
         del raw, page_crcs
@@ -793,7 +593,7 @@ def _gaps_match(fd: int, page_size: int,
             info, records, gap_crcs = jobs[number]
             raw = ffi.from_buffer(records)
             crcs = ffi.from_buffer("unsigned int[]", gap_crcs)
-            if lib.pyvmm_crcindex_gaps(fd, raw, len(records) // _RECORD, page_size,
+            if lib.pyvmm_crcindex_gaps(fd, raw, len(records) // RECORD_SIZE, page_size,
                                        info.stream_offset,
                                        info.stream_offset + info.stream_length, crcs,
                                        len(gap_crcs), err):
@@ -810,13 +610,6 @@ def _gaps_match(fd: int, page_size: int,
         if helper is not None:
             helper.join()
     return not failed
-
-
-_RECORD = 24  # bytes of one raw page index record
-
-
-def _u64_array(count: int) -> array.array[int]:
-    return array.array("Q", bytes(8 * max(count, 1)))
 
 
 def _checked_in_python(container: CheckpointFile, increments: Sequence[IncrementInfo], *,

@@ -682,6 +682,7 @@ def test_checksum_block_fast_decoder_agrees_with_construct(chain: Chain) -> None
 
 def test_ram_page_crcs_in_two_halves_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     """The helper thread's half starts at a bitmap word: same CRCs, populated or not."""
+    from pyvmm.migration import checksum_table
     from pyvmm.ram import RamBlock
 
     block = RamBlock("test.ram", 333 * PAGE_SIZE, 0x4000_0000)
@@ -689,9 +690,9 @@ def test_ram_page_crcs_in_two_halves_equal_one_pass(monkeypatch: pytest.MonkeyPa
         rnd = random.Random(6)
         for page in rnd.sample(range(333), 120):
             block.mem[page * PAGE_SIZE:page * PAGE_SIZE + 16] = rnd.randbytes(16)
-        monkeypatch.setattr(checksum, "PARALLEL_PAGES", 1 << 30)
+        monkeypatch.setattr(checksum_table, "PARALLEL_PAGES", 1 << 30)
         one = checksum.ram_page_crcs(block)
-        monkeypatch.setattr(checksum, "PARALLEL_PAGES", 2)
+        monkeypatch.setattr(checksum_table, "PARALLEL_PAGES", 2)
         two = checksum.ram_page_crcs(block)
         assert one == two
         assert list(one) == [checksum.crc32c(block.mem[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
