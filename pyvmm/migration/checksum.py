@@ -10,30 +10,33 @@ whatever wrote it (stop-and-copy, live, cow): it reads the stream back (page cac
 and keeps the :class:`RamCrcTable` of the whole RAM up to date. The reader side checks a reload
 (:func:`check_before_load`, :func:`check_reloaded_ram`) and a whole file
 (:mod:`pyvmm.migration.verify`). Every CRC is computed in C with the GIL released
-(``pyvmm/native/crc.c``: the SSE4.2 instruction, three pages at a time, or slicing-by-8).
+(``pyvmm/native/crc.c``: the SSE4.2 instruction, three pages at a time, or slicing-by-8); before
+a reload each increment's raw page index is checked and applied to the table in C too
+(``pyvmm/native/crcindex.c``), Python naming the problem only when C does not accept the file.
 """
 
 from __future__ import annotations
 
 import array
-import contextlib
 import os
 import struct
-import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import ChecksumError, FormatError, StreamError
 from pyvmm.ram import PAGE_SIZE, RamBlock
 
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
-from .checksum_format import DeviceSectionCrc
-from .container_format import RamBlockInfo
+from .checksum_format import DeviceSectionCrc, check_checksum_counts, decode_checksums
+from .checksum_table import (MAX_TABLE_PAGES, RECORD_SIZE, RamCrcTable, crc32c, hardware,
+                             portable_only, ram_page_crcs, ram_run_crcs, u32_array, u64_array,
+                             zero_page_crc)
+from .container_format import RamBlockInfo, page_index_records
 
-__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "device_sections", "RamBlockInfo", "RamCrcTable",
+__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "MAX_TABLE_PAGES",
+           "device_sections", "RamBlockInfo", "RamCrcTable",
            "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
            "hardware", "increment_checksums", "page_location", "portable_only",
            "ram_page_crcs", "reload_blocks", "stream_crcs", "table_from_file", "zero_page_crc"]
@@ -44,185 +47,7 @@ MAX_DEVICE_GAP = 64 << 20
 """Largest last gap searched for the device sections (it holds them, the trailer and the zero
 records after the last data run)."""
 _SECTION_FULL = 0x04
-MAX_TABLE_PAGES = 1 << 26
-"""Most guest pages a RAM CRC table covers (256 GiB of 4 KiB pages, a 256 MiB table): the RAM
-layout comes from an untrusted header, so the table it sizes is bounded."""
-
-
-def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """CRC-32C of ``data``, continuing ``crc`` (zlib style: 0 to start)."""
-    view = memoryview(data).cast("B")
-    return int(lib.pyvmm_crc32c(crc, ffi.from_buffer(view), view.nbytes))
-
-
-def hardware() -> bool:
-    """Whether the SSE4.2 instruction computes the CRCs (else the portable tables do)."""
-    return bool(lib.pyvmm_crc32c_hardware())
-
-
-@contextlib.contextmanager
-def portable_only() -> Iterator[None]:
-    """Use the portable implementation inside the block (tests, benchmarks; not thread-safe)."""
-    before = lib.pyvmm_crc32c_set_hardware(0)
-    try:
-        yield
-    finally:
-        lib.pyvmm_crc32c_set_hardware(before)
-
-
-def _u32_array(count: int, value: int = 0) -> array.array[int]:
-    return array.array("I", [value]) * count
-
-
-def zero_page_crc(page_size: int = PAGE_SIZE) -> int:
-    """CRC-32C of an all-zero page: the CRC of every page never saved."""
-    return crc32c(bytes(page_size))
-
-
-def ram_page_crcs(block: RamBlock) -> array.array[int]:
-    """The CRC-32C of every page of ``block`` as it is now; pages never populated are not read
-    (they are zero). One C call, GIL released."""
-    out = _u32_array(block.page_count)
-    if not block.page_count:
-        return out
-    populated = block.populated_pages()
-    mem = ffi.from_buffer(block.mem)
-    lib.pyvmm_crc32c_pages(mem, PAGE_SIZE, block.page_count,
-                           ffi.cast("pyvmm_u64 *", populated.address),
-                           ffi.from_buffer("unsigned int[]", out, require_writable=True))
-    del mem
-    return out
-
-
-_RAM_CHUNK = 4096  # pages per C call of ram_run_crcs (16 MiB), shared out between two threads
-
-
-def ram_run_crcs(blocks: Sequence[RamBlock], runs: Sequence[PageRun]) -> array.array[int]:
-    """The CRC-32C of every data page of ``runs`` (in page-index order, as a checksum block
-    lists them), computed from guest RAM: for a save whose RAM has not changed since its pause
-    (stop-and-copy), the same values as a read-back of the file, without reading it. One C call
-    per run, GIL released."""
-    total = sum(run.npages for run in runs if not run.zero)
-    out = _u32_array(total)
-    if not total:
-        return out
-    out_ptr = ffi.from_buffer("unsigned int[]", out, require_writable=True)
-    position = 0
-    mems = [ffi.from_buffer(block.mem) for block in blocks]
-    chunks: list[tuple[Any, int, Any]] = []  # (first page's bytes, pages, first CRC's slot)
-    for run in runs:
-        if run.zero:
-            continue
-        block = blocks[run.block]
-        if run.first_page + run.npages > block.page_count:
-            raise FormatError(f"page run {run.first_page}+{run.npages} lies outside RAM block "
-                              f"{block.name!r}")
-        for done in range(0, run.npages, _RAM_CHUNK):
-            count = min(_RAM_CHUNK, run.npages - done)
-            chunks.append((mems[run.block] + (run.first_page + done) * PAGE_SIZE, count,
-                           out_ptr + position + done))
-        position += run.npages
-
-    def work(mine: list[tuple[Any, int, Any]]) -> None:
-        for src, count, dst in mine:
-            lib.pyvmm_crc32c_pages(src, PAGE_SIZE, count, ffi.NULL, dst)
-
-    if total >= PARALLEL_PAGES:  # two cores: the second half on a helper thread
-        helper = threading.Thread(target=work, args=(chunks[1::2],), name="pyvmm-crc")
-        helper.start()
-        try:
-            work(chunks[0::2])
-        finally:
-            helper.join()
-    else:
-        work(chunks)
-    del mems
-    return out
-
-
-# ----- the table of the whole RAM ----------------------------------------------------------------
-
-
-class RamCrcTable:
-    """Per-page CRC-32C of every page of every RAM block, in the file's block order."""
-
-    def __init__(self, layout: Sequence[RamBlockInfo], page_size: int = PAGE_SIZE) -> None:
-        """All pages zero (a machine before its first checkpoint, or before a full one).
-        FormatError when the layout has more than :data:`MAX_TABLE_PAGES` pages."""
-        total = sum(b.size // page_size for b in layout)
-        if total > MAX_TABLE_PAGES:
-            raise FormatError(f"{total} RAM pages are more than the {MAX_TABLE_PAGES} whose "
-                              f"checksums pyvmm keeps")
-        self.layout = tuple(layout)
-        self.page_size = page_size
-        self.zero_crc = zero_page_crc(page_size)
-        self.blocks = [_u32_array(b.size // page_size, self.zero_crc) for b in self.layout]
-        #: (increment, its runs) applied since the last full increment: who wrote which page
-        self.sources: list[tuple[int, Sequence[PageRun]]] = []
-
-    def copy(self) -> RamCrcTable:
-        other = RamCrcTable.__new__(RamCrcTable)
-        other.layout = self.layout
-        other.page_size = self.page_size
-        other.zero_crc = self.zero_crc
-        other.blocks = [array.array("I", b) for b in self.blocks]
-        other.sources = list(self.sources)
-        return other
-
-    def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int],
-              increment: int = -1) -> None:
-        """Update with one increment: its data pages take ``page_crcs`` (page-index order), its
-        zero runs the zero-page CRC; a full increment starts from an all-zero RAM."""
-        if kind == "full":
-            for table in self.blocks:
-                table[:] = _u32_array(len(table), self.zero_crc)
-            self.sources = []
-        self.sources.append((increment, runs))
-        position = 0
-        for run in runs:
-            table = self.blocks[run.block]
-            end = run.first_page + run.npages
-            if run.zero:
-                table[run.first_page:end] = _u32_array(run.npages, self.zero_crc)
-            else:
-                table[run.first_page:end] = array.array(
-                    "I", page_crcs[position:position + run.npages])
-                position += run.npages
-
-    def digest(self) -> int:
-        """CRC-32C of the table: every block's CRCs as little-endian u32, blocks in order."""
-        crc = 0
-        for table in self.blocks:
-            data = table
-            if sys.byteorder != "little":
-                data = array.array("I", table)
-                data.byteswap()
-            crc = crc32c(memoryview(data).cast("B"), crc)
-        return crc
-
-    def first_mismatches(self, actual: Sequence[array.array[int]],
-                         limit: int = 3) -> list[tuple[int, int]]:
-        """Up to ``limit`` (block number, page) whose CRC in ``actual`` differs from this table."""
-        found: list[tuple[int, int]] = []
-        for number, (want, have) in enumerate(zip(self.blocks, actual)):
-            if want.tobytes() == have.tobytes():  # memcmp, not a compare per item
-                continue
-            for page, (a, b) in enumerate(zip(want, have)):
-                if a != b:
-                    found.append((number, page))
-                    if len(found) >= limit:
-                        return found
-        return found
-
-    def source(self, block: int, page: int) -> int | None:
-        """The increment whose data (or zero run) set ``page`` of ``block``; None: never saved."""
-        for increment, runs in reversed(self.sources):
-            for run in runs:
-                if run.block == block and run.first_page <= page < run.first_page + run.npages:
-                    return increment
-        return None
-
-
+_RAM_CHUNK = 4096  # pages per piece of a long run when RAM CRCs are shared out between threads
 # ----- reading a stream's CRCs -------------------------------------------------------------------
 
 
@@ -248,7 +73,7 @@ class _Part:
     def __init__(self, start: int, end: int,
                  runs: list[tuple[int, int, int, int]]) -> None:
         self.start, self.end, self.runs = start, end, runs
-        self.gap_crcs = _u32_array(len(runs) + 1)
+        self.gap_crcs = u32_array(len(runs) + 1)
         self.rc = 0
         self.err = ffi.new("struct pyvmm_crc_error *")
 
@@ -307,7 +132,7 @@ def stream_crcs(fd: int, info: IncrementInfo, runs: Sequence[PageRun], *,
             position += run.npages
     data_runs.sort()
     stream_end = info.stream_offset + info.stream_length
-    page_crcs = _u32_array(position) if pages else None
+    page_crcs = u32_array(position) if pages else None
     page_ptr = (ffi.from_buffer("unsigned int[]", page_crcs, require_writable=True)
                 if page_crcs is not None and position else
                 ffi.new("unsigned int[]", 1) if pages else ffi.NULL)
@@ -462,6 +287,14 @@ def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int
     block name each device section.  ``from_ram``: the machine's RAM blocks, unchanged since the
     pause (stop-and-copy): page CRCs come from RAM, and only the stream bytes around the page
     data are read back."""
+    if from_ram is not None:
+        done = _increment_checksums_in_c(container, kind, stream_offset, stream_length, runs,
+                                         table, from_ram)
+        if done is not None:
+            page_crcs, gap_crcs, last_gap, after = done
+            sections = device_sections(container.fd, last_gap, device_bytes, devices)
+            return ChecksumBlock(ALGORITHM, after.digest(), page_crcs, gap_crcs,
+                                 sections), after
     info = IncrementInfo(index=len(container.header.increments), kind=kind, parent=-1,
                          created_ns=0, stream_offset=stream_offset, stream_length=stream_length,
                          pages=0, zero_pages=0, stream_crc=0, index_offset=0, index_length=0,
@@ -476,6 +309,110 @@ def increment_checksums(container: CheckpointFile, kind: str, stream_offset: int
     sections = device_sections(container.fd, crcs.gaps[-1], device_bytes, devices)
     return ChecksumBlock(ALGORITHM, after.digest(), crcs.page_crcs, crcs.gap_crcs,
                          sections), after
+
+
+_RUN_RECORD = struct.Struct(">HBBIQQ")  # a raw page index record (container_format's layout)
+
+
+def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offset: int,
+                              stream_length: int, runs: Sequence[PageRun], table: RamCrcTable,
+                              from_ram: Sequence[RamBlock]
+                              ) -> tuple[array.array[int], array.array[int], tuple[int, int],
+                                         RamCrcTable] | None:
+    """:func:`increment_checksums` of a stop-and-copy save without a Python step per run: the
+    runs packed as raw page index records, page CRCs from RAM (``pyvmm_crcindex_ram_crcs``)
+    while a helper thread reads the gaps (``pyvmm_crcindex_gap_crcs``), then the table applied
+    in C. (page CRCs, gap CRCs, the last gap, the table after) or ``None`` if C declines (the
+    Python path then does it)."""
+    page_size = container.header.page_size
+    if len(from_ram) != len(table.blocks) or any(
+            block.page_count != len(t) for block, t in zip(from_ram, table.blocks)):
+        return None
+    try:
+        records = b"".join([_RUN_RECORD.pack(r.block, 1 if r.zero else 0, 0, r.npages,
+                                             r.first_page, r.data_offset) for r in runs])
+    except struct.error:
+        return None
+    data_pages = sum(r.npages for r in runs if not r.zero)
+    data_runs = sum(1 for r in runs if not r.zero)
+    nblocks = len(from_ram)
+    page_crcs = u32_array(data_pages)
+    gap_crcs = u32_array(data_runs + 1)
+    mems = [ffi.from_buffer(block.mem) for block in from_ram]
+    bases = ffi.new("void *[]", mems or [ffi.NULL])
+    c_pages = ffi.new("pyvmm_u64[]", [len(t) for t in table.blocks] or [0])
+    raw = ffi.from_buffer(records)
+    out = ffi.from_buffer("unsigned int[]", page_crcs, require_writable=True)
+    last = ffi.new("pyvmm_u64 *")
+    results = [0, 0, 0]
+
+    def ram_part(slot: int, first: int, count: int, position: int, npages: int) -> None:
+        err = ffi.new("struct pyvmm_crcindex_error *")
+        results[slot] = lib.pyvmm_crcindex_ram_crcs(ram_records + first * RECORD_SIZE, count,
+                                                    nblocks, bases, c_pages, page_size,
+                                                    out + position, npages, err)
+
+    def gap_part() -> None:
+        err = ffi.new("struct pyvmm_crcindex_error *")
+        results[2] = lib.pyvmm_crcindex_gap_crcs(
+            container.fd, raw, len(runs), page_size, stream_offset, stream_offset + stream_length,
+            ffi.from_buffer("unsigned int[]", gap_crcs, require_writable=True), len(gap_crcs),
+            last, err)
+
+    # the RAM CRCs in two halves by pages: long runs cut in _RAM_CHUNK pieces (for RAM only:
+    # the gaps and the table take the runs as they are)
+    ram_records, split, before = raw, len(runs), data_pages
+    ram_keep = None
+    if data_pages >= PARALLEL_PAGES:
+        pieces: list[bytes] = []
+        before = 0
+        for r in runs:
+            if r.zero:
+                continue
+            for done in range(0, r.npages, _RAM_CHUNK):
+                count = min(_RAM_CHUNK, r.npages - done)
+                if before < data_pages // 2:
+                    split = len(pieces) + 1
+                    before += count
+                pieces.append(_RUN_RECORD.pack(r.block, 0, 0, count, r.first_page + done, 0))
+        ram_keep = b"".join(pieces)
+        ram_records = ffi.from_buffer(ram_keep)
+        nram = len(pieces)
+    else:
+        nram = len(runs)
+
+    def helper_work() -> None:
+        gap_part()
+        if split < nram:
+            ram_part(1, split, nram - split, before, data_pages - before)
+
+    helper = threading.Thread(target=helper_work, name="pyvmm-crc")
+    helper.start()
+    try:
+        ram_part(0, 0, split, 0, before)
+    finally:
+        helper.join()
+    if any(results):
+        return None
+    after = table.copy()
+    if kind == "full":
+        for t in after.blocks:
+            t[:] = u32_array(len(t), after.zero_crc)
+        after.sources = []
+    tables = [ffi.from_buffer("unsigned int[]", t, require_writable=True) for t in after.blocks]
+    c_tables = ffi.new("unsigned int *[]", tables or [ffi.NULL])
+    seen = [u64_array((len(t) + 63) // 64) for t in after.blocks]
+    c_seen_keep = [ffi.from_buffer("pyvmm_u64[]", b, require_writable=True) for b in seen]
+    c_seen = ffi.new("pyvmm_u64 *[]", c_seen_keep or [ffi.NULL])
+    result = ffi.new("struct pyvmm_crcindex_result *")
+    err = ffi.new("struct pyvmm_crcindex_error *")
+    rc = lib.pyvmm_crcindex_apply(raw, len(runs), nblocks, c_tables, c_pages, c_seen, page_size,
+                                  stream_offset, stream_offset + stream_length, out, data_pages,
+                                  after.zero_crc, result, err)
+    if rc:
+        return None
+    after.sources.append((-1, runs))
+    return page_crcs, gap_crcs, (int(last[0]), stream_offset + stream_length - int(last[0])), after
 
 
 def table_from_file(container: CheckpointFile, count: int | None = None) -> RamCrcTable:
@@ -506,13 +443,179 @@ def table_from_file(container: CheckpointFile, count: int | None = None) -> RamC
 
 def check_before_load(container: CheckpointFile,
                       increments: Sequence[IncrementInfo], *,
-                      pages: bool = False) -> RamCrcTable | None:
+                      pages: bool = False, defer_older_gaps: bool = False) -> RamCrcTable | None:
     """Before a reload of ``increments``: ``None`` when the last has no checksum block (no
     checks); else check every one's page index, checksum block and stream gaps (``pages``: and
     page data) and return the RAM table the reloaded machine must match. ChecksumError or
-    FormatError naming the increment otherwise."""
+    FormatError naming the increment otherwise.
+
+    The checks run in C, one call per increment (:func:`_checked_in_c`); when that does not
+    accept the file, the same checks run again in Python, which names what is wrong.
+
+    ``defer_older_gaps`` (for a loader that parses only the last increment's stream, as the
+    indexed reload does, and reads the others' page data alone): the stream gaps of the other
+    increments are checked on a background thread while the RAM loads, and
+    :func:`check_reloaded_ram` waits for that check and raises its error (the container must
+    still be open then)."""
     if not increments or not increments[-1].checksum_length:
         return None
+    if not pages:
+        table = _checked_in_c(container, increments, defer_older_gaps)
+        if table is not None:
+            return table
+    table = _checked_in_python(container, increments, pages=pages)
+    if not pages:  # C found something the Python checks do not: still never load the file
+        raise FormatError("the checksum checks in C rejected the file, those in Python did not")
+    return table
+
+
+def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo],
+                  defer_older_gaps: bool = False) -> RamCrcTable | None:
+    """:func:`check_before_load` without page data, in C: the RAM table, or ``None`` for
+    anything not accepted (then the Python checks name it). Each increment's page index is
+    checked and applied to the table in order (``pyvmm_crcindex_apply``, no I/O), then the
+    stream gaps of all of them are read and compared on two threads (``pyvmm_crcindex_gaps``,
+    the GIL released)."""
+    header = container.header
+    try:
+        table = RamCrcTable(header.ram_blocks, header.page_size)
+    except FormatError:
+        return None
+    start = max((i for i, info in enumerate(increments) if info.kind == "full"), default=0)
+    nblocks = len(table.blocks)
+    counts = [len(t) for t in table.blocks]
+    seen = [u64_array((n + 63) // 64) for n in counts]
+    c_tables = ffi.new("unsigned int *[]", max(nblocks, 1))
+    c_seen = ffi.new("pyvmm_u64 *[]", max(nblocks, 1))
+    keep = []  # cffi buffers alive for the calls
+    for b in range(nblocks):
+        keep.append(ffi.from_buffer("unsigned int[]", table.blocks[b], require_writable=True))
+        keep.append(ffi.from_buffer("pyvmm_u64[]", seen[b], require_writable=True))
+        c_tables[b], c_seen[b] = keep[-2], keep[-1]
+    c_pages = ffi.new("pyvmm_u64[]", counts or [0])
+    result = ffi.new("struct pyvmm_crcindex_result *")
+    err = ffi.new("struct pyvmm_crcindex_error *")
+    gap_jobs: list[tuple[IncrementInfo, memoryview, array.array[int]]] = []
+    for number, info in enumerate(increments):
+        if not info.checksum_length:
+            if number >= start:
+                return None
+            try:
+                container.page_index(info.index)  # RAM comes from the full increment on
+            except FormatError:
+                return None
+            continue
+        try:
+            blob = container.page_index_blob(info.index)
+            records = page_index_records(blob, info.index)
+            data = os.pread(container.fd, info.checksum_length, info.checksum_offset)
+            if records is None or len(data) != info.checksum_length:
+                return None
+            block = decode_checksums(data, increment=info.index, offset=info.checksum_offset)
+        except FormatError:
+            return None
+        if info.kind == "full":
+            for t in table.blocks:
+                t[:] = u32_array(len(t), table.zero_crc)
+            table.sources = []
+        raw = ffi.from_buffer(records)
+        page_crcs = ffi.from_buffer("unsigned int[]", block.page_crcs)
+        rc = lib.pyvmm_crcindex_apply(
+            raw, len(records) // RECORD_SIZE, nblocks, c_tables, c_pages, c_seen, header.page_size,
+            info.stream_offset, info.stream_offset + info.stream_length, page_crcs,
+            len(block.page_crcs), table.zero_crc, result, err)
+        del raw, page_crcs
+        if rc or result.data_pages != info.pages or result.zero_pages != info.zero_pages:
+            return None
+        try:
+            check_checksum_counts(info, int(result.data_runs), block)
+        except FormatError:
+            return None
+        gap_jobs.append((info, records, block.gap_crcs))
+        if number < start:
+            continue
+        table.sources.append((info.index, blob))
+        if lib.pyvmm_crcindex_digest(nblocks, c_tables, c_pages) != block.ram_digest:
+            return None
+    del keep
+    if defer_older_gaps and len(gap_jobs) > 1:
+        if not _gaps_match(container.fd, header.page_size, gap_jobs[-1:]):
+            return None
+        table.pending = _DeferredGaps(container, increments, gap_jobs[:-1])
+        return table
+    return table if _gaps_match(container.fd, header.page_size, gap_jobs) else None
+
+
+class _DeferredGaps:
+    """Stream gap checks running on a background thread (one thread: the loader runs
+    meanwhile), on a duplicate of the container's descriptor, closed when done whether or not
+    anyone waits (a loader that failed does not)."""
+
+    def __init__(self, container: CheckpointFile, increments: Sequence[IncrementInfo],
+                 jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> None:
+        self._container = container
+        self._increments = increments
+        self._fd = os.dup(container.fd)
+        self._ok = False
+        self._thread = threading.Thread(target=self._run, args=(container.header.page_size,
+                                                                jobs),
+                                        name="pyvmm-crc-gaps", daemon=True)
+        self._thread.start()
+
+    def _run(self, page_size: int,
+             jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> None:
+        try:
+            self._ok = _gaps_match(self._fd, page_size, jobs, threads=1)
+        finally:
+            os.close(self._fd)
+
+    def check(self) -> None:
+        """Wait for the checks; raise what the Python checks say about the file if they
+        failed."""
+        self._thread.join()
+        if not self._ok:
+            _checked_in_python(self._container, self._increments, pages=False)
+            raise FormatError("the checksum checks in C rejected the file, those in Python "
+                              "did not")
+
+
+def _gaps_match(fd: int, page_size: int,
+                jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]],
+                threads: int = 2) -> bool:
+    """Whether every increment's stream gaps have the CRCs of its checksum block: increments
+    taken in turn by ``threads`` (1 or 2) threads (C calls, GIL released)."""
+    todo = iter(range(len(jobs)))
+    failed: list[int] = []
+
+    def work() -> None:
+        err = ffi.new("struct pyvmm_crcindex_error *")
+        for number in todo:  # next() on a range iterator is atomic under the GIL
+            info, records, gap_crcs = jobs[number]
+            raw = ffi.from_buffer(records)
+            crcs = ffi.from_buffer("unsigned int[]", gap_crcs)
+            if lib.pyvmm_crcindex_gaps(fd, raw, len(records) // RECORD_SIZE, page_size,
+                                       info.stream_offset,
+                                       info.stream_offset + info.stream_length, crcs,
+                                       len(gap_crcs), err):
+                failed.append(number)
+                return
+
+    helper = threading.Thread(target=work, name="pyvmm-crc") \
+        if len(jobs) > 1 and threads > 1 else None
+    if helper is not None:
+        helper.start()
+    try:
+        work()
+    finally:
+        if helper is not None:
+            helper.join()
+    return not failed
+
+
+def _checked_in_python(container: CheckpointFile, increments: Sequence[IncrementInfo], *,
+                       pages: bool) -> RamCrcTable:
+    """:func:`check_before_load` for a file whose last increment has checksums, decoding each
+    page index in Python."""
     header = container.header
     table = RamCrcTable(header.ram_blocks, header.page_size)
     start = max((i for i, info in enumerate(increments) if info.kind == "full"), default=0)
@@ -541,7 +644,11 @@ def check_reloaded_ram(blocks: Sequence[RamBlock], expected: RamCrcTable,
                        increment: int) -> None:
     """Raise ChecksumError naming the increment that holds the first bad page (else
     ``increment``, the last loaded) and the first bad pages unless the reloaded RAM ``blocks``
-    (in file order) hold exactly what the checksums say."""
+    (in file order) hold exactly what the checksums say. Waits for the checks
+    :func:`check_before_load` deferred first, and raises their error."""
+    pending, expected.pending = expected.pending, None
+    if pending is not None:
+        pending.check()
     actual = [ram_page_crcs(block) for block in blocks]
     bad = expected.first_mismatches(actual)
     if not bad:

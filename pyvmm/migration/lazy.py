@@ -18,8 +18,12 @@ of the first N increments, newer increments overriding older ones: the newest da
 or zero. When the fill is done, a watcher thread unregisters the RAM and stops the C threads:
 from then on the machine is an ordinary one (it can be checkpointed, its RAM scanned).
 
+With the ``checksum`` capability, everything but page data is checked before the guest starts
+(:func:`~pyvmm.migration.checksum.check_before_load`), and each page read is compared with its
+CRC-32C by the C thread before it is installed.
+
 If the file cannot be read (an I/O error, the file cut short, a page record header that is not
-where the index says), the failure is recorded; faults are then served with zero pages so that no
+where the index says, page data that does not match its checksum), the failure is recorded; faults are then served with zero pages so that no
 thread hangs, and the watcher stops the machine into ``internal-error``: it never runs on. The
 error is :attr:`LazyLoader.error` (one line naming file, increment, offset and page), raised by
 :meth:`LazyLoader.wait_filled`.
@@ -42,11 +46,11 @@ from unicorn import arm64_const as a64
 from pyvmm._native import ffi, lib
 
 from ..devices.pl011 import UartSink
-from ..errors import ConfigError, FormatError, PyvmmError, RunStateError, UffdError
+from ..errors import ChecksumError, ConfigError, FormatError, PyvmmError, RunStateError, UffdError
 from ..machine import MAIN_RAM_NAME, Machine, RunState, StopReason
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
-from .checksum import check_before_load
+from .checksum import RamCrcTable, check_before_load
 from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
 from .machine_state import machine_save_state
 from .postcopy_uffd import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
@@ -134,8 +138,10 @@ class LazyLoader:
 
     def __init__(self, machine: Machine, container: CheckpointFile, uffd: Userfaultfd,
                  tables: _SourceTables, started: float, *, fault_run: int, fill_run: int,
-                 fill_nice: int) -> None:
+                 fill_nice: int, crcs: RamCrcTable | None = None) -> None:
         self.machine = machine
+        self._crcs = crcs  # the per-page CRCs every page read must have (file block order)
+        self._crc_buffers: list[Any] = []
         self.path = container.path
         self._container = container
         self._uffd = uffd
@@ -179,6 +185,15 @@ class LazyLoader:
             self._present.append(present)
             rc = lib.pyvmm_lazy_add_block(self._handle, block.host_addr, block.page_count, table,
                                           ffi.cast("pyvmm_u64 *", present.address))
+            if not rc and self._crcs is not None:
+                crcs = self._crcs.blocks[len(self._blocks) - 1]
+                if len(crcs) != block.page_count:
+                    raise FormatError(f"RAM block {block.name!r} has {block.page_count} pages, "
+                                      f"its checksums {len(crcs)}")
+                # pinned, and kept for as long as the loader (so the C threads) lives
+                self._crc_buffers.append(ffi.from_buffer("unsigned int[]", crcs))
+                rc = lib.pyvmm_lazy_set_block_crcs(self._handle, len(self._blocks) - 1,
+                                                   self._crc_buffers[-1])
             if rc:
                 raise UffdError("lazy reload", -rc, detail=f"RAM block {block.name!r}")
         rc = lib.pyvmm_lazy_start_handler(self._handle, -1 if handler_cpu is None else
@@ -275,6 +290,13 @@ class LazyLoader:
             return FormatError(f"lazy reload of {self.path}: the record header of {where} reads "
                                f"0x{int(stats.error_found):016x}, not that page's", offset=offset,
                                increment=increment)
+        if kind == lib.PYVMM_LAZY_BAD_CRC:
+            gpa = self._blocks[stats.error_block].gpa + int(stats.error_page) * PAGE_SIZE \
+                if stats.error_block < len(self._blocks) else None
+            return ChecksumError(f"lazy reload of {self.path}: the page data of {where}"
+                                 f"{'' if gpa is None else f' (GPA 0x{gpa:x})'} does not match "
+                                 f"its checksum (CRC-32C 0x{int(stats.error_found):08x}); it was "
+                                 f"not loaded", offset=offset, increment=increment)
         if kind == lib.PYVMM_LAZY_READ_FAILED:
             return FormatError(f"lazy reload of {self.path}: cannot read {where}: "
                                f"{os.strerror(stats.error)}", offset=offset, increment=increment)
@@ -430,9 +452,8 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         increments = header.increments[:count]
         check_chain(increments, target.path)
         # with checksums: index, checksum blocks, device sections and the stream bytes around
-        # the page data are checked before the guest starts (page data itself is not: reading
-        # it all first is the eager reload's job)
-        check_before_load(container, increments)
+        # the page data are checked before the guest starts; page data as the C threads read it
+        crcs = check_before_load(container, increments)
         tables = _SourceTables(header.ram_blocks)
         last_runs: list[PageRun] = []
         for info in increments:
@@ -458,7 +479,7 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
                                    "accesses: use /dev/userfaultfd or "
                                    "vm.unprivileged_userfaultfd=1")
         loader = LazyLoader(machine, container, uffd, tables, started, fault_run=fault_run,
-                            fill_run=fill_run, fill_nice=fill_nice)
+                            fill_run=fill_run, fill_nice=fill_nice, crcs=crcs)
         loader._register(handler_cpu)
         _load_devices(machine, container, increments[-1], last_runs, stdout, stderr)
         if machine.state is not RunState.SHUTDOWN:

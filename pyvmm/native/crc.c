@@ -154,6 +154,24 @@ static void crc_pages(const unsigned char *first, u64 stride, u64 count, u64 pag
         out[k] = ~update(~0u, first + k * stride, page_size);
 }
 
+void pyvmm_crc32c_page_list(const void *const *pages, pyvmm_u64 npages, pyvmm_u64 page_size,
+                            unsigned int *out) {
+    u64 k = 0;
+#if defined(__x86_64__)
+    if (use_hw && page_size % 8 == 0) {
+        for (; k + 3 <= npages; k += 3) {
+            uint32_t c[3] = {~0u, ~0u, ~0u};
+            hw_update3(c, pages[k], pages[k + 1], pages[k + 2], page_size);
+            out[k] = ~c[0];
+            out[k + 1] = ~c[1];
+            out[k + 2] = ~c[2];
+        }
+    }
+#endif
+    for (; k < npages; k++)
+        out[k] = ~update(~0u, pages[k], page_size);
+}
+
 void pyvmm_crc32c_pages(const void *base, pyvmm_u64 page_size, pyvmm_u64 npages,
                         const pyvmm_u64 *populated, unsigned int *out) {
     const unsigned char *mem = base;

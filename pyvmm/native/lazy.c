@@ -12,7 +12,9 @@
  * The two threads race on purpose: a page is installed by whichever gets there first, the other
  * sees EEXIST (whole copy refused) or EAGAIN (copy stopped short at an installed page) and moves
  * on. The present bitmap (set after a page is installed) only saves work; the kernel decides.
- * Failures (read errors, a file cut short, a wrong record header, an ioctl error) are recorded
+ * With a checksummed file, every page read is compared with its CRC-32C before it is installed.
+ * Failures (read errors, a file cut short, a wrong record header or page CRC, an ioctl error) are
+ * recorded
  * once; a fault that cannot be served from the file is then served with a zero page so no
  * thread hangs, and the caller is told to stop the guest (pyvmm_lazy_wait returns 2).
  */
@@ -50,6 +52,7 @@ struct lazy_block {
     u64 npages;
     const long long *table;
     u64 *present; /* one bit per page, set once the page is installed */
+    const unsigned int *crcs; /* CRC-32C each page's data must have; NULL: not checked */
 };
 
 struct lazy {
@@ -66,6 +69,7 @@ struct lazy {
     /* fault-handler and fill-thread buffers (one of each: each thread owns its own) */
     unsigned char *fault_buf, *fill_buf;
     u64 *fault_hdrs, *fill_hdrs;
+    unsigned int *fault_crcs, *fill_crcs;
     struct iovec *fault_iov, *fill_iov;
     pthread_mutex_t lock;
     pthread_cond_t changed;
@@ -122,9 +126,10 @@ static u64 run_length(const struct lazy_block *b, u64 page, u64 max) {
 }
 
 /* Read the data of the n pages starting at `page` (a stride run) into buf; headers between
- * pages go to hdrs and are checked. 0, or -1 with the error recorded. */
+ * pages go to hdrs and are checked, and with the block's CRCs each page's data (crcs: room for
+ * n). 0, or -1 with the error recorded: then nothing of buf may be installed. */
 static int read_run(struct lazy *l, unsigned bi, u64 page, u64 n, unsigned char *buf, u64 *hdrs,
-                    struct iovec *iov) {
+                    struct iovec *iov, unsigned int *crcs) {
     const struct lazy_block *b = &l->blocks[bi];
     u64 offset = (u64)b->table[page];
     int cnt = 0;
@@ -169,6 +174,16 @@ static int read_run(struct lazy *l, unsigned bi, u64 page, u64 n, unsigned char 
             record_error(l, PYVMM_LAZY_BAD_HEADER, 0, bi, page + k, offset + k * STRIDE - RECORD_HDR,
                          found);
             return -1;
+        }
+    }
+    if (b->crcs) {
+        pyvmm_crc32c_pages(buf, PAGE_SZ, n, NULL, crcs);
+        for (u64 k = 0; k < n; k++) {
+            if (crcs[k] != b->crcs[page + k]) {
+                record_error(l, PYVMM_LAZY_BAD_CRC, 0, bi, page + k, offset + k * STRIDE,
+                             crcs[k]);
+                return -1;
+            }
         }
     }
     return 0;
@@ -265,7 +280,8 @@ static void serve_fault(struct lazy *l, u64 addr) {
             rc = install(l, bi, page, n, NULL, &skipped);
             if (rc > 0)
                 count(&l->st.zero_pages, (u64)rc);
-        } else if (read_run(l, bi, page, n, l->fault_buf, l->fault_hdrs, l->fault_iov) < 0) {
+        } else if (read_run(l, bi, page, n, l->fault_buf, l->fault_hdrs, l->fault_iov,
+                            l->fault_crcs) < 0) {
             rc = install(l, bi, fault, 1, NULL, &skipped);
         } else {
             rc = install(l, bi, page, n, l->fault_buf, &skipped);
@@ -333,7 +349,7 @@ static void *filler_main(void *arg) {
                 continue;
             }
             u64 n = run_length(b, page, l->fill_run);
-            if (read_run(l, bi, page, n, l->fill_buf, l->fill_hdrs, l->fill_iov) < 0)
+            if (read_run(l, bi, page, n, l->fill_buf, l->fill_hdrs, l->fill_iov, l->fill_crcs) < 0)
                 goto out;
             int skipped = 0;
             long rc = install(l, bi, page, n, l->fill_buf, &skipped);
@@ -408,6 +424,8 @@ void *pyvmm_lazy_new(int uffd, int fd, unsigned int max_blocks, pyvmm_u64 fault_
     l->fill_hdrs = calloc(fill_run, sizeof(u64));
     l->fault_iov = calloc(2 * fault_run, sizeof(struct iovec));
     l->fill_iov = calloc(2 * fill_run, sizeof(struct iovec));
+    l->fault_crcs = calloc(fault_run, sizeof(unsigned int));
+    l->fill_crcs = calloc(fill_run, sizeof(unsigned int));
     void *fb = NULL, *lb = NULL;
     if (posix_memalign(&fb, PAGE_SZ, fault_run * PAGE_SZ) == 0)
         l->fault_buf = fb;
@@ -420,7 +438,7 @@ void *pyvmm_lazy_new(int uffd, int fd, unsigned int max_blocks, pyvmm_u64 fault_
     pthread_condattr_destroy(&attr);
     pthread_mutex_init(&l->lock, NULL);
     if (l->stopfd < 0 || !l->blocks || !l->fault_hdrs || !l->fill_hdrs || !l->fault_iov ||
-        !l->fill_iov || !l->fault_buf || !l->fill_buf) {
+        !l->fill_iov || !l->fault_buf || !l->fill_buf || !l->fault_crcs || !l->fill_crcs) {
         pyvmm_lazy_free(l);
         return NULL;
     }
@@ -438,8 +456,18 @@ int pyvmm_lazy_add_block(void *handle, pyvmm_u64 base, pyvmm_u64 npages, const l
         return -EINVAL;
     u64 data_pages = 0;
     pyvmm_lazy_table_end(table, npages, &data_pages);
-    l->blocks[l->nblocks++] = (struct lazy_block){base, npages, table, present};
+    l->blocks[l->nblocks++] = (struct lazy_block){base, npages, table, present, NULL};
     l->st.data_pages += data_pages;
+    return 0;
+}
+
+int pyvmm_lazy_set_block_crcs(void *handle, unsigned int block, const unsigned int *crcs) {
+    struct lazy *l = handle;
+    if (l->handler_running || l->filler_running)
+        return -EBUSY;
+    if (block >= l->nblocks)
+        return -EINVAL;
+    l->blocks[block].crcs = crcs;
     return 0;
 }
 
@@ -548,6 +576,8 @@ void pyvmm_lazy_free(void *handle) {
     free(l->fill_hdrs);
     free(l->fault_iov);
     free(l->fill_iov);
+    free(l->fault_crcs);
+    free(l->fill_crcs);
     free(l);
 }
 

@@ -350,3 +350,72 @@ int pyvmm_ram_walk(int fd, unsigned nblocks, const unsigned char *const *names,
                    void *const *bases, const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
                    const unsigned char *index, pyvmm_u64 nindex, int skip,
                    struct pyvmm_ram_walk *w);
+/* ---- pyvmm.migration.checksum (crcindex.c): an increment checked before a reload ----
+ * records: the increment's nrecords raw 24-byte page index records (as for
+ * pyvmm_claim_read_index). _apply checks each record (reserved byte, flags, inside its RAM block,
+ * a zero run without data offset, data inside [stream_start, stream_end), no page listed twice:
+ * seen[block] are scratch bitmaps of block_pages[block] bits, cleared first) and applies it to the
+ * per-page CRC tables (tables[block], host order): data pages take page_crcs in page-index
+ * order (exactly npage_crcs of them), zero pages zero_crc. No I/O. 0 when everything holds; else
+ * -EINVAL or PYVMM_CRCINDEX_* with err->run the record; the tables are then partly updated. */
+struct pyvmm_crcindex_result {
+    pyvmm_u64 data_pages;
+    pyvmm_u64 zero_pages;
+    pyvmm_u64 data_runs;
+};
+struct pyvmm_crcindex_error {
+    pyvmm_u64 run;
+    pyvmm_u64 offset;
+};
+enum {
+    PYVMM_CRCINDEX_BAD_RECORD = 1,   /* a record the container's decoder rejects */
+    PYVMM_CRCINDEX_COUNTS = 2,       /* page or gap CRCs not as many as the index needs */
+    PYVMM_CRCINDEX_OVERLAP = 3,      /* data extents overlap */
+    PYVMM_CRCINDEX_TRUNCATED = 4,    /* the file ends inside the stream */
+    PYVMM_CRCINDEX_GAP_MISMATCH = 5  /* a gap's CRC is not the block's */
+};
+int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                         unsigned int *const *tables, const pyvmm_u64 *block_pages,
+                         pyvmm_u64 *const *seen, pyvmm_u64 page_size, pyvmm_u64 stream_start,
+                         pyvmm_u64 stream_end, const unsigned int *page_crcs,
+                         pyvmm_u64 npage_crcs, unsigned int zero_crc,
+                         struct pyvmm_crcindex_result *result,
+                         struct pyvmm_crcindex_error *err);
+/* The data runs' extents of records (accepted by _apply), sorted by file offset and not
+ * overlapping, cut the stream into data runs + 1 gaps, which are read (never the page data, but
+ * for short extents read through in one pread) and compared with gap_crcs (ngap_crcs, file
+ * order). 0, -errno or PYVMM_CRCINDEX_*, with err->run the gap (or record) and err->offset. */
+int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                        pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
+                        struct pyvmm_crcindex_error *err);
+/* CRC-32C of the tables (block_pages[b] u32 each, as little-endian bytes, blocks in order):
+ * the RAM digest of a checksum block. */
+unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,
+                                   const pyvmm_u64 *block_pages);
+
+/* ---- pyvmm.migration.lazy (lazy.c): page data checked against the checksum capability ----
+ * crcs: one CRC-32C per page of block `block` (added before): each page read from the file is
+ * compared with it before it is installed; a mismatch is recorded as PYVMM_LAZY_BAD_CRC with
+ * the page, its data's file offset and (error_found) the CRC found. Before any start; crcs must
+ * outlive the loader. 0, -EBUSY or -EINVAL. */
+enum { PYVMM_LAZY_BAD_CRC = 5 };
+int pyvmm_lazy_set_block_crcs(void *handle, unsigned int block, const unsigned int *crcs);
+
+/* ---- pyvmm.migration.checksum (crc.c, crcindex.c): the writer's side in C ----
+ * out[k] = CRC-32C of the page_size bytes at pages[k] (three pages at a time). */
+void pyvmm_crc32c_page_list(const void *const *pages, pyvmm_u64 npages, pyvmm_u64 page_size,
+                            unsigned int *out);
+/* out[k] = CRC-32C of the k-th data page of the records (page-index order) as it is in RAM
+ * (bases[block], block_pages[block] pages); nout: the data pages the records hold. 0, or
+ * PYVMM_CRCINDEX_BAD_RECORD / _COUNTS with err->run. */
+int pyvmm_crcindex_ram_crcs(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                            void *const *bases, const pyvmm_u64 *block_pages,
+                            pyvmm_u64 page_size, unsigned int *out, pyvmm_u64 nout,
+                            struct pyvmm_crcindex_error *err);
+/* pyvmm_crcindex_gaps computing: out[i] = CRC-32C of gap i (nout = data runs + 1), and
+ * *last_gap = the file offset where the last gap starts. */
+int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrecords,
+                            pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                            unsigned int *out, pyvmm_u64 nout, pyvmm_u64 *last_gap,
+                            struct pyvmm_crcindex_error *err);

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.boot import GuestSpec, boot
-from pyvmm.errors import ConfigError, FormatError, RunStateError
+from pyvmm.errors import ChecksumError, ConfigError, FormatError, RunStateError
 from pyvmm.machine import Machine, RunState, StopReason
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.migration.checkpoint import Checkpointer, reload
@@ -510,3 +510,61 @@ def test_lazy_reload_of_several_ram_blocks(tmp_path: Path) -> None:
         assert loader.stats().data_pages == sum(len(range(3, b.page_count, 7))
                                                 for b in eager.ram_blocks)
         assert machine_digest(machine) == machine_digest(eager)
+
+
+@pytest.fixture(scope="module")
+def checksum_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lazy") / "checksum.bin"
+    make_checkpoint(path, "--max-insns", "700K", "--checksum", *WORKLOAD)
+    return path
+
+
+def flip_page_data(source: Path, target: Path) -> tuple[int, int, bytes]:
+    """A copy of `source` with one byte flipped in the middle of a page in the middle of its
+    longest data run; returns (that page's data offset, the page, its damaged data)."""
+    data = bytearray(source.read_bytes())
+    with CheckpointFile.open(source) as container:
+        run = max((r for r in container.page_index(0) if not r.zero), key=lambda r: r.npages)
+    k = run.npages // 2
+    at = run.data_offset + k * (PAGE_SIZE + PAGE_RECORD_HEADER)
+    data[at + 1234] ^= 0x40
+    target.write_bytes(data)
+    return at, run.first_page + k, bytes(data[at:at + PAGE_SIZE])
+
+
+def test_lazy_checksum_file_equals_eager(checksum_file: Path) -> None:
+    lazy_out, lazy_state, loader = run_lazy(f"chpt:{checksum_file}")
+    assert (lazy_out, lazy_state) == run_eager(f"chpt:{checksum_file}")
+    assert loader.stats().fault_pages + loader.stats().fill_pages == page_count(checksum_file)
+
+
+@pytest.mark.parametrize("by", ["fill", "fault"])
+def test_negative_page_data_against_its_checksum(tmp_path: Path, checksum_file: Path,
+                                                 by: str) -> None:
+    """A flipped page-data byte (the stream around it intact, so the checks before the start
+    pass): the thread that reads the page finds it, names page, GPA and offset, never installs
+    it (a touch gets zeros, so nothing hangs) and the guest never runs on."""
+    path = tmp_path / "flipped.bin"
+    at, page, damaged = flip_page_data(checksum_file, path)
+    machine, loader = lazy_reload(f"chpt:{path}", fill=by == "fill", fault_run=64)
+    with machine:
+        if by == "fault":
+            assert machine.ram.page(page).tobytes() == bytes(PAGE_SIZE)
+        with pytest.raises(ChecksumError, match="does not match its checksum") as err:
+            loader.wait_filled(RUN_TIMEOUT)
+        gpa = machine.ram.gpa + page * PAGE_SIZE
+        assert f"page {page} of RAM block" in str(err.value)
+        assert f"(GPA 0x{gpa:x})" in str(err.value)
+        assert err.value.offset == at and err.value.increment == 0
+        assert machine.state is RunState.INTERNAL_ERROR
+        with pytest.raises(RunStateError, match="internal-error"):
+            machine.run()
+        assert machine.ram.page(page).tobytes() != damaged  # never installed
+        if by == "fault":
+            assert loader.stats().fault_pages == 0
+        loader.close()
+        assert loader.error is err.value
+    proc = pyvmm("run", "--incoming", f"chpt:{path}", "--lazy")
+    assert proc.returncode == 1
+    last = proc.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("pyvmm: error: lazy reload of") and f"page {page} " in last

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from pyvmm._native import ffi, lib
@@ -538,3 +538,239 @@ def test_two_thread_read_back_equals_one_pass(chain: Chain, monkeypatch: pytest.
             with pytest.raises(FormatError, match=f"record header of page {first + left} "):
                 checksum.stream_crcs(container.fd, info, runs)
     assert cuts_inside_a_run  # the chain's runs are short: at least one cut lands inside one
+
+
+# ----- the checks before a reload: C against Python ----------------------------------------------
+
+
+def _before_load(path: Path, k: int) -> tuple[str, object]:
+    """What the Python checks of the first k increments say ("ok", table) or ("TypeName",
+    message), what the C checks say, and that check_before_load raises exactly the former."""
+    with CheckpointFile.open(path) as container:
+        increments = container.header.increments[:k]
+        try:
+            table = checksum._checked_in_python(container, increments, pages=False)
+            python: tuple[str, object] = ("ok", [t.tobytes() for t in table.blocks])
+        except PyvmmError as err:
+            python = (type(err).__name__, str(err))
+        fast = checksum._checked_in_c(container, increments)
+        event(f"Python: {python[0]}")
+        note(f"python: {python[0]} {python[1] if python[0] != 'ok' else ''}; "
+             f"C: {'rejected' if fast is None else 'accepted'}")
+        # C never accepts what Python rejects, nor rejects what Python accepts, and agrees on
+        # the table
+        assert (fast is None) == (python[0] != "ok")
+        if fast is not None:
+            assert [t.tobytes() for t in fast.blocks] == python[1]
+            assert [i for i, _ in fast.sources] == [i for i, _ in table.sources]
+        try:
+            checked = checksum.check_before_load(container, increments)
+            assert checked is not None and python[0] == "ok"
+        except PyvmmError as err:
+            assert (type(err).__name__, str(err)) == python
+        # deferred: the older increments' gaps are checked while the RAM loads, and the
+        # reloaded RAM's check raises what the checks before would have raised
+        try:
+            checked = checksum.check_before_load(container, increments, defer_older_gaps=True)
+            assert checked is not None
+            assert (checked.pending is not None) == (k > 1)
+            if checked.pending is not None:
+                checked.pending.check()
+            assert python[0] == "ok"
+        except PyvmmError as err:
+            assert (type(err).__name__, str(err)) == python
+    return python
+
+
+@FAST
+@given(kind=st.sampled_from(["page index", "checksum block", "page data",
+                             "stream outside page data", "device section", "stats"]),
+       pick=st.floats(0, 1, exclude_max=True), where=st.floats(0, 1, exclude_max=True),
+       mask=st.integers(1, 255))
+def test_c_checks_before_load_agree_with_python_on_flipped_bytes(
+        chain: Chain, tmp_path: Path, kind: str, pick: float, where: float, mask: int) -> None:
+    """The C checks accept exactly what the Python ones accept, and a rejection raises the
+    Python checks' error (the one naming increment, section or byte range)."""
+    start, length, increment = (regions := _regions(chain.data)[kind])[int(pick * len(regions))]
+    offset = start + int(where * length)
+    note(f"{kind}: byte 0x{offset:x} ^= 0x{mask:02x} (increment {increment})")
+    damaged = bytearray(chain.data)
+    damaged[offset] ^= mask
+    path = tmp_path / "damaged.chpt"
+    path.write_bytes(damaged)
+    for k in range(1, 4):
+        outcome = _before_load(path, k)
+        if kind in ("page index", "checksum block", "stream outside page data",
+                    "device section") and increment is not None and increment < k:
+            assert outcome[0] != "ok" and f"increment {increment}" in str(outcome[1])
+
+
+@FAST
+@given(increment=st.integers(0, 2), run=st.integers(0, 1 << 16),
+       field=st.sampled_from(["block", "first_page", "npages", "data_offset", "zero",
+                              "swap"]),
+       delta=st.integers(-3, 3), other=st.integers(0, 1 << 16))
+def test_c_checks_before_load_agree_with_python_on_hostile_page_indexes(
+        chain: Chain, tmp_path: Path, increment: int, run: int, field: str, delta: int,
+        other: int) -> None:
+    """Page indexes with a valid CRC but lying runs (outside the block or stream, a page listed
+    twice, overlapping data, a zero run with data, runs out of file order): the C record checks
+    and the Python decoder agree."""
+    from pyvmm.migration.container_format import PageRun, encode_page_index
+
+    with CheckpointFile.open(chain.path) as container:
+        info = container.header.increments[increment]
+        runs = container.page_index(increment)
+    i, j = run % len(runs), other % len(runs)
+    victim = runs[i]
+    if field == "swap":
+        runs[i], runs[j] = runs[j], runs[i]
+    elif field == "zero":
+        runs[i] = dataclasses.replace(victim, zero=not victim.zero,
+                                      data_offset=victim.data_offset or runs[j].data_offset)
+    else:
+        value = getattr(victim, field)
+        if field == "block":
+            value = max(0, value + delta)
+        elif field == "data_offset" and not victim.zero:
+            value = runs[j].data_offset + delta * 4 if delta else value + 8
+        else:
+            value = max(0, value + delta) if field == "first_page" else max(1, value + delta)
+        runs[i] = dataclasses.replace(victim, **{field: value})
+    note(f"increment {increment}: run {i} {victim} -> {runs[i]}")
+    blob = encode_page_index(increment, [PageRun(r.block, r.first_page, r.npages, r.data_offset,
+                                                 r.zero) for r in runs])
+    assert len(blob) == info.index_length
+    damaged = bytearray(chain.data)
+    damaged[info.index_offset:info.index_offset + len(blob)] = blob
+    path = tmp_path / "hostile.chpt"
+    path.write_bytes(damaged)
+    for k in range(1, 4):
+        _before_load(path, k)
+
+
+def test_checksum_block_fast_decoder_agrees_with_construct(chain: Chain) -> None:
+    """The struct decoder of checksum blocks returns what the declaration's parser returns, and
+    declines (so that the parser names the error) whatever the parser rejects."""
+    from pyvmm.migration import checksum_format
+
+    rnd = random.Random(5)
+    with CheckpointFile.open(chain.path) as container:
+        blobs = [(info.index, os.pread(container.fd, info.checksum_length, info.checksum_offset))
+                 for info in container.header.increments]
+    cases = []
+    for increment, blob in blobs:
+        cases.append((increment, blob))
+        cases.append((increment + 1, blob))
+        for _ in range(150):
+            damaged = bytearray(blob)
+            damaged[rnd.randrange(len(blob))] ^= rnd.randrange(1, 256)
+            cases.append((increment, bytes(damaged)))
+            cases.append((increment, blob[:rnd.randrange(len(blob))]))
+    accepted = 0
+    for increment, data in cases:
+        fast = checksum_format._decode_checksums_fast(data, increment)
+        try:
+            parsed = checksum_format.decode_checksums(data, increment=increment)
+        except FormatError:
+            assert fast is None
+            continue
+        assert fast == parsed
+        accepted += 1
+    assert accepted >= len(blobs)
+
+
+def test_ram_page_crcs_in_two_halves_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper thread's half starts at a bitmap word: same CRCs, populated or not."""
+    from pyvmm.migration import checksum_table
+    from pyvmm.ram import RamBlock
+
+    block = RamBlock("test.ram", 333 * PAGE_SIZE, 0x4000_0000)
+    try:
+        rnd = random.Random(6)
+        for page in rnd.sample(range(333), 120):
+            block.mem[page * PAGE_SIZE:page * PAGE_SIZE + 16] = rnd.randbytes(16)
+        monkeypatch.setattr(checksum_table, "PARALLEL_PAGES", 1 << 30)
+        one = checksum.ram_page_crcs(block)
+        monkeypatch.setattr(checksum_table, "PARALLEL_PAGES", 2)
+        two = checksum.ram_page_crcs(block)
+        assert one == two
+        assert list(one) == [checksum.crc32c(block.mem[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])
+                             for p in range(333)]
+    finally:
+        block.close()
+
+
+@pytest.mark.parametrize("parallel", [1 << 30, 2])
+def test_stop_and_copy_checksums_in_c_equal_python(tmp_path: Path, parallel: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C writer path (RAM CRCs in one or two halves, gaps, table) gives the checksum block
+    and table the Python path gives, for a full and an incremental stop-and-copy increment."""
+    monkeypatch.setattr(checksum, "PARALLEL_PAGES", parallel)
+    calls = {"c": 0, "python": 0}
+    in_c = checksum._increment_checksums_in_c
+
+    def both(*args: object, **kwargs: object) -> object:
+        done = in_c(*args, **kwargs)  # type: ignore[arg-type]
+        assert done is not None
+        calls["c"] += 1
+        monkeypatch.setattr(checksum, "_increment_checksums_in_c", lambda *a, **k: None)
+        try:
+            container, kind, offset, length, runs, table, ram = args
+            block, after = checksum.increment_checksums(
+                container, kind, offset, length, runs, table,  # type: ignore[arg-type]
+                from_ram=ram)  # type: ignore[arg-type]
+        finally:
+            monkeypatch.setattr(checksum, "_increment_checksums_in_c", both)
+        calls["python"] += 1
+        page_crcs, gap_crcs, last_gap, table_after = done  # type: ignore[misc]
+        assert (page_crcs, gap_crcs) == (block.page_crcs, block.gap_crcs)
+        assert [t.tobytes() for t in table_after.blocks] == [t.tobytes() for t in after.blocks]
+        assert table_after.digest() == block.ram_digest
+        assert last_gap[0] + last_gap[1] == offset + length  # type: ignore[operator]
+        return done
+
+    monkeypatch.setattr(checksum, "_increment_checksums_in_c", both)
+    options = WorkloadOptions.parse("pattern=hotcold,working_set=2M,passes=0,touch=64")
+    path = tmp_path / "sc.chpt"
+    with boot(GuestSpec(workload=options), ram_size=16 << 20, seed=4) as machine:
+        checkpointer = Checkpointer(machine, path, capabilities=["incremental", "checksum"])
+        for _ in range(3):
+            machine.run(max_insns=200_000)
+            checkpointer.checkpoint()
+        checkpointer.close()
+    assert calls == {"c": 3, "python": 3}
+    assert verify_file(path).ok
+
+
+def test_deferred_gap_checks_fail_the_reloaded_ram_check(chain: Chain, tmp_path: Path) -> None:
+    """With the older increments' gaps checked while the RAM loads, damage there is raised by
+    the reloaded RAM's check (as the checks before the load raise it), and a reload that ends
+    before that check leaves no descriptor behind."""
+    regions = [r for r in _regions(chain.data)["stream outside page data"] if r[2] == 0]
+    start, length, _ = regions[len(regions) // 2]
+    damaged = bytearray(chain.data)
+    damaged[start + length // 2] ^= 0x20
+    path = tmp_path / "older.chpt"
+    path.write_bytes(damaged)
+    with CheckpointFile.open(chain.path) as clean:
+        layout = clean.header.ram_blocks
+    with reload(f"chpt:{chain.path}") as copy:
+        blocks = checksum.reload_blocks(copy.ram_blocks, layout)
+        with CheckpointFile.open(path) as container:
+            with pytest.raises(ChecksumError) as before:
+                checksum.check_before_load(container, container.header.increments)
+            assert before.value.increment == 0
+            expected = checksum.check_before_load(container, container.header.increments,
+                                                  defer_older_gaps=True)
+            assert expected is not None and expected.pending is not None
+            with pytest.raises(ChecksumError) as after:
+                checksum.check_reloaded_ram(blocks, expected, 2)
+            assert str(after.value) == str(before.value)
+        fds = len(os.listdir("/proc/self/fd"))
+        with CheckpointFile.open(chain.path) as container:
+            expected = checksum.check_before_load(container, container.header.increments,
+                                                  defer_older_gaps=True)
+            assert expected is not None and expected.pending is not None
+            expected.pending._thread.join()  # a loader that failed never waits
+        assert len(os.listdir("/proc/self/fd")) == fds
