@@ -33,10 +33,10 @@ from typing import Any
 from ..devices.pl011 import UartSink
 from pyvmm._native import ffi, lib
 
-from ..errors import ConfigError, FormatError, PyvmmError, StreamError
+from ..errors import ChecksumError, ConfigError, FormatError, PyvmmError, StreamError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
-from .checksum import check_before_load, check_reloaded_ram, reload_blocks
+from .checksum import RamCrcTable, check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, RamBlockInfo
 from .container_format import page_index_records
 from .machine_state import MachineStateEntries, apply, linux_state_from, machine_save_state
@@ -116,17 +116,20 @@ def reload_file(path: str, count: int | None = None, *, strategy: str = DEFAULT_
             raise ConfigError(f"{path} holds {available} increment(s), not {n}")
         increments = header.increments[:n]
         check_chain(increments, path)
-        # with checksums: streams checked now, the reloaded RAM after loading (never run)
-        expected = check_before_load(container, increments)
+        # with checksums: streams checked now, the reloaded RAM after loading (never run);
+        # the indexed loader parses only the last stream, so the others' gaps are checked
+        # while it loads RAM, and it checks each page it reads against the table as it goes
+        indexed = strategy == "indexed"
+        expected = check_before_load(container, increments, defer_older_gaps=indexed)
         machine = Machine(main_ram_size(header.ram_blocks, path), uart_sink=uart_sink,
                           name=header.machine or "guest")
         report = ReloadReport(path=str(path), strategy=strategy, increments=n)
         try:
-            _Loader(machine, container, increments, report, progress, sieve_pages).run(
-                header.ram_blocks, stdout, stderr)
+            _Loader(machine, container, increments, report, progress, sieve_pages,
+                    expected).run(header.ram_blocks, stdout, stderr)
             if expected is not None:
                 check_reloaded_ram(reload_blocks(machine.ram_blocks, header.ram_blocks),
-                                   expected, n - 1)
+                                   expected, n - 1, ram_checked=indexed)
                 report.checksums_verified = True
         except BaseException:
             machine.close()
@@ -152,7 +155,8 @@ def check_chain(increments: tuple[IncrementInfo, ...], path: str) -> None:
 class _Loader:
     def __init__(self, machine: Machine, container: CheckpointFile,
                  increments: tuple[IncrementInfo, ...], report: ReloadReport,
-                 progress: Progress | None, sieve_pages: int = DEFAULT_SIEVE_PAGES) -> None:
+                 progress: Progress | None, sieve_pages: int = DEFAULT_SIEVE_PAGES,
+                 expected: RamCrcTable | None = None) -> None:
         self.machine = machine
         self.container = container
         self.increments = increments
@@ -161,6 +165,8 @@ class _Loader:
         self.total = sum(i.stream_length for i in increments)
         self.done = 0
         self.sieve_pages = sieve_pages
+        #: with checksums: the CRC every page must have, checked as pages are read (indexed)
+        self.expected = expected
         self.post_load: collections.Counter[str] = collections.Counter()
         self._records: dict[int, memoryview] = {}
 
@@ -192,7 +198,7 @@ class _Loader:
         strategy = self.report.strategy
         last = len(self.increments) - 1
         if strategy == "indexed":
-            self._read_pages_newest_first()
+            self._read_pages_newest_first(layout)
             self._load_stream(entries, self.increments[last], skip_ram=True, final=True)
         else:
             for k, info in enumerate(self.increments):
@@ -231,34 +237,53 @@ class _Loader:
         self.report.streams += 1
         self._advance(info.stream_length)
 
-    def _read_pages_newest_first(self) -> None:
-        """Every page from the newest increment that holds it, each read once."""
-        blocks = self.machine.ram_blocks
+    def _read_pages_newest_first(self, layout: tuple[RamBlockInfo, ...]) -> None:
+        """Every page from the newest increment that holds it, each read once (and, with
+        checksums, compared with the CRC it must have as it is read)."""
+        blocks = reload_blocks(self.machine.ram_blocks, layout)  # the index numbers them so
+        n = max(len(blocks), 1)
         claimed = [PageBitmap(b.page_count) for b in blocks]
-        bases = ffi.new("void *[]", max(len(blocks), 1))
-        sizes = ffi.new("pyvmm_u64[]", max(len(blocks), 1))
-        bits = ffi.new("pyvmm_u64 *[]", max(len(blocks), 1))
+        bases = ffi.new("void *[]", n)
+        sizes = ffi.new("pyvmm_u64[]", n)
+        bits = ffi.new("pyvmm_u64 *[]", n)
         mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
         for i, block in enumerate(blocks):
             bases[i] = mems[i]
             sizes[i] = block.page_count
             bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
+        options = ffi.new("struct pyvmm_claim_options *")
+        options.sieve_pages = self.sieve_pages
+        expected = self.expected
+        if expected is not None:
+            tables = [ffi.from_buffer("unsigned int[]", t) for t in expected.blocks]
+            crcs = ffi.new("unsigned int *[]", n)
+            for i, table in enumerate(tables):
+                crcs[i] = table
+            options.crcs = crcs
+            options.zero_crc = expected.zero_crc
         for info in reversed(self.increments):
             # checked record by record in C: no Python step per run
             self._claim_read(info, self._index_records(info.index), len(blocks), bases, sizes,
-                             bits)
+                             bits, options)
             self._advance(info.stream_length if info is not self.increments[-1] else 0)
+        if expected is not None:
+            err = ffi.new("struct pyvmm_page_read_error *")
+            rc = lib.pyvmm_claim_check_unclaimed(len(blocks), sizes, bits, options, err)
+            if rc != 0:
+                raise self._crc_error(err, None)
 
     def _claim_read(self, info: IncrementInfo, records: memoryview, nblocks: int, bases: Any,
-                    sizes: Any, bits: Any) -> None:
+                    sizes: Any, bits: Any, options: Any) -> None:
         result = ffi.new("struct pyvmm_claim_result *")
         err = ffi.new("struct pyvmm_page_read_error *")
         raw = ffi.from_buffer(records)
         rc = lib.pyvmm_claim_read_index(
             self.container.fd, raw, len(records) // _RECORD, nblocks, bases, sizes, bits,
             PAGE_SIZE, info.stream_offset, info.stream_offset + info.stream_length,
-            self.sieve_pages, result, err)
+            options, result, err)
         del raw
+        if rc == lib.PYVMM_CLAIM_BAD_CRC:
+            raise self._crc_error(err, info)
         if rc != 0:
             raise _claim_error(rc, err, info)
         if result.data_pages != info.pages or result.zero_pages != info.zero_pages:
@@ -268,6 +293,27 @@ class _Loader:
         self.report.pages_read += int(result.pages_read)
         self.report.reads += int(result.reads)
         self.report.sieved_bytes += int(result.sieved_bytes)
+
+    def _crc_error(self, err: Any, info: IncrementInfo | None) -> ChecksumError:
+        """A page read (``info``'s) or left zero (``info`` None) whose CRC is not the one the
+        checksums say it must have."""
+        expected = self.expected
+        assert expected is not None
+        block, page, found = int(err.run), int(err.page), int(err.found)
+        where = expected.layout[block]
+        gpa = where.gpa + page * expected.page_size
+        want = expected.blocks[block][page]
+        if info is not None and err.offset:
+            return ChecksumError(
+                f"page data does not match its checksum: RAM block {where.name!r} page {page} "
+                f"(GPA 0x{gpa:x}) has CRC-32C 0x{found:08x}, not 0x{want:08x}",
+                increment=info.index, offset=int(err.offset))
+        # a zero run's page (info), or a page no increment holds
+        source = info.index if info is not None else expected.source(block, page)
+        return ChecksumError(
+            f"reloaded RAM does not match the checksums: RAM block {where.name!r} page {page} "
+            f"(GPA 0x{gpa:x}) is zero, its checksum 0x{want:08x} is not a zero page's",
+            increment=len(self.increments) - 1 if source is None else source)
 
 
 _RECORD = 24  # bytes of one page index record

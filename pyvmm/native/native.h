@@ -312,10 +312,19 @@ void pyvmm_lazy_get_stats(void *handle, struct pyvmm_lazy_stats *out);
  * are claimed in claimed[block] (page bitmaps); data pages not claimed before are read into
  * bases[block] (block_pages[block] pages) with pyvmm_read_page_runs; zero runs are only claimed
  * (a fresh machine's RAM is zero). Data must lie in [stream_start, stream_end).
- * sieve_pages (0..PYVMM_CLAIM_MAX_SIEVE): a gap of at most this many page records between two
- * pages to read is read too (into a scratch buffer, then ignored) instead of starting a new
- * preadv; 0 reads nothing but the pages used.
- * 0, -errno, PYVMM_PAGEIO_* or PYVMM_CLAIM_BAD_RECORD; err->run = the record. */
+ * options->sieve_pages (0..PYVMM_CLAIM_MAX_SIEVE): a gap of at most this many page records
+ * between two pages to read is read too (into a scratch buffer, then ignored) instead of
+ * starting a new preadv; 0 reads nothing but the pages used. options->crcs (NULL: no checks):
+ * per block, the CRC-32C each page must have once all increments are loaded; every page read is
+ * compared with it, and pages of zero runs not claimed before must expect options->zero_crc.
+ * 0, -errno, PYVMM_PAGEIO_*, PYVMM_CLAIM_BAD_RECORD (err->run = the record) or
+ * PYVMM_CLAIM_BAD_CRC (err->run = the block, err->page, err->offset = the page data's file
+ * offset, 0 for a page left zero, err->found = the CRC of the page as read). */
+struct pyvmm_claim_options {
+    pyvmm_u64 sieve_pages;
+    const unsigned int *const *crcs;
+    unsigned int zero_crc;
+};
 struct pyvmm_claim_result {
     pyvmm_u64 data_pages;  /* listed by the index */
     pyvmm_u64 zero_pages;  /* listed by the index */
@@ -323,13 +332,20 @@ struct pyvmm_claim_result {
     pyvmm_u64 reads;       /* preadv calls (file-adjacent pages share one) */
     pyvmm_u64 sieved_bytes; /* read only to bridge gaps (sieve_pages) */
 };
-enum { PYVMM_CLAIM_BAD_RECORD = 16, PYVMM_CLAIM_MAX_SIEVE = 64 };
+enum { PYVMM_CLAIM_BAD_RECORD = 16, PYVMM_CLAIM_BAD_CRC = 17, PYVMM_CLAIM_MAX_SIEVE = 64 };
 int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                            unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
                            pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
                            pyvmm_u64 stream_start, pyvmm_u64 stream_end,
-                           pyvmm_u64 sieve_pages, struct pyvmm_claim_result *result,
+                           const struct pyvmm_claim_options *options,
+                           struct pyvmm_claim_result *result,
                            struct pyvmm_page_read_error *err);
+/* After the last increment: every page no increment claimed stays zero and must expect
+ * options->zero_crc. 0 or PYVMM_CLAIM_BAD_CRC as above (nothing when options->crcs is NULL). */
+int pyvmm_claim_check_unclaimed(unsigned nblocks, const pyvmm_u64 *block_pages,
+                                pyvmm_u64 *const *claimed,
+                                const struct pyvmm_claim_options *options,
+                                struct pyvmm_page_read_error *err);
 
 /* ---- pyvmm.migration.ram_handler (ramwalk.c): page records of a RAM section body ----
  * From w->offset, PAGE and ZERO records of the nblocks blocks (names[b]: a length byte, then the

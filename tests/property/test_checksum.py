@@ -32,6 +32,7 @@ from pyvmm.errors import ChecksumError, ConfigError, FormatError, PyvmmError
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine
 from pyvmm.migration import checksum
+from pyvmm.migration import reload as reload_module
 from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import CheckpointFile, encode_header_slot, load_spec
 from pyvmm.migration.checksum_format import decode_checksums, encode_checksums
@@ -361,6 +362,58 @@ def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain,
     with pytest.raises(ChecksumError, match="page data of RAM block"):
         with CheckpointFile.open(path) as container:
             checksum.check_before_load(container, container.header.increments, pages=True)
+
+
+@pytest.mark.parametrize("which", ["read", "zero run", "never saved"])
+def test_indexed_reload_checks_each_page_as_it_reads_it(chain: Chain, which: str,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """The indexed reload compares every page it reads (and every page it leaves zero) with
+    the checksum table instead of a second pass over RAM: a table that disagrees with one page
+    fails the reload naming that page, as the RAM pass of the other strategies does."""
+    path = chain.path
+    if which == "never saved":  # a machine that never touched most of its RAM
+        path = tmp_path / "sparse.chpt"
+        with Machine(64 << 20) as machine:
+            machine.ram.write(5 * PAGE_SIZE, b"written")
+            checkpointer = Checkpointer(machine, path, capabilities=["checksum"])
+            checkpointer.checkpoint()
+            checkpointer.close()
+    with CheckpointFile.open(path) as container:
+        expected = checksum.check_before_load(container, container.header.increments)
+        assert expected is not None
+        layout = container.header.ram_blocks
+        increments = container.header.increments
+        pages_of = [container.page_index(i) for i in range(len(increments))]
+        last = pages_of[-1]
+    held = {(r.block, p) for i in range(len(increments)) for r in pages_of[i]
+            for p in range(r.first_page, r.first_page + r.npages)}
+    if which == "read":
+        run = next(r for r in last if not r.zero)
+        block, page = run.block, run.first_page + run.npages - 1
+    elif which == "zero run":
+        run = next(r for r in pages_of[0] if r.zero)
+        block, page = run.block, run.first_page
+    else:
+        block = 0
+        page = next(p for p in range(len(expected.blocks[0]) - 1, -1, -1)
+                    if (0, p) not in held)
+    gpa = layout[block].gpa + page * PAGE_SIZE
+    real = checksum.check_before_load
+
+    def lying(*args: object, **kwargs: object) -> checksum.RamCrcTable | None:
+        table = real(*args, **kwargs)  # type: ignore[arg-type]
+        assert table is not None
+        table.blocks[block][page] ^= 0x5A5A
+        return table
+
+    monkeypatch.setattr(reload_module, "check_before_load", lying)
+    for strategy in ("indexed", "sequential"):
+        with pytest.raises(ChecksumError, match=rf"page {page} \(GPA 0x{gpa:x}\)") as err:
+            reload_module.reload_file(str(path), strategy=strategy)
+        if strategy == "indexed":
+            assert ("page data does not match" if which == "read" else "is zero") in str(
+                err.value)
 
 
 # ----- format 1 files -----------------------------------------------------------------------------
