@@ -17,7 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "native.h"
+#include "internal.h"
 
 typedef pyvmm_u64 u64;
 
@@ -47,21 +47,11 @@ static int apply_records(const unsigned char *records, u64 nrecords, unsigned nb
     const u64 stride = RECORD_HEADER + page_size;
     u64 position = 0; /* next page CRC */
     for (u64 i = 0; i < nrecords; i++) {
-        const unsigned char *r = records + i * RECORD_SIZE;
-        uint16_t block;
-        uint32_t npages;
-        uint64_t first, data_offset;
-        memcpy(&block, r, 2);
-        memcpy(&npages, r + 4, 4);
-        memcpy(&first, r + 8, 8);
-        memcpy(&data_offset, r + 16, 8);
-        block = be16toh(block);
-        npages = be32toh(npages);
-        first = be64toh(first);
-        data_offset = be64toh(data_offset);
-        unsigned flags = r[2];
+        const struct pyvmm_index_record rec = pyvmm_index_record(records + i * RECORD_SIZE);
+        const unsigned block = rec.block, flags = rec.flags;
+        const pyvmm_u64 npages = rec.npages, first = rec.first, data_offset = rec.data_offset;
         err->run = i;
-        if (r[3] != 0 || (flags & ~RUN_ZERO) != 0)
+        if (rec.reserved != 0 || (flags & ~RUN_ZERO) != 0)
             return PYVMM_CRCINDEX_BAD_RECORD;
         if (block >= nblocks || npages == 0 || first > block_pages[block] ||
             npages > block_pages[block] - first)
@@ -282,18 +272,11 @@ int pyvmm_crcindex_ram_crcs(const unsigned char *records, pyvmm_u64 nrecords, un
     unsigned listed = 0;
     u64 position = 0, flushed = 0;
     for (u64 i = 0; i < nrecords; i++) {
-        const unsigned char *r = records + i * RECORD_SIZE;
-        uint16_t block;
-        uint32_t npages;
-        uint64_t first;
-        if (r[2] & RUN_ZERO)
+        const struct pyvmm_index_record rec = pyvmm_index_record(records + i * RECORD_SIZE);
+        if (rec.flags & RUN_ZERO)
             continue;
-        memcpy(&block, r, 2);
-        memcpy(&npages, r + 4, 4);
-        memcpy(&first, r + 8, 8);
-        block = be16toh(block);
-        npages = be32toh(npages);
-        first = be64toh(first);
+        const unsigned block = rec.block;
+        const u64 npages = rec.npages, first = rec.first;
         err->run = i;
         if (block >= nblocks || first > block_pages[block] ||
             npages > block_pages[block] - first || npages > nout - position)

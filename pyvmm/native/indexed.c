@@ -230,21 +230,11 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                       struct pyvmm_page_read_error *err, struct batch *b) {
     const pyvmm_u64 stride = STRIDE_HEADER + page_size;
     for (pyvmm_u64 i = 0; i < nrecords; i++) {
-        const unsigned char *r = records + i * RECORD_SIZE;
-        uint16_t block;
-        uint32_t npages;
-        uint64_t first, data_offset;
-        memcpy(&block, r, 2);
-        memcpy(&npages, r + 4, 4);
-        memcpy(&first, r + 8, 8);
-        memcpy(&data_offset, r + 16, 8);
-        block = be16toh(block);
-        npages = be32toh(npages);
-        first = be64toh(first);
-        data_offset = be64toh(data_offset);
-        unsigned flags = r[2];
+        const struct pyvmm_index_record rec = pyvmm_index_record(records + i * RECORD_SIZE);
+        const unsigned block = rec.block, flags = rec.flags;
+        const pyvmm_u64 npages = rec.npages, first = rec.first, data_offset = rec.data_offset;
         err->run = i;
-        if (r[3] != 0 || (flags & ~RUN_ZERO) != 0)
+        if (rec.reserved != 0 || (flags & ~RUN_ZERO) != 0)
             return PYVMM_CLAIM_BAD_RECORD;
         if (block >= nblocks || npages == 0 || first > block_pages[block] ||
             npages > block_pages[block] - first)

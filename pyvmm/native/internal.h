@@ -3,9 +3,33 @@
 #ifndef PYVMM_INTERNAL_H
 #define PYVMM_INTERNAL_H
 
+#include <endian.h>
+#include <stdint.h>
+#include <string.h>
 #include <sys/uio.h>
 
 #include "native.h"
+
+/* One page index record as the container stores it (24 bytes, big-endian): be16 block, u8
+ * flags (PYVMM_INDEX_ZERO), u8 reserved, be32 npages, be64 first page, be64 data offset. */
+#define PYVMM_INDEX_RECORD 24
+#define PYVMM_INDEX_ZERO 0x01
+struct pyvmm_index_record {
+    unsigned block, flags, reserved;
+    pyvmm_u64 npages, first, data_offset;
+};
+
+static inline struct pyvmm_index_record pyvmm_index_record(const unsigned char *r) {
+    uint16_t block;
+    uint32_t npages;
+    uint64_t first, data_offset;
+    memcpy(&block, r, 2);
+    memcpy(&npages, r + 4, 4);
+    memcpy(&first, r + 8, 8);
+    memcpy(&data_offset, r + 16, 8);
+    return (struct pyvmm_index_record){be16toh(block), r[2], r[3], be32toh(npages),
+                                       be64toh(first), be64toh(data_offset)};
+}
 
 /* pages.c: reads iov[0..cnt) from `offset` to the end, retrying after EINTR and short reads
  * (advancing the iovecs it was given). End of file first: PYVMM_PAGEIO_TRUNCATED with

@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "native.h"
+#include "internal.h"
 
 #define FLAG_ZERO 0x02
 #define FLAG_MEM_SIZE 0x04
@@ -26,8 +26,6 @@
 #define FLAG_EOS 0x10
 #define FLAG_CONTINUE 0x20
 #define KNOWN_FLAGS (FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE)
-#define INDEX_RECORD 24
-#define INDEX_ZERO 0x01
 #define HEADER 8
 
 #define SKIP_BUFFER (64 << 10)
@@ -101,19 +99,10 @@ static struct data_run *data_runs(const unsigned char *index, pyvmm_u64 nindex,
     if (runs == NULL)
         return NULL;
     for (pyvmm_u64 i = 0; i < nindex; i++) {
-        const unsigned char *rec = index + i * INDEX_RECORD;
-        if (rec[2] & INDEX_ZERO)
+        const struct pyvmm_index_record rec = pyvmm_index_record(index + i * PYVMM_INDEX_RECORD);
+        if (rec.flags & PYVMM_INDEX_ZERO)
             continue;
-        uint16_t block;
-        uint32_t npages;
-        uint64_t first, offset;
-        memcpy(&block, rec, 2);
-        memcpy(&npages, rec + 4, 4);
-        memcpy(&first, rec + 8, 8);
-        memcpy(&offset, rec + 16, 8);
-        runs[*count] = (struct data_run){be64toh(offset), be64toh(first), be32toh(npages),
-                                         be16toh(block)};
-        (*count)++;
+        runs[(*count)++] = (struct data_run){rec.data_offset, rec.first, rec.npages, rec.block};
     }
     qsort(runs, *count, sizeof *runs, by_offset);
     return runs;
