@@ -33,7 +33,7 @@ from .machine_state import (
     capture,
     machine_save_state,
 )
-from .checksum import RamCrcTable, increment_checksums, table_from_file
+from .checksum import RamCrcsAhead, RamCrcTable, increment_checksums, table_from_file
 from .container import ChecksumBlock
 from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
@@ -202,7 +202,8 @@ class Checkpointer:
 
     def _checksums(self, container: CheckpointFile, kind: str, stream_offset: int,
                    stream_length: int, runs: list[PageRun], device_bytes: bytes,
-                   devices: list[dict[str, Any]]) -> tuple[ChecksumBlock, RamCrcTable] | None:
+                   devices: list[dict[str, Any]], ahead: RamCrcsAhead | None = None
+                   ) -> tuple[ChecksumBlock, RamCrcTable] | None:
         """The ``checksum`` capability: CRCs of the stream just written (read back from the
         file) and the RAM CRC table after it (kept once the increment is committed)."""
         if not self.checksum:
@@ -215,7 +216,8 @@ class Checkpointer:
         # stop-and-copy: RAM is still as saved, its CRCs need no read-back of the page data
         still = None if self.live or self.cow else self.machine.ram_blocks
         return increment_checksums(container, kind, stream_offset, stream_length, runs, table,
-                                   device_bytes, devices, from_ram=still)
+                                   device_bytes, devices, from_ram=still,
+                                   ahead=ahead if still is not None else None)
 
     def _container(self) -> CheckpointFile:
         container = self._open_container()
@@ -316,6 +318,7 @@ class Checkpointer:
         selection: dict[str, PageBitmap] = {}
         writer = None
         session: WriteProtectSession | None = None
+        ahead: RamCrcsAhead | None = None
         try:
             machine.guest_inform.checkpoint_started()
             capture(machine, self.entries, ended=before is RunState.SHUTDOWN)
@@ -363,6 +366,8 @@ class Checkpointer:
                                               open_saved=live is not self._tracker)
                 runs, data_pages, zero_pages = result.runs, result.data_pages, result.zero_pages
             else:
+                if self.checksum:  # page CRCs from RAM on another core while pages are written
+                    ahead = RamCrcsAhead(machine.ram_blocks, selection)
                 ram.select(selection)
                 save_state.save_iterate(f)
                 runs = list(ram.runs)
@@ -378,7 +383,7 @@ class Checkpointer:
             if self.sanity_checks:
                 self._check_saved(selection, data_pages, zero_pages, page_runs, session)
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,
-                                        page_runs, device_bytes, devices)
+                                        page_runs, device_bytes, devices, ahead)
             faults = shadows = carried = 0
             if session is not None:
                 wp = session.stats()
@@ -410,6 +415,8 @@ class Checkpointer:
             self.history.append(stats)
             return stats
         except BaseException:
+            if ahead is not None:  # no thread left reading RAM behind a failed checkpoint
+                ahead.result()
             if writer is not None:
                 writer.abort()
             self._finish_restart(False)

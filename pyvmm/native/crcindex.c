@@ -307,6 +307,26 @@ int pyvmm_crcindex_ram_crcs(const unsigned char *records, pyvmm_u64 nrecords, un
     return position == nout ? 0 : PYVMM_CRCINDEX_COUNTS;
 }
 
+int pyvmm_crcindex_gather(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                          const unsigned int *const *block_crcs, const pyvmm_u64 *block_pages,
+                          unsigned int *out, pyvmm_u64 nout, struct pyvmm_crcindex_error *err) {
+    memset(err, 0, sizeof *err);
+    u64 position = 0;
+    for (u64 i = 0; i < nrecords; i++) {
+        const struct pyvmm_index_record rec = pyvmm_index_record(records + i * RECORD_SIZE);
+        if (rec.flags & RUN_ZERO)
+            continue;
+        err->run = i;
+        if (rec.block >= nblocks || block_crcs[rec.block] == NULL ||
+            rec.first > block_pages[rec.block] || rec.npages > block_pages[rec.block] - rec.first ||
+            rec.npages > nout - position)
+            return PYVMM_CRCINDEX_BAD_RECORD;
+        memcpy(out + position, block_crcs[rec.block] + rec.first, rec.npages * sizeof *out);
+        position += rec.npages;
+    }
+    return position == nout ? 0 : PYVMM_CRCINDEX_COUNTS;
+}
+
 unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,
                                    const pyvmm_u64 *block_pages) {
     unsigned int crc = 0;

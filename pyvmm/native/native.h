@@ -422,6 +422,12 @@ int pyvmm_lazy_set_block_crcs(void *handle, unsigned int block, const unsigned i
  * out[k] = CRC-32C of the page_size bytes at pages[k] (three pages at a time). */
 void pyvmm_crc32c_page_list(const void *const *pages, pyvmm_u64 npages, pyvmm_u64 page_size,
                             unsigned int *out);
+/* out[k] = the CRC of the k-th data page of the records (page-index order) taken from
+ * block_crcs[block][page] (per-page CRCs computed before, e.g. while the pages were written);
+ * a NULL table refuses its block. 0, or PYVMM_CRCINDEX_BAD_RECORD / _COUNTS with err->run. */
+int pyvmm_crcindex_gather(const unsigned char *records, pyvmm_u64 nrecords, unsigned nblocks,
+                          const unsigned int *const *block_crcs, const pyvmm_u64 *block_pages,
+                          unsigned int *out, pyvmm_u64 nout, struct pyvmm_crcindex_error *err);
 /* out[k] = CRC-32C of the k-th data page of the records (page-index order) as it is in RAM
  * (bases[block], block_pages[block] pages); nout: the data pages the records hold. 0, or
  * PYVMM_CRCINDEX_BAD_RECORD / _COUNTS with err->run. */

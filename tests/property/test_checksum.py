@@ -757,19 +757,25 @@ def test_ram_page_crcs_in_two_halves_equal_one_pass(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("parallel", [1 << 30, 2])
 def test_stop_and_copy_checksums_in_c_equal_python(tmp_path: Path, parallel: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The C writer path (RAM CRCs in one or two halves, gaps, table) gives the checksum block
-    and table the Python path gives, for a full and an incremental stop-and-copy increment."""
+    """The C writer path (RAM CRCs taken while the stream was written, or afterwards in one or
+    two halves; gaps; table) gives the checksum block and table the Python path gives, for a
+    full and an incremental stop-and-copy increment."""
     monkeypatch.setattr(checksum, "PARALLEL_PAGES", parallel)
     calls = {"c": 0, "python": 0}
     in_c = checksum._increment_checksums_in_c
 
     def both(*args: object, **kwargs: object) -> object:
+        container, kind, offset, length, runs, table, ram, ahead = args
+        assert isinstance(ahead, checksum.RamCrcsAhead)  # the checkpointer took them early
         done = in_c(*args, **kwargs)  # type: ignore[arg-type]
         assert done is not None
         calls["c"] += 1
+        afterwards = in_c(*args[:7])  # type: ignore[arg-type]
+        assert afterwards is not None
+        assert [list(x) if isinstance(x, array.array) else x for x in afterwards[:3]] == [
+            list(x) if isinstance(x, array.array) else x for x in done[:3]]  # type: ignore[index]
         monkeypatch.setattr(checksum, "_increment_checksums_in_c", lambda *a, **k: None)
         try:
-            container, kind, offset, length, runs, table, ram = args
             block, after = checksum.increment_checksums(
                 container, kind, offset, length, runs, table,  # type: ignore[arg-type]
                 from_ram=ram)  # type: ignore[arg-type]
