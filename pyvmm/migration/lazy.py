@@ -51,11 +51,11 @@ from ..machine import MAIN_RAM_NAME, Machine, RunState, StopReason
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
 from .checksum import RamCrcTable, check_before_load
-from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, PageRun, RamBlockInfo
+from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, RamBlockInfo
+from .container_format import page_index_records
 from .machine_state import machine_save_state
 from .postcopy_uffd import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
 from .reload import check_chain, restore_machine
-from .ram_handler import IndexedRun
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
@@ -88,6 +88,9 @@ class LazyStats:
     filled_ms: float | None
 
 
+_INDEX_RECORD = 24  # bytes of one raw page index record
+
+
 class _SourceTables:
     """Per RAM block, the file offset of each page's newest data (-1: the page is zero)."""
 
@@ -102,22 +105,24 @@ class _SourceTables:
             lib.pyvmm_lazy_table_apply(table, npages, everything, 1)
             self.tables.append(table)
 
-    def apply(self, runs: list[PageRun]) -> None:
-        """Lay one increment's page index over the tables (runs checked by the container)."""
-        by_block: dict[int, list[PageRun]] = {}
-        for run in runs:
-            by_block.setdefault(run.block, []).append(run)
-        for number, block_runs in by_block.items():
-            array = ffi.new("struct pyvmm_page_run[]", len(block_runs))
-            for slot, run in zip(array, block_runs):
-                slot.first_page = run.first_page
-                slot.npages = run.npages
-                slot.data_offset = run.data_offset
-                slot.zero = int(run.zero)
-            rc = lib.pyvmm_lazy_table_apply(self.tables[number], self.npages[number], array,
-                                            len(block_runs))
-            if rc:
-                raise FormatError(f"page index names pages outside RAM block {number}")
+    def apply_index(self, records: memoryview, info: IncrementInfo) -> bool:
+        """Lay one increment's page index, as raw records, over the tables, every record checked
+        in C; False when C refuses it (the container's decoder then names what is wrong)."""
+        n = max(len(self.tables), 1)
+        tables = ffi.new("long long *[]", n)
+        pages = ffi.new("pyvmm_u64[]", n)
+        for i, (table, npages) in enumerate(zip(self.tables, self.npages)):
+            tables[i] = table
+            pages[i] = npages
+        counts = ffi.new("pyvmm_u64[2]")
+        bad = ffi.new("pyvmm_u64 *")
+        rc = lib.pyvmm_lazy_table_apply_index(
+            tables, pages, len(self.tables), ffi.from_buffer(records),
+            len(records) // _INDEX_RECORD, info.stream_offset,
+            info.stream_offset + info.stream_length, counts, bad)
+        if rc == -errno_codes.ENOMEM:
+            raise MemoryError("page index tables")
+        return rc == 0 and (counts[0], counts[1]) == (info.pages, info.zero_pages)
 
     def data_end(self) -> int:
         """One past the last file byte any table refers to."""
@@ -455,10 +460,13 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         # the page data are checked before the guest starts; page data as the C threads read it
         crcs = check_before_load(container, increments)
         tables = _SourceTables(header.ram_blocks)
-        last_runs: list[PageRun] = []
-        for info in increments:
-            last_runs = container.page_index(info.index)
-            tables.apply(last_runs)
+        last_records = memoryview(b"")
+        for info in increments:  # each page index checked and applied in C, in one call
+            records = page_index_records(container.page_index_blob(info.index), info.index)
+            if records is None or not tables.apply_index(records, info):
+                container.page_index(info.index)  # names what is wrong with it
+                raise FormatError("malformed page index", increment=info.index)
+            last_records = records
         size = os.fstat(container.fd).st_size
         end = tables.data_end()
         if end > size:
@@ -481,7 +489,7 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         loader = LazyLoader(machine, container, uffd, tables, started, fault_run=fault_run,
                             fill_run=fill_run, fill_nice=fill_nice, crcs=crcs)
         loader._register(handler_cpu)
-        _load_devices(machine, container, increments[-1], last_runs, stdout, stderr)
+        _load_devices(machine, container, increments[-1], last_records, stdout, stderr)
         if machine.state is not RunState.SHUTDOWN:
             loader._hook_first_instruction()
         loader._start(fill)
@@ -501,14 +509,14 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
 
 
 def _load_devices(machine: Machine, container: CheckpointFile, info: IncrementInfo,
-                  runs: list[PageRun], stdout: OutputSink | None, stderr: OutputSink | None) -> None:
+                  records: memoryview, stdout: OutputSink | None,
+                  stderr: OutputSink | None) -> None:
     """CPU, devices and the Linux layer from the last increment's stream; RAM records are
     parsed and skipped (RAM comes from the loader), as the indexed reload's last increment."""
     machine.set_state(RunState.INMIGRATE)
     entries = machine_save_state(machine, with_linux=True)
     entries.ram.skip_pages = True
-    entries.ram.set_load_index([IndexedRun(r.block, r.first_page, r.npages, r.data_offset,
-                                           r.zero) for r in runs])
+    entries.ram.set_load_index_records(records)
     f = QEMUFile.for_reading(container.fd, info.stream_offset, info.stream_length)
     try:
         entries.save_state.load(f)

@@ -36,7 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "native.h"
+#include "internal.h"
 
 typedef pyvmm_u64 u64;
 
@@ -389,6 +389,60 @@ int pyvmm_lazy_table_apply(long long *table, pyvmm_u64 npages,
         }
     }
     return 0;
+}
+
+int pyvmm_lazy_table_apply_index(long long *const *tables, const pyvmm_u64 *block_pages,
+                                 unsigned nblocks, const unsigned char *records,
+                                 pyvmm_u64 nrecords, pyvmm_u64 stream_start,
+                                 pyvmm_u64 stream_end, pyvmm_u64 *counts, pyvmm_u64 *bad) {
+    const u64 stride = PAGE_SZ + RECORD_HDR;
+    counts[0] = counts[1] = 0;
+    *bad = 0;
+    u64 *seen[nblocks ? nblocks : 1];
+    int rc = 0;
+    for (unsigned b = 0; b < nblocks; b++) {
+        seen[b] = calloc(block_pages[b] / 64 + 1, sizeof(u64));
+        if (seen[b] == NULL) {
+            for (unsigned k = 0; k < b; k++)
+                free(seen[k]);
+            return -ENOMEM;
+        }
+    }
+    for (u64 i = 0; i < nrecords && rc == 0; i++) {
+        const struct pyvmm_index_record r = pyvmm_index_record(records + i * PYVMM_INDEX_RECORD);
+        *bad = i;
+        if (r.reserved || (r.flags & ~PYVMM_INDEX_ZERO) || r.block >= nblocks || r.npages == 0 ||
+            r.first > block_pages[r.block] || r.npages > block_pages[r.block] - r.first ||
+            pyvmm_bitmap_find_next_set(seen[r.block], r.first + r.npages, r.first) <
+                r.first + r.npages) {
+            rc = -EINVAL; /* malformed, outside its block, or a page listed twice */
+            break;
+        }
+        pyvmm_bitmap_set_range(seen[r.block], r.first, r.npages);
+        long long *at = tables[r.block] + r.first;
+        if (r.flags & PYVMM_INDEX_ZERO) {
+            if (r.data_offset != 0) {
+                rc = -EINVAL;
+                break;
+            }
+            for (u64 k = 0; k < r.npages; k++)
+                at[k] = -1;
+            counts[1] += r.npages;
+            continue;
+        }
+        if (r.data_offset < stream_start || r.data_offset > stream_end ||
+            r.npages - 1 > (stream_end - r.data_offset) / stride ||
+            (r.npages - 1) * stride + PAGE_SZ > stream_end - r.data_offset) {
+            rc = -EINVAL; /* data outside the increment's stream */
+            break;
+        }
+        for (u64 k = 0; k < r.npages; k++)
+            at[k] = (long long)(r.data_offset + k * stride);
+        counts[0] += r.npages;
+    }
+    for (unsigned b = 0; b < nblocks; b++)
+        free(seen[b]);
+    return rc;
 }
 
 pyvmm_u64 pyvmm_lazy_table_end(const long long *table, pyvmm_u64 npages, pyvmm_u64 *data_pages) {

@@ -264,6 +264,15 @@ int pyvmm_crc32c_stream(int fd, pyvmm_u64 start, pyvmm_u64 length,
  * override earlier ones. 0, or -EINVAL if a run lies outside the npages pages. */
 int pyvmm_lazy_table_apply(long long *table, pyvmm_u64 npages,
                            const struct pyvmm_page_run *runs, pyvmm_u64 nruns);
+/* Apply one increment's page index, as its raw 24-byte records, to the tables of the nblocks
+ * blocks, checking each record as the container's decoder does (flags, block, bounds, no page
+ * twice, zero runs without data, data inside [stream_start, stream_end)). counts[0], counts[1]:
+ * data and zero pages listed. 0, -ENOMEM, or -EINVAL with *bad = the first bad record (tables
+ * then partly updated). */
+int pyvmm_lazy_table_apply_index(long long *const *tables, const pyvmm_u64 *block_pages,
+                                 unsigned nblocks, const unsigned char *records,
+                                 pyvmm_u64 nrecords, pyvmm_u64 stream_start,
+                                 pyvmm_u64 stream_end, pyvmm_u64 *counts, pyvmm_u64 *bad);
 /* One past the last file byte the table refers to (0 if none); *data_pages = pages >= 0. */
 pyvmm_u64 pyvmm_lazy_table_end(const long long *table, pyvmm_u64 npages, pyvmm_u64 *data_pages);
 /* What went wrong first (error_kind), with errno (READ_FAILED, UFFD_FAILED), the block and

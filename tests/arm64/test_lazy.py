@@ -5,6 +5,7 @@ clear error instead of hanging or running it on wrong RAM."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -120,6 +121,68 @@ def test_lazy_chain_prefix_equals_eager(chain_file: Path, count: int) -> None:
     lazy_out, lazy_end, _ = run_lazy(target)
     eager_out, eager_end = run_eager(target)
     assert lazy_out == eager_out and lazy_end == eager_end
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(increment=st.integers(0, 3), run=st.integers(0, 1 << 16),
+       field=st.sampled_from(["block", "first_page", "npages", "data_offset", "zero", "swap"]),
+       delta=st.integers(-3, 3), other=st.integers(0, 1 << 16))
+def test_hostile_page_indexes_are_refused_as_the_decoder_refuses_them(
+        chain_file: Path, tmp_path: Path, increment: int, run: int, field: str, delta: int,
+        other: int) -> None:
+    """A page index with a valid CRC but lying runs: the lazy reload's C checks refuse it with
+    the container decoder's own error, or (when the decoder takes it) load what an eager reload
+    of the same file loads."""
+    from pyvmm.migration.container_format import PageRun, encode_page_index
+
+    with CheckpointFile.open(chain_file) as container:
+        info = container.header.increments[increment]
+        runs = container.page_index(increment)
+    i, j = run % len(runs), other % len(runs)
+    victim = runs[i]
+    if field == "swap":
+        runs[i], runs[j] = runs[j], runs[i]
+    elif field == "zero":
+        runs[i] = dataclasses.replace(victim, zero=not victim.zero,
+                                      data_offset=victim.data_offset or runs[j].data_offset)
+    else:
+        value = getattr(victim, field)
+        if field == "block":
+            value = max(0, value + delta)
+        elif field == "data_offset" and not victim.zero:
+            value = runs[j].data_offset + delta * 4 if delta else value + 8
+        else:
+            value = max(0, value + delta) if field == "first_page" else max(1, value + delta)
+        runs[i] = dataclasses.replace(victim, **{field: value})
+    blob = encode_page_index(increment, [PageRun(r.block, r.first_page, r.npages, r.data_offset,
+                                                 r.zero) for r in runs])
+    assert len(blob) == info.index_length
+    damaged = bytearray(chain_file.read_bytes())
+    damaged[info.index_offset:info.index_offset + len(blob)] = blob
+    path = tmp_path / "hostile.bin"
+    path.write_bytes(damaged)
+    try:
+        with CheckpointFile.open(path) as container:
+            container.page_index(increment)
+    except FormatError as err:
+        with pytest.raises(FormatError) as refused:
+            lazy_reload(f"chpt:{path}")
+        assert str(refused.value) == str(err)
+        return
+    # the decoder takes it: the lazy reload loads what the eager one loads, or both refuse
+    try:
+        machine, loader = lazy_reload(f"chpt:{path}")
+        with machine:
+            with loader:
+                assert loader.wait_filled(RUN_TIMEOUT) or loader.error is not None
+            lazy_ram = machine_digest(machine)["ram"]
+    except FormatError:
+        with pytest.raises(FormatError):
+            reload(f"chpt:{path}").close()
+        return
+    with reload(f"chpt:{path}") as eager:
+        assert lazy_ram == machine_digest(eager)["ram"]
 
 
 def test_fault_handler_serves_a_run_and_zero_pages(workload_file: Path) -> None:
