@@ -38,7 +38,7 @@ from .container import ChecksumBlock
 from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
-from .postcopy_uffd import WriteProtectSession
+from .postcopy_uffd import FAULT_MODES, WriteProtectSession
 from .ram_handler import RAM_SAVE_FLAG_EOS, IndexedRun
 from .reload import DEFAULT_STRATEGY, Progress, reload_file
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
@@ -137,14 +137,18 @@ class Checkpointer:
                  durable: bool = True, capabilities: Iterable[str] = (),
                  tracker: str = "async", shadow_pages: int = 4096,
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
-                 max_increments: int | None = None, sanity_checks: bool = True) -> None:
+                 max_increments: int | None = None, sanity_checks: bool = True,
+                 fault_mode: str = "thread") -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
         ``sanity_checks``: after each save, check that the pages saved are exactly the pages
         selected, each once, and that no page is left under processing (cheap; on by default).
         ``max_increments``: when the file holds that many increments, the next checkpoint is a
         full one that replaces the file (a new chain; the original fork did so after 99).
         ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
-        pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster)."""
+        pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster).
+        ``fault_mode``: who resolves write faults of the ``wp`` tracker and live checkpoints,
+        ``"thread"`` or ``"signal"`` (faster; kernel-side writes into guest RAM then fail with
+        EFAULT: see :class:`~pyvmm.migration.postcopy_uffd.WriteProtectSession`)."""
         caps = tuple(sorted(set(capabilities)))
         for cap in caps:
             if cap not in CAPABILITIES:
@@ -167,6 +171,10 @@ class Checkpointer:
         self._shadow_pages = shadow_pages
         self._unprotect_pages = unprotect_pages
         self._handler_cpu = handler_cpu if handler_cpu is not None else machine.vcpu_cpu
+        if fault_mode not in FAULT_MODES:
+            raise ConfigError(f"unknown fault mode {fault_mode!r} (choose from "
+                              f"{', '.join(FAULT_MODES)})")
+        self._fault_mode = fault_mode
         self._file: CheckpointFile | None = None
         self._max_increments = max_increments
         self.sanity_checks = sanity_checks
@@ -332,7 +340,8 @@ class Checkpointer:
             elif self.incremental and self._tracker is None:
                 self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
                                              unprotect_pages=self._unprotect_pages,
-                                             handler_cpu=self._handler_cpu)
+                                             handler_cpu=self._handler_cpu,
+                                             fault_mode=self._fault_mode)
             setup_done = time.perf_counter()
             if self.live:
                 self._unpause(was_running, before)
@@ -491,7 +500,8 @@ class Checkpointer:
                                 handler_cpu=self._handler_cpu, live=True,
                                 shadow_pages=self._shadow_pages,
                                 fault_around=None if self.incremental else
-                                max(_LIVE_FAULT_AROUND, self._unprotect_pages))
+                                max(_LIVE_FAULT_AROUND, self._unprotect_pages),
+                                fault_mode=self._fault_mode)
             if self.incremental:
                 self._tracker = live
         assert isinstance(live, WpFaultTracker)

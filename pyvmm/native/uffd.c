@@ -15,14 +15,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -170,7 +170,7 @@ struct wp_block {
 };
 
 struct wp_session {
-    int uffd, stopfd;
+    int uffd;
     unsigned nblocks, max_blocks, nslots;
     u64 unprotect_pages, total_pages;
     struct wp_block *blocks;
@@ -192,6 +192,12 @@ struct wp_session {
     int saver_active;
     pthread_t thread;
     int running, stopping, error;
+    /* FAULT_THREAD: the handler thread blocks in read() (one syscall per fault, no poll), and
+     * stop rings the doorbell: a write to a page of its own that it protected, whose fault
+     * message tells the thread to end.  FAULT_SIGNAL: no thread; the uffd has
+     * UFFD_FEATURE_SIGBUS and the faulting thread resolves its own fault in a SIGBUS handler. */
+    int mode;
+    unsigned char *doorbell;
     u64 faults, shadow_copies, pool_waits;
     /* Held while a block's dirty bits and its protection change together: the handler sets a
      * page's dirty bit and then unprotects it; reprotect takes the bits and protects those
@@ -213,7 +219,7 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
     if (!s)
         return NULL;
     s->uffd = uffd;
-    s->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    s->doorbell = MAP_FAILED;
     s->max_blocks = max_blocks;
     s->nslots = nslots ? nslots : 1;
     s->unprotect_pages = unprotect_pages ? unprotect_pages : 1;
@@ -221,7 +227,7 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
     s->free_stack = calloc(s->nslots, sizeof(unsigned));
     if (posix_memalign((void **)&s->pool, PAGE_SZ, (size_t)s->nslots * PAGE_SZ))
         s->pool = NULL;
-    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->pool) {
+    if (!s->blocks || !s->free_stack || !s->pool) {
         pyvmm_wp_session_free(s);
         return NULL;
     }
@@ -351,76 +357,219 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
     }
 }
 
+#ifndef UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+#define UFFDIO_WRITEPROTECT_MODE_DONTWAKE ((u64)1 << 1)
+#endif
+
+enum { FAULT_THREAD = 0, FAULT_SIGNAL = 1 };
+
+/* Resolve a write fault at addr, inside block b: secure and mark dirty the run the fault opens,
+ * then unprotect it.  In thread mode the unprotect wakes the writer; in signal mode the writer
+ * is this very thread, which retries its write when the SIGBUS handler returns.  Several threads
+ * may be here at once in signal mode: the fault-around fields are then only hints (a race can
+ * only change a run's length, within max_unprotect and the block). */
+static void resolve_fault(struct wp_session *s, struct wp_block *b, u64 addr) {
+    u64 page = (addr - b->base) / PAGE_SZ, first, last;
+    unsigned number = (unsigned)(b - s->blocks);
+    u64 window = __atomic_load_n(&s->window, __ATOMIC_RELAXED);
+    u64 last_end = __atomic_load_n(&s->last_end, __ATOMIC_RELAXED);
+    unsigned last_block = __atomic_load_n(&s->last_block, __ATOMIC_RELAXED);
+    if (s->max_unprotect > s->unprotect_pages && number == last_block && last_end &&
+        page == last_end) { /* a sequential writer: open more ahead of it */
+        window = 2 * window < s->max_unprotect ? 2 * window : s->max_unprotect;
+        if (window < s->unprotect_pages)
+            window = s->unprotect_pages;
+        first = page;
+        last = page + window;
+    } else {
+        window = s->unprotect_pages;
+        first = page - page % s->unprotect_pages;
+        last = first + s->unprotect_pages;
+    }
+    if (last > b->npages)
+        last = b->npages;
+    __atomic_store_n(&s->window, window, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->last_block, number, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->last_end, last, __ATOMIC_RELAXED);
+    /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
+     * it will not fault */
+    for (u64 p = first; p < last; p++)
+        secure_page(s, b, p);
+    pthread_mutex_lock(&s->wp_lock);
+    pyvmm_bitmap_set_range(b->dirty, first, last - first);
+    /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
+    __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
+    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ, (last - first) * PAGE_SZ,
+                                     s->mode == FAULT_SIGNAL ? UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+                                                             : 0);
+    pthread_mutex_unlock(&s->wp_lock);
+    /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown;
+     * EAGAIN (mappings changing): a signal-mode writer simply faults again */
+    if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
+        __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
+}
+
 static void handle_fault(struct wp_session *s, u64 addr) {
     struct wp_block *b = find_block(s, addr);
     if (!b) { /* not ours: wake it anyway so that the writer does not hang */
         pyvmm_uffd_writeprotect(s->uffd, addr & ~(u64)(PAGE_SZ - 1), PAGE_SZ, 0);
         return;
     }
-    u64 page = (addr - b->base) / PAGE_SZ, first, last;
-    unsigned number = (unsigned)(b - s->blocks);
-    if (s->max_unprotect > s->unprotect_pages && number == s->last_block && s->last_end &&
-        page == s->last_end) { /* a sequential writer: open more ahead of it */
-        s->window = 2 * s->window < s->max_unprotect ? 2 * s->window : s->max_unprotect;
-        first = page;
-        last = page + s->window;
-    } else {
-        s->window = s->unprotect_pages;
-        first = page - page % s->unprotect_pages;
-        last = first + s->unprotect_pages;
-    }
-    if (last > b->npages)
-        last = b->npages;
-    s->last_block = number;
-    s->last_end = last;
-    /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
-     * it will not fault */
-    for (u64 p = first; p < last; p++)
-        secure_page(s, b, p);
-    pthread_mutex_lock(&s->wp_lock);
-    for (u64 p = first; p < last; p++)
-        pyvmm_bitmap_set_bit(b->dirty, p);
-    /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
-    __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
-    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ,
-                                     (last - first) * PAGE_SZ, 0);
-    pthread_mutex_unlock(&s->wp_lock);
-    /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown */
-    if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
-        __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
+    resolve_fault(s, b, addr);
 }
 
+/* Thread mode: one blocking read() per wakeup (poll() first would be a second syscall per
+ * fault: measured ~10 % of the round trip); the doorbell's fault ends the loop. */
 static void *handler_main(void *arg) {
     struct wp_session *s = arg;
-    struct uffd_msg msgs[64];
-    struct pollfd fds[2] = {{.fd = s->uffd, .events = POLLIN}, {.fd = s->stopfd, .events = POLLIN}};
-    for (;;) {
-        int n = poll(fds, 2, -1);
-        if (n < 0) {
+    struct uffd_msg msgs[16];
+    u64 bell = (u64)(uintptr_t)s->doorbell;
+    int done = 0;
+    while (!done) {
+        ssize_t got = read(s->uffd, msgs, sizeof msgs);
+        if (got < 0) {
             if (errno == EINTR)
                 continue;
             __atomic_store_n(&s->error, errno, __ATOMIC_RELEASE);
             break;
         }
-        if (fds[1].revents)
-            break;
-        if (fds[0].revents & (POLLERR | POLLHUP)) {
-            __atomic_store_n(&s->error, EIO, __ATOMIC_RELEASE);
-            break;
-        }
-        ssize_t got = read(s->uffd, msgs, sizeof msgs);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            __atomic_store_n(&s->error, errno, __ATOMIC_RELEASE);
-            break;
-        }
         for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++) {
-            if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-                handle_fault(s, msgs[i].arg.pagefault.address);
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            u64 addr = msgs[i].arg.pagefault.address;
+            if ((addr & ~(u64)(PAGE_SZ - 1)) == bell)
+                done = 1; /* the rest of this batch is still served */
+            else
+                handle_fault(s, addr);
         }
     }
+    /* whoever rang (now or later, if this thread ended on an error) goes on */
+    pyvmm_uffd_writeprotect(s->uffd, bell, PAGE_SZ, 0);
     return NULL;
+}
+
+/* ---- signal mode: the faulting thread resolves its own fault ------------------------------ */
+
+/* Sessions in signal mode, looked up by the SIGBUS handler without a lock; and the ranges of
+ * sessions stopped lately (unregistered first, so a write there goes through when retried): a
+ * thread that took its SIGBUS just before the stop returns and retries instead of passing a
+ * fault of pyvmm's to the previous handler. */
+#define SIG_SESSIONS 64
+#define SIG_GRAVES 256
+static struct wp_session *sig_sessions[SIG_SESSIONS];
+static u64 sig_grave_base[SIG_GRAVES], sig_grave_end[SIG_GRAVES];
+static unsigned sig_grave_next;
+static int sig_busy; /* SIGBUS handlers running */
+static struct sigaction sig_prev;
+static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void sigbus_handler(int sig, siginfo_t *si, void *ctx) {
+    int saved_errno = errno;
+    u64 addr = (u64)(uintptr_t)si->si_addr;
+    int handled = 0;
+    __atomic_add_fetch(&sig_busy, 1, __ATOMIC_SEQ_CST);
+    if (si->si_code == BUS_ADRERR) {
+        for (unsigned i = 0; i < SIG_SESSIONS && !handled; i++) {
+            struct wp_session *s = __atomic_load_n(&sig_sessions[i], __ATOMIC_ACQUIRE);
+            struct wp_block *b = s ? find_block(s, addr) : NULL;
+            if (b) {
+                resolve_fault(s, b, addr);
+                handled = 1;
+            }
+        }
+        for (unsigned i = 0; i < SIG_GRAVES && !handled; i++)
+            handled = addr >= __atomic_load_n(&sig_grave_base[i], __ATOMIC_ACQUIRE) &&
+                      addr < __atomic_load_n(&sig_grave_end[i], __ATOMIC_ACQUIRE);
+    }
+    __atomic_sub_fetch(&sig_busy, 1, __ATOMIC_SEQ_CST);
+    errno = saved_errno;
+    if (handled)
+        return;
+    /* not pyvmm's: the disposition from before pyvmm's handler takes it */
+    struct sigaction prev = sig_prev;
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (prev.sa_sigaction)
+            prev.sa_sigaction(sig, si, ctx);
+        return;
+    }
+    if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN) {
+        prev.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL); /* a fault retried now dies of it, as it would have */
+    if (si->si_code <= 0)
+        raise(SIGBUS);
+}
+
+static int sig_register(struct wp_session *s) {
+    int rc = -EMFILE;
+    pthread_mutex_lock(&sig_lock);
+    struct sigaction cur;
+    sigaction(SIGBUS, NULL, &cur);
+    if (!(cur.sa_flags & SA_SIGINFO) || cur.sa_sigaction != sigbus_handler) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = sigbus_handler;
+        sa.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &sig_prev)) {
+            rc = -errno;
+            goto out;
+        }
+    }
+    for (unsigned i = 0; i < SIG_SESSIONS; i++) {
+        if (!sig_sessions[i]) {
+            __atomic_store_n(&sig_sessions[i], s, __ATOMIC_RELEASE);
+            rc = 0;
+            break;
+        }
+    }
+out:
+    pthread_mutex_unlock(&sig_lock);
+    return rc;
+}
+
+/* The session's RAM is unregistered already: no new SIGBUS can name it. */
+static void sig_unregister(struct wp_session *s) {
+    pthread_mutex_lock(&sig_lock);
+    for (unsigned b = 0; b < s->nblocks; b++) {
+        unsigned g = sig_grave_next++ % SIG_GRAVES;
+        __atomic_store_n(&sig_grave_end[g], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&sig_grave_base[g], s->blocks[b].base, __ATOMIC_RELEASE);
+        __atomic_store_n(&sig_grave_end[g], s->blocks[b].base + s->blocks[b].npages * PAGE_SZ,
+                         __ATOMIC_RELEASE);
+    }
+    for (unsigned i = 0; i < SIG_SESSIONS; i++)
+        if (sig_sessions[i] == s)
+            __atomic_store_n(&sig_sessions[i], NULL, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&sig_lock);
+    while (__atomic_load_n(&sig_busy, __ATOMIC_SEQ_CST)) /* a handler may still use s */
+        sched_yield();
+}
+
+int pyvmm_wp_session_set_mode(void *handle, int mode) {
+    struct wp_session *s = handle;
+    if (s->running)
+        return -EBUSY;
+    if (mode != FAULT_THREAD && mode != FAULT_SIGNAL)
+        return -EINVAL;
+    s->mode = mode;
+    return 0;
+}
+
+static int ring_setup(struct wp_session *s) {
+    s->doorbell = mmap(NULL, PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (s->doorbell == MAP_FAILED)
+        return -errno;
+    s->doorbell[0] = 0; /* populated */
+    u64 ioctls, bell = (u64)(uintptr_t)s->doorbell;
+    int rc = pyvmm_uffd_register(s->uffd, bell, PAGE_SZ, UFFDIO_REGISTER_MODE_WP, &ioctls);
+    if (!rc)
+        rc = pyvmm_uffd_writeprotect(s->uffd, bell, PAGE_SZ, UFFDIO_WRITEPROTECT_MODE_WP);
+    int flags = fcntl(s->uffd, F_GETFL);
+    if (!rc && (flags < 0 || fcntl(s->uffd, F_SETFL, flags & ~O_NONBLOCK) < 0))
+        rc = -errno;
+    return rc;
 }
 
 int pyvmm_wp_session_start(void *handle, int cpu) {
@@ -436,6 +585,17 @@ int pyvmm_wp_session_start(void *handle, int cpu) {
             return -ENOMEM;
         s->q_cap = (unsigned)cap;
     }
+    if (s->mode == FAULT_SIGNAL) {
+        int rc = sig_register(s);
+        if (!rc)
+            s->running = 1;
+        return rc;
+    }
+    if (s->doorbell == MAP_FAILED) {
+        int rc = ring_setup(s);
+        if (rc)
+            return rc;
+    }
     int rc = pthread_create(&s->thread, NULL, handler_main, s);
     if (rc)
         return -rc;
@@ -447,6 +607,8 @@ int pyvmm_wp_session_set_cpu(void *handle, int cpu) {
     struct wp_session *s = handle;
     if (!s->running)
         return -ESRCH;
+    if (s->mode == FAULT_SIGNAL) /* faults are resolved where they happen */
+        return 0;
     cpu_set_t set;
     CPU_ZERO(&set);
     if (cpu >= 0)
@@ -465,10 +627,16 @@ int pyvmm_wp_session_stop(void *handle) {
     pthread_mutex_lock(&s->lock);
     pthread_cond_broadcast(&s->slot_freed);
     pthread_mutex_unlock(&s->lock);
-    u64 one = 1;
-    if (write(s->stopfd, &one, sizeof one) < 0)
-        return -errno;
-    pthread_join(s->thread, NULL);
+    if (s->mode == FAULT_SIGNAL) {
+        /* unregistered (protection dropped) before the handler may stop knowing the RAM */
+        for (unsigned b = 0; b < s->nblocks; b++)
+            pyvmm_uffd_unregister(s->uffd, s->blocks[b].base, s->blocks[b].npages * PAGE_SZ);
+        sig_unregister(s);
+    } else {
+        /* ring: this store faults until the thread reads its message and unprotects the bell */
+        *(volatile unsigned char *)s->doorbell = 1;
+        pthread_join(s->thread, NULL);
+    }
     s->running = 0;
     return 0;
 }
@@ -478,8 +646,8 @@ void pyvmm_wp_session_free(void *handle) {
     if (!s)
         return;
     pyvmm_wp_session_stop(s);
-    if (s->stopfd >= 0)
-        close(s->stopfd);
+    if (s->doorbell != MAP_FAILED)
+        munmap(s->doorbell, PAGE_SZ);
     free(s->blocks);
     free(s->state);
     free(s->pool);

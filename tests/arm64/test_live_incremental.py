@@ -93,20 +93,24 @@ def test_first_incremental_on_a_full_equals_a_second_full(tmp_path: Path) -> Non
         next(chain_states(tmp_path / "full.bin", 1))
 
 
-@pytest.mark.parametrize(("capabilities", "tracker", "pattern"), [
-    (["live"], "async", "random"),
-    (["cow"], "async", "random"),
-    (["cow", "incremental"], "wp", "hotcold"),
-    (["live", "incremental"], "async", "sequential"),
-    (["live", "incremental"], "wp", "random"),
+@pytest.mark.parametrize(("capabilities", "tracker", "pattern", "fault_mode"), [
+    (["live"], "async", "random", "thread"),
+    (["live"], "async", "sequential", "signal"),
+    (["cow"], "async", "random", "thread"),
+    (["cow", "incremental"], "wp", "hotcold", "thread"),
+    (["live", "incremental"], "async", "sequential", "thread"),
+    (["live", "incremental"], "wp", "random", "thread"),
+    (["live", "incremental"], "wp", "random", "signal"),
 ])
 def test_live_checkpoints_hold_ram_as_at_the_pause(tmp_path: Path, capabilities: list[str],
-                                                   tracker: str, pattern: str) -> None:
+                                                   tracker: str, pattern: str,
+                                                   fault_mode: str) -> None:
     """The guest writes hard while each checkpoint is saved; what is saved is the pause's RAM."""
     path = tmp_path / "live.bin"
     at_pause: list[tuple[str, object, object]] = []
     with workload(pattern, "16M") as machine:
-        checkpointer = Checkpointer(machine, path, capabilities=capabilities, tracker=tracker)
+        checkpointer = Checkpointer(machine, path, capabilities=capabilities, tracker=tracker,
+                                    fault_mode=fault_mode)
         checkpointer.on_pause = lambda m: at_pause.append(state(m))
         machine.start()
         faults = 0
