@@ -45,7 +45,9 @@ from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
-_LIVE_FAULT_AROUND = 64  # pages a live-only checkpoint may open per fault of a sequential writer
+# pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
+# that its runs keep transparent huge pages whole (uffd.c)
+_LIVE_FAULT_AROUND = 512
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
 

@@ -52,6 +52,7 @@ struct pyvmm_pm_scan_arg {
 #define PYVMM_PAGE_IS_WRITTEN (1ull << 1)
 
 #define PAGE_SZ 4096u
+#define HUGE_PAGES 512u /* 4 KiB pages per 2 MiB transparent huge page */
 
 /* ---- thin wrappers ---------------------------------------------------------------------- */
 
@@ -381,6 +382,11 @@ static void resolve_fault(struct wp_session *s, struct wp_block *b, u64 addr) {
             window = s->unprotect_pages;
         first = page;
         last = page + window;
+        /* with room for a huge page, runs end at 2 MiB boundaries: the writer's next fault is
+         * then at the start of one, whose whole unprotect keeps it huge (a partial one splits
+         * it, and the guest then runs on 4 KiB host pages) */
+        if (s->max_unprotect >= HUGE_PAGES && last / HUGE_PAGES * HUGE_PAGES > page)
+            last = last / HUGE_PAGES * HUGE_PAGES;
     } else {
         window = s->unprotect_pages;
         first = page - page % s->unprotect_pages;
@@ -687,27 +693,60 @@ void *pyvmm_wp_session_slot_addr(void *handle, unsigned int slot) {
     return slot < s->extra_cap ? s->extra[slot] : NULL;
 }
 
+/* Slot back to the pool (lock held): 0, or -EINVAL if it is not in use. */
+static int release_locked(struct wp_session *s, unsigned slot) {
+    if (slot >= s->nslots) {
+        unsigned i = slot - s->nslots;
+        if (i >= s->extra_cap || !s->extra[i])
+            return -EINVAL;
+        free(s->extra[i]);
+        s->extra[i] = NULL;
+        s->extra_free[s->nextra_free++] = i;
+        return 0;
+    }
+    if (s->nfree >= s->nslots)
+        return -EINVAL;
+    s->free_stack[s->nfree++] = slot;
+    return 0;
+}
+
 int pyvmm_wp_session_release_shadow(void *handle, unsigned int slot) {
     struct wp_session *s = handle;
     pthread_mutex_lock(&s->lock);
-    int rc = 0;
-    if (slot >= s->nslots) {
-        unsigned i = slot - s->nslots;
-        if (i < s->extra_cap && s->extra[i]) {
-            free(s->extra[i]);
-            s->extra[i] = NULL;
-            s->extra_free[s->nextra_free++] = i;
-        } else {
-            rc = -EINVAL;
-        }
-    } else if (s->nfree < s->nslots) {
-        s->free_stack[s->nfree++] = slot;
+    int rc = release_locked(s, slot);
+    if (!rc)
         pthread_cond_signal(&s->slot_freed);
-    } else {
-        rc = -EINVAL;
-    }
     pthread_mutex_unlock(&s->lock);
     return rc;
+}
+
+/* The saver's slots, n at once: one lock hold and one wakeup for a handler waiting on a full
+ * pool, which then finds a batch free (one slot at a time made it sleep and wake per page). */
+static void release_slots(struct wp_session *s, const unsigned *slots, unsigned n) {
+    if (!n)
+        return;
+    pthread_mutex_lock(&s->lock);
+    for (unsigned i = 0; i < n; i++)
+        release_locked(s, slots[i]);
+    pthread_cond_broadcast(&s->slot_freed);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Up to max queued shadow copies, oldest first, in one lock hold. */
+static unsigned pop_shadows(struct wp_session *s, unsigned *block, u64 *page, unsigned *slot,
+                            unsigned max) {
+    unsigned n = 0;
+    pthread_mutex_lock(&s->lock);
+    while (n < max && s->q_len) {
+        block[n] = s->q_block[s->q_head];
+        page[n] = s->q_page[s->q_head];
+        slot[n] = s->q_slot[s->q_head];
+        s->q_head = (s->q_head + 1) % s->q_cap;
+        s->q_len--;
+        n++;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 int pyvmm_wp_session_take_page(void *handle, unsigned int block, pyvmm_u64 page, void *out) {
@@ -959,8 +998,7 @@ static int saver_flush(struct saver *sv) {
     }
     sv->offset = off;
     sv->pending = 0;
-    for (unsigned i = 0; i < sv->nslots; i++)
-        pyvmm_wp_session_release_shadow(sv->s, sv->slots[i]);
+    release_slots(sv->s, sv->slots, sv->nslots);
     sv->niov = sv->nrec = sv->ncopy = sv->nslots = 0;
     return 0;
 }
@@ -1027,15 +1065,19 @@ static int saver_drain(struct saver *sv) {
     struct wp_session *s = sv->s;
     if (!__atomic_load_n(&s->q_len, __ATOMIC_ACQUIRE))
         return 0;
-    unsigned block, slot;
-    u64 page;
+    unsigned blocks[SAVE_BATCH], slots[SAVE_BATCH];
+    u64 pages[SAVE_BATCH];
     int got = 0;
-    while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot)) {
+    unsigned n;
+    while ((n = pop_shadows(s, blocks, pages, slots, SAVE_BATCH))) {
         got = 1;
-        int rc = saver_record(sv, block, page, pyvmm_wp_session_slot_addr(s, slot), (int)slot);
-        if (rc) {
-            pyvmm_wp_session_release_shadow(s, slot);
-            return rc;
+        for (unsigned i = 0; i < n; i++) {
+            int rc = saver_record(sv, blocks[i], pages[i],
+                                  pyvmm_wp_session_slot_addr(s, slots[i]), (int)slots[i]);
+            if (rc) { /* this one is in the batch already (released with it); the rest not */
+                release_slots(s, slots + i + 1, n - i - 1);
+                return rc;
+            }
         }
     }
     /* a waiting writer gets its slot back now, not after the next full batch */
@@ -1091,8 +1133,9 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                 memcpy(dst, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
                 __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
                 if (sv->open_saved) {
-                    if (sv->open_end != p || sv->open_block != bi ||
-                        sv->open_end - sv->open_start >= SAVE_BATCH) {
+                    /* runs end at 2 MiB boundaries: a whole transparent huge page unprotected
+                     * at once stays huge (and one ioctl, one TLB flush per 512 pages) */
+                    if (sv->open_end != p || sv->open_block != bi || p % HUGE_PAGES == 0) {
                         if ((rc = saver_open(sv)))
                             break;
                         sv->open_block = bi;
@@ -1120,8 +1163,7 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
     if (!rc)
         rc = saver_flush(sv);
     if (rc) /* copies taken but not written: their slots go back (the round is abandoned) */
-        for (unsigned i = 0; i < sv->nslots; i++)
-            pyvmm_wp_session_release_shadow(s, sv->slots[i]);
+        release_slots(s, sv->slots, sv->nslots);
     pthread_mutex_lock(&s->lock);
     s->saver_active = 0;
     pthread_cond_broadcast(&s->slot_freed); /* waiters go on with overflow slots */

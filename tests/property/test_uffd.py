@@ -621,3 +621,35 @@ def test_signal_mode_passes_other_sigbus_to_the_previous_handler(tmp_path: Path)
     assert done.stdout.splitlines() == ["own fault ok 1"]
     assert done.returncode == -7  # SIGBUS, after faulthandler's report
     assert "Bus error" in done.stderr
+
+
+@MODES
+def test_fault_around_of_a_huge_page_ends_runs_at_2mib_boundaries(tmp_path: Path,
+                                                                  mode: str) -> None:
+    """fault_around 512 (a live-only checkpoint's): a sequential writer's runs grow, are cut at
+    the next 2 MiB boundary, and from there on each fault opens one whole 2 MiB run (a
+    transparent huge page unprotected whole stays huge); each opened page is saved first."""
+    with RamBlock("ram", 2048 * PAGE_SIZE, 0) as big:
+        big.write(0, bytes(range(256)) * (big.size // 256))
+        before = big.read(0, big.size)
+        selected = big.new_bitmap()
+        selected.set_all()
+        with WriteProtectSession([big], shadow_pages=2048, tracking_only=True,
+                                 fault_around=512, fault_mode=mode) as session:
+            session.rearm({"ram": selected})
+            for page in range(2048):
+                ctypes.memset(big.host_addr + page * PAGE_SIZE, 0x33, 8)
+            stats = session.stats()
+            # runs [0,1) [1,3) [3,7) ... [255,511) [511,512), then [512,1024) [1024,1536)
+            # [1536,2048): 10 + 3 faults
+            assert stats.faults == 13
+            assert set(session.dirty["ram"]) == set(range(2048))
+            assert stats.shadow_copies == 2048
+            fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                _, counts = session.save(fd, 0, {"ram": selected})
+                data = os.pread(fd, counts.bytes_written, 0)
+            finally:
+                os.close(fd)
+        saved = _parse_records(data)
+        assert b"".join(saved[p] for p in range(2048)) == before
