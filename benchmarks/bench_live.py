@@ -13,9 +13,9 @@
                    first write); (b) amortised over a checkpoint interval of --interval seconds
                    of guest run (default 5 s, --quick 2 s): every page is still written, but
                    only its first write in the interval costs anything
-  5 write faults : faults/s and shadow copies of the live checkpoints, unprotect_pages 1 vs 16
-                   (a live-only checkpoint also opens runs of up to 64 pages per fault for a
-                   writer that faults on consecutive pages: Checkpointer fault-around)
+  5 write faults : faults/s and shadow copies of the live checkpoints, per configuration
+                   (a live-only checkpoint also opens runs of up to 512 pages, cut at 2 MiB
+                   boundaries, per fault of a writer that faults on consecutive pages)
   6 memory       : peak RSS growth during a live checkpoint vs shadow copies x 4 KiB
 Targets (issue 4) are in brackets, QEMU 7.2 figures from DESIGN.md section 8 where it has them.
 Every checkpoint is written with durable=False (no fsync): what is compared is the CPU-side cost.
@@ -23,6 +23,10 @@ Files go to a temp dir in the current directory and are deleted.  Numbers are fo
 for gating CI (2 shared cores: compare the ratios).
 
     python benchmarks/bench_live.py [--ram 1G] [--working-set 512M] [--quick] [--pin CPU]
+        [--configs MODE:UNPROTECT:NICE,...] [--live-only]
+
+Sections 1, 2, 5 and 6 interleave the live checkpoint configurations of --configs: fault mode
+(thread or signal, see WriteProtectSession), unprotect_pages, and the saver thread's nice value.
 
 --pin CPU pins the vCPU to host CPU CPU; the checkpointers' fault handler then runs on the same
 CPU (DESIGN.md section 8: same-CPU fault handling is several times faster).
@@ -143,11 +147,11 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-Config = tuple[str, int]  # (fault mode, unprotect_pages)
+Config = tuple[str, int, int]  # (fault mode, unprotect_pages, saver nice)
 
 
 def config_name(config: Config) -> str:
-    return f"{config[0]}/unprotect {config[1]}"
+    return f"{config[0]}/unprotect {config[1]}/nice {config[2]}"
 
 
 def live_section(pattern: str, ram: int, working_set: int, touch: int, reps: int,
@@ -160,11 +164,12 @@ def live_section(pattern: str, ram: int, working_set: int, touch: int, reps: int
     results: dict[Config, list[dict[str, float]]] = {c: [] for c in configs}
     gap = 1.0
     for i in range(reps * len(configs)):
-        mode, unprotect = config = configs[i % len(configs)]
+        mode, unprotect, nice = config = configs[i % len(configs)]
         time.sleep(gap)
         path = directory / f"live-{pattern}-{i}.chpt"
         checkpointer = Checkpointer(machine, path, capabilities=["live"], durable=False,
-                                    unprotect_pages=unprotect, fault_mode=mode)
+                                    unprotect_pages=unprotect, fault_mode=mode,
+                                    saver_nice=nice)
         with RssSampler() as mem:
             t0 = time.perf_counter()
             stats = checkpointer.checkpoint()
@@ -305,16 +310,17 @@ def main() -> None:
                         "(default 5, --quick 2)")
     parser.add_argument("--pin", type=int, default=None,
                         help="pin the vCPU (and so the fault handler) to this host CPU")
-    parser.add_argument("--configs", default="thread:1,thread:16,signal:1",
+    parser.add_argument("--configs", default="thread:1:0,thread:1:10,thread:16:10,signal:1:10",
                         help="live checkpoint configurations of sections 1, 2, 5 and 6, "
-                        "interleaved: fault_mode:unprotect_pages,... (default %(default)s)")
+                        "interleaved: fault_mode:unprotect_pages:saver_nice,... (default "
+                        "%(default)s)")
     parser.add_argument("--live-only", action="store_true",
                         help="sections 1, 2, 5 and 6 only")
     args = parser.parse_args()
     configs: list[Config] = []
     for item in args.configs.split(","):
-        mode, _, pages = item.partition(":")
-        configs.append((mode, int(pages or 1)))
+        mode, pages, nice = (item.split(":") + ["1", "0"])[:3]
+        configs.append((mode, int(pages), int(nice)))
     global PIN
     PIN = args.pin
     interval = args.interval or (2.0 if args.quick else 5.0)
@@ -356,7 +362,7 @@ def main() -> None:
                  else "random writes")
         for c in configs:
             speeds = [x["speed"] for x in res[c]]
-            print(f"   {pattern:<10} ({label}), {config_name(c):<18}: median "
+            print(f"   {pattern:<10} ({label}), {config_name(c):<26}: median "
                   f"{100 * med(speeds):5.1f} %  (min {100 * min(speeds):.1f}, max "
                   f"{100 * max(speeds):.1f}; all {' '.join(f'{100 * v:.0f}' for v in speeds)}; "
                   f"window median {1e3 * med([x['window'] for x in res[c]]):.0f} ms)")
@@ -366,7 +372,7 @@ def main() -> None:
     for pattern, res in live:
         for c in configs:
             rows = res[c]
-            print(f"   {pattern:<10} {config_name(c):<18}: faults median "
+            print(f"   {pattern:<10} {config_name(c):<26}: faults median "
                   f"{med([x['faults'] for x in rows]):8.0f}  = {med([x['faults_s'] for x in rows]) / 1e3:6.1f} k/s"
                   f"  shadow copies median {med([x['shadows'] for x in rows]):7.0f}  pages "
                   f"carried median {med([x['carried'] for x in rows]):7.0f}")
@@ -380,7 +386,7 @@ def main() -> None:
             how = "VmHWM" if all(x["hwm"] for x in rows) else "polled VmRSS"
             extra = [x["mem_kib"] / 1024 for x in rows]
             shadow = [x["shadows"] * PAGE_SIZE / (1 << 20) for x in rows]
-            print(f"   {pattern:<10} {config_name(c):<18}: extra median "
+            print(f"   {pattern:<10} {config_name(c):<26}: extra median "
                   f"{med(extra):7.1f} MiB (max {max(extra):.1f})  shadow copies median "
                   f"{med(shadow):7.1f} MiB  difference median "
                   f"{med([e - s for e, s in zip(extra, shadow)]):+.1f} MiB ({how})")

@@ -584,7 +584,7 @@ class WriteProtectSession:
         lib.pyvmm_wp_session_abandon_round(self._session)
 
     def save(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], *,
-             open_saved: bool = False) -> tuple[list[LiveRun], LiveSaveCounts]:
+             open_saved: bool = False, nice: int = 0) -> tuple[list[LiveRun], LiveSaveCounts]:
         """Write every page of ``selection`` as it was when the round began, as QEMU RAM
         records at ``offset`` of ``fd``, in one C call that never needs the GIL: queued shadow
         copies first whenever there are any, the other pages claimed and copied out of RAM,
@@ -592,7 +592,12 @@ class WriteProtectSession:
 
         ``open_saved``: unprotect each page once it is copied out, so that later writes to it
         do not fault; it then counts as dirty, so only for a session that is stopped after this
-        round (a live checkpoint that tracks nothing for the next one)."""
+        round (a live checkpoint that tracks nothing for the next one).  ``nice`` (0..19): above
+        0 the work runs on a C thread of that nice value, so that writers running meanwhile (the
+        vCPU) get the CPU first when they compete for it; the save then takes longer."""
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be 0..19, not {nice}")
+        lib.pyvmm_wp_session_set_saver_nice(self._session, nice)
         specs = ffi.new("struct pyvmm_live_block[]", max(1, len(self._blocks)))
         keep: list[Any] = []
         max_runs = 1

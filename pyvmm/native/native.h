@@ -213,6 +213,9 @@ int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages);
  * UFFD_FEATURE_SIGBUS and a process-wide SIGBUS handler resolves each fault in the faulting
  * thread (no thread, no wakeup; the previous SIGBUS disposition still gets other faults). */
 int pyvmm_wp_session_set_mode(void *handle, int mode);
+/* nice 1..19: pyvmm_wp_session_save does its work on a new thread of that nice value (the
+ * guest then gets the CPU first when both want it); 0: on the caller's thread (default). */
+int pyvmm_wp_session_set_saver_nice(void *handle, int nice);
 
 /* ---- pyvmm.migration.checksum (crc.c): CRC-32C of buffers, guest pages and page records ----
  * CRC-32C (Castagnoli), zlib-style: pass 0 to start, the previous result to continue.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.boot import GuestSpec, boot
-from pyvmm.errors import PyvmmError, StreamError
+from pyvmm.errors import ConfigError, PyvmmError, StreamError
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine
 from pyvmm.migration.checkpoint import Checkpointer, reload
@@ -169,6 +169,14 @@ def test_cpu_and_kernel_writes_by_a_linux_guest_are_tracked(tmp_path: Path, busy
     for k in (1, 2):
         rest = pyvmm("--incoming", f"chpt:{k}:{chain}").stdout
         assert whole.stdout.endswith(rest) and rest
+
+
+def test_negative_fault_mode_and_saver_nice_are_checked(tmp_path: Path) -> None:
+    with workload("sequential") as machine:
+        with pytest.raises(ConfigError, match="fault mode 'fast'"):
+            Checkpointer(machine, tmp_path / "x.bin", capabilities=["live"], fault_mode="fast")
+        with pytest.raises(ConfigError, match="saver_nice must be 0..19, not 20"):
+            Checkpointer(machine, tmp_path / "x.bin", capabilities=["live"], saver_nice=20)
 
 
 def test_negative_userfaultfd_unavailable(tmp_path: Path) -> None:

@@ -653,3 +653,29 @@ def test_fault_around_of_a_huge_page_ends_runs_at_2mib_boundaries(tmp_path: Path
                 os.close(fd)
         saved = _parse_records(data)
         assert b"".join(saved[p] for p in range(2048)) == before
+
+
+def test_save_on_a_niced_thread_leaves_the_caller_as_it_was(block: RamBlock,
+                                                            tmp_path: Path) -> None:
+    """nice > 0: the C save runs on a thread of its own at that nice value (a caller's raised
+    nice could not be lowered back without privilege); the result is the same records."""
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    before = block.read(0, block.size)
+    selected = block.new_bitmap()
+    selected.set_all()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with WriteProtectSession([block], shadow_pages=8, tracking_only=True) as session:
+        session.rearm({"ram": selected})
+        ctypes.memset(block.host_addr + 5 * PAGE_SIZE, 0x44, 3 * PAGE_SIZE)  # shadowed first
+        with pytest.raises(ValueError):
+            session.save(0, 0, {"ram": selected}, nice=20)
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _, counts = session.save(fd, 0, {"ram": selected}, nice=7)
+            data = os.pread(fd, counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+        assert counts.from_shadow == 3
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    saved = _parse_records(data)
+    assert b"".join(saved[p] for p in range(NPAGES)) == before
