@@ -310,12 +310,14 @@ def main() -> None:
                         "(default 5, --quick 2)")
     parser.add_argument("--pin", type=int, default=None,
                         help="pin the vCPU (and so the fault handler) to this host CPU")
-    parser.add_argument("--configs", default="thread:1:0,thread:1:10,thread:16:10,signal:1:10",
+    parser.add_argument("--configs", default="thread:1:10,thread:1:0,thread:16:10,signal:1:10",
                         help="live checkpoint configurations of sections 1, 2, 5 and 6, "
                         "interleaved: fault_mode:unprotect_pages:saver_nice,... (default "
                         "%(default)s)")
     parser.add_argument("--live-only", action="store_true",
                         help="sections 1, 2, 5 and 6 only")
+    parser.add_argument("--patterns", default="sequential,random",
+                        help="guest write patterns of the live sections (default %(default)s)")
     args = parser.parse_args()
     configs: list[Config] = []
     for item in args.configs.split(","):
@@ -332,7 +334,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir or ".") as tmp:
         directory = Path(tmp)
         live = [live_section(p, ram, working_set, args.touch, reps, directory, configs)
-                for p in ("sequential", "random")]
+                for p in args.patterns.split(",")]
         if not args.live_only:
             chain = live_chain_section("sequential", ram, working_set, args.touch, 2 + 2 * reps,
                                        directory)

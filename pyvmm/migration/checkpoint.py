@@ -48,10 +48,12 @@ OutputSink = Callable[[bytes], None]
 # pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
 # that its runs keep transparent huge pages whole (uffd.c)
 _LIVE_FAULT_AROUND = 512
-# nice value of a live checkpoint's saver thread (see Checkpointer); measured with bench_live (2
-# shared cores): guest speed during a live full checkpoint, medians of 4, nice 0 -> 5: 31 -> 37 %
-# writing every page, 34 -> 48 % random writes; checkpoints 1.3-1.6x longer
-SAVER_NICE = 5
+# nice value of a live checkpoint's saver thread (see Checkpointer).  bench_live, 1 GiB guest, 2
+# shared cores, guest speed during a live full checkpoint, median (range) of 4-6 per run:
+#   writing every page: nice 0  26-31 % (15-42), nice 5  34-42 % (25-59), nice 10 49-57 % (36-82)
+#   random writes:      nice 0  31-38 % (18-84), nice 5  27-48 % (18-76), nice 10 32-41 % (30-59)
+# at the price of longer checkpoints when the CPUs are busy (random: ~2.5 s -> 5-9 s)
+SAVER_NICE = 10
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
 
@@ -153,10 +155,12 @@ class Checkpointer:
         ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
         pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster).
         ``fault_mode``: who resolves write faults of the ``wp`` tracker and live checkpoints,
-        ``"thread"`` or ``"signal"`` (faster; kernel-side writes into guest RAM then fail with
-        EFAULT: see :class:`~pyvmm.migration.postcopy_uffd.WriteProtectSession`).
+        ``"thread"`` or ``"signal"`` (~1.7x the faults per second when faults are all a writer
+        does, no better guest speed in bench_live; kernel-side writes into guest RAM then fail
+        with EFAULT: see :class:`~pyvmm.migration.postcopy_uffd.WriteProtectSession`).
         ``saver_nice``: nice value (0..19) of the thread that saves a live checkpoint's RAM
-        while the guest runs; above 0 the vCPU wins when both want the same CPU."""
+        while the guest runs; above 0 the vCPU wins when both want the same CPU (the guest runs
+        faster during the checkpoint, which takes longer on a busy host)."""
         caps = tuple(sorted(set(capabilities)))
         for cap in caps:
             if cap not in CAPABILITIES:
