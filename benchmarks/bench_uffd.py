@@ -94,8 +94,8 @@ def main() -> None:
         print("DESIGN §8: ~220 k/s same CPU, ~15 k/s other CPU, ~1 M pages/s at 64 KiB "
               "(thread mode; the bare C loop read()+UFFDIO_WRITEPROTECT measured 80-93 k/s same "
               "CPU on 2026-11-26)")
-        print("(shadow copy cases: no saver drains the pool here, so beyond its first 256 slots "
-              "each copy also pays the first touch of a fresh slot)")
+        print("(shadow copy cases: no saver drains the pool here, so each copy also pays the "
+              "first touch of a fresh slot, one huge page per 512 slots where the kernel allows)")
 
     print("\n== async tracker (WP_ASYNC + PAGEMAP_SCAN) ==")
     for mib in args.scan_mib:

@@ -49,10 +49,11 @@ OutputSink = Callable[[bytes], None]
 # that its runs keep transparent huge pages whole (uffd.c)
 _LIVE_FAULT_AROUND = 512
 # nice value of a live checkpoint's saver thread (see Checkpointer).  bench_live, 1 GiB guest, 2
-# shared cores, guest speed during a live full checkpoint, median (range) of 4-6 per run:
-#   writing every page: nice 0  26-31 % (15-42), nice 5  34-42 % (25-59), nice 10 49-57 % (36-82)
-#   random writes:      nice 0  31-38 % (18-84), nice 5  27-48 % (18-76), nice 10 32-41 % (30-59)
-# at the price of longer checkpoints when the CPUs are busy (random: ~2.5 s -> 5-9 s)
+# shared cores, guest speed during a live full checkpoint, medians of 4-6 per run (all samples):
+#   writing every page: nice 0  26-31 % (15-42), nice 5  34-42 % (25-59), nice 10 34-57 % (29-82)
+#   random writes:      nice 0  31-38 % (18-84), nice 5  27-48 % (18-76), nice 10 32-41 % (17-98)
+# the more other load, the more it helps; the price: longer checkpoints on a busy host (random
+# writes: ~2.5 s -> 5-9 s)
 SAVER_NICE = 10
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
