@@ -412,8 +412,9 @@ class WriteProtectSession:
     such a session refuses to start rather than break device I/O later.
 
     ``fault_mode`` says who resolves a fault.  ``"thread"`` (the default): the C thread above,
-    woken by the kernel for each fault; the writer sleeps meanwhile (two context switches per
-    fault, fastest when both share a CPU: ``handler_cpu``).  ``"signal"``: the userfaultfd has
+    blocked in ``read()`` on the userfaultfd (switched to blocking for it; stopping it writes to
+    a protected page of its own) and woken by the kernel for each fault; the writer sleeps
+    meanwhile (two context switches per fault, fastest when both share a CPU: ``handler_cpu``).  ``"signal"``: the userfaultfd has
     ``UFFD_FEATURE_SIGBUS`` and the faulting thread itself resolves its fault, in a C ``SIGBUS``
     handler (process-wide; other ``SIGBUS`` go to the handler installed before it), then retries
     its write: no wakeup, no thread placement, about 1.5x the faults per second.  Same policy and
