@@ -13,9 +13,9 @@
                    first write); (b) amortised over a checkpoint interval of --interval seconds
                    of guest run (default 5 s, --quick 2 s): every page is still written, but
                    only its first write in the interval costs anything
-  5 write faults : faults/s and shadow copies of the live checkpoints, unprotect_pages 1 vs 16
-                   (a live-only checkpoint also opens runs of up to 64 pages per fault for a
-                   writer that faults on consecutive pages: Checkpointer fault-around)
+  5 write faults : faults/s and shadow copies of the live checkpoints, per configuration
+                   (a live-only checkpoint also opens runs of up to 512 pages, cut at 2 MiB
+                   boundaries, per fault of a writer that faults on consecutive pages)
   6 memory       : peak RSS growth during a live checkpoint vs shadow copies x 4 KiB
 Targets (issue 4) are in brackets, QEMU 7.2 figures from DESIGN.md section 8 where it has them.
 Every checkpoint is written with durable=False (no fsync): what is compared is the CPU-side cost.
@@ -23,6 +23,10 @@ Files go to a temp dir in the current directory and are deleted.  Numbers are fo
 for gating CI (2 shared cores: compare the ratios).
 
     python benchmarks/bench_live.py [--ram 1G] [--working-set 512M] [--quick] [--pin CPU]
+        [--configs MODE:UNPROTECT:NICE,...] [--live-only]
+
+Sections 1, 2, 5 and 6 interleave the live checkpoint configurations of --configs: fault mode
+(thread or signal, see WriteProtectSession), unprotect_pages, and the saver thread's nice value.
 
 --pin CPU pins the vCPU to host CPU CPU; the checkpointers' fault handler then runs on the same
 CPU (DESIGN.md section 8: same-CPU fault handling is several times faster).
@@ -143,20 +147,29 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+Config = tuple[str, int, int]  # (fault mode, unprotect_pages, saver nice)
+
+
+def config_name(config: Config) -> str:
+    return f"{config[0]}/unprotect {config[1]}/nice {config[2]}"
+
+
 def live_section(pattern: str, ram: int, working_set: int, touch: int, reps: int,
-                 directory: Path) -> dict[str, object]:
-    """Live full checkpoints of a running guest, unprotect_pages 1 and 16 interleaved."""
+                 directory: Path, configs: list[Config]
+                 ) -> tuple[str, dict[Config, list[dict[str, float]]]]:
+    """Live full checkpoints of a running guest, the configs interleaved."""
     machine, progress = booted(pattern, ram, working_set, touch)
     machine.start()
     progress.wait_lines(3)  # first pass populates the host pages; then steady state
-    results: dict[int, list[dict[str, float]]] = {1: [], 16: []}
+    results: dict[Config, list[dict[str, float]]] = {c: [] for c in configs}
     gap = 1.0
-    for i in range(reps * 2):
-        unprotect = 1 if i % 2 == 0 else 16
+    for i in range(reps * len(configs)):
+        mode, unprotect, nice = config = configs[i % len(configs)]
         time.sleep(gap)
         path = directory / f"live-{pattern}-{i}.chpt"
         checkpointer = Checkpointer(machine, path, capabilities=["live"], durable=False,
-                                    unprotect_pages=unprotect)
+                                    unprotect_pages=unprotect, fault_mode=mode,
+                                    saver_nice=nice)
         with RssSampler() as mem:
             t0 = time.perf_counter()
             stats = checkpointer.checkpoint()
@@ -167,7 +180,7 @@ def live_section(pattern: str, ram: int, working_set: int, touch: int, reps: int
         progress.wait_lines(1, timeout=5.0)  # the pass running at t1 ends: t1 can be interpolated
         during = progress.rate(t0, t1)
         before = progress.rate(t0 - window, t0)
-        results[unprotect].append({
+        results[config].append({
             "downtime": stats.downtime_ms, "setup": stats.setup_ms, "total": stats.total_ms, "window": window,
             "speed": during / before if before > 0 else float("nan"),
             "faults": stats.write_faults, "shadows": stats.shadow_copies,
@@ -178,7 +191,7 @@ def live_section(pattern: str, ram: int, working_set: int, touch: int, reps: int
         gap = max(1.0, window)  # the baseline window before the next one is free of it
     machine.pause()
     machine.close()
-    return {"pattern": pattern, "results": results}
+    return pattern, results
 
 
 def live_chain_section(pattern: str, ram: int, working_set: int, touch: int, count: int,
@@ -297,7 +310,19 @@ def main() -> None:
                         "(default 5, --quick 2)")
     parser.add_argument("--pin", type=int, default=None,
                         help="pin the vCPU (and so the fault handler) to this host CPU")
+    parser.add_argument("--configs", default="thread:1:10,thread:1:0,thread:16:10,signal:1:10",
+                        help="live checkpoint configurations of sections 1, 2, 5 and 6, "
+                        "interleaved: fault_mode:unprotect_pages:saver_nice,... (default "
+                        "%(default)s)")
+    parser.add_argument("--live-only", action="store_true",
+                        help="sections 1, 2, 5 and 6 only")
+    parser.add_argument("--patterns", default="sequential,random",
+                        help="guest write patterns of the live sections (default %(default)s)")
     args = parser.parse_args()
+    configs: list[Config] = []
+    for item in args.configs.split(","):
+        mode, pages, nice = (item.split(":") + ["1", "0"])[:3]
+        configs.append((mode, int(pages), int(nice)))
     global PIN
     PIN = args.pin
     interval = args.interval or (2.0 if args.quick else 5.0)
@@ -308,13 +333,14 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=args.dir or ".") as tmp:
         directory = Path(tmp)
-        live = [live_section(p, ram, working_set, args.touch, reps, directory)
-                for p in ("sequential", "random")]
-        chain = live_chain_section("sequential", ram, working_set, args.touch, 2 + 2 * reps,
-                                   directory)
-        incr = incremental_section(ram, working_set, args.touch, small_reps, directory)
-        n, n_interval, track = tracking_section(ram, working_set, args.touch, small_reps,
-                                                interval, directory)
+        live = [live_section(p, ram, working_set, args.touch, reps, directory, configs)
+                for p in args.patterns.split(",")]
+        if not args.live_only:
+            chain = live_chain_section("sequential", ram, working_set, args.touch, 2 + 2 * reps,
+                                       directory)
+            incr = incremental_section(ram, working_set, args.touch, small_reps, directory)
+            n, n_interval, track = tracking_section(ram, working_set, args.touch, small_reps,
+                                                    interval, directory)
     elapsed = time.perf_counter() - started
 
     print(f"guest RAM {ram / (1 << 30):.2f} GiB, working set {working_set >> 20} MiB, "
@@ -323,31 +349,57 @@ def main() -> None:
           f"{'--quick; ' if args.quick else ''}{elapsed:.0f} s")
     print("1. live full checkpoint, guest running: downtime "
           "[target median <= 2 ms; QEMU 7.2 1 GiB: 1-3 ms median, max 83 ms]")
-    for section in live:
-        res = section["results"]  # type: ignore[index]
-        downs = [x["downtime"] for up in (1, 16) for x in res[up]]
-        totals = [x["total"] for up in (1, 16) for x in res[up]]
-        print(f"   {section['pattern']:<10} n={len(downs)}  median {med(downs):6.2f} ms  "
+    for pattern, res in live:
+        downs = [x["downtime"] for c in configs for x in res[c]]
+        totals = [x["total"] for c in configs for x in res[c]]
+        print(f"   {pattern:<10} n={len(downs)}  median {med(downs):6.2f} ms  "
               f"max {max(downs):6.2f} ms  (setup_ms median "
-              f"{med([x['setup'] for up in (1, 16) for x in res[up]]):.1f}; checkpoint total "
+              f"{med([x['setup'] for c in configs for x in res[c]]):.1f}; checkpoint total "
               f"median {med(totals):.0f} ms)  "
               f"all: {' '.join(f'{d:.1f}' for d in downs)}")
+    print("2. guest speed during a live full checkpoint / speed in an equal window just before "
+          "(passes/s) [target >= 30 %; QEMU 7.2 1 GiB, writing every page: 6-8 %]")
+    for pattern, res in live:
+        label = ("writes every page" if pattern == "sequential"
+                 else "random writes")
+        for c in configs:
+            speeds = [x["speed"] for x in res[c]]
+            print(f"   {pattern:<10} ({label}), {config_name(c):<26}: median "
+                  f"{100 * med(speeds):5.1f} %  (min {100 * min(speeds):.1f}, max "
+                  f"{100 * max(speeds):.1f}; all {' '.join(f'{100 * v:.0f}' for v in speeds)}; "
+                  f"window median {1e3 * med([x['window'] for x in res[c]]):.0f} ms)")
+    print("5. write faults during live full checkpoints (faults / checkpoint total time), "
+          "shadow copies [DESIGN 8: ~220 k faults/s same CPU, ~15 k/s other CPU, ~1 M pages/s "
+          "unprotecting 64 KiB]")
+    for pattern, res in live:
+        for c in configs:
+            rows = res[c]
+            print(f"   {pattern:<10} {config_name(c):<26}: faults median "
+                  f"{med([x['faults'] for x in rows]):8.0f}  = {med([x['faults_s'] for x in rows]) / 1e3:6.1f} k/s"
+                  f"  shadow copies median {med([x['shadows'] for x in rows]):7.0f}  pages "
+                  f"carried median {med([x['carried'] for x in rows]):7.0f}")
+    print("6. extra memory during a live checkpoint: peak RSS - RSS before, vs shadow copies x "
+          "4 KiB [target <= shadow copies + small constant]; shadow copies is a count over the whole "
+          "checkpoint; the pool (shadow_pages=4096 x 4 KiB = 16 MiB) is touched only as slots are "
+          "first used, most recently freed slot first")
+    for pattern, res in live:
+        for c in configs:
+            rows = res[c]
+            how = "VmHWM" if all(x["hwm"] for x in rows) else "polled VmRSS"
+            extra = [x["mem_kib"] / 1024 for x in rows]
+            shadow = [x["shadows"] * PAGE_SIZE / (1 << 20) for x in rows]
+            print(f"   {pattern:<10} {config_name(c):<26}: extra median "
+                  f"{med(extra):7.1f} MiB (max {max(extra):.1f})  shadow copies median "
+                  f"{med(shadow):7.1f} MiB  difference median "
+                  f"{med([e - s for e, s in zip(extra, shadow)]):+.1f} MiB ({how})")
+
+    if args.live_only:
+        return
     downs = [d for _, d, _, _ in chain]
     print(f"1b. live chain, one Checkpointer (live, incremental, tracker async): downtime median "
           f"{med(downs):.2f} ms max {max(downs):.2f} ms; all: " + "  ".join(
               f"{kind[0]}:{d:.1f} ms/{total:.0f} ms/{pages} p" for kind, d, total, pages in chain)
           + "  (kind: downtime/total/pages saved)")
-    print("2. guest speed during a live full checkpoint / speed in an equal window just before "
-          "(passes/s) [target >= 30 %; QEMU 7.2 1 GiB, writing every page: 6-8 %]")
-    for section in live:
-        res = section["results"]  # type: ignore[index]
-        label = ("writes every page" if section["pattern"] == "sequential"
-                 else "random writes")
-        for up in (1, 16):
-            speeds = [x["speed"] for x in res[up]]
-            print(f"   {section['pattern']:<10} ({label}), unprotect_pages={up:<2}: median "
-                  f"{100 * med(speeds):5.1f} %  (min {100 * min(speeds):.1f}, max "
-                  f"{100 * max(speeds):.1f}; window median {1e3 * med([x['window'] for x in res[up]]):.0f} ms)")
     print("3. incremental (~1 % of RAM pages dirtied from the host, guest paused) / full, "
           "stop-and-copy [target <= 5 %]")
     for tracker, full_ms, incr_ms, full_pages, incr_pages in incr:
@@ -366,32 +418,6 @@ def main() -> None:
             f"{100 * (med(track[t + suffix]) / med(track['none' + suffix]) - 1):+.1f} %)"
             for t in ("async", "wp")) + f"   (best of {len(track['none' + suffix])}: other "
             f"load on the host only slows runs down)")
-    print("5. write faults during live full checkpoints (faults / checkpoint total time), "
-          "shadow copies [DESIGN 8: ~220 k faults/s same CPU, ~15 k/s other CPU, ~1 M pages/s "
-          "unprotecting 64 KiB]")
-    for section in live:
-        res = section["results"]  # type: ignore[index]
-        for up in (1, 16):
-            rows = res[up]
-            print(f"   {section['pattern']:<10} unprotect_pages={up:<2}: faults median "
-                  f"{med([x['faults'] for x in rows]):8.0f}  = {med([x['faults_s'] for x in rows]) / 1e3:6.1f} k/s"
-                  f"  shadow copies median {med([x['shadows'] for x in rows]):7.0f}  pages "
-                  f"carried median {med([x['carried'] for x in rows]):7.0f}")
-    print("6. extra memory during a live checkpoint: peak RSS - RSS before, vs shadow copies x "
-          "4 KiB [target <= shadow copies + small constant]; shadow copies is a count over the whole "
-          "checkpoint; the pool (shadow_pages=4096 x 4 KiB = 16 MiB) is touched only as slots are "
-          "first used, most recently freed slot first")
-    for section in live:
-        res = section["results"]  # type: ignore[index]
-        for up in (1, 16):
-            rows = res[up]
-            how = "VmHWM" if all(x["hwm"] for x in rows) else "polled VmRSS"
-            extra = [x["mem_kib"] / 1024 for x in rows]
-            shadow = [x["shadows"] * PAGE_SIZE / (1 << 20) for x in rows]
-            print(f"   {section['pattern']:<10} unprotect_pages={up:<2}: extra median "
-                  f"{med(extra):7.1f} MiB (max {max(extra):.1f})  shadow copies median "
-                  f"{med(shadow):7.1f} MiB  difference median "
-                  f"{med([e - s for e, s in zip(extra, shadow)]):+.1f} MiB ({how})")
 
 
 if __name__ == "__main__":

@@ -38,14 +38,23 @@ from .container import ChecksumBlock
 from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
-from .postcopy_uffd import WriteProtectSession
+from .postcopy_uffd import FAULT_MODES, WriteProtectSession
 from .ram_handler import RAM_SAVE_FLAG_EOS, IndexedRun
 from .reload import DEFAULT_STRATEGY, Progress, reload_file
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
-_LIVE_FAULT_AROUND = 64  # pages a live-only checkpoint may open per fault of a sequential writer
+# pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
+# that its runs keep transparent huge pages whole (uffd.c)
+_LIVE_FAULT_AROUND = 512
+# nice value of a live checkpoint's saver thread (see Checkpointer).  bench_live, 1 GiB guest, 2
+# shared cores, guest speed during a live full checkpoint, medians of 4-6 per run (all samples):
+#   writing every page: nice 0  26-31 % (15-42), nice 5  34-42 % (25-59), nice 10 34-57 % (29-82)
+#   random writes:      nice 0  31-38 % (18-84), nice 5  27-48 % (18-76), nice 10 32-41 % (17-98)
+# the more other load, the more it helps; the price: longer checkpoints on a busy host (random
+# writes: ~2.5 s -> 5-9 s)
+SAVER_NICE = 10
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
 
@@ -137,14 +146,22 @@ class Checkpointer:
                  durable: bool = True, capabilities: Iterable[str] = (),
                  tracker: str = "async", shadow_pages: int = 4096,
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
-                 max_increments: int | None = None, sanity_checks: bool = True) -> None:
+                 max_increments: int | None = None, sanity_checks: bool = True,
+                 fault_mode: str = "thread", saver_nice: int = SAVER_NICE) -> None:
         """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
         ``sanity_checks``: after each save, check that the pages saved are exactly the pages
         selected, each once, and that no page is left under processing (cheap; on by default).
         ``max_increments``: when the file holds that many increments, the next checkpoint is a
         full one that replaces the file (a new chain; the original fork did so after 99).
         ``handler_cpu``: host CPU of the C fault-handler thread (default: the CPU the vCPU is
-        pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster)."""
+        pinned to, if it is; DESIGN.md §8: same-CPU fault handling is several times faster).
+        ``fault_mode``: who resolves write faults of the ``wp`` tracker and live checkpoints,
+        ``"thread"`` or ``"signal"`` (~1.7x the faults per second when faults are all a writer
+        does, no better guest speed in bench_live; kernel-side writes into guest RAM then fail
+        with EFAULT: see :class:`~pyvmm.migration.postcopy_uffd.WriteProtectSession`).
+        ``saver_nice``: nice value (0..19) of the thread that saves a live checkpoint's RAM
+        while the guest runs; above 0 the vCPU wins when both want the same CPU (the guest runs
+        faster during the checkpoint, which takes longer on a busy host)."""
         caps = tuple(sorted(set(capabilities)))
         for cap in caps:
             if cap not in CAPABILITIES:
@@ -167,6 +184,13 @@ class Checkpointer:
         self._shadow_pages = shadow_pages
         self._unprotect_pages = unprotect_pages
         self._handler_cpu = handler_cpu if handler_cpu is not None else machine.vcpu_cpu
+        if fault_mode not in FAULT_MODES:
+            raise ConfigError(f"unknown fault mode {fault_mode!r} (choose from "
+                              f"{', '.join(FAULT_MODES)})")
+        self._fault_mode = fault_mode
+        if not 0 <= saver_nice <= 19:
+            raise ConfigError(f"saver_nice must be 0..19, not {saver_nice}")
+        self._saver_nice = saver_nice
         self._file: CheckpointFile | None = None
         self._max_increments = max_increments
         self.sanity_checks = sanity_checks
@@ -335,7 +359,8 @@ class Checkpointer:
             elif self.incremental and self._tracker is None:
                 self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
                                              unprotect_pages=self._unprotect_pages,
-                                             handler_cpu=self._handler_cpu)
+                                             handler_cpu=self._handler_cpu,
+                                             fault_mode=self._fault_mode)
             setup_done = time.perf_counter()
             if self.live:
                 self._unpause(was_running, before)
@@ -498,7 +523,8 @@ class Checkpointer:
                                 handler_cpu=self._handler_cpu, live=True,
                                 shadow_pages=self._shadow_pages,
                                 fault_around=None if self.incremental else
-                                max(_LIVE_FAULT_AROUND, self._unprotect_pages))
+                                max(_LIVE_FAULT_AROUND, self._unprotect_pages),
+                                fault_mode=self._fault_mode)
             if self.incremental:
                 self._tracker = live
         assert isinstance(live, WpFaultTracker)
@@ -555,7 +581,7 @@ class Checkpointer:
         f.put_u8(QEMU_VM_SECTION_PART)
         f.put_be32(entry.section_id)
         result = save_pages_live(f, session, self.machine.ram_blocks, selection,
-                                 open_saved=open_saved)
+                                 open_saved=open_saved, nice=self._saver_nice)
         f.put_be64(RAM_SAVE_FLAG_EOS)
         f.put_u8(QEMU_VM_SECTION_FOOTER)
         f.put_be32(entry.section_id)

@@ -83,12 +83,12 @@ class WpFaultTracker:
 
     def __init__(self, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
                  handler_cpu: int | None = None, shadow_pages: int = 1,
-                 fault_around: int | None = None) -> None:
+                 fault_around: int | None = None, fault_mode: str = "thread") -> None:
         self._blocks = list(blocks)
         self.session = WriteProtectSession(self._blocks, shadow_pages=shadow_pages,
                                            unprotect_pages=unprotect_pages,
                                            handler_cpu=handler_cpu, tracking_only=True,
-                                           fault_around=fault_around)
+                                           fault_around=fault_around, fault_mode=fault_mode)
         #: Pages written before the last :meth:`prepare` (and since the last collect).
         self._carried = {b.name: b.new_bitmap() for b in self._blocks}
         self._stopped = False
@@ -120,13 +120,15 @@ class WpFaultTracker:
 
 def make_tracker(kind: str, blocks: Sequence[RamBlock], *, unprotect_pages: int = 1,
                  handler_cpu: int | None = None, live: bool = False,
-                 shadow_pages: int = 1, fault_around: int | None = None
-                 ) -> AsyncTracker | WpFaultTracker:
+                 shadow_pages: int = 1, fault_around: int | None = None,
+                 fault_mode: str = "thread") -> AsyncTracker | WpFaultTracker:
     """The tracker ``kind`` asks for; with ``live``, always the ``wp`` tracker with a pool of
-    ``shadow_pages`` (see the module docstring)."""
+    ``shadow_pages`` (see the module docstring).  ``fault_mode``: the ``wp`` tracker's, see
+    :class:`~pyvmm.migration.postcopy_uffd.WriteProtectSession`."""
     if kind not in TRACKERS:
         raise ValueError(f"unknown dirty tracker {kind!r} (choose from {', '.join(TRACKERS)})")
     if kind == "async" and not live:
         return AsyncTracker(blocks)
     return WpFaultTracker(blocks, unprotect_pages=unprotect_pages, handler_cpu=handler_cpu,
-                          shadow_pages=shadow_pages, fault_around=fault_around)
+                          shadow_pages=shadow_pages, fault_around=fault_around,
+                          fault_mode=fault_mode)

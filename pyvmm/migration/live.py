@@ -33,16 +33,16 @@ class LiveSaveResult:
 
 def save_pages_live(f: QEMUFile, session: WriteProtectSession, blocks: Sequence[RamBlock],
                     selection: Mapping[str, PageBitmap], *,
-                    open_saved: bool = False) -> LiveSaveResult:
+                    open_saved: bool = False, nice: int = 0) -> LiveSaveResult:
     """Write every selected page (as of the session's round start) to ``f``; shadows first.
-    ``open_saved``: see :meth:`WriteProtectSession.save`.
+    ``open_saved``, ``nice``: see :meth:`WriteProtectSession.save`.
 
     ``blocks`` must be the session's blocks in its order (block numbers in the runs index it)."""
     fd = f.fd
     if fd is None:
         raise ValueError("a live save writes to a file stream")
     f.flush()
-    runs, counts = session.save(fd, f.offset, selection, open_saved=open_saved)
+    runs, counts = session.save(fd, f.offset, selection, open_saved=open_saved, nice=nice)
     f.written_externally(counts.bytes_written)
     return LiveSaveResult(
         runs=[IndexedRun(r.block, r.first_page, r.npages, r.data_offset, r.zero) for r in runs],

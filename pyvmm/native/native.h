@@ -209,6 +209,13 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
  * run, up to max_pages (dirty tracking then over-counts up to max_pages - 1 pages per
  * sequential stretch); any other fault opens unprotect_pages again. */
 int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages);
+/* Before start: 0 = a handler thread reads the uffd (start pins it to cpu); 1 = the uffd has
+ * UFFD_FEATURE_SIGBUS and a process-wide SIGBUS handler resolves each fault in the faulting
+ * thread (no thread, no wakeup; the previous SIGBUS disposition still gets other faults). */
+int pyvmm_wp_session_set_mode(void *handle, int mode);
+/* nice 1..19: pyvmm_wp_session_save does its work on a new thread of that nice value (the
+ * guest then gets the CPU first when both want it); 0: on the caller's thread (default). */
+int pyvmm_wp_session_set_saver_nice(void *handle, int nice);
 
 /* ---- pyvmm.migration.checksum (crc.c): CRC-32C of buffers, guest pages and page records ----
  * CRC-32C (Castagnoli), zlib-style: pass 0 to start, the previous result to continue.

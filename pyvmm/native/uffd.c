@@ -15,14 +15,15 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -52,6 +53,7 @@ struct pyvmm_pm_scan_arg {
 #define PYVMM_PAGE_IS_WRITTEN (1ull << 1)
 
 #define PAGE_SZ 4096u
+#define HUGE_PAGES 512u /* 4 KiB pages per 2 MiB transparent huge page */
 
 /* ---- thin wrappers ---------------------------------------------------------------------- */
 
@@ -170,7 +172,7 @@ struct wp_block {
 };
 
 struct wp_session {
-    int uffd, stopfd;
+    int uffd;
     unsigned nblocks, max_blocks, nslots;
     u64 unprotect_pages, total_pages;
     struct wp_block *blocks;
@@ -192,6 +194,13 @@ struct wp_session {
     int saver_active;
     pthread_t thread;
     int running, stopping, error;
+    /* FAULT_THREAD: the handler thread blocks in read() (one syscall per fault, no poll), and
+     * stop rings the doorbell: a write to a page of its own that it protected, whose fault
+     * message tells the thread to end.  FAULT_SIGNAL: no thread; the uffd has
+     * UFFD_FEATURE_SIGBUS and the faulting thread resolves its own fault in a SIGBUS handler. */
+    int mode;
+    unsigned char *doorbell;
+    int saver_nice; /* > 0: pyvmm_wp_session_save runs on a thread of this nice value */
     u64 faults, shadow_copies, pool_waits;
     /* Held while a block's dirty bits and its protection change together: the handler sets a
      * page's dirty bit and then unprotects it; reprotect takes the bits and protects those
@@ -213,15 +222,22 @@ void *pyvmm_wp_session_new(int uffd, unsigned int max_blocks, unsigned int nslot
     if (!s)
         return NULL;
     s->uffd = uffd;
-    s->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    s->doorbell = MAP_FAILED;
     s->max_blocks = max_blocks;
     s->nslots = nslots ? nslots : 1;
     s->unprotect_pages = unprotect_pages ? unprotect_pages : 1;
     s->blocks = calloc(max_blocks ? max_blocks : 1, sizeof *s->blocks);
     s->free_stack = calloc(s->nslots, sizeof(unsigned));
-    if (posix_memalign((void **)&s->pool, PAGE_SZ, (size_t)s->nslots * PAGE_SZ))
+    /* 2 MiB aligned and huge-page backed where the kernel allows: a slot's first use then
+     * costs a share of one fault per 512 slots instead of a fault of its own (measured: the
+     * first touch, not the copy, was most of a shadow copy's cost in a large pool) */
+    size_t pool_bytes = (size_t)s->nslots * PAGE_SZ;
+    size_t huge = (size_t)HUGE_PAGES * PAGE_SZ;
+    if (posix_memalign((void **)&s->pool, pool_bytes >= huge ? huge : PAGE_SZ, pool_bytes))
         s->pool = NULL;
-    if (s->stopfd < 0 || !s->blocks || !s->free_stack || !s->pool) {
+    else if (pool_bytes >= huge)
+        madvise(s->pool, pool_bytes / huge * huge, MADV_HUGEPAGE);
+    if (!s->blocks || !s->free_stack || !s->pool) {
         pyvmm_wp_session_free(s);
         return NULL;
     }
@@ -351,76 +367,224 @@ static void secure_page(struct wp_session *s, struct wp_block *b, u64 p) {
     }
 }
 
+#ifndef UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+#define UFFDIO_WRITEPROTECT_MODE_DONTWAKE ((u64)1 << 1)
+#endif
+
+enum { FAULT_THREAD = 0, FAULT_SIGNAL = 1 };
+
+/* Resolve a write fault at addr, inside block b: secure and mark dirty the run the fault opens,
+ * then unprotect it.  In thread mode the unprotect wakes the writer; in signal mode the writer
+ * is this very thread, which retries its write when the SIGBUS handler returns.  Several threads
+ * may be here at once in signal mode: the fault-around fields are then only hints (a race can
+ * only change a run's length, within max_unprotect and the block). */
+static void resolve_fault(struct wp_session *s, struct wp_block *b, u64 addr) {
+    u64 page = (addr - b->base) / PAGE_SZ, first, last;
+    unsigned number = (unsigned)(b - s->blocks);
+    u64 window = __atomic_load_n(&s->window, __ATOMIC_RELAXED);
+    u64 last_end = __atomic_load_n(&s->last_end, __ATOMIC_RELAXED);
+    unsigned last_block = __atomic_load_n(&s->last_block, __ATOMIC_RELAXED);
+    if (s->max_unprotect > s->unprotect_pages && number == last_block && last_end &&
+        page == last_end) { /* a sequential writer: open more ahead of it */
+        window = 2 * window < s->max_unprotect ? 2 * window : s->max_unprotect;
+        if (window < s->unprotect_pages)
+            window = s->unprotect_pages;
+        first = page;
+        last = page + window;
+        /* with room for a huge page, runs end at 2 MiB boundaries: the writer's next fault is
+         * then at the start of one, whose whole unprotect keeps it huge (a partial one splits
+         * it, and the guest then runs on 4 KiB host pages) */
+        if (s->max_unprotect >= HUGE_PAGES && last / HUGE_PAGES * HUGE_PAGES > page)
+            last = last / HUGE_PAGES * HUGE_PAGES;
+    } else {
+        window = s->unprotect_pages;
+        first = page - page % s->unprotect_pages;
+        last = first + s->unprotect_pages;
+    }
+    if (last > b->npages)
+        last = b->npages;
+    __atomic_store_n(&s->window, window, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->last_block, number, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->last_end, last, __ATOMIC_RELAXED);
+    /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
+     * it will not fault */
+    for (u64 p = first; p < last; p++)
+        secure_page(s, b, p);
+    pthread_mutex_lock(&s->wp_lock);
+    pyvmm_bitmap_set_range(b->dirty, first, last - first);
+    /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
+    __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
+    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ, (last - first) * PAGE_SZ,
+                                     s->mode == FAULT_SIGNAL ? UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+                                                             : 0);
+    pthread_mutex_unlock(&s->wp_lock);
+    /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown;
+     * EAGAIN (mappings changing): a signal-mode writer simply faults again */
+    if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
+        __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
+}
+
 static void handle_fault(struct wp_session *s, u64 addr) {
     struct wp_block *b = find_block(s, addr);
     if (!b) { /* not ours: wake it anyway so that the writer does not hang */
         pyvmm_uffd_writeprotect(s->uffd, addr & ~(u64)(PAGE_SZ - 1), PAGE_SZ, 0);
         return;
     }
-    u64 page = (addr - b->base) / PAGE_SZ, first, last;
-    unsigned number = (unsigned)(b - s->blocks);
-    if (s->max_unprotect > s->unprotect_pages && number == s->last_block && s->last_end &&
-        page == s->last_end) { /* a sequential writer: open more ahead of it */
-        s->window = 2 * s->window < s->max_unprotect ? 2 * s->window : s->max_unprotect;
-        first = page;
-        last = page + s->window;
-    } else {
-        s->window = s->unprotect_pages;
-        first = page - page % s->unprotect_pages;
-        last = first + s->unprotect_pages;
-    }
-    if (last > b->npages)
-        last = b->npages;
-    s->last_block = number;
-    s->last_end = last;
-    /* every page the unprotect opens must be saved first, and counts as dirty: later writes to
-     * it will not fault */
-    for (u64 p = first; p < last; p++)
-        secure_page(s, b, p);
-    pthread_mutex_lock(&s->wp_lock);
-    for (u64 p = first; p < last; p++)
-        pyvmm_bitmap_set_bit(b->dirty, p);
-    /* counted before the unprotect wakes the writer, so that the writer sees its own fault */
-    __atomic_add_fetch(&s->faults, 1, __ATOMIC_RELEASE);
-    int rc = pyvmm_uffd_writeprotect(s->uffd, b->base + first * PAGE_SZ,
-                                     (last - first) * PAGE_SZ, 0);
-    pthread_mutex_unlock(&s->wp_lock);
-    /* once stopping, RAM may be unregistered under us (ENOENT): that is the normal shutdown */
-    if (rc < 0 && rc != -EAGAIN && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE))
-        __atomic_store_n(&s->error, -rc, __ATOMIC_RELEASE);
+    resolve_fault(s, b, addr);
 }
 
+/* Thread mode: one blocking read() per wakeup (poll() first would be a second syscall per
+ * fault: measured ~10 % of the round trip); the doorbell's fault ends the loop. */
 static void *handler_main(void *arg) {
     struct wp_session *s = arg;
-    struct uffd_msg msgs[64];
-    struct pollfd fds[2] = {{.fd = s->uffd, .events = POLLIN}, {.fd = s->stopfd, .events = POLLIN}};
-    for (;;) {
-        int n = poll(fds, 2, -1);
-        if (n < 0) {
+    struct uffd_msg msgs[16];
+    u64 bell = (u64)(uintptr_t)s->doorbell;
+    int done = 0;
+    while (!done) {
+        ssize_t got = read(s->uffd, msgs, sizeof msgs);
+        if (got < 0) {
             if (errno == EINTR)
                 continue;
             __atomic_store_n(&s->error, errno, __ATOMIC_RELEASE);
             break;
         }
-        if (fds[1].revents)
-            break;
-        if (fds[0].revents & (POLLERR | POLLHUP)) {
-            __atomic_store_n(&s->error, EIO, __ATOMIC_RELEASE);
-            break;
-        }
-        ssize_t got = read(s->uffd, msgs, sizeof msgs);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            __atomic_store_n(&s->error, errno, __ATOMIC_RELEASE);
-            break;
-        }
         for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++) {
-            if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
-                handle_fault(s, msgs[i].arg.pagefault.address);
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            u64 addr = msgs[i].arg.pagefault.address;
+            if ((addr & ~(u64)(PAGE_SZ - 1)) == bell)
+                done = 1; /* the rest of this batch is still served */
+            else
+                handle_fault(s, addr);
         }
     }
+    /* whoever rang (now or later, if this thread ended on an error) goes on */
+    pyvmm_uffd_writeprotect(s->uffd, bell, PAGE_SZ, 0);
     return NULL;
+}
+
+/* ---- signal mode: the faulting thread resolves its own fault ------------------------------ */
+
+/* Sessions in signal mode, looked up by the SIGBUS handler without a lock; and the ranges of
+ * sessions stopped lately (unregistered first, so a write there goes through when retried): a
+ * thread that took its SIGBUS just before the stop returns and retries instead of passing a
+ * fault of pyvmm's to the previous handler. */
+#define SIG_SESSIONS 64
+#define SIG_GRAVES 256
+static struct wp_session *sig_sessions[SIG_SESSIONS];
+static u64 sig_grave_base[SIG_GRAVES], sig_grave_end[SIG_GRAVES];
+static unsigned sig_grave_next;
+static int sig_busy; /* SIGBUS handlers running */
+static struct sigaction sig_prev;
+static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void sigbus_handler(int sig, siginfo_t *si, void *ctx) {
+    int saved_errno = errno;
+    u64 addr = (u64)(uintptr_t)si->si_addr;
+    int handled = 0;
+    __atomic_add_fetch(&sig_busy, 1, __ATOMIC_SEQ_CST);
+    if (si->si_code == BUS_ADRERR) {
+        for (unsigned i = 0; i < SIG_SESSIONS && !handled; i++) {
+            struct wp_session *s = __atomic_load_n(&sig_sessions[i], __ATOMIC_ACQUIRE);
+            struct wp_block *b = s ? find_block(s, addr) : NULL;
+            if (b) {
+                resolve_fault(s, b, addr);
+                handled = 1;
+            }
+        }
+        for (unsigned i = 0; i < SIG_GRAVES && !handled; i++)
+            handled = addr >= __atomic_load_n(&sig_grave_base[i], __ATOMIC_ACQUIRE) &&
+                      addr < __atomic_load_n(&sig_grave_end[i], __ATOMIC_ACQUIRE);
+    }
+    __atomic_sub_fetch(&sig_busy, 1, __ATOMIC_SEQ_CST);
+    errno = saved_errno;
+    if (handled)
+        return;
+    /* not pyvmm's: the disposition from before pyvmm's handler takes it */
+    struct sigaction prev = sig_prev;
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (prev.sa_sigaction)
+            prev.sa_sigaction(sig, si, ctx);
+        return;
+    }
+    if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN) {
+        prev.sa_handler(sig);
+        return;
+    }
+    signal(SIGBUS, SIG_DFL); /* a fault retried now dies of it, as it would have */
+    if (si->si_code <= 0)
+        raise(SIGBUS);
+}
+
+static int sig_register(struct wp_session *s) {
+    int rc = -EMFILE;
+    pthread_mutex_lock(&sig_lock);
+    struct sigaction cur;
+    sigaction(SIGBUS, NULL, &cur);
+    if (!(cur.sa_flags & SA_SIGINFO) || cur.sa_sigaction != sigbus_handler) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = sigbus_handler;
+        sa.sa_flags = SA_SIGINFO | SA_RESTART;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &sig_prev)) {
+            rc = -errno;
+            goto out;
+        }
+    }
+    for (unsigned i = 0; i < SIG_SESSIONS; i++) {
+        if (!sig_sessions[i]) {
+            __atomic_store_n(&sig_sessions[i], s, __ATOMIC_RELEASE);
+            rc = 0;
+            break;
+        }
+    }
+out:
+    pthread_mutex_unlock(&sig_lock);
+    return rc;
+}
+
+/* The session's RAM is unregistered already: no new SIGBUS can name it. */
+static void sig_unregister(struct wp_session *s) {
+    pthread_mutex_lock(&sig_lock);
+    for (unsigned b = 0; b < s->nblocks; b++) {
+        unsigned g = sig_grave_next++ % SIG_GRAVES;
+        __atomic_store_n(&sig_grave_end[g], 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&sig_grave_base[g], s->blocks[b].base, __ATOMIC_RELEASE);
+        __atomic_store_n(&sig_grave_end[g], s->blocks[b].base + s->blocks[b].npages * PAGE_SZ,
+                         __ATOMIC_RELEASE);
+    }
+    for (unsigned i = 0; i < SIG_SESSIONS; i++)
+        if (sig_sessions[i] == s)
+            __atomic_store_n(&sig_sessions[i], NULL, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&sig_lock);
+    while (__atomic_load_n(&sig_busy, __ATOMIC_SEQ_CST)) /* a handler may still use s */
+        sched_yield();
+}
+
+int pyvmm_wp_session_set_mode(void *handle, int mode) {
+    struct wp_session *s = handle;
+    if (s->running)
+        return -EBUSY;
+    if (mode != FAULT_THREAD && mode != FAULT_SIGNAL)
+        return -EINVAL;
+    s->mode = mode;
+    return 0;
+}
+
+static int ring_setup(struct wp_session *s) {
+    s->doorbell = mmap(NULL, PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (s->doorbell == MAP_FAILED)
+        return -errno;
+    s->doorbell[0] = 0; /* populated */
+    u64 ioctls, bell = (u64)(uintptr_t)s->doorbell;
+    int rc = pyvmm_uffd_register(s->uffd, bell, PAGE_SZ, UFFDIO_REGISTER_MODE_WP, &ioctls);
+    if (!rc)
+        rc = pyvmm_uffd_writeprotect(s->uffd, bell, PAGE_SZ, UFFDIO_WRITEPROTECT_MODE_WP);
+    int flags = fcntl(s->uffd, F_GETFL);
+    if (!rc && (flags < 0 || fcntl(s->uffd, F_SETFL, flags & ~O_NONBLOCK) < 0))
+        rc = -errno;
+    return rc;
 }
 
 int pyvmm_wp_session_start(void *handle, int cpu) {
@@ -436,6 +600,17 @@ int pyvmm_wp_session_start(void *handle, int cpu) {
             return -ENOMEM;
         s->q_cap = (unsigned)cap;
     }
+    if (s->mode == FAULT_SIGNAL) {
+        int rc = sig_register(s);
+        if (!rc)
+            s->running = 1;
+        return rc;
+    }
+    if (s->doorbell == MAP_FAILED) {
+        int rc = ring_setup(s);
+        if (rc)
+            return rc;
+    }
     int rc = pthread_create(&s->thread, NULL, handler_main, s);
     if (rc)
         return -rc;
@@ -447,6 +622,8 @@ int pyvmm_wp_session_set_cpu(void *handle, int cpu) {
     struct wp_session *s = handle;
     if (!s->running)
         return -ESRCH;
+    if (s->mode == FAULT_SIGNAL) /* faults are resolved where they happen */
+        return 0;
     cpu_set_t set;
     CPU_ZERO(&set);
     if (cpu >= 0)
@@ -465,10 +642,16 @@ int pyvmm_wp_session_stop(void *handle) {
     pthread_mutex_lock(&s->lock);
     pthread_cond_broadcast(&s->slot_freed);
     pthread_mutex_unlock(&s->lock);
-    u64 one = 1;
-    if (write(s->stopfd, &one, sizeof one) < 0)
-        return -errno;
-    pthread_join(s->thread, NULL);
+    if (s->mode == FAULT_SIGNAL) {
+        /* unregistered (protection dropped) before the handler may stop knowing the RAM */
+        for (unsigned b = 0; b < s->nblocks; b++)
+            pyvmm_uffd_unregister(s->uffd, s->blocks[b].base, s->blocks[b].npages * PAGE_SZ);
+        sig_unregister(s);
+    } else {
+        /* ring: this store faults until the thread reads its message and unprotects the bell */
+        *(volatile unsigned char *)s->doorbell = 1;
+        pthread_join(s->thread, NULL);
+    }
     s->running = 0;
     return 0;
 }
@@ -478,8 +661,8 @@ void pyvmm_wp_session_free(void *handle) {
     if (!s)
         return;
     pyvmm_wp_session_stop(s);
-    if (s->stopfd >= 0)
-        close(s->stopfd);
+    if (s->doorbell != MAP_FAILED)
+        munmap(s->doorbell, PAGE_SZ);
     free(s->blocks);
     free(s->state);
     free(s->pool);
@@ -519,27 +702,60 @@ void *pyvmm_wp_session_slot_addr(void *handle, unsigned int slot) {
     return slot < s->extra_cap ? s->extra[slot] : NULL;
 }
 
+/* Slot back to the pool (lock held): 0, or -EINVAL if it is not in use. */
+static int release_locked(struct wp_session *s, unsigned slot) {
+    if (slot >= s->nslots) {
+        unsigned i = slot - s->nslots;
+        if (i >= s->extra_cap || !s->extra[i])
+            return -EINVAL;
+        free(s->extra[i]);
+        s->extra[i] = NULL;
+        s->extra_free[s->nextra_free++] = i;
+        return 0;
+    }
+    if (s->nfree >= s->nslots)
+        return -EINVAL;
+    s->free_stack[s->nfree++] = slot;
+    return 0;
+}
+
 int pyvmm_wp_session_release_shadow(void *handle, unsigned int slot) {
     struct wp_session *s = handle;
     pthread_mutex_lock(&s->lock);
-    int rc = 0;
-    if (slot >= s->nslots) {
-        unsigned i = slot - s->nslots;
-        if (i < s->extra_cap && s->extra[i]) {
-            free(s->extra[i]);
-            s->extra[i] = NULL;
-            s->extra_free[s->nextra_free++] = i;
-        } else {
-            rc = -EINVAL;
-        }
-    } else if (s->nfree < s->nslots) {
-        s->free_stack[s->nfree++] = slot;
+    int rc = release_locked(s, slot);
+    if (!rc)
         pthread_cond_signal(&s->slot_freed);
-    } else {
-        rc = -EINVAL;
-    }
     pthread_mutex_unlock(&s->lock);
     return rc;
+}
+
+/* The saver's slots, n at once: one lock hold and one wakeup for a handler waiting on a full
+ * pool, which then finds a batch free (one slot at a time made it sleep and wake per page). */
+static void release_slots(struct wp_session *s, const unsigned *slots, unsigned n) {
+    if (!n)
+        return;
+    pthread_mutex_lock(&s->lock);
+    for (unsigned i = 0; i < n; i++)
+        release_locked(s, slots[i]);
+    pthread_cond_broadcast(&s->slot_freed);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Up to max queued shadow copies, oldest first, in one lock hold. */
+static unsigned pop_shadows(struct wp_session *s, unsigned *block, u64 *page, unsigned *slot,
+                            unsigned max) {
+    unsigned n = 0;
+    pthread_mutex_lock(&s->lock);
+    while (n < max && s->q_len) {
+        block[n] = s->q_block[s->q_head];
+        page[n] = s->q_page[s->q_head];
+        slot[n] = s->q_slot[s->q_head];
+        s->q_head = (s->q_head + 1) % s->q_cap;
+        s->q_len--;
+        n++;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 int pyvmm_wp_session_take_page(void *handle, unsigned int block, pyvmm_u64 page, void *out) {
@@ -791,8 +1007,7 @@ static int saver_flush(struct saver *sv) {
     }
     sv->offset = off;
     sv->pending = 0;
-    for (unsigned i = 0; i < sv->nslots; i++)
-        pyvmm_wp_session_release_shadow(sv->s, sv->slots[i]);
+    release_slots(sv->s, sv->slots, sv->nslots);
     sv->niov = sv->nrec = sv->ncopy = sv->nslots = 0;
     return 0;
 }
@@ -859,26 +1074,28 @@ static int saver_drain(struct saver *sv) {
     struct wp_session *s = sv->s;
     if (!__atomic_load_n(&s->q_len, __ATOMIC_ACQUIRE))
         return 0;
-    unsigned block, slot;
-    u64 page;
+    unsigned blocks[SAVE_BATCH], slots[SAVE_BATCH];
+    u64 pages[SAVE_BATCH];
     int got = 0;
-    while (pyvmm_wp_session_next_shadow(s, &block, &page, &slot)) {
+    unsigned n;
+    while ((n = pop_shadows(s, blocks, pages, slots, SAVE_BATCH))) {
         got = 1;
-        int rc = saver_record(sv, block, page, pyvmm_wp_session_slot_addr(s, slot), (int)slot);
-        if (rc) {
-            pyvmm_wp_session_release_shadow(s, slot);
-            return rc;
+        for (unsigned i = 0; i < n; i++) {
+            int rc = saver_record(sv, blocks[i], pages[i],
+                                  pyvmm_wp_session_slot_addr(s, slots[i]), (int)slots[i]);
+            if (rc) { /* this one is in the batch already (released with it); the rest not */
+                release_slots(s, slots + i + 1, n - i - 1);
+                return rc;
+            }
         }
     }
     /* a waiting writer gets its slot back now, not after the next full batch */
     return got && sv->nslots ? saver_flush(sv) : 0;
 }
 
-int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
-                          const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
-                          pyvmm_u64 max_runs, int open_saved,
-                          struct pyvmm_live_save_stats *stats) {
-    struct wp_session *s = handle;
+static int save_body(struct wp_session *s, int fd, u64 offset,
+                     const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
+                     u64 max_runs, int open_saved, struct pyvmm_live_save_stats *stats) {
     memset(stats, 0, sizeof *stats);
     struct saver *sv = calloc(1, sizeof *sv);
     if (!sv)
@@ -923,8 +1140,9 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                 memcpy(dst, (void *)(uintptr_t)(b->base + p * PAGE_SZ), PAGE_SZ);
                 __atomic_store_n(st, ST_SENT, __ATOMIC_RELEASE);
                 if (sv->open_saved) {
-                    if (sv->open_end != p || sv->open_block != bi ||
-                        sv->open_end - sv->open_start >= SAVE_BATCH) {
+                    /* runs end at 2 MiB boundaries: a whole transparent huge page unprotected
+                     * at once stays huge (and one ioctl, one TLB flush per 512 pages) */
+                    if (sv->open_end != p || sv->open_block != bi || p % HUGE_PAGES == 0) {
                         if ((rc = saver_open(sv)))
                             break;
                         sv->open_block = bi;
@@ -952,8 +1170,7 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
     if (!rc)
         rc = saver_flush(sv);
     if (rc) /* copies taken but not written: their slots go back (the round is abandoned) */
-        for (unsigned i = 0; i < sv->nslots; i++)
-            pyvmm_wp_session_release_shadow(s, sv->slots[i]);
+        release_slots(s, sv->slots, sv->nslots);
     pthread_mutex_lock(&s->lock);
     s->saver_active = 0;
     pthread_cond_broadcast(&s->slot_freed); /* waiters go on with overflow slots */
@@ -961,6 +1178,50 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
     free(sv->copy);
     free(sv);
     return rc;
+}
+
+struct save_call {
+    struct wp_session *s;
+    int fd, open_saved, nice, rc;
+    u64 offset, max_runs;
+    const struct pyvmm_live_block *blocks;
+    struct pyvmm_live_run *runs;
+    struct pyvmm_live_save_stats *stats;
+};
+
+static void *save_thread(void *arg) {
+    struct save_call *c = arg;
+    setpriority(PRIO_PROCESS, 0, c->nice); /* Linux: this thread's nice value only */
+    c->rc = save_body(c->s, c->fd, c->offset, c->blocks, c->runs, c->max_runs, c->open_saved,
+                      c->stats);
+    return NULL;
+}
+
+int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
+                          const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
+                          pyvmm_u64 max_runs, int open_saved,
+                          struct pyvmm_live_save_stats *stats) {
+    struct wp_session *s = handle;
+    int nice = __atomic_load_n(&s->saver_nice, __ATOMIC_RELAXED);
+    if (nice <= 0)
+        return save_body(s, fd, offset, blocks, runs, max_runs, open_saved, stats);
+    /* a thread of its own, so that the caller's priority need not be raised back afterwards
+     * (which takes a privilege) */
+    struct save_call call = {s, fd, open_saved, nice, 0, offset, max_runs, blocks, runs, stats};
+    pthread_t thread;
+    int rc = pthread_create(&thread, NULL, save_thread, &call);
+    if (rc)
+        return save_body(s, fd, offset, blocks, runs, max_runs, open_saved, stats);
+    pthread_join(thread, NULL);
+    return call.rc;
+}
+
+int pyvmm_wp_session_set_saver_nice(void *handle, int nice) {
+    struct wp_session *s = handle;
+    if (nice < 0 || nice > 19)
+        return -EINVAL;
+    __atomic_store_n(&s->saver_nice, nice, __ATOMIC_RELAXED);
+    return 0;
 }
 
 int pyvmm_wp_session_set_fault_around(void *handle, pyvmm_u64 max_pages) {

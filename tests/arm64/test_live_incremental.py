@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.boot import GuestSpec, boot
-from pyvmm.errors import PyvmmError, StreamError
+from pyvmm.errors import ConfigError, PyvmmError, StreamError
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine
 from pyvmm.migration.checkpoint import Checkpointer, reload
@@ -93,20 +93,24 @@ def test_first_incremental_on_a_full_equals_a_second_full(tmp_path: Path) -> Non
         next(chain_states(tmp_path / "full.bin", 1))
 
 
-@pytest.mark.parametrize(("capabilities", "tracker", "pattern"), [
-    (["live"], "async", "random"),
-    (["cow"], "async", "random"),
-    (["cow", "incremental"], "wp", "hotcold"),
-    (["live", "incremental"], "async", "sequential"),
-    (["live", "incremental"], "wp", "random"),
+@pytest.mark.parametrize(("capabilities", "tracker", "pattern", "fault_mode"), [
+    (["live"], "async", "random", "thread"),
+    (["live"], "async", "sequential", "signal"),
+    (["cow"], "async", "random", "thread"),
+    (["cow", "incremental"], "wp", "hotcold", "thread"),
+    (["live", "incremental"], "async", "sequential", "thread"),
+    (["live", "incremental"], "wp", "random", "thread"),
+    (["live", "incremental"], "wp", "random", "signal"),
 ])
 def test_live_checkpoints_hold_ram_as_at_the_pause(tmp_path: Path, capabilities: list[str],
-                                                   tracker: str, pattern: str) -> None:
+                                                   tracker: str, pattern: str,
+                                                   fault_mode: str) -> None:
     """The guest writes hard while each checkpoint is saved; what is saved is the pause's RAM."""
     path = tmp_path / "live.bin"
     at_pause: list[tuple[str, object, object]] = []
     with workload(pattern, "16M") as machine:
-        checkpointer = Checkpointer(machine, path, capabilities=capabilities, tracker=tracker)
+        checkpointer = Checkpointer(machine, path, capabilities=capabilities, tracker=tracker,
+                                    fault_mode=fault_mode)
         checkpointer.on_pause = lambda m: at_pause.append(state(m))
         machine.start()
         faults = 0
@@ -165,6 +169,14 @@ def test_cpu_and_kernel_writes_by_a_linux_guest_are_tracked(tmp_path: Path, busy
     for k in (1, 2):
         rest = pyvmm("--incoming", f"chpt:{k}:{chain}").stdout
         assert whole.stdout.endswith(rest) and rest
+
+
+def test_negative_fault_mode_and_saver_nice_are_checked(tmp_path: Path) -> None:
+    with workload("sequential") as machine:
+        with pytest.raises(ConfigError, match="fault mode 'fast'"):
+            Checkpointer(machine, tmp_path / "x.bin", capabilities=["live"], fault_mode="fast")
+        with pytest.raises(ConfigError, match="saver_nice must be 0..19, not 20"):
+            Checkpointer(machine, tmp_path / "x.bin", capabilities=["live"], saver_nice=20)
 
 
 def test_negative_userfaultfd_unavailable(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import ctypes
 import errno
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -136,8 +138,11 @@ def test_async_tracker_sees_unicorn_vcpu_stores(block: RamBlock) -> None:
     assert block.read(300 * PAGE_SIZE + 8, 8) == (0x1122334455667788).to_bytes(8, "little")
 
 
+MODES = pytest.mark.parametrize("mode", ["thread", "signal"])
+
+
 def _run_live_checkpoint(block: RamBlock, seed: int, *, shadow_pages: int,
-                         use_ctypes_writer: bool) -> WriteProtectStats:
+                         use_ctypes_writer: bool, mode: str = "thread") -> WriteProtectStats:
     """Protect, let a writer scribble while a saver saves; check the DESIGN section 4 promise."""
     rng = random.Random(seed)
     for page in rng.sample(range(NPAGES), NPAGES // 2):  # half the pages populated, half zero
@@ -148,7 +153,7 @@ def _run_live_checkpoint(block: RamBlock, seed: int, *, shadow_pages: int,
                                                            (off + n - 1) // PAGE_SIZE + 1)}
     saved: dict[int, bytes] = {}
     failures: list[BaseException] = []
-    session = WriteProtectSession([block], shadow_pages=shadow_pages)
+    session = WriteProtectSession([block], shadow_pages=shadow_pages, fault_mode=mode)
 
     def save(page: int, data: bytes) -> None:
         assert page not in saved, f"page {page} saved twice"
@@ -208,15 +213,17 @@ def _run_live_checkpoint(block: RamBlock, seed: int, *, shadow_pages: int,
     return stats
 
 
+@MODES
 @settings(FAST, max_examples=15)
 @given(seed=st.integers(0, 2**32))
-def test_live_session_gil_holding_writer(block: RamBlock, seed: int) -> None:
+def test_live_session_gil_holding_writer(block: RamBlock, seed: int, mode: str) -> None:
     # pool as large as RAM: a GIL-holding writer must never meet a full pool (see the class doc)
-    _run_live_checkpoint(block, seed, shadow_pages=NPAGES, use_ctypes_writer=False)
+    _run_live_checkpoint(block, seed, shadow_pages=NPAGES, use_ctypes_writer=False, mode=mode)
 
 
-def test_live_session_small_pool_waits_for_saver(block: RamBlock) -> None:
-    _run_live_checkpoint(block, 7, shadow_pages=2, use_ctypes_writer=True)
+@MODES
+def test_live_session_small_pool_waits_for_saver(block: RamBlock, mode: str) -> None:
+    _run_live_checkpoint(block, 7, shadow_pages=2, use_ctypes_writer=True, mode=mode)
 
 
 def test_live_session_mark_sent_and_counters(block: RamBlock) -> None:
@@ -296,7 +303,7 @@ def _parse_records(data: bytes) -> dict[int, bytes]:
 
 
 def _c_saver_round(block: RamBlock, tmp_path: Path, seed: int, *, shadow_pages: int,
-                   gil_holding: bool) -> WriteProtectStats:
+                   gil_holding: bool, mode: str = "thread") -> WriteProtectStats:
     """Protect, let a writer scribble while the C saver writes the records to a file."""
     rng = random.Random(seed)
     for page in rng.sample(range(NPAGES), NPAGES // 2):
@@ -310,9 +317,10 @@ def _c_saver_round(block: RamBlock, tmp_path: Path, seed: int, *, shadow_pages: 
     written_pages = {p for off, n in writes for p in range(off // PAGE_SIZE,
                                                            (off + n - 1) // PAGE_SIZE + 1)}
     failures: list[BaseException] = []
-    session = WriteProtectSession([block], shadow_pages=shadow_pages, tracking_only=True)
+    session = WriteProtectSession([block], shadow_pages=shadow_pages, tracking_only=True,
+                                  fault_mode=mode)
     session.rearm({"ram": selected})
-    path = tmp_path / f"records-{seed}"
+    path = tmp_path / f"records-{seed}-{mode}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     result: list[object] = []
 
@@ -367,18 +375,21 @@ def _c_saver_round(block: RamBlock, tmp_path: Path, seed: int, *, shadow_pages: 
     return stats
 
 
+@MODES
 @settings(FAST, max_examples=10)
 @given(seed=st.integers(0, 2**32), gil_holding=st.booleans())
 def test_c_saver_holds_ram_as_at_protect(block: RamBlock, tmp_path: Path, seed: int,
-                                         gil_holding: bool) -> None:
-    _c_saver_round(block, tmp_path, seed, shadow_pages=64, gil_holding=gil_holding)
+                                         gil_holding: bool, mode: str) -> None:
+    _c_saver_round(block, tmp_path, seed, shadow_pages=64, gil_holding=gil_holding, mode=mode)
 
 
+@MODES
 def test_c_saver_full_pool_with_gil_holding_writer_completes(block: RamBlock,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, mode: str) -> None:
     """One shadow slot and a writer that holds the GIL through multi-page writes: each fault
-    waits for the saver to free the slot.  A saver that needed the GIL would deadlock here."""
-    stats = _c_saver_round(block, tmp_path, 11, shadow_pages=1, gil_holding=True)
+    waits for the saver to free the slot.  A saver that needed the GIL would deadlock here
+    (in signal mode the waiting fault handler is the writer's own SIGBUS handler)."""
+    stats = _c_saver_round(block, tmp_path, 11, shadow_pages=1, gil_holding=True, mode=mode)
     assert stats.pool_waits > 0
 
 
@@ -503,3 +514,168 @@ def test_fault_around_opens_growing_runs_for_a_sequential_writer(block: RamBlock
     assert b"".join(saved[p] for p in range(NPAGES)) == before
     with pytest.raises(ValueError):
         WriteProtectSession([block], unprotect_pages=4, fault_around=2)
+
+
+def test_signal_mode_unicorn_vcpu_stores_are_shadowed(block: RamBlock) -> None:
+    """The vCPU's stores (unicorn's generated code writing the host mapping) fault into the
+    SIGBUS handler on the vCPU's own thread: shadowed first, dirty, then done."""
+    unicorn = pytest.importorskip("unicorn")
+    arm64 = pytest.importorskip("unicorn.arm64_const")
+    gpa = 0x40000000
+    code = bytes.fromhex("010000f9410000f9610000f9")  # str x1, [x0]; [x2]; [x3]
+    block.write(0, code)
+    block.write(300 * PAGE_SIZE, b"old!" * (PAGE_SIZE // 4))
+    uc = unicorn.Uc(unicorn.UC_ARCH_ARM64, unicorn.UC_MODE_ARM)
+    uc.mem_map_ptr(gpa, block.size, unicorn.UC_PROT_ALL, block.host_addr)
+    with WriteProtectSession([block], shadow_pages=8, fault_mode="signal") as session:
+        uc.reg_write(arm64.UC_ARM64_REG_X1, 0x1122334455667788)
+        for reg, page in ((arm64.UC_ARM64_REG_X0, 3), (arm64.UC_ARM64_REG_X2, 300),
+                          (arm64.UC_ARM64_REG_X3, 599)):
+            uc.reg_write(reg, gpa + page * PAGE_SIZE + 8)
+        uc.emu_start(gpa, gpa + len(code))
+        assert list(session.dirty["ram"]) == [3, 300, 599]
+        shadows = {}
+        while (shadow := session.next_shadow()) is not None:
+            shadows[shadow.page] = bytes(shadow.data)
+            session.release_shadow(shadow.slot)
+        assert sorted(shadows) == [3, 300, 599]
+        assert shadows[300] == b"old!" * (PAGE_SIZE // 4)
+        assert session.stats().faults == 3
+    assert block.read(300 * PAGE_SIZE + 8, 8) == (0x1122334455667788).to_bytes(8, "little")
+
+
+def test_signal_mode_kernel_write_fails_with_efault(block: RamBlock) -> None:
+    """The documented price of signal mode: the kernel cannot deliver SIGBUS for its own
+    write, so ``read()`` into a protected page fails (and writes nothing) instead of
+    faulting; an unprotected (already written) page takes it."""
+    block.write(20 * PAGE_SIZE, b"A" * PAGE_SIZE)
+    with WriteProtectSession([block], shadow_pages=4, fault_mode="signal") as session:
+        r, w = os.pipe()
+        try:
+            os.write(w, b"B" * 200)
+            with pytest.raises(OSError) as err:
+                os.readv(r, [block.mem[20 * PAGE_SIZE : 20 * PAGE_SIZE + 100]])
+            assert err.value.errno == errno.EFAULT
+            assert block.read(20 * PAGE_SIZE, 100) == b"A" * 100
+            block.write(21 * PAGE_SIZE, b"C")  # user mode: resolved in this thread
+            assert os.readv(r, [block.mem[21 * PAGE_SIZE : 21 * PAGE_SIZE + 100]]) == 100
+        finally:
+            os.close(r)
+            os.close(w)
+        assert list(session.dirty["ram"]) == [21]
+    assert block.read(21 * PAGE_SIZE, 101) == b"B" * 100 + b"\0"
+
+
+def test_signal_mode_stop_while_writers_run(block: RamBlock) -> None:
+    """Sessions stopped (and new ones started) while two threads write all the time: a fault
+    taken just before a stop must be retried, not passed to the default SIGBUS action."""
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer(value: int) -> None:
+        try:
+            while not stop.is_set():
+                ctypes.memset(block.host_addr, value, block.size)
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=writer, args=(v,)) for v in (1, 2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(30):
+            with WriteProtectSession([block], shadow_pages=4, fault_mode="signal",
+                                     tracking_only=True) as session:
+                time.sleep(0.002)
+            assert session.stats().handler_errno == 0
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not failures and not any(t.is_alive() for t in threads)
+
+
+def test_signal_mode_passes_other_sigbus_to_the_previous_handler(tmp_path: Path) -> None:
+    """A SIGBUS that is not a fault of a session's RAM (here: past the end of a mapped file)
+    reaches the handler installed before (Python's faulthandler) and kills as it would have."""
+    script = tmp_path / "other_sigbus.py"
+    script.write_text(
+        "import ctypes, faulthandler, mmap, os, sys\n"
+        "faulthandler.enable()\n"
+        "from pyvmm.migration.postcopy_uffd import WriteProtectSession\n"
+        "from pyvmm.ram import RamBlock\n"
+        "block = RamBlock('ram', 1 << 20, 0)\n"
+        "session = WriteProtectSession([block], fault_mode='signal')\n"
+        "ctypes.memset(block.host_addr, 1, 4096)\n"
+        "print('own fault ok', session.stats().faults, flush=True)\n"
+        "path = sys.argv[1]\n"
+        "with open(path, 'wb') as f: f.write(b'x' * 8192)\n"
+        "fd = os.open(path, os.O_RDWR)\n"
+        "m = mmap.mmap(fd, 8192)\n"
+        "os.truncate(path, 4096)  # its second page is now past the end of the file\n"
+        "address = ctypes.addressof(ctypes.c_char.from_buffer(m))\n"
+        "ctypes.memset(address + 4096, 2, 1)\n"
+        "print('not reached', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "short")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["own fault ok 1"]
+    assert done.returncode == -7  # SIGBUS, after faulthandler's report
+    assert "Bus error" in done.stderr
+
+
+@MODES
+def test_fault_around_of_a_huge_page_ends_runs_at_2mib_boundaries(tmp_path: Path,
+                                                                  mode: str) -> None:
+    """fault_around 512 (a live-only checkpoint's): a sequential writer's runs grow, are cut at
+    the next 2 MiB boundary, and from there on each fault opens one whole 2 MiB run (a
+    transparent huge page unprotected whole stays huge); each opened page is saved first."""
+    with RamBlock("ram", 2048 * PAGE_SIZE, 0) as big:
+        big.write(0, bytes(range(256)) * (big.size // 256))
+        before = big.read(0, big.size)
+        selected = big.new_bitmap()
+        selected.set_all()
+        with WriteProtectSession([big], shadow_pages=2048, tracking_only=True,
+                                 fault_around=512, fault_mode=mode) as session:
+            session.rearm({"ram": selected})
+            for page in range(2048):
+                ctypes.memset(big.host_addr + page * PAGE_SIZE, 0x33, 8)
+            stats = session.stats()
+            # runs [0,1) [1,3) [3,7) ... [255,511) [511,512), then [512,1024) [1024,1536)
+            # [1536,2048): 10 + 3 faults
+            assert stats.faults == 13
+            assert set(session.dirty["ram"]) == set(range(2048))
+            assert stats.shadow_copies == 2048
+            fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                _, counts = session.save(fd, 0, {"ram": selected})
+                data = os.pread(fd, counts.bytes_written, 0)
+            finally:
+                os.close(fd)
+        saved = _parse_records(data)
+        assert b"".join(saved[p] for p in range(2048)) == before
+
+
+def test_save_on_a_niced_thread_leaves_the_caller_as_it_was(block: RamBlock,
+                                                            tmp_path: Path) -> None:
+    """nice > 0: the C save runs on a thread of its own at that nice value (a caller's raised
+    nice could not be lowered back without privilege); the result is the same records."""
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    before = block.read(0, block.size)
+    selected = block.new_bitmap()
+    selected.set_all()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with WriteProtectSession([block], shadow_pages=8, tracking_only=True) as session:
+        session.rearm({"ram": selected})
+        ctypes.memset(block.host_addr + 5 * PAGE_SIZE, 0x44, 3 * PAGE_SIZE)  # shadowed first
+        with pytest.raises(ValueError):
+            session.save(0, 0, {"ram": selected}, nice=20)
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _, counts = session.save(fd, 0, {"ram": selected}, nice=7)
+            data = os.pread(fd, counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+        assert counts.from_shadow == 3
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    saved = _parse_records(data)
+    assert b"".join(saved[p] for p in range(NPAGES)) == before
