@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from pyvmm.migration.postcopy_uffd import AsyncDirtyTracker, WriteProtectSession
-from pyvmm.ram import PAGE_SIZE, RamBlock
+from pyvmm.ram import RamBlock
 
 
 State = TypeVar("State")
