@@ -146,7 +146,9 @@ def test_increment_pattern_snapshot_is_consistent(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("caps", [("--incremental",), ("--incremental", "--live", "--tracker",
-                                                      "wp"), ("--incremental", "--cow")])
+                                                      "wp"), ("--incremental", "--cow"),
+                                  ("--incremental", "--live", "--tracker", "wp",
+                                   "--fault-mode", "signal", "--saver-nice", "3")])
 def test_cpu_and_kernel_writes_by_a_linux_guest_are_tracked(tmp_path: Path, busybox: Path,
                                                             caps: tuple[str, ...]) -> None:
     """busybox reads a file (the kernel writes guest RAM through read()) and computes on it."""
