@@ -95,3 +95,17 @@ def test_help_teaches() -> None:
     for word in ("--ram", "--seed", "--max-insns", "--seconds", "--workload", "--guest",
                  "pattern", "sequential", "random", "hotcold", "increment", "examples"):
         assert word in text
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path: pytest.TempPathFactory) -> None:
+    """`pyvmm checkpoint info FILE | head -1`: when the pipe's reader has gone, pyvmm stops
+    quietly with the SIGPIPE status instead of a traceback."""
+    path = f"{tmp_path}/out.bin"
+    made = pyvmm("run", "--max-insns", "10K", "--checkpoint", f"chpt:{path}")
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "checkpoint", "info", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child has started: its first write finds no reader
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == b"", err
