@@ -5,14 +5,13 @@ clear error instead of hanging or running it on wrong RAM."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from pyvmm.boot import GuestSpec, boot
@@ -26,6 +25,7 @@ from pyvmm.migration.machine_state import machine_save_state
 from pyvmm.migration.ram_handler import RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_ZERO, IndexedRun
 from pyvmm.migration.stream import QEMUFile
 from pyvmm.ram import PAGE_SIZE
+from pyvmm.testing.hostile import Lie, lies, lying_page_index
 
 from test_checkpoint import WORKLOAD, machine_digest, pyvmm
 
@@ -125,41 +125,15 @@ def test_lazy_chain_prefix_equals_eager(chain_file: Path, count: int) -> None:
 
 @settings(max_examples=10, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(increment=st.integers(0, 3), run=st.integers(0, 1 << 16),
-       field=st.sampled_from(["block", "first_page", "npages", "data_offset", "zero", "swap"]),
-       delta=st.integers(-3, 3), other=st.integers(0, 1 << 16))
+@given(lie=lies(4))
 def test_hostile_page_indexes_are_refused_as_the_decoder_refuses_them(
-        chain_file: Path, tmp_path: Path, increment: int, run: int, field: str, delta: int,
-        other: int) -> None:
+        chain_file: Path, tmp_path: Path, lie: Lie) -> None:
     """A page index with a valid CRC but lying runs: the lazy reload's C checks refuse it with
     the container decoder's own error, or (when the decoder takes it) load what an eager reload
     of the same file loads."""
-    from pyvmm.migration.container_format import PageRun, encode_page_index
-
-    with CheckpointFile.open(chain_file) as container:
-        info = container.header.increments[increment]
-        runs = container.page_index(increment)
-    i, j = run % len(runs), other % len(runs)
-    victim = runs[i]
-    if field == "swap":
-        runs[i], runs[j] = runs[j], runs[i]
-    elif field == "zero":
-        runs[i] = dataclasses.replace(victim, zero=not victim.zero,
-                                      data_offset=victim.data_offset or runs[j].data_offset)
-    else:
-        value = getattr(victim, field)
-        if field == "block":
-            value = max(0, value + delta)
-        elif field == "data_offset" and not victim.zero:
-            value = runs[j].data_offset + delta * 4 if delta else value + 8
-        else:
-            value = max(0, value + delta) if field == "first_page" else max(1, value + delta)
-        runs[i] = dataclasses.replace(victim, **{field: value})
-    blob = encode_page_index(increment, [PageRun(r.block, r.first_page, r.npages, r.data_offset,
-                                                 r.zero) for r in runs])
-    assert len(blob) == info.index_length
-    damaged = bytearray(chain_file.read_bytes())
-    damaged[info.index_offset:info.index_offset + len(blob)] = blob
+    damaged, change = lying_page_index(chain_file, lie)
+    note(change)
+    increment = lie.increment
     path = tmp_path / "hostile.bin"
     path.write_bytes(damaged)
     try:
