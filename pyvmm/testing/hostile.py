@@ -58,7 +58,8 @@ def lying_page_index(path: Path, lie: Lie) -> tuple[bytes, str]:
         if lie.field == "block":
             value = max(0, value + lie.delta)
         elif lie.field == "data_offset" and not victim.zero:
-            value = runs[j].data_offset + lie.delta * 4 if lie.delta else value + 8
+            # onto another run's data (a zero run has none: then near the file's start)
+            value = max(0, runs[j].data_offset + lie.delta * 4) if lie.delta else value + 8
         elif lie.field == "first_page":
             value = max(0, value + lie.delta)
         else:

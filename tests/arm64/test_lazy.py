@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
 from pyvmm.boot import GuestSpec, boot
@@ -126,6 +126,7 @@ def test_lazy_chain_prefix_equals_eager(chain_file: Path, count: int) -> None:
 @settings(max_examples=10, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(lie=lies(4))
+@example(lie=Lie(increment=0, run=0, field="data_offset", delta=-1, other=1))  # onto a zero run
 def test_hostile_page_indexes_are_refused_as_the_decoder_refuses_them(
         chain_file: Path, tmp_path: Path, lie: Lie) -> None:
     """A page index with a valid CRC but lying runs: the lazy reload's C checks refuse it with
