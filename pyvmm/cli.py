@@ -222,7 +222,8 @@ def _add_checkpoint_commands(sub: Any) -> None:
     export.add_argument("file", metavar="FILE")
     export.add_argument("--increment", "-k", metavar="K", type=int, default=None,
                         help="which increment (default: the last)")
-    export.add_argument("-o", "--output", metavar="OUT", required=True)
+    export.add_argument("-o", "--output", metavar="OUT", required=True,
+                        help="file to write (- for standard output, e.g. a pipe)")
 
 
 def format_size_arg(nbytes: int) -> str:
@@ -572,7 +573,8 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "export":
         written = export_increment(args.file, args.increment, args.output)
-        print(f"pyvmm: wrote {format_size(written)} to {args.output}", file=sys.stderr)
+        where = "standard output" if args.output == "-" else args.output
+        print(f"pyvmm: wrote {format_size(written)} to {where}", file=sys.stderr)
         return 0
     raise ConfigError(f"unknown checkpoint verb {args.verb}")
 

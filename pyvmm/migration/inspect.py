@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import uuid
 from typing import Any
@@ -87,7 +88,8 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def export_increment(path: str, increment: int | None, output: str) -> int:
-    """Copy increment ``increment``'s raw QEMU stream (default: the last) to ``output``."""
+    """Copy increment ``increment``'s raw QEMU stream (default: the last) to ``output`` (``-``:
+    standard output, e.g. a pipe). The checkpoint file itself is never an output."""
     with CheckpointFile.open(path) as container:
         increments = container.header.increments
         if not increments:
@@ -96,15 +98,40 @@ def export_increment(path: str, increment: int | None, output: str) -> int:
         if not 0 <= index < len(increments):
             raise ConfigError(f"{path} has increments 0..{len(increments) - 1}, not {index}")
         inc = increments[index]
+        if output == "-":
+            _copy_out(container.fd, 1, inc.stream_offset, inc.stream_length, path, index)
+            return inc.stream_length
+        if os.path.exists(output) and os.path.samefile(output, path):
+            raise ConfigError(f"{output} is the checkpoint file itself: export to another file")
         try:
             with open(output, "wb") as out:
-                offset, left = inc.stream_offset, inc.stream_length
-                while left:
-                    sent = os.copy_file_range(container.fd, out.fileno(), left, offset)
-                    if sent == 0:
-                        raise PyvmmError(f"{path} ended inside increment {index}'s stream")
-                    offset += sent
-                    left -= sent
+                _copy_out(container.fd, out.fileno(), inc.stream_offset, inc.stream_length, path,
+                          index)
         except OSError as err:
             raise ConfigError(f"cannot write {output}: {err.strerror}") from err
         return inc.stream_length
+
+
+def _copy_out(fd: int, out: int, offset: int, left: int, path: str, index: int) -> None:
+    """``left`` bytes of ``fd`` from ``offset`` to ``out``: in the kernel between files, through
+    a buffer to anything else (a pipe, a terminal)."""
+    try:
+        while left:
+            sent = os.copy_file_range(fd, out, left, offset)
+            if sent == 0:
+                raise PyvmmError(f"{path} ended inside increment {index}'s stream")
+            offset += sent
+            left -= sent
+        return
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EXDEV, errno.EBADF, errno.ENOSYS):
+            raise
+    while left:
+        chunk = os.pread(fd, min(left, 1 << 20), offset)
+        if not chunk:
+            raise PyvmmError(f"{path} ended inside increment {index}'s stream")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view):]
+        offset += len(chunk)
+        left -= len(chunk)

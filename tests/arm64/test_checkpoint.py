@@ -135,6 +135,15 @@ def test_export_writes_the_raw_qemu_stream(tmp_path: Path) -> None:
     data = raw.read_bytes()
     assert data[:8] == b"QEVM\x00\x00\x00\x03"
     assert b'"devices"' in data[-4096:]
+    # "-": standard output (a pipe here), the same bytes
+    piped = pyvmm("checkpoint", "export", out, "--increment", "0", "-o", "-")
+    assert piped.returncode == 0 and piped.stdout == data, piped.stderr
+    assert b"to standard output" in piped.stderr
+    # the checkpoint file itself is never overwritten
+    before = out.read_bytes()
+    refused = pyvmm("checkpoint", "export", out, "-o", out)
+    assert refused.returncode == 1 and b"is the checkpoint file itself" in refused.stderr
+    assert out.read_bytes() == before
 
 
 def test_in_process_checkpoint_of_paused_machine_keeps_its_state(tmp_path: Path) -> None:
