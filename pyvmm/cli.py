@@ -226,6 +226,14 @@ def _add_checkpoint_commands(sub: Any) -> None:
                         help="file to write (- for standard output, e.g. a pipe)")
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (existing or not)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def format_size_arg(nbytes: int) -> str:
     return f"{nbytes >> 20}M"
 
@@ -336,6 +344,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         spec = _guest_spec(args)
     out_stream: BinaryIO = sys.stdout.buffer
     if args.output:
+        for option, target in (("--incoming", incoming), ("--checkpoint", save_target)):
+            if target is not None and _same_file(args.output, target.path):
+                raise ConfigError(f"--output {args.output} is the {option} checkpoint file: "
+                                  f"the guest's output would overwrite it")
         try:
             out_stream = open(args.output, "wb")  # noqa: SIM115 - closed below
         except OSError as err:

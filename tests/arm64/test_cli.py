@@ -109,3 +109,20 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path: pytest.TempPathFactor
     proc.stdout.close()  # before the child has started: its first write finds no reader
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == b"", err
+
+
+def test_output_onto_a_checkpoint_file_is_refused(tmp_path: pytest.TempPathFactory) -> None:
+    """--output naming the --incoming or --checkpoint file would overwrite the checkpoint with
+    UART text: refused, before anything is opened, and the file keeps every byte."""
+    path = f"{tmp_path}/c.bin"
+    assert pyvmm("run", "-q", "--max-insns", "10K", "--checkpoint", f"chpt:{path}").returncode == 0
+    with open(path, "rb") as f:
+        before = f.read()
+    for args in (["--incoming", f"chpt:{path}"],
+                 ["--max-insns", "10K", "--checkpoint", f"chpt:{path}"],
+                 ["--max-insns", "10K", "--checkpoint", f"chpt:{tmp_path}/new.bin"]):
+        output = path if "new.bin" not in args[-1] else f"{tmp_path}/./new.bin"
+        proc = pyvmm("run", *args, "--output", output)
+        assert proc.returncode == 1 and b"checkpoint file" in proc.stderr, proc.stderr
+    with open(path, "rb") as f:
+        assert f.read() == before
