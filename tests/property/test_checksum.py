@@ -303,6 +303,20 @@ def _regions(data: bytes) -> dict[str, list[tuple[int, int, int | None]]]:
         path.unlink()
 
 
+def flip_byte(chain: Chain, tmp_path: Path, kind: str, pick: float, where: float,
+              mask: int) -> tuple[Path, int | None]:
+    """A copy of the chain with one byte of a ``kind`` region flipped (region and byte picked
+    by the fractions ``pick`` and ``where``); the copy's path and the region's increment."""
+    start, length, increment = (regions := _regions(chain.data)[kind])[int(pick * len(regions))]
+    offset = start + int(where * length)
+    note(f"{kind}: byte 0x{offset:x} ^= 0x{mask:02x} (increment {increment})")
+    damaged = bytearray(chain.data)
+    damaged[offset] ^= mask
+    path = tmp_path / "damaged.chpt"
+    path.write_bytes(damaged)
+    return path, increment
+
+
 @FAST
 @given(kind=st.sampled_from(["header", "page index", "stats", "checksum block", "page data",
                              "stream outside page data", "device section"]),
@@ -311,13 +325,7 @@ def _regions(data: bytes) -> dict[str, list[tuple[int, int, int | None]]]:
 def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Path, kind: str,
                                                       pick: float, where: float,
                                                       mask: int) -> None:
-    start, length, increment = (regions := _regions(chain.data)[kind])[int(pick * len(regions))]
-    offset = start + int(where * length)
-    note(f"{kind}: byte 0x{offset:x} ^= 0x{mask:02x} (increment {increment})")
-    damaged = bytearray(chain.data)
-    damaged[offset] ^= mask
-    path = tmp_path / "damaged.chpt"
-    path.write_bytes(damaged)
+    path, increment = flip_byte(chain, tmp_path, kind, pick, where, mask)
     report = verify_file(path)
     assert not report.ok
     first = report.problems[0]
@@ -645,13 +653,7 @@ def test_c_checks_before_load_agree_with_python_on_flipped_bytes(
         chain: Chain, tmp_path: Path, kind: str, pick: float, where: float, mask: int) -> None:
     """The C checks accept exactly what the Python ones accept, and a rejection raises the
     Python checks' error (the one naming increment, section or byte range)."""
-    start, length, increment = (regions := _regions(chain.data)[kind])[int(pick * len(regions))]
-    offset = start + int(where * length)
-    note(f"{kind}: byte 0x{offset:x} ^= 0x{mask:02x} (increment {increment})")
-    damaged = bytearray(chain.data)
-    damaged[offset] ^= mask
-    path = tmp_path / "damaged.chpt"
-    path.write_bytes(damaged)
+    path, increment = flip_byte(chain, tmp_path, kind, pick, where, mask)
     for k in range(1, 4):
         outcome = _before_load(path, k)
         if kind in ("page index", "checksum block", "stream outside page data",
