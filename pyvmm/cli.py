@@ -309,6 +309,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           "--checkpoint chpt:FILE")
     if args.unprotect_pages < 1:
         raise ConfigError(f"--unprotect-pages must be at least 1, not {args.unprotect_pages}")
+    if not 0 <= args.saver_nice <= 19:
+        raise ConfigError(f"--saver-nice must be 0..19, not {args.saver_nice}")
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
     if save_target is not None and (save_target.count is not None or save_target.squash):
         raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")

@@ -67,6 +67,8 @@ def test_output_file(tmp_path: pytest.TempPathFactory) -> None:
         (["run", "--env", "NOEQUALS", "--guest", "workload"], "--env"),
         (["run", "--workload", "working_set=1G", "--ram", "256M"], "working"),
         (["run", "--bogus"], "unrecognized arguments: --bogus"),
+        (["run", "--saver-nice", "40"], "--saver-nice must be 0..19, not 40"),
+        (["run", "--fault-mode", "fast"], "invalid choice: 'fast'"),
         (["fly"], "invalid choice: 'fly'"),
     ],
 )
