@@ -30,16 +30,18 @@ from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
 
 from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
 from .checksum_format import DeviceSectionCrc, check_checksum_counts, decode_checksums
-from .checksum_table import (MAX_TABLE_PAGES, RECORD_SIZE, RamCrcTable, crc32c, hardware,
+from .checksum_table import (IMPLEMENTATIONS, MAX_TABLE_PAGES, RECORD_SIZE, RamCrcTable,
+                             available_implementations, crc32c, hardware, implementation,
                              portable_only, ram_page_crcs, ram_run_crcs, u32_array, u64_array,
-                             zero_page_crc)
+                             using, zero_page_crc)
 from .container_format import RamBlockInfo, page_index_records
 
-__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "MAX_TABLE_PAGES",
-           "device_sections", "RamBlockInfo", "RamCrcTable",
-           "StreamCrcs", "check_before_load", "check_reloaded_ram", "compare_stream", "crc32c",
-           "hardware", "increment_checksums", "page_location", "portable_only",
-           "ram_page_crcs", "reload_blocks", "stream_crcs", "table_from_file", "zero_page_crc"]
+__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "IMPLEMENTATIONS",
+           "MAX_TABLE_PAGES", "device_sections", "RamBlockInfo", "RamCrcTable",
+           "StreamCrcs", "available_implementations", "check_before_load", "check_reloaded_ram",
+           "compare_stream", "crc32c", "hardware", "implementation", "increment_checksums",
+           "page_location", "portable_only", "ram_page_crcs", "reload_blocks", "stream_crcs",
+           "table_from_file", "using", "zero_page_crc"]
 
 ALGORITHM = "crc32c"
 CAPABILITY = "checksum"

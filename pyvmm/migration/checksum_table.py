@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from pyvmm._native import ffi, lib
-from pyvmm.errors import FormatError
+from pyvmm.errors import ConfigError, FormatError
 from pyvmm.ram import PAGE_SIZE, RamBlock
 
 from .container_format import PageRun, RamBlockInfo, decode_page_index
@@ -52,19 +52,44 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     return int(lib.pyvmm_crc32c(crc, ffi.from_buffer(view), view.nbytes))
 
 
+IMPLEMENTATIONS = ("portable", "sse4.2", "pclmul", "vpclmulqdq")
+"""The CRC-32C implementations, slowest first: slicing-by-8 tables, the SSE4.2 ``crc32``
+instruction (three pages at once), carry-less multiply folding over 128-bit and over 256-bit
+registers. All give the same results; the best the CPU has is the default."""
+
+
 def hardware() -> bool:
-    """Whether the SSE4.2 instruction computes the CRCs (else the portable tables do)."""
+    """Whether a CPU instruction computes the CRCs (else the portable tables do)."""
     return bool(lib.pyvmm_crc32c_hardware())
 
 
+def implementation() -> str:
+    """The CRC-32C implementation in use (one of :data:`IMPLEMENTATIONS`)."""
+    return IMPLEMENTATIONS[lib.pyvmm_crc32c_hardware()]
+
+
+def available_implementations() -> tuple[str, ...]:
+    """The implementations this CPU can run, slowest first (the last is the default)."""
+    return IMPLEMENTATIONS[:lib.pyvmm_crc32c_best_level() + 1]
+
+
 @contextlib.contextmanager
-def portable_only() -> Iterator[None]:
-    """Use the portable implementation inside the block (tests, benchmarks; not thread-safe)."""
-    before = lib.pyvmm_crc32c_set_hardware(0)
+def using(name: str) -> Iterator[None]:
+    """Compute CRCs with implementation ``name`` inside the block (tests, benchmarks; not
+    thread-safe). ConfigError if this CPU cannot run it."""
+    if name not in available_implementations():
+        raise ConfigError(f"CRC-32C implementation {name!r} is not available here "
+                          f"(available: {', '.join(available_implementations())})")
+    before = lib.pyvmm_crc32c_set_hardware(IMPLEMENTATIONS.index(name))
     try:
         yield
     finally:
         lib.pyvmm_crc32c_set_hardware(before)
+
+
+def portable_only() -> contextlib.AbstractContextManager[None]:
+    """Use the portable implementation inside the block (tests, benchmarks; not thread-safe)."""
+    return using("portable")
 
 
 def u32_array(count: int, value: int = 0) -> array.array[int]:

@@ -1,10 +1,23 @@
 /* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of buffers, guest pages and page records
  * in a file: the C half of pyvmm.migration.checksum.
  *
- * Two implementations with the same results: the SSE4.2 `crc32` instruction (x86-64, chosen at
- * run time with __builtin_cpu_supports) and a portable table-driven one (slicing-by-8). Per-page
- * CRCs are independent, so the hardware path runs three pages at once: the instruction has a
- * latency of 3 cycles and a throughput of 1, so one dependency chain leaves 2/3 of it idle.
+ * Four implementations with the same results, the best the CPU has chosen at run time
+ * (__builtin_cpu_supports), the others kept selectable for tests and benchmarks:
+ *   3 "vpclmulqdq": carry-less multiply folding over 256-bit registers (AVX2 + VPCLMULQDQ);
+ *   2 "pclmul":     the same folding over 128-bit registers;
+ *   1 "sse4.2":     the `crc32` instruction;
+ *   0 "portable":   slicing-by-8 tables.
+ * One buffer is one dependency chain: the crc32 instruction's latency is 3 cycles and its
+ * throughput 1, so a single chain leaves 2/3 of it idle, and folding (independent blocks) runs
+ * 2-2.5x faster (on the AMD EPYC machines here: 19 GB/s against 7.6 for 256 KiB in cache).
+ * Pages are independent of each other, so levels 1-3 run the instruction over three pages at
+ * once, which is as fast as folding here (both about 8 bytes a cycle) and has no setup or
+ * reduction per page; running both side by side on different pages measured no faster (they
+ * compete for the same units).
+ * Folding: the message's CRC only depends on it modulo P, so a 128-bit block X followed by D more
+ * bits can be replaced by X * x^D mod P, which two carry-less multiplies by constants give (see
+ * fold_constants); blocks are folded forward onto the next ones until 16 bytes are left, and the
+ * crc32 instruction reduces those. Several accumulators keep the multiplier busy.
  *
  * The file functions read with pread in large chunks into a private buffer; nothing here touches
  * a Python object, so cffi runs them with the GIL released.
@@ -17,6 +30,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "native.h"
 
@@ -26,7 +42,42 @@ typedef pyvmm_u64 u64;
 #define CHUNK (256u << 10) /* bytes read per pread: the buffer stays in L2 for the CRC pass */
 
 static uint32_t table[8][256];
-static int use_hw;
+static int level;      /* the implementation in use: 0..3 as above */
+static int best_level; /* the best this CPU has */
+
+/* Folding constants for a distance of D bits: a 128-bit register holds, in the reflected order
+ * of the CRC, H (its low qword: the 64 high-degree coefficients) and L (its high qword). Then
+ * X * x^D = H * x^(64+D) + L * x^D, and a carry-less product of two reflected 64-bit values is
+ * the reflected 128-bit product times x. So with k_h = reflect64(x^(63+D) mod P) and
+ * k_l = reflect64(x^(D-1) mod P): X * x^D == clmul(H, k_h) ^ clmul(L, k_l)  (mod P). */
+struct fold_k {
+    uint64_t h, l;
+};
+static struct fold_k k128, k256, k384, k512, k768, k1024;
+
+static uint32_t reflect32(uint32_t v) {
+    uint32_t r = 0;
+    for (int i = 0; i < 32; i++)
+        r |= ((v >> i) & 1u) << (31 - i);
+    return r;
+}
+
+/* x^n mod P, P = x^32 + 0x1EDC6F41 (the normal, unreflected form) */
+static uint32_t xpow_mod(unsigned n) {
+    uint64_t r = 1;
+    while (n--) {
+        r <<= 1;
+        if (r >> 32)
+            r ^= 0x11EDC6F41ull;
+    }
+    return (uint32_t)r;
+}
+
+static struct fold_k fold_constants(unsigned distance) {
+    struct fold_k k = {(uint64_t)reflect32(xpow_mod(63 + distance)) << 32,
+                       (uint64_t)reflect32(xpow_mod(distance - 1)) << 32};
+    return k;
+}
 
 __attribute__((constructor)) static void crc_init(void) {
     for (unsigned n = 0; n < 256; n++) {
@@ -38,10 +89,24 @@ __attribute__((constructor)) static void crc_init(void) {
     for (unsigned n = 0; n < 256; n++)
         for (int t = 1; t < 8; t++)
             table[t][n] = (table[t - 1][n] >> 8) ^ table[0][table[t - 1][n] & 0xff];
+    k128 = fold_constants(128);
+    k256 = fold_constants(256);
+    k384 = fold_constants(384);
+    k512 = fold_constants(512);
+    k768 = fold_constants(768);
+    k1024 = fold_constants(1024);
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    use_hw = __builtin_cpu_supports("sse4.2") != 0;
+    if (__builtin_cpu_supports("sse4.2")) {
+        best_level = 1;
+        if (__builtin_cpu_supports("pclmul")) {
+            best_level = 2;
+            if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq"))
+                best_level = 3;
+        }
+    }
 #endif
+    level = best_level;
 }
 
 /* ---- portable: slicing-by-8 on the inverted register ---- */
@@ -108,11 +173,90 @@ __attribute__((target("sse4.2"))) static void hw_update3(uint32_t *c, const unsi
     c[1] = (uint32_t)y;
     c[2] = (uint32_t)z;
 }
+
+/* ---- carry-less multiply folding ---- */
+
+__attribute__((target("pclmul,sse4.2"))) static inline __m128i fold128(__m128i x,
+                                                                      struct fold_k k) {
+    __m128i kk = _mm_set_epi64x((long long)k.l, (long long)k.h);
+    return _mm_xor_si128(_mm_clmulepi64_si128(x, kk, 0x00), _mm_clmulepi64_si128(x, kk, 0x11));
+}
+
+/* The register after 16 more bytes, x, with a register of 0: the final reduction. */
+__attribute__((target("pclmul,sse4.2"))) static inline uint32_t reduce128(__m128i x) {
+    uint64_t lo = (uint64_t)_mm_cvtsi128_si64(x), hi = (uint64_t)_mm_extract_epi64(x, 1);
+    return (uint32_t)_mm_crc32_u64(_mm_crc32_u64(0, lo), hi);
+}
+
+/* The register after n bytes (n a multiple of 64, at least 64): four 128-bit accumulators. */
+__attribute__((target("pclmul,sse4.2"))) static uint32_t fold_xmm(uint32_t c,
+                                                                 const unsigned char *p,
+                                                                 size_t n) {
+    __m128i a0 = _mm_loadu_si128((const __m128i *)p), a1 = _mm_loadu_si128((const __m128i *)(p + 16)),
+            a2 = _mm_loadu_si128((const __m128i *)(p + 32)),
+            a3 = _mm_loadu_si128((const __m128i *)(p + 48));
+    a0 = _mm_xor_si128(a0, _mm_cvtsi32_si128((int)c));
+    for (p += 64, n -= 64; n >= 64; p += 64, n -= 64) {
+        a0 = _mm_xor_si128(fold128(a0, k512), _mm_loadu_si128((const __m128i *)p));
+        a1 = _mm_xor_si128(fold128(a1, k512), _mm_loadu_si128((const __m128i *)(p + 16)));
+        a2 = _mm_xor_si128(fold128(a2, k512), _mm_loadu_si128((const __m128i *)(p + 32)));
+        a3 = _mm_xor_si128(fold128(a3, k512), _mm_loadu_si128((const __m128i *)(p + 48)));
+    }
+    a3 = _mm_xor_si128(_mm_xor_si128(a3, fold128(a0, k384)),
+                       _mm_xor_si128(fold128(a1, k256), fold128(a2, k128)));
+    return reduce128(a3);
+}
+
+__attribute__((target("avx2,vpclmulqdq,pclmul,sse4.2"))) static inline __m256i
+fold256(__m256i x, struct fold_k k) {
+    __m256i kk = _mm256_set_epi64x((long long)k.l, (long long)k.h, (long long)k.l, (long long)k.h);
+    return _mm256_xor_si256(_mm256_clmulepi64_epi128(x, kk, 0x00),
+                            _mm256_clmulepi64_epi128(x, kk, 0x11));
+}
+
+/* The register after n bytes (n a multiple of 128, at least 128): four 256-bit accumulators,
+ * each two independent 128-bit lanes, so eight blocks 128 bytes apart. */
+__attribute__((target("avx2,vpclmulqdq,pclmul,sse4.2"))) static uint32_t
+fold_ymm(uint32_t c, const unsigned char *p, size_t n) {
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)p),
+            a1 = _mm256_loadu_si256((const __m256i *)(p + 32)),
+            a2 = _mm256_loadu_si256((const __m256i *)(p + 64)),
+            a3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+    a0 = _mm256_xor_si256(a0, _mm256_set_epi64x(0, 0, 0, (long long)c));
+    for (p += 128, n -= 128; n >= 128; p += 128, n -= 128) {
+        a0 = _mm256_xor_si256(fold256(a0, k1024), _mm256_loadu_si256((const __m256i *)p));
+        a1 = _mm256_xor_si256(fold256(a1, k1024), _mm256_loadu_si256((const __m256i *)(p + 32)));
+        a2 = _mm256_xor_si256(fold256(a2, k1024), _mm256_loadu_si256((const __m256i *)(p + 64)));
+        a3 = _mm256_xor_si256(fold256(a3, k1024), _mm256_loadu_si256((const __m256i *)(p + 96)));
+    }
+    /* each lane of a_j onto the same lane of a3, (3 - j) * 32 bytes on */
+    a3 = _mm256_xor_si256(_mm256_xor_si256(a3, fold256(a0, k768)),
+                          _mm256_xor_si256(fold256(a1, k512), fold256(a2, k256)));
+    /* then a3's low lane onto its high lane, 16 bytes on */
+    __m128i x = _mm_xor_si128(fold128(_mm256_castsi256_si128(a3), k128),
+                              _mm256_extracti128_si256(a3, 1));
+    return reduce128(x);
+}
+
 #endif
+
+#define FOLD_MIN 256 /* shorter buffers: the setup and reduction cost more than they save */
 
 static uint32_t update(uint32_t c, const unsigned char *p, size_t n) {
 #if defined(__x86_64__)
-    if (use_hw)
+    if (level >= 2 && n >= FOLD_MIN) {
+        size_t whole;
+        if (level == 3) {
+            whole = n & ~(size_t)127;
+            c = fold_ymm(c, p, whole);
+        } else {
+            whole = n & ~(size_t)63;
+            c = fold_xmm(c, p, whole);
+        }
+        p += whole;
+        n -= whole;
+    }
+    if (level >= 1)
         return hw_update(c, p, n);
 #endif
     return sw_update(c, p, n);
@@ -122,15 +266,13 @@ unsigned int pyvmm_crc32c(unsigned int crc, const void *buf, pyvmm_u64 length) {
     return ~update(~crc, buf, length);
 }
 
-int pyvmm_crc32c_hardware(void) { return use_hw; }
+int pyvmm_crc32c_hardware(void) { return level; }
 
-int pyvmm_crc32c_set_hardware(int on) {
-    int before = use_hw;
-#if defined(__x86_64__)
-    use_hw = on && __builtin_cpu_supports("sse4.2") != 0;
-#else
-    (void)on;
-#endif
+int pyvmm_crc32c_best_level(void) { return best_level; }
+
+int pyvmm_crc32c_set_hardware(int want) {
+    int before = level;
+    level = want < 0 ? 0 : want > best_level ? best_level : want;
     return before;
 }
 
@@ -139,7 +281,7 @@ static void crc_pages(const unsigned char *first, u64 stride, u64 count, u64 pag
                       unsigned int *out) {
     u64 k = 0;
 #if defined(__x86_64__)
-    if (use_hw && page_size % 8 == 0) {
+    if (level >= 1 && page_size % 8 == 0) {
         for (; k + 3 <= count; k += 3) {
             uint32_t c[3] = {~0u, ~0u, ~0u};
             const unsigned char *p = first + k * stride;
@@ -158,7 +300,7 @@ void pyvmm_crc32c_page_list(const void *const *pages, pyvmm_u64 npages, pyvmm_u6
                             unsigned int *out) {
     u64 k = 0;
 #if defined(__x86_64__)
-    if (use_hw && page_size % 8 == 0) {
+    if (level >= 1 && page_size % 8 == 0) {
         for (; k + 3 <= npages; k += 3) {
             uint32_t c[3] = {~0u, ~0u, ~0u};
             hw_update3(c, pages[k], pages[k + 1], pages[k + 2], page_size);

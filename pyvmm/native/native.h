@@ -219,12 +219,16 @@ int pyvmm_wp_session_set_saver_nice(void *handle, int nice);
 
 /* ---- pyvmm.migration.checksum (crc.c): CRC-32C of buffers, guest pages and page records ----
  * CRC-32C (Castagnoli), zlib-style: pass 0 to start, the previous result to continue.
- * SSE4.2 instruction when the CPU has it, else a portable slicing-by-8 table; same results. */
+ * The fastest the CPU has (carry-less multiply folding, the SSE4.2 instruction, or a portable
+ * slicing-by-8 table); same results. */
 unsigned int pyvmm_crc32c(unsigned int crc, const void *buf, pyvmm_u64 length);
-int pyvmm_crc32c_hardware(void); /* 1 when the SSE4.2 path is in use */
-/* Test hook: on = 0 forces the portable path, 1 uses the hardware if present; returns the old
- * state. Not for use while other threads compute CRCs. */
-int pyvmm_crc32c_set_hardware(int on);
+/* The implementation in use: 0 portable tables, 1 SSE4.2 crc32 instruction, 2 PCLMUL folding,
+ * 3 AVX2 + VPCLMULQDQ folding; and the best this CPU has (the default). */
+int pyvmm_crc32c_hardware(void);
+int pyvmm_crc32c_best_level(void);
+/* Test and benchmark hook: use implementation `level` (capped at the best); returns the old one.
+ * Not for use while other threads compute CRCs. */
+int pyvmm_crc32c_set_hardware(int level);
 /* out[k] = CRC-32C of page k of the npages pages at base; pages clear in `populated` (NULL =
  * all populated) are not read and get the CRC of a zero page. */
 void pyvmm_crc32c_pages(const void *base, pyvmm_u64 page_size, pyvmm_u64 npages,

@@ -59,17 +59,29 @@ def reference_crc32c(data: bytes) -> int:
 
 
 def both_paths() -> Iterator[str]:
-    yield "default"
-    with checksum.portable_only():
-        assert not checksum.hardware()
-        yield "portable"
+    """Every CRC-32C implementation this CPU runs, the default (best) one first."""
+    default = checksum.implementation()
+    assert default == checksum.available_implementations()[-1]
+    yield default
+    for name in checksum.available_implementations()[:-1]:
+        with checksum.using(name):
+            assert checksum.implementation() == name
+            assert checksum.hardware() == (name != "portable")
+            yield name
 
 
 def test_check_value_on_both_paths() -> None:
+    assert len(list(both_paths())) >= 2  # at least the default and the portable tables
     for _ in both_paths():
         assert checksum.crc32c(b"123456789") == 0xE3069283
         assert checksum.crc32c(b"") == 0
         assert checksum.crc32c(b"56789", checksum.crc32c(b"1234")) == 0xE3069283
+
+
+def test_an_implementation_the_cpu_lacks_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'sse5' is not available here"):
+        with checksum.using("sse5"):
+            pass
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,6 +94,21 @@ def test_paths_agree_with_the_reference(data: bytes, misalign: int, split: int) 
         assert checksum.crc32c(view) == want
         split_at = min(split, len(data))
         assert checksum.crc32c(data[split_at:], checksum.crc32c(data[:split_at])) == want
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(200, 9000), st.integers(0, 31),
+       st.integers(0, 2**32 - 1))
+def test_folding_over_long_buffers_agrees_with_the_reference(seed: int, length: int,
+                                                            misalign: int, start: int) -> None:
+    """Buffers long enough for carry-less multiply folding (its 64- and 128-byte blocks, then
+    a tail), any alignment, continuing any CRC."""
+    data = random.Random(seed).randbytes(length)
+    view = memoryview(bytes(misalign) + data)[misalign:]
+    prefix = start.to_bytes(4, "little") * 3
+    want = reference_crc32c(prefix + data)
+    for _ in both_paths():
+        assert checksum.crc32c(view, checksum.crc32c(prefix)) == want
 
 
 @settings(max_examples=15, deadline=None)
