@@ -175,6 +175,31 @@ int pyvmm_claim_check_unclaimed(unsigned nblocks, const pyvmm_u64 *block_pages,
     return 0;
 }
 
+/* The checks every record gets before any of its pages is claimed: 0 or the error (err->offset
+ * set for data outside the stream). */
+static int check_record(const struct pyvmm_index_record *rec, unsigned nblocks,
+                        const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
+                        pyvmm_u64 stream_start, pyvmm_u64 stream_end,
+                        struct pyvmm_page_read_error *err) {
+    const pyvmm_u64 stride = STRIDE_HEADER + page_size;
+    const pyvmm_u64 npages = rec->npages, data_offset = rec->data_offset;
+    if (rec->reserved != 0 || (rec->flags & ~RUN_ZERO) != 0)
+        return PYVMM_CLAIM_BAD_RECORD;
+    if (rec->block >= nblocks || npages == 0 || rec->first > block_pages[rec->block] ||
+        npages > block_pages[rec->block] - rec->first)
+        return PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK;
+    if (rec->flags & RUN_ZERO)
+        return 0;
+    if (data_offset < stream_start ||
+        (uint64_t)(npages - 1) > (stream_end - stream_start) / stride ||
+        data_offset + (uint64_t)(npages - 1) * stride + page_size > stream_end ||
+        data_offset + (uint64_t)(npages - 1) * stride + page_size < data_offset) {
+        err->offset = data_offset;
+        return PYVMM_PAGEIO_RUN_OUTSIDE_FILE;
+    }
+    return 0;
+}
+
 static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                       unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
                       pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
@@ -234,11 +259,10 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
         const unsigned block = rec.block, flags = rec.flags;
         const pyvmm_u64 npages = rec.npages, first = rec.first, data_offset = rec.data_offset;
         err->run = i;
-        if (rec.reserved != 0 || (flags & ~RUN_ZERO) != 0)
-            return PYVMM_CLAIM_BAD_RECORD;
-        if (block >= nblocks || npages == 0 || first > block_pages[block] ||
-            npages > block_pages[block] - first)
-            return PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK;
+        int bad = check_record(&rec, nblocks, block_pages, page_size, stream_start, stream_end,
+                               err);
+        if (bad)
+            return bad;
         pyvmm_u64 *bits = claimed[block];
         if (flags & RUN_ZERO) {
             /* a fresh machine's RAM is zero already: claiming is all there is to do */
@@ -250,13 +274,6 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
             }
             pyvmm_bitmap_set_range(bits, first, npages);
             continue;
-        }
-        if (data_offset < stream_start ||
-            (uint64_t)(npages - 1) > (stream_end - stream_start) / stride ||
-            data_offset + (uint64_t)(npages - 1) * stride + page_size > stream_end ||
-            data_offset + (uint64_t)(npages - 1) * stride + page_size < data_offset) {
-            err->offset = data_offset;
-            return PYVMM_PAGEIO_RUN_OUTSIDE_FILE;
         }
         result->data_pages += npages;
         const pyvmm_u64 end = first + npages;
@@ -280,4 +297,227 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
     int rc = batch_flush(fd, b, err);
     result->reads = b->preads;
     return rc;
+}
+
+/* ---- the whole chain at once, window by window ----
+ * Read increment by increment, the pages a newer increment scattered over RAM are written
+ * first, each into a 2 MiB huge page the kernel zeroes for it; by the time the older increment
+ * fills the rest of that huge page, it has left the cache, so every copy into it misses. Going
+ * through RAM a window at a time, and through every increment (newest first) inside it, fills
+ * each huge page while it is still cached. This needs each increment's records in RAM order
+ * (blocks in index order, runs ascending, not overlapping), as pyvmm writes them; a chain with
+ * an increment that is not is read increment by increment. */
+
+#define WINDOW_PAGES 1024 /* 4 MiB of 4 KiB pages: two huge pages, well inside the L3 cache */
+
+int pyvmm_chain_check(const struct pyvmm_chain_increment *incs, unsigned nincs,
+                      unsigned nblocks, const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
+                      struct pyvmm_chain_counts *counts, unsigned *failed,
+                      struct pyvmm_page_read_error *err) {
+    int ordered = 1;
+    memset(err, 0, sizeof *err);
+    for (unsigned k = nincs; k-- > 0;) {
+        const struct pyvmm_chain_increment *inc = &incs[k];
+        pyvmm_u64 prev_block = 0, prev_end = 0;
+        *failed = k;
+        counts[k].data_pages = counts[k].zero_pages = 0;
+        for (pyvmm_u64 i = 0; i < inc->nrecords; i++) {
+            const struct pyvmm_index_record rec =
+                pyvmm_index_record(inc->records + i * RECORD_SIZE);
+            err->run = i;
+            int bad = check_record(&rec, nblocks, block_pages, page_size, inc->stream_start,
+                                   inc->stream_end, err);
+            if (bad)
+                return bad;
+            if (rec.flags & RUN_ZERO)
+                counts[k].zero_pages += rec.npages;
+            else
+                counts[k].data_pages += rec.npages;
+            if (i > 0 && (rec.block < prev_block || (rec.block == prev_block && rec.first < prev_end)))
+                ordered = 0;
+            prev_block = rec.block;
+            prev_end = rec.first + rec.npages;
+        }
+    }
+    err->run = 0;
+    return ordered ? 0 : PYVMM_CHAIN_UNORDERED;
+}
+
+struct chain_read {
+    int fd;
+    unsigned nincs, nblocks;
+    struct pyvmm_chain_increment *incs;
+    pyvmm_u64 *cursor; /* per increment: its first record not wholly done */
+    void **bases;
+    pyvmm_u64 *block_pages;
+    pyvmm_u64 **claimed;
+    pyvmm_u64 page_size;
+    struct pyvmm_claim_options options;
+    unsigned block; /* where the next window starts */
+    pyvmm_u64 page;
+    pyvmm_u64 covered; /* pages of RAM done, over all blocks */
+    pyvmm_u64 pages_read;
+    struct batch *b;
+};
+
+void pyvmm_chain_read_free(void *handle) {
+    struct chain_read *h = handle;
+    if (h == NULL)
+        return;
+    if (h->b != NULL)
+        free(h->b->scratch);
+    free(h->b);
+    free(h->incs);
+    free(h->cursor);
+    free(h->bases);
+    free(h->block_pages);
+    free(h->claimed);
+    free(h);
+}
+
+void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, unsigned nincs,
+                           unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
+                           pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
+                           const struct pyvmm_claim_options *options) {
+    if (options->sieve_pages > PYVMM_CLAIM_MAX_SIEVE)
+        return NULL;
+    struct chain_read *h = calloc(1, sizeof *h);
+    if (h == NULL)
+        return NULL;
+    h->fd = fd;
+    h->nincs = nincs;
+    h->nblocks = nblocks;
+    h->page_size = page_size;
+    h->options = *options;
+    h->incs = malloc((nincs ? nincs : 1) * sizeof *h->incs);
+    h->cursor = calloc(nincs ? nincs : 1, sizeof *h->cursor);
+    h->bases = malloc((nblocks ? nblocks : 1) * sizeof *h->bases);
+    h->block_pages = malloc((nblocks ? nblocks : 1) * sizeof *h->block_pages);
+    h->claimed = malloc((nblocks ? nblocks : 1) * sizeof *h->claimed);
+    h->b = malloc(sizeof *h->b);
+    if (!h->incs || !h->cursor || !h->bases || !h->block_pages || !h->claimed || !h->b) {
+        if (h->b)
+            h->b->scratch = NULL;
+        pyvmm_chain_read_free(h);
+        return NULL;
+    }
+    memcpy(h->incs, incs, nincs * sizeof *incs);
+    memcpy(h->bases, bases, nblocks * sizeof *bases);
+    memcpy(h->block_pages, block_pages, nblocks * sizeof *block_pages);
+    memcpy(h->claimed, claimed, nblocks * sizeof *claimed);
+    struct batch *b = h->b;
+    b->niov = b->nheaders = b->npages = 0;
+    b->preads = 0;
+    b->crcs = options->crcs;
+    b->max_iov = options->crcs != NULL ? CHECKED_BATCH_IOV : BATCH_IOV;
+    b->page_size = page_size;
+    b->sieved = 0;
+    b->sieve_bytes = options->sieve_pages * (STRIDE_HEADER + page_size);
+    b->scratch = NULL;
+    if (options->sieve_pages && (b->scratch = malloc(b->sieve_bytes)) == NULL) {
+        pyvmm_chain_read_free(h);
+        return NULL;
+    }
+    return h;
+}
+
+/* Increment k's records inside pages [w0, w1) of `block`: claimed, and the pages no newer
+ * increment holds queued to be read (zero runs: checked against the CRCs). */
+static int window_increment(struct chain_read *h, unsigned k, unsigned block, pyvmm_u64 w0,
+                            pyvmm_u64 w1, struct pyvmm_page_read_error *err) {
+    const struct pyvmm_chain_increment *inc = &h->incs[k];
+    const pyvmm_u64 page_size = h->page_size, stride = STRIDE_HEADER + page_size;
+    pyvmm_u64 *bits = h->claimed[block];
+    pyvmm_u64 i = h->cursor[k];
+    for (; i < inc->nrecords; i++) {
+        const struct pyvmm_index_record rec = pyvmm_index_record(inc->records + i * RECORD_SIZE);
+        if (rec.block != block || rec.first >= w1)
+            break;
+        const pyvmm_u64 end = rec.first + rec.npages;
+        const pyvmm_u64 from = rec.first > w0 ? rec.first : w0, to = end < w1 ? end : w1;
+        err->run = i;
+        if (rec.flags & RUN_ZERO) {
+            if (h->options.crcs != NULL) {
+                int rc = check_left_zero(bits, from, to, &h->options, block, err);
+                if (rc)
+                    return rc;
+            }
+        } else {
+            pyvmm_u64 page = from;
+            while (page < to) {
+                pyvmm_u64 start = pyvmm_bitmap_find_next_clear(bits, to, page);
+                if (start >= to)
+                    break;
+                pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, to, start);
+                for (pyvmm_u64 p = start; p < stop; p++) {
+                    int rc = batch_add(h->fd, h->b, (char *)h->bases[block] + p * page_size,
+                                       block, p, rec.data_offset + (p - rec.first) * stride,
+                                       page_size, err);
+                    if (rc)
+                        return rc;
+                }
+                h->pages_read += stop - start;
+                page = stop;
+            }
+        }
+        if (to > from)
+            pyvmm_bitmap_set_range(bits, from, to - from);
+        if (end > w1)
+            break; /* the rest of the run is in the next window */
+    }
+    h->cursor[k] = i;
+    return batch_flush(h->fd, h->b, err);
+}
+
+int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_progress *out,
+                          struct pyvmm_page_read_error *err) {
+    struct chain_read *h = handle;
+    pyvmm_u64 covered = 0;
+    memset(err, 0, sizeof *err);
+    while (h->block < h->nblocks && covered < max_pages) {
+        const unsigned block = h->block;
+        const pyvmm_u64 bpages = h->block_pages[block];
+        /* the next window: from the first page a record of this block still lists */
+        pyvmm_u64 next = bpages;
+        for (unsigned k = 0; k < h->nincs; k++) {
+            const struct pyvmm_chain_increment *inc = &h->incs[k];
+            if (h->cursor[k] >= inc->nrecords)
+                continue;
+            const struct pyvmm_index_record rec =
+                pyvmm_index_record(inc->records + h->cursor[k] * RECORD_SIZE);
+            if (rec.block == block) {
+                pyvmm_u64 at = rec.first > h->page ? rec.first : h->page;
+                if (at < next)
+                    next = at;
+            }
+        }
+        if (next >= bpages) {
+            covered += bpages - h->page;
+            h->block++;
+            h->page = 0;
+            continue;
+        }
+        pyvmm_u64 w0 = next / WINDOW_PAGES * WINDOW_PAGES;
+        if (w0 < h->page)
+            w0 = h->page;
+        pyvmm_u64 w1 = (next / WINDOW_PAGES + 1) * WINDOW_PAGES;
+        if (w1 > bpages)
+            w1 = bpages;
+        for (unsigned k = h->nincs; k-- > 0;) {
+            int rc = window_increment(h, k, block, w0, w1, err);
+            if (rc) {
+                out->failed = k;
+                return rc;
+            }
+        }
+        covered += w1 - h->page;
+        h->page = w1;
+    }
+    h->covered += covered;
+    out->done = h->block >= h->nblocks;
+    out->covered = h->covered;
+    out->pages_read = h->pages_read;
+    out->reads = h->b->preads;
+    out->sieved_bytes = h->b->sieved;
+    return 0;
 }

@@ -360,6 +360,43 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
                            const struct pyvmm_claim_options *options,
                            struct pyvmm_claim_result *result,
                            struct pyvmm_page_read_error *err);
+/* The whole chain at once (indexed.c), window by window through RAM and newest-first through
+ * the increments inside each window, so that each huge page is filled while it is cached.
+ * incs[k]: increment k's raw page index records and stream bounds, oldest first.
+ * pyvmm_chain_check: every record checked as pyvmm_claim_read_index would (newest increment
+ * first; on error *failed = the increment, err->run = the record) and counted into counts[k];
+ * 0, or PYVMM_CHAIN_UNORDERED when some increment's runs are not in RAM order without overlap
+ * (then read increment by increment with pyvmm_claim_read_index instead).
+ * pyvmm_chain_read_new: NULL on ENOMEM or bad options; the arrays are copied, the records,
+ * RAM, bitmaps and options->crcs must outlive the handle. pyvmm_chain_read_step: at least
+ * max_pages more pages of RAM done (out->done when all are); 0, or the errors of
+ * pyvmm_claim_read_index with out->failed = the increment. */
+struct pyvmm_chain_increment {
+    const unsigned char *records;
+    pyvmm_u64 nrecords;
+    pyvmm_u64 stream_start, stream_end;
+};
+struct pyvmm_chain_counts {
+    pyvmm_u64 data_pages, zero_pages;
+};
+struct pyvmm_chain_progress {
+    int done;
+    unsigned failed;
+    pyvmm_u64 covered;                         /* pages of RAM done so far, all blocks */
+    pyvmm_u64 pages_read, reads, sieved_bytes; /* so far */
+};
+enum { PYVMM_CHAIN_UNORDERED = 18 };
+int pyvmm_chain_check(const struct pyvmm_chain_increment *incs, unsigned nincs,
+                      unsigned nblocks, const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
+                      struct pyvmm_chain_counts *counts, unsigned *failed,
+                      struct pyvmm_page_read_error *err);
+void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, unsigned nincs,
+                           unsigned nblocks, void *const *bases, const pyvmm_u64 *block_pages,
+                           pyvmm_u64 *const *claimed, pyvmm_u64 page_size,
+                           const struct pyvmm_claim_options *options);
+int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_progress *out,
+                          struct pyvmm_page_read_error *err);
+void pyvmm_chain_read_free(void *handle);
 /* After the last increment: every page no increment claimed stays zero and must expect
  * options->zero_crc. 0 or PYVMM_CLAIM_BAD_CRC as above (nothing when options->crcs is NULL). */
 int pyvmm_claim_check_unclaimed(unsigned nblocks, const pyvmm_u64 *block_pages,

@@ -22,10 +22,12 @@ from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine
 from pyvmm.migration.checkpoint import Checkpointer, reload
 from pyvmm.migration.container import CheckpointFile
+from pyvmm.migration import reload as reload_module
 from pyvmm.migration.reload import STRATEGIES, reload_file
 from pyvmm.migration.squash import default_output, squash
 from pyvmm.ram import PAGE_SIZE
 from pyvmm.testing.digest import ram_digest
+from pyvmm.testing.hostile import Lie, lying_page_index
 
 RAM = 8 << 20
 DEVICES = {"cpu/0", "pl011/0", "virt-counter/0", "guest-inform/0", "pyvmm-machine/0",
@@ -48,10 +50,13 @@ Step = tuple[int, list[tuple[int, int]]]  # instructions to run, host writes (pa
 
 
 def build_chain(path: Path, seed: int, steps: list[Step], *, live: bool = False,
-                max_increments: int | None = None) -> list[dict[str, Any]]:
+                max_increments: int | None = None,
+                checksum: bool = False) -> list[dict[str, Any]]:
     """Checkpoint after each step into ``path`` (incremental); the state at each pause."""
     states: list[dict[str, Any]] = []
     caps = ["incremental", "live"] if live else ["incremental"]
+    if checksum:
+        caps.append("checksum")
     with new_guest(seed) as machine:
         checkpointer = Checkpointer(machine, path, durable=False, capabilities=caps,
                                     max_increments=max_increments)
@@ -139,6 +144,81 @@ def test_sieving_reads_through_small_gaps_and_changes_nothing_else(tmp_path: Pat
     assert reports[64].reads <= reports[2].reads <= reports[1].reads
     with pytest.raises(ConfigError, match="sieve_pages"):
         reload_file(str(path), sieve_pages=65)
+
+
+WINDOW = 1024  # pages of RAM the indexed reload takes at a time (indexed.c: WINDOW_PAGES)
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+def test_window_by_window_reads_what_increment_by_increment_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksum: bool) -> None:
+    """The indexed reload goes through RAM a window at a time, and through every increment
+    (newest first) inside each window: runs across a window's edge, zero runs over data and
+    data over zero runs load what reading a whole increment at a time loads, and progress
+    still climbs to the total."""
+    path = tmp_path / "chain.bin"
+    steps: list[Step] = [
+        (20_000, [(p, 7) for p in range(WINDOW - 40, WINDOW + 40)]),  # one run across the edge
+        (0, [(p, 0) for p in range(WINDOW - 3, WINDOW + 5)]),  # zero run across it, over data
+        (5_000, [(p, 3) for p in range(WINDOW - 50, WINDOW + 60, 4)] + [(2047, 1)]),
+        (0, [(p, 9) for p in range(WINDOW - 1, WINDOW + 2)] + [(WINDOW - 40, 0)]),
+    ]
+    states = build_chain(path, 2, steps, checksum=checksum)
+    windowed: list[bool] = []
+    read_window_by_window = reload_module._Loader._read_window_by_window
+
+    def spy(self: Any, *args: Any) -> bool:
+        windowed.append(read_window_by_window(self, *args))
+        return windowed[-1]
+
+    monkeypatch.setattr(reload_module._Loader, "_read_window_by_window", spy)
+    reports = {}
+    for by_window in (True, False):
+        monkeypatch.setattr(reload_module, "_WINDOWED", by_window)
+        for sieve in (0, 2):
+            seen: list[tuple[int, int]] = []
+            machine, report = reload_file(str(path), sieve_pages=sieve,
+                                          progress=lambda done, total: seen.append((done, total)))
+            with machine:
+                assert state_of(machine) == states[-1], (by_window, sieve)
+            assert report.checksums_verified == checksum
+            assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+            assert seen[-1][0] == seen[-1][1]
+            reports[by_window, sieve] = report
+    assert windowed == [True, True]  # the increment-by-increment runs never asked for it
+    for sieve in (0, 2):
+        assert reports[True, sieve].pages_read == reports[False, sieve].pages_read
+    assert reports[True, 0].sieved_bytes == 0 < reports[True, 2].sieved_bytes
+
+
+def test_an_index_out_of_ram_order_is_read_increment_by_increment(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """pyvmm writes each page index in RAM order, which the window-by-window reader needs; a
+    valid index whose runs come in another order (another writer) is read a whole increment at
+    a time instead, to the same state."""
+    path = tmp_path / "chain.bin"
+    states = build_chain(path, 1, [(20_000, []), (0, [(p, 5) for p in (1300, 1302, 1900)])])
+    with CheckpointFile.open(path) as container:
+        runs = container.page_index(1)
+    assert len([r for r in runs if not r.zero]) >= 2
+    shuffled, _ = lying_page_index(path, Lie(increment=1, run=0, field="swap", delta=0,
+                                             other=len(runs) - 1))
+    path.write_bytes(shuffled)
+    with CheckpointFile.open(path) as container:
+        assert container.page_index(1) != runs  # reordered, and still a valid index
+    windowed: list[bool] = []
+    read_window_by_window = reload_module._Loader._read_window_by_window
+
+    def spy(self: Any, *args: Any) -> bool:
+        windowed.append(read_window_by_window(self, *args))
+        return windowed[-1]
+
+    monkeypatch.setattr(reload_module._Loader, "_read_window_by_window", spy)
+    machine, _ = reload_file(str(path))
+    with machine:
+        assert state_of(machine) == states[-1]
+    assert windowed == [False]
 
 
 def test_live_incremental_chain_reloads_with_every_strategy(tmp_path: Path) -> None:
