@@ -106,6 +106,14 @@ int pyvmm_uffd_wake(int fd, pyvmm_u64 start, pyvmm_u64 len);
  * bitmap (atomically) and returns how many, or -errno. *ioctls_out = ioctl calls made. */
 long pyvmm_pagemap_scan_written(int pagemap_fd, pyvmm_u64 base, pyvmm_u64 npages,
                                 pyvmm_u64 *bitmap, pyvmm_u64 vec_len, pyvmm_u64 *ioctls_out);
+/* Baseline for benchmarks/bench_uffd.py (uffdbare.c): the npages 4 KiB pages at base (not
+ * registered with any uffd; they are filled first) but the last written once each (one memset)
+ * under write protection, each fault resolved by a bare 4 KiB unprotect (thread mode: a handler
+ * thread on handler_cpu blocked in read(); signal_mode: the writer's own SIGBUS handler, which
+ * replaces pyvmm's meanwhile: no signal-mode session may be running); cpus < 0: not pinned.
+ * *seconds: the memset's wall time. 0 or -errno. */
+int pyvmm_uffd_bare_wp_faults(int signal_mode, void *base, pyvmm_u64 npages, int handler_cpu,
+                              int writer_cpu, double *seconds);
 /* Synchronous write-protect session: a C thread resolving WP faults on uffd with shadow copies.
  * The handle is opaque; NULL from _new means out of memory. unprotect_pages: pages opened per
  * fault (aligned run). cpu < 0: no pinning. Page states: 0 none, 1 being saved, 2 sent. */

@@ -679,3 +679,26 @@ def test_save_on_a_niced_thread_leaves_the_caller_as_it_was(block: RamBlock,
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
     saved = _parse_records(data)
     assert b"".join(saved[p] for p in range(NPAGES)) == before
+
+
+@pytest.mark.parametrize("signal_mode", [0, 1], ids=["thread", "signal"])
+def test_bare_fault_baseline_writes_every_page_and_lets_go(block: RamBlock,
+                                                           signal_mode: int) -> None:
+    """bench_uffd's baseline (the kernel's bare write-protect round trip): every page but the
+    bell is written once through a fault, the pinning is undone, and the RAM is left
+    unprotected (a later plain write does not fault)."""
+    from pyvmm._native import ffi, lib
+
+    seconds = ffi.new("double *")
+    affinity = os.sched_getaffinity(0)
+    base = ffi.cast("void *", block.host_addr)
+    assert lib.pyvmm_uffd_bare_wp_faults(signal_mode, base, NPAGES, -1, 0, seconds) == 0
+    assert seconds[0] > 0
+    assert os.sched_getaffinity(0) == affinity
+    mem = block.mem
+    assert all(mem[p * PAGE_SIZE] == 2 and mem[p * PAGE_SIZE + PAGE_SIZE - 1] == 2
+               for p in range(NPAGES - 1))
+    assert mem[(NPAGES - 1) * PAGE_SIZE] == (2 if signal_mode == 0 else 1)  # the bell
+    ctypes.memset(block.host_addr, 3, block.size)
+    assert mem[0] == 3 and mem[block.size - 1] == 3
+    assert lib.pyvmm_uffd_bare_wp_faults(signal_mode, base, 1, -1, -1, seconds) == -errno.EINVAL
