@@ -403,8 +403,7 @@ class Checkpointer:
                 save_state.save_trailer(f, devices, PAGE_SIZE)
                 f.flush()
                 stream_length = f.pos
-            page_runs = [PageRun(r.block, r.first_page, r.npages, r.data_offset, r.zero)
-                         for r in runs]
+            page_runs: list[PageRun] = runs  # IndexedRun is PageRun
             if self.sanity_checks:
                 self._check_saved(selection, data_pages, zero_pages, page_runs, session)
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,

@@ -34,6 +34,7 @@ from .pageio import (
     read_page_runs,
     write_page_records,
 )
+from .container_format import PageRun as IndexRecordRun
 from .stream import QEMUFile
 
 RAM_SAVE_FLAG_MEM_SIZE = 0x04
@@ -50,15 +51,9 @@ _INDEX_RECORD = struct.Struct(">HBBIQQ")
 _INDEX_ZERO = 0x01
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexedRun:
-    """A run of pages of one block, as the container's page index stores it."""
-
-    block: int
-    first_page: int
-    npages: int
-    data_offset: int
-    zero: bool
+#: A run of pages of one block, as the container's page index stores it (the index's own type:
+#: the runs a save collects go into the index as they are).
+IndexedRun = IndexRecordRun
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@ structure, appends and reopening, truncation and corruption, crash safety, limit
 
 from __future__ import annotations
 
+
 import os
 import random
 import signal
@@ -191,6 +192,30 @@ def test_page_index_fast_path_matches_the_declaration(
         assert container_format._decode_page_index_fast(forged, increment) is None
         with pytest.raises(FormatError):
             decode_page_index(forged, increment=increment)
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), RUNS, st.data())
+def test_page_index_fast_encoder_matches_the_declaration(increment: int, runs: list[PageRun],
+                                                         data: st.DataObject) -> None:
+    """encode_page_index's struct path builds the construct declaration's bytes, and leaves a
+    value no field can hold to the declaration, which refuses it with its own error."""
+    assert container_format._encode_page_index_fast(increment, runs) == \
+        container_format._encode_page_index_construct(increment, runs)
+    if not runs:
+        return
+    field, bad = data.draw(st.sampled_from([("block", 1 << 16), ("npages", 1 << 32),
+                                            ("first_page", 1 << 64), ("data_offset", -1)]))
+    victim = data.draw(st.integers(0, len(runs) - 1))
+    broken = list(runs)
+    broken[victim] = replace(runs[victim], **{field: bad})
+    assert container_format._encode_page_index_fast(increment, broken) is None
+    with pytest.raises(Exception) as fast_way:
+        encode_page_index(increment, broken)
+    with pytest.raises(Exception) as reference:
+        container_format._encode_page_index_construct(increment, broken)
+    assert (type(fast_way.value), str(fast_way.value)) == \
+        (type(reference.value), str(reference.value))
 
 
 @FAST
