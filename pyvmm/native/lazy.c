@@ -89,6 +89,13 @@ static void mark_present(struct lazy_block *b, u64 first, u64 count) {
 
 static void count(u64 *counter, u64 n) { __atomic_add_fetch(counter, n, __ATOMIC_RELAXED); }
 
+/* A counter raised by `counted` ahead of an install that returned rc: back to what it installed. */
+static void settle(u64 *counter, u64 counted, long rc) {
+    u64 installed = rc > 0 ? (u64)rc : 0;
+    if (installed < counted)
+        __atomic_sub_fetch(counter, counted - installed, __ATOMIC_RELAXED);
+}
+
 static void record_error(struct lazy *l, int kind, int err, unsigned block, u64 page, u64 offset,
                          u64 found) {
     pthread_mutex_lock(&l->lock);
@@ -276,17 +283,19 @@ static void serve_fault(struct lazy *l, u64 addr) {
             kind = b->table[page];
         }
         u64 n = run_length(b, page, window_end - page);
+        /* pages are counted before the install wakes the faulting thread (which may look at
+         * the stats at once), then the count is settled to what was installed */
         if (kind < 0) {
+            count(&l->st.zero_pages, n);
             rc = install(l, bi, page, n, NULL, &skipped);
-            if (rc > 0)
-                count(&l->st.zero_pages, (u64)rc);
+            settle(&l->st.zero_pages, n, rc);
         } else if (read_run(l, bi, page, n, l->fault_buf, l->fault_hdrs, l->fault_iov,
                             l->fault_crcs) < 0) {
             rc = install(l, bi, fault, 1, NULL, &skipped);
         } else {
+            count(&l->st.fault_pages, n);
             rc = install(l, bi, page, n, l->fault_buf, &skipped);
-            if (rc > 0)
-                count(&l->st.fault_pages, (u64)rc);
+            settle(&l->st.fault_pages, n, rc);
         }
     }
     /* ENOENT: the range was unregistered under us, which woke the faulting thread already */
