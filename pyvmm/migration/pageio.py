@@ -17,6 +17,7 @@ with the GIL released.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, overload
@@ -39,6 +40,11 @@ ZERO_RECORD_SIZE = RECORD_HEADER_SIZE + 1
 _U64_MAX = (1 << 64) - 1
 # the run arrays are filled by C before anything reads them: zeroing megabytes first is waste
 _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+#: struct pyvmm_page_run as bytes (native order): first_page, npages, data_offset, zero, padding
+_RUN_LAYOUT = struct.Struct("=QQQi4x")
+assert _RUN_LAYOUT.size == ffi.sizeof("struct pyvmm_page_run") and \
+    ffi.offsetof("struct pyvmm_page_run", "zero") == 24
 
 
 class PageRun(NamedTuple):
@@ -118,6 +124,13 @@ class PageRuns(Sequence[PageRun]):
     def __iter__(self) -> Iterator[PageRun]:
         for i in range(self._count):
             yield self._item(i)
+
+    def tuples(self) -> list[tuple[int, int, int, bool]]:
+        """Every run as ``(first_page, npages, data_offset, zero)``, read from the C array in
+        one pass (an incremental checkpoint of scattered pages has a run per page)."""
+        raw = ffi.buffer(self._array, self._count * _RUN_LAYOUT.size)
+        return [(first, npages, offset, zero != 0)
+                for first, npages, offset, zero in _RUN_LAYOUT.iter_unpack(raw)]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):

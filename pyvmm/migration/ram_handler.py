@@ -116,8 +116,8 @@ class RamHandler:
             self.counters.data_pages += result.data_pages
             self.counters.zero_pages += result.zero_pages
             self.counters.bytes_written += result.bytes_written
-            self.runs.extend(IndexedRun(number, r.first_page, r.npages, r.data_offset, r.zero)
-                             for r in result.runs)
+            self.runs.extend([IndexedRun(number, first, npages, offset, zero)
+                              for first, npages, offset, zero in result.runs.tuples()])
         f.put_be64(RAM_SAVE_FLAG_EOS)
         return True
 

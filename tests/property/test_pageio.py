@@ -200,6 +200,7 @@ def test_write_matches_reference_and_reads_back(
         assert result.bytes_written == len(expected)
         assert result.runs == expected_runs
         assert list(result.runs) == expected_runs
+        assert result.runs.tuples() == [tuple(run) for run in expected_runs]
         zero_pages = sum(run.npages for run in expected_runs if run.zero)
         assert (result.data_pages, result.zero_pages) == (len(pages) - zero_pages, zero_pages)
         assert bitmap == PageBitmap.from_pages(block.page_count, pages)  # left as it was
