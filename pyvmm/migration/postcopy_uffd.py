@@ -491,6 +491,7 @@ class WriteProtectSession:
             if rc:
                 raise UffdError("fault handler start", -rc, capability=LIVE)
             self._registered = _register_wp(self._uffd, self._blocks)
+            lib.pyvmm_wp_session_arm(self._session)
         except BaseException:
             lib.pyvmm_wp_session_stop(self._session)
             self._uffd.close()

@@ -123,6 +123,9 @@ int pyvmm_wp_session_add_block(void *session, pyvmm_u64 base, pyvmm_u64 npages,
                                pyvmm_u64 *dirty);
 int pyvmm_wp_session_start(void *session, int cpu);
 int pyvmm_wp_session_set_cpu(void *session, int cpu);
+/* Signal mode: the session's RAM is registered and protected; faults on it are resolved from
+ * now on (before, a SIGBUS on it is retried: it may come from an earlier session's uffd). */
+int pyvmm_wp_session_arm(void *session);
 int pyvmm_wp_session_stop(void *session);
 void pyvmm_wp_session_free(void *session);
 /* 1 and the oldest queued shadow copy, or 0 when the queue is empty */

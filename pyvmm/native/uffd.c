@@ -194,6 +194,7 @@ struct wp_session {
     int saver_active;
     pthread_t thread;
     int running, stopping, error;
+    int armed; /* signal mode: RAM registered and protected, faults may be resolved */
     /* FAULT_THREAD: the handler thread blocks in read() (one syscall per fault, no poll), and
      * stop rings the doorbell: a write to a page of its own that it protected, whose fault
      * message tells the thread to end.  FAULT_SIGNAL: no thread; the uffd has
@@ -488,7 +489,11 @@ static void sigbus_handler(int sig, siginfo_t *si, void *ctx) {
             struct wp_session *s = __atomic_load_n(&sig_sessions[i], __ATOMIC_ACQUIRE);
             struct wp_block *b = s ? find_block(s, addr) : NULL;
             if (b) {
-                resolve_fault(s, b, addr);
+                /* not armed yet: a fault of an earlier session on this RAM (its RAM is not
+                 * this session's uffd's yet), or of this one between protect and arm; either
+                 * way the write is simply retried until it goes through or can be resolved */
+                if (__atomic_load_n(&s->armed, __ATOMIC_ACQUIRE))
+                    resolve_fault(s, b, addr);
                 handled = 1;
             }
         }
@@ -616,6 +621,12 @@ int pyvmm_wp_session_start(void *handle, int cpu) {
         return -rc;
     s->running = 1;
     return cpu >= 0 ? pyvmm_wp_session_set_cpu(s, cpu) : 0;
+}
+
+int pyvmm_wp_session_arm(void *handle) {
+    struct wp_session *s = handle;
+    __atomic_store_n(&s->armed, 1, __ATOMIC_RELEASE);
+    return 0;
 }
 
 int pyvmm_wp_session_set_cpu(void *handle, int cpu) {
