@@ -124,6 +124,10 @@ class CheckpointStats:
         return dataclasses.asdict(self)
 
 
+def _ram_order(run: PageRun) -> tuple[int, int]:
+    return run.block, run.first_page
+
+
 class Checkpointer:
     """Takes checkpoints of one machine into one container file.
 
@@ -404,6 +408,11 @@ class Checkpointer:
                 f.flush()
                 stream_length = f.pos
             page_runs: list[PageRun] = runs  # IndexedRun is PageRun
+            if session is not None or self.cow:
+                # the index in RAM order (a live saver writes pages in the order it gets to them,
+                # a cow child block by block): the indexed reload then takes the chain window
+                # by window. A stop-and-copy save writes in RAM order already.
+                page_runs = sorted(page_runs, key=_ram_order)
             if self.sanity_checks:
                 self._check_saved(selection, data_pages, zero_pages, page_runs, session)
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,

@@ -192,7 +192,8 @@ __attribute__((target("pclmul,sse4.2"))) static inline uint32_t reduce128(__m128
 __attribute__((target("pclmul,sse4.2"))) static uint32_t fold_xmm(uint32_t c,
                                                                  const unsigned char *p,
                                                                  size_t n) {
-    __m128i a0 = _mm_loadu_si128((const __m128i *)p), a1 = _mm_loadu_si128((const __m128i *)(p + 16)),
+    __m128i a0 = _mm_loadu_si128((const __m128i *)p),
+            a1 = _mm_loadu_si128((const __m128i *)(p + 16)),
             a2 = _mm_loadu_si128((const __m128i *)(p + 32)),
             a3 = _mm_loadu_si128((const __m128i *)(p + 48));
     a0 = _mm_xor_si128(a0, _mm_cvtsi32_si128((int)c));
