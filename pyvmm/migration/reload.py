@@ -16,7 +16,9 @@ All three strategies give the same machine; they differ in what they read:
     other in the file share one ``preadv``, and a gap of up to ``sieve_pages`` records a newer
     increment holds is read into a scratch buffer rather than splitting the read); then the last
     increment's stream is parsed for CPU and device state, its RAM records walked in C without
-    reading their data.
+    reading their data. With checksums, each batch of pages read is compared with its CRCs by a
+    second thread while the next batch is read (by the reading thread itself when that one is
+    still busy).
 
 Whatever the strategy, device state comes from increment N-1 and device ``post_load`` runs
 once, after the last increment (:attr:`ReloadReport.post_load` counts it per device); the
@@ -263,6 +265,7 @@ class _Loader:
                 crcs[i] = table
             options.crcs = crcs
             options.zero_crc = expected.zero_crc
+            options.check_thread = _CHECK_THREAD
         windowed = _WINDOWED and self._read_window_by_window(len(blocks), bases, sizes, bits,
                                                              options)
         if not windowed:
@@ -380,6 +383,9 @@ class _Loader:
 #: Read the chain window by window (False: increment by increment, as for an index whose runs
 #: are out of order; tests compare the two).
 _WINDOWED = True
+#: With checksums, a second thread checks the CRCs of a batch of pages while the next is read
+#: (indexed.c's struct pyvmm_claim_options: 1; 2 waits for it, 0 checks on the reading thread).
+_CHECK_THREAD = 1
 _RECORD = 24  # bytes of one page index record
 _WINDOW_STEP_PAGES = 16384  # RAM pages per C call of the chain reader (64 MiB): progress between
 

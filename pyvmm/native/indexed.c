@@ -9,6 +9,7 @@
  * reloaded RAM is checked without a second pass over it. */
 #include <endian.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,23 +51,177 @@ struct batch {
     pyvmm_u64 page_offset[BATCH_IOV / 2];
     unsigned npages;
     pyvmm_u64 page_size;
+    struct checker *checker; /* NULL: CRCs checked by the reading thread */
+    unsigned tag, err_tag;   /* the caller's label of the pages added (an increment), and the
+                                label of the pages a CRC error was found in */
 };
 
-/* The batch's pages against their CRCs, just read, so still in this core's cache. (A checker
- * thread beside the reading one measured slower on the 2-core machines here.) */
-static int check_pages(struct batch *b, struct pyvmm_page_read_error *err) {
+/* Pages just read against the CRCs they must have. */
+static int check_job(const void *const *dst, const unsigned *block, const pyvmm_u64 *page_no,
+                     const pyvmm_u64 *offset, unsigned npages, const unsigned int *const *crcs,
+                     pyvmm_u64 page_size, struct pyvmm_page_read_error *err) {
     unsigned int crc[BATCH_IOV / 2];
-    pyvmm_crc32c_page_list(b->page_dst, b->npages, b->page_size, crc);
-    for (unsigned k = 0; k < b->npages; k++) {
-        if (crc[k] != b->crcs[b->page_block[k]][b->page_no[k]]) {
-            err->run = b->page_block[k];
-            err->page = b->page_no[k];
-            err->offset = b->page_offset[k];
+    pyvmm_crc32c_page_list(dst, npages, page_size, crc);
+    for (unsigned k = 0; k < npages; k++) {
+        if (crc[k] != crcs[block[k]][page_no[k]]) {
+            err->run = block[k];
+            err->page = page_no[k];
+            err->offset = offset[k];
             err->found = crc[k];
             return PYVMM_CLAIM_BAD_CRC;
         }
     }
     return 0;
+}
+
+/* A second thread that checks a batch's CRCs while the next batch is read. One job at a time:
+ * a batch read while the checker is still busy is checked by the reading thread itself, so a
+ * checker kept off its core by other load never holds the reading back. */
+enum { JOB_IDLE, JOB_QUEUED, JOB_RUNNING, JOB_DONE };
+struct checker {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    int state, stop, rc;
+    int always;   /* a busy checker is waited for (tests): every batch is checked there */
+    unsigned tag; /* the job's batch tag */
+    struct pyvmm_page_read_error err;
+    const unsigned int *const *crcs;
+    pyvmm_u64 page_size;
+    unsigned npages;
+    const void *page_dst[BATCH_IOV / 2];
+    unsigned page_block[BATCH_IOV / 2];
+    pyvmm_u64 page_no[BATCH_IOV / 2];
+    pyvmm_u64 page_offset[BATCH_IOV / 2];
+};
+
+static int run_job(struct checker *c) {
+    return check_job(c->page_dst, c->page_block, c->page_no, c->page_offset, c->npages, c->crcs,
+                     c->page_size, &c->err);
+}
+
+static void *checker_main(void *arg) {
+    struct checker *c = arg;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        while (c->state != JOB_QUEUED && !c->stop)
+            pthread_cond_wait(&c->wake, &c->lock);
+        if (c->state != JOB_QUEUED)
+            break;
+        c->state = JOB_RUNNING;
+        pthread_mutex_unlock(&c->lock);
+        int rc = run_job(c);
+        pthread_mutex_lock(&c->lock);
+        c->rc = rc;
+        c->state = JOB_DONE;
+        pthread_cond_signal(&c->done);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+/* A finished job's result (lock held): 0 or its error, copied to *err (and its tag to *tag). */
+static int take_result(struct checker *c, struct pyvmm_page_read_error *err, unsigned *tag) {
+    int rc = c->rc;
+    if (rc) {
+        *err = c->err;
+        *tag = c->tag;
+    }
+    c->state = JOB_IDLE;
+    c->rc = 0;
+    return rc;
+}
+
+static struct checker *checker_new(const unsigned int *const *crcs, pyvmm_u64 page_size,
+                                   int always) {
+    struct checker *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return NULL;
+    c->always = always;
+    c->crcs = crcs;
+    c->page_size = page_size;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->wake, NULL);
+    pthread_cond_init(&c->done, NULL);
+    if (pthread_create(&c->thread, NULL, checker_main, c)) {
+        pthread_cond_destroy(&c->done);
+        pthread_cond_destroy(&c->wake);
+        pthread_mutex_destroy(&c->lock);
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* Waits for the job in flight (or runs it here if the checker has not started it); 0 or its
+ * error. */
+static int checker_drain(struct checker *c, struct pyvmm_page_read_error *err, unsigned *tag) {
+    int rc = 0;
+    pthread_mutex_lock(&c->lock);
+    if (c->state == JOB_QUEUED) {
+        c->state = JOB_RUNNING;
+        pthread_mutex_unlock(&c->lock);
+        int mine = run_job(c);
+        pthread_mutex_lock(&c->lock);
+        c->rc = mine;
+        c->state = JOB_DONE;
+    }
+    while (c->state == JOB_RUNNING)
+        pthread_cond_wait(&c->done, &c->lock);
+    if (c->state == JOB_DONE)
+        rc = take_result(c, err, tag);
+    pthread_mutex_unlock(&c->lock);
+    return rc;
+}
+
+static void checker_free(struct checker *c) {
+    if (c == NULL)
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->stop = 1;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->thread, NULL);
+    pthread_cond_destroy(&c->done);
+    pthread_cond_destroy(&c->wake);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+/* The batch's pages against their CRCs: handed to the checker when it is free, else checked
+ * here (just read, so still in this core's cache). An earlier job's error comes back first. */
+static int check_pages(struct batch *b, struct pyvmm_page_read_error *err) {
+    struct checker *c = b->checker;
+    if (c != NULL) {
+        int rc = 0, queued = 0;
+        pthread_mutex_lock(&c->lock);
+        for (;;) {
+            if (c->state == JOB_DONE && (rc = take_result(c, err, &b->err_tag)) != 0)
+                break;
+            if (c->state == JOB_IDLE) {
+                unsigned n = b->npages;
+                memcpy(c->page_dst, b->page_dst, n * sizeof b->page_dst[0]);
+                memcpy(c->page_block, b->page_block, n * sizeof b->page_block[0]);
+                memcpy(c->page_no, b->page_no, n * sizeof b->page_no[0]);
+                memcpy(c->page_offset, b->page_offset, n * sizeof b->page_offset[0]);
+                c->npages = n;
+                c->tag = b->tag;
+                c->state = JOB_QUEUED;
+                pthread_cond_signal(&c->wake);
+                queued = 1;
+                break;
+            }
+            if (!c->always)
+                break; /* busy: this batch is checked here */
+            pthread_cond_wait(&c->done, &c->lock);
+        }
+        pthread_mutex_unlock(&c->lock);
+        if (rc || queued)
+            return rc;
+    }
+    b->err_tag = b->tag;
+    return check_job(b->page_dst, b->page_block, b->page_no, b->page_offset, b->npages, b->crcs,
+                     b->page_size, err);
 }
 
 static int batch_flush(int fd, struct batch *b, struct pyvmm_page_read_error *err) {
@@ -173,16 +328,28 @@ static struct batch *batch_new(const struct pyvmm_claim_options *options, pyvmm_
     b->sieved = 0;
     b->sieve_bytes = options->sieve_pages * (STRIDE_HEADER + page_size);
     b->scratch = NULL;
+    b->checker = NULL;
+    b->tag = b->err_tag = 0;
     if (options->sieve_pages && (b->scratch = malloc(b->sieve_bytes)) == NULL) {
         free(b);
         return NULL;
     }
+    /* without a thread (none can be made), the reading thread checks every batch itself */
+    if (options->crcs != NULL && options->check_thread)
+        b->checker = checker_new(options->crcs, page_size, options->check_thread == 2);
     return b;
 }
 
+/* The checker's last job: 0 or its error. Call before the batch is freed, once all is read. */
+static int batch_finish(struct batch *b, struct pyvmm_page_read_error *err) {
+    return b->checker != NULL ? checker_drain(b->checker, err, &b->err_tag) : 0;
+}
+
 static void batch_free(struct batch *b) {
-    if (b != NULL)
+    if (b != NULL) {
+        checker_free(b->checker);
         free(b->scratch);
+    }
     free(b);
 }
 
@@ -316,6 +483,8 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
             return rc;
     }
     int rc = batch_flush(fd, b, err);
+    if (rc == 0)
+        rc = batch_finish(b, err);
     result->reads = b->preads;
     return rc;
 }
@@ -434,6 +603,7 @@ static int window_increment(struct chain_read *h, unsigned k, unsigned block, py
                             pyvmm_u64 w1, struct pyvmm_page_read_error *err) {
     const struct pyvmm_chain_increment *inc = &h->incs[k];
     pyvmm_u64 i = h->cursor[k];
+    h->b->tag = k;
     for (; i < inc->nrecords; i++) {
         const struct pyvmm_index_record rec = pyvmm_index_record(inc->records + i * RECORD_SIZE);
         if (rec.block != block || rec.first >= w1)
@@ -489,7 +659,7 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
         for (unsigned k = h->nincs; k-- > 0;) {
             int rc = window_increment(h, k, block, w0, w1, err);
             if (rc) {
-                out->failed = k;
+                out->failed = rc == PYVMM_CLAIM_BAD_CRC ? h->b->err_tag : k;
                 return rc;
             }
         }
@@ -497,6 +667,13 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
         h->page = w1;
     }
     h->covered += covered;
+    if (h->block >= h->nblocks) {
+        int rc = batch_finish(h->b, err);
+        if (rc) {
+            out->failed = h->b->err_tag;
+            return rc;
+        }
+    }
     out->done = h->block >= h->nblocks;
     out->covered = h->covered;
     out->pages_read = h->pages_read;

@@ -355,6 +355,10 @@ struct pyvmm_claim_options {
     pyvmm_u64 sieve_pages;
     const unsigned int *const *crcs;
     unsigned int zero_crc;
+    /* with crcs: 1, a second thread checks a batch while the next one is read (a batch read
+     * while it is busy is checked by the reading thread); 2, the same but the reading thread
+     * waits for it instead (tests); 0, the reading thread checks every batch */
+    int check_thread;
 };
 struct pyvmm_claim_result {
     pyvmm_u64 data_pages;  /* listed by the index */

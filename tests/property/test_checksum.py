@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
@@ -379,10 +380,18 @@ def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Pa
                 assert kind == "page data" and state(copy) == chain.states[k - 1]
 
 
-def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain,
-                                                             tmp_path: Path) -> None:
+CHECK_THREAD = pytest.mark.parametrize("check_thread", [1, 2, 0],
+                                      ids=["checker thread", "checker thread only",
+                                           "reading thread"])
+
+
+@CHECK_THREAD
+def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             check_thread: int) -> None:
     """A page that ends up in the reloaded RAM, damaged: ChecksumError naming its increment,
     block, page and GPA; the machine is closed, never returned."""
+    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread)
     with CheckpointFile.open(chain.path) as container:
         runs = container.page_index(2)
         layout = container.header.ram_blocks
@@ -400,13 +409,88 @@ def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain,
             checksum.check_before_load(container, container.header.increments, pages=True)
 
 
+@pytest.fixture(scope="module")
+def host_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three live checkpoints of host-written pages (deterministic, unlike the guest's chain):
+    increment 0 holds pages 0-2999, 1 pages 500-1499, 2 pages 1000-1199, so every increment
+    has pages only it holds, over several read batches and windows."""
+    path = tmp_path_factory.mktemp("older") / "chain.chpt"
+    with Machine(16 << 20) as machine:
+        checkpointer = Checkpointer(machine, path,
+                                    capabilities=["incremental", "live", "checksum"])
+        for k, pages in enumerate([range(0, 3000), range(500, 1500), range(1000, 1200)]):
+            for page in pages:
+                machine.ram.write(page * PAGE_SIZE + 64 * k, bytes([k + 1]) * 64)
+            checkpointer.checkpoint()
+        checkpointer.close()
+    return path
+
+
+@CHECK_THREAD
+@pytest.mark.parametrize("increment, page", [(0, 100), (0, 2500), (1, 600)])
+def test_damage_in_an_older_increment_is_named_by_the_indexed_reload(
+        host_chain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check_thread: int,
+        increment: int, page: int) -> None:
+    """A damaged page of an older increment, which only the indexed reload's page checks see
+    (its stream is not parsed): the error names that increment, also when the checker thread
+    finds it while the reading thread has gone on to pages of other increments."""
+    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread)
+    with CheckpointFile.open(host_chain) as container:
+        layout = container.header.ram_blocks
+        run = next(r for r in container.page_index(increment) if not r.zero and
+                   r.first_page <= page < r.first_page + r.npages)
+    damaged = bytearray(host_chain.read_bytes())
+    damaged[run.data_offset + (page - run.first_page) * (PAGE_SIZE + 8) + 100] ^= 0x01
+    path = tmp_path / "older.chpt"
+    path.write_bytes(damaged)
+    windowed = window_reader_calls(monkeypatch)
+    gpa = layout[run.block].gpa + page * PAGE_SIZE
+    with pytest.raises(ChecksumError, match=rf"page {page} \(GPA 0x{gpa:x}\)") as err:
+        reload_module.reload_file(str(path))
+    assert err.value.increment == increment
+    assert "page data does not match its checksum" in str(err.value)
+    # found by the window-by-window reader (live saves write their index in RAM order)
+    assert windowed == ["raised"]
+
+
+def window_reader_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool | str]:
+    """What each indexed reload's window-by-window reader answered from now on ("raised")."""
+    answers: list[bool | str] = []
+    real = reload_module._Loader._read_window_by_window
+
+    def spy(self: Any, *args: Any) -> bool:
+        answers.append("raised")
+        answers[-1] = result = real(self, *args)
+        return result
+
+    monkeypatch.setattr(reload_module._Loader, "_read_window_by_window", spy)
+    return answers
+
+
+def test_a_running_guests_live_chain_is_read_window_by_window(
+        chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live saver writes pages the guest is about to change first, so its stream is not in
+    RAM order; the page index is, and the indexed reload reads the chain window by window."""
+    with CheckpointFile.open(chain.path) as container:
+        for info in container.header.increments:
+            runs = container.page_index(info.index)
+            assert runs == sorted(runs, key=lambda r: (r.block, r.first_page))
+    windowed = window_reader_calls(monkeypatch)
+    with reload(f"chpt:{chain.path}") as machine:
+        assert state(machine) == chain.states[-1]
+    assert windowed == [True]
+
+
+@CHECK_THREAD
 @pytest.mark.parametrize("which", ["read", "zero run", "never saved"])
 def test_indexed_reload_checks_each_page_as_it_reads_it(chain: Chain, which: str,
                                                         monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path,
+                                                        check_thread: int) -> None:
     """The indexed reload compares every page it reads (and every page it leaves zero) with
     the checksum table instead of a second pass over RAM: a table that disagrees with one page
     fails the reload naming that page, as the RAM pass of the other strategies does."""
+    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread)
     path = chain.path
     if which == "never saved":  # a machine that never touched most of its RAM
         path = tmp_path / "sparse.chpt"
