@@ -190,9 +190,11 @@ static void checker_free(struct checker *c) {
 
 /* The batch's pages against their CRCs: handed to the checker when it is free, else checked
  * here (just read, so still in this core's cache). An earlier job's error comes back first. */
+#define HANDOFF_PAGES 32 /* smaller batches are checked here: the handoff costs more */
+
 static int check_pages(struct batch *b, struct pyvmm_page_read_error *err) {
     struct checker *c = b->checker;
-    if (c != NULL) {
+    if (c != NULL && (b->npages >= HANDOFF_PAGES || c->always)) {
         int rc = 0, queued = 0;
         pthread_mutex_lock(&c->lock);
         for (;;) {
