@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
 from .boot import BUILTIN_GUESTS, GuestSpec, boot
@@ -46,8 +47,9 @@ guests:
 
 checkpoints:
   --checkpoint chpt:FILE writes a checkpoint of the machine into FILE at the
-  end of the run (also when the guest powered off) and at every
-  --checkpoint-at instruction count.  --incoming chpt:FILE reloads the last
+  end of the run (also when the guest powered off), at every --checkpoint-at
+  instruction count and every --checkpoint-every N instructions.
+  --incoming chpt:FILE reloads the last
   checkpoint in FILE (chpt:N:FILE: the first N increments) into a new machine
   and runs on from there; the guest, RAM size and seed come from the file.
   With --lazy the guest starts at once and its RAM is loaded while it runs.
@@ -63,6 +65,7 @@ examples:
   python -m pyvmm run --incoming chpt:out.bin
   python -m pyvmm run --incoming chpt:out.bin --lazy
   python -m pyvmm run --checkpoint chpt:out.bin --incremental --live --period 0.5
+  python -m pyvmm run --checkpoint chpt:out.bin --live --incremental --checkpoint-every 10M
   python -m pyvmm run --incoming chpt:2:out.bin --reload-strategy partial
   python -m pyvmm checkpoint squash out.bin -n 3 -o full.bin
   python -m pyvmm run --workload pattern=random,working_set=128M,passes=8
@@ -104,12 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop after S seconds of host time")
     chpt = run.add_argument_group("checkpoints")
     chpt.add_argument("--checkpoint", metavar="chpt:FILE",
-                      help="write a full checkpoint into FILE at the end of the run (and at "
-                           "each --checkpoint-at); an existing FILE is replaced, unless it is "
-                           "the --incoming file, whose chain then grows")
+                      help="write a checkpoint into FILE at the end of the run (and at each "
+                           "--checkpoint-at and --checkpoint-every); an existing FILE is "
+                           "replaced, unless it is the --incoming file, whose chain then grows")
     chpt.add_argument("--checkpoint-at", metavar="N[,N...]", action="append", default=[],
                       help="also checkpoint after exactly N instructions of this run "
                            "(repeatable; needs --checkpoint)")
+    chpt.add_argument("--checkpoint-every", metavar="N",
+                      help="also checkpoint after every N instructions of this run (N, 2N, "
+                           "...; e.g. 10M; needs --checkpoint)")
     chpt.add_argument("--incremental", action="store_true",
                       help="capability: after the first (full) checkpoint, save only pages "
                            "written since the previous checkpoint")
@@ -285,16 +291,52 @@ class _LineSink:
             self.stream.flush()
 
 
-def _checkpoint_points(args: argparse.Namespace) -> list[int]:
+@dataclasses.dataclass(frozen=True)
+class _CheckpointPoints:
+    """Where a run checkpoints, in instructions of this run: the --checkpoint-at counts and
+    every multiple of --checkpoint-every."""
+
+    at: tuple[int, ...] = ()
+    every: int | None = None
+
+    def __contains__(self, count: int) -> bool:
+        return count > 0 and (count in self.at or (self.every is not None and
+                                                   count % self.every == 0))
+
+    def stops(self, max_insns: int | None) -> Iterator[int]:
+        """The counts to stop at, ascending: each point before ``max_insns``, then
+        ``max_insns``, then -1 (a last segment with no instruction limit of its own)."""
+        at = [p for p in self.at if max_insns is None or p < max_insns]
+        i, k = 0, 1
+        while True:
+            nxt = min([*at[i:i + 1], *([k * self.every] if self.every else [])], default=None)
+            if nxt is None or (max_insns is not None and nxt >= max_insns):
+                break
+            yield nxt
+            if i < len(at) and at[i] == nxt:
+                i += 1
+            if self.every and k * self.every == nxt:
+                k += 1
+        if max_insns is not None:
+            yield max_insns
+        yield -1
+
+
+def _checkpoint_points(args: argparse.Namespace) -> _CheckpointPoints:
     points: set[int] = set()
     for text in args.checkpoint_at:
         for item in text.split(","):
             points.add(parse_count(item, "--checkpoint-at"))
-    if points and not args.checkpoint:
-        raise ConfigError("--checkpoint-at needs --checkpoint chpt:FILE to write into")
+    every = parse_count(args.checkpoint_every, "--checkpoint-every") \
+        if args.checkpoint_every is not None else None
+    if (points or every is not None) and not args.checkpoint:
+        which = "--checkpoint-at" if points else "--checkpoint-every"
+        raise ConfigError(f"{which} needs --checkpoint chpt:FILE to write into")
     if 0 in points:
         raise ConfigError("--checkpoint-at counts must be > 0")
-    return sorted(points)
+    if every == 0:
+        raise ConfigError("--checkpoint-every must be > 0")
+    return _CheckpointPoints(tuple(sorted(points)), every)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -417,10 +459,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns: int | None,
-                          points: list[int], save_target: Any, incoming: Any,
+                          points: _CheckpointPoints, save_target: Any, incoming: Any,
                           loader: Any = None) -> RunResult:
-    """Run in segments: up to each --checkpoint-at count, checkpoint, go on; checkpoint at the
-    end.  Limits (--max-insns, --seconds) count from the start of this run.  A lazy reload's
+    """Run in segments: up to each --checkpoint-at count and multiple of --checkpoint-every,
+    checkpoint, go on; checkpoint at the end.  Limits (--max-insns, --seconds) count from the start of this run.  A lazy reload's
     ``loader`` is closed before the first checkpoint (the checkpointer needs the RAM)."""
     from .migration.checkpoint import Checkpointer
 
@@ -447,11 +489,7 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
             if not args.quiet:
                 print("pyvmm: the checkpointed guest had already powered off", file=sys.stderr)
         else:
-            stops = [p for p in points if max_insns is None or p <= max_insns]
-            if max_insns is not None and max_insns not in stops:
-                stops.append(max_insns)
-            stops.append(-1)  # the last segment: no instruction limit of its own
-            for stop in stops:
+            for stop in points.stops(max_insns):
                 budget = None if stop < 0 else stop - done
                 seconds = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
                 result = machine.run(max_insns=budget, seconds=seconds)

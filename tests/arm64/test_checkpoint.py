@@ -20,6 +20,7 @@ from pyvmm.errors import FormatError
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine, RunState
 from pyvmm.migration.checkpoint import Checkpointer, parse_target, reload
+from pyvmm.migration.container import CheckpointFile
 from pyvmm.migration.machine_state import machine_save_state
 from pyvmm.migration.stream import QEMUFile
 from pyvmm.testing.digest import ram_digest
@@ -116,6 +117,36 @@ def test_checkpoint_at_counts_and_info(tmp_path: Path) -> None:
         assert machine.state is RunState.PAUSED
     text = pyvmm("checkpoint", "info", out).stdout.decode()
     assert "increments    3" in text and "mach-virt.ram" in text
+
+
+def test_checkpoint_every_n_instructions(tmp_path: Path) -> None:
+    """--checkpoint-every N checkpoints at N, 2N, ... of this run, merged with --checkpoint-at;
+    a --max-insns that is itself a point gets one checkpoint, not two."""
+    out = tmp_path / "e.bin"
+    proc = pyvmm("run", *WORKLOAD, "--incremental", "--checkpoint-every", "300K",
+                 "--checkpoint-at", "450K", "--max-insns", "900K", "--checkpoint", f"chpt:{out}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count(b"pyvmm: checkpoint ") == 4
+    for k, insns in enumerate([300_000, 450_000, 600_000, 900_000], start=1):
+        with reload(f"chpt:{k}:{out}") as machine:
+            assert machine.insns == insns
+    # no instruction limit: every N until the guest powers off, then the end of the run
+    whole = tmp_path / "w.bin"
+    proc = pyvmm("run", *WORKLOAD, "--checkpoint-every", "400K", "--checkpoint", f"chpt:{whole}")
+    assert proc.returncode == 0, proc.stderr
+    with CheckpointFile.open(whole) as container:
+        count = len(container.header.increments)
+    assert count >= 3  # 400K, 800K (the guest runs past 900K), ..., the end
+    for k in range(1, count):
+        with reload(f"chpt:{k}:{whole}") as machine:
+            assert machine.insns == 400_000 * k
+    for bad, message in (("0", b"--checkpoint-every must be > 0"),
+                         ("x", b"invalid --checkpoint-every 'x'")):
+        proc = pyvmm("run", "--checkpoint-every", bad, "--checkpoint", f"chpt:{tmp_path / 'n'}")
+        assert proc.returncode == 1 and message in proc.stderr.splitlines()[-1]
+    proc = pyvmm("run", "--checkpoint-every", "1M")
+    assert proc.returncode == 1 and b"needs --checkpoint" in proc.stderr
+    assert not (tmp_path / "n").exists()
 
 
 def test_mostly_zero_guest_gives_a_small_file(tmp_path: Path) -> None:
