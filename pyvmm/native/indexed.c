@@ -100,6 +100,17 @@ static int run_job(struct checker *c) {
                      c->page_size, &c->err);
 }
 
+/* The queued job, run by this thread (lock held on entry and on return, not while running). */
+static void take_and_run(struct checker *c) {
+    c->state = JOB_RUNNING;
+    pthread_mutex_unlock(&c->lock);
+    int rc = run_job(c);
+    pthread_mutex_lock(&c->lock);
+    c->rc = rc;
+    c->state = JOB_DONE;
+    pthread_cond_signal(&c->done);
+}
+
 static void *checker_main(void *arg) {
     struct checker *c = arg;
     pthread_mutex_lock(&c->lock);
@@ -108,13 +119,7 @@ static void *checker_main(void *arg) {
             pthread_cond_wait(&c->wake, &c->lock);
         if (c->state != JOB_QUEUED)
             break;
-        c->state = JOB_RUNNING;
-        pthread_mutex_unlock(&c->lock);
-        int rc = run_job(c);
-        pthread_mutex_lock(&c->lock);
-        c->rc = rc;
-        c->state = JOB_DONE;
-        pthread_cond_signal(&c->done);
+        take_and_run(c);
     }
     pthread_mutex_unlock(&c->lock);
     return NULL;
@@ -158,14 +163,8 @@ static struct checker *checker_new(const unsigned int *const *crcs, pyvmm_u64 pa
 static int checker_drain(struct checker *c, struct pyvmm_page_read_error *err, unsigned *tag) {
     int rc = 0;
     pthread_mutex_lock(&c->lock);
-    if (c->state == JOB_QUEUED) {
-        c->state = JOB_RUNNING;
-        pthread_mutex_unlock(&c->lock);
-        int mine = run_job(c);
-        pthread_mutex_lock(&c->lock);
-        c->rc = mine;
-        c->state = JOB_DONE;
-    }
+    if (c->state == JOB_QUEUED)
+        take_and_run(c);
     while (c->state == JOB_RUNNING)
         pthread_cond_wait(&c->done, &c->lock);
     if (c->state == JOB_DONE)
@@ -292,17 +291,24 @@ static int batch_add(int fd, struct batch *b, void *dst, unsigned block, pyvmm_u
     return 0;
 }
 
+/* The next stretch [*start, *stop) of pages not claimed in bits, from *page up to `to`; 0 when
+ * there is none. *page moves past the stretch. */
+static int next_unclaimed(const pyvmm_u64 *bits, pyvmm_u64 to, pyvmm_u64 *page,
+                          pyvmm_u64 *start, pyvmm_u64 *stop) {
+    if (*page >= to || (*start = pyvmm_bitmap_find_next_clear(bits, to, *page)) >= to)
+        return 0;
+    *stop = pyvmm_bitmap_find_next_set(bits, to, *start);
+    *page = *stop;
+    return 1;
+}
+
 /* Pages [from, to) of `block` not claimed yet stay zero: each must expect a zero page. */
 static int check_left_zero(const pyvmm_u64 *bits, pyvmm_u64 from, pyvmm_u64 to,
                            const struct pyvmm_claim_options *options, unsigned block,
                            struct pyvmm_page_read_error *err) {
     const unsigned int *want = options->crcs[block];
-    pyvmm_u64 page = from;
-    while (page < to) {
-        pyvmm_u64 start = pyvmm_bitmap_find_next_clear(bits, to, page);
-        if (start >= to)
-            break;
-        pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, to, start);
+    pyvmm_u64 page = from, start, stop;
+    while (next_unclaimed(bits, to, &page, &start, &stop)) {
         for (pyvmm_u64 p = start; p < stop; p++) {
             if (want[p] != options->zero_crc) {
                 err->run = block;
@@ -312,7 +318,6 @@ static int check_left_zero(const pyvmm_u64 *bits, pyvmm_u64 from, pyvmm_u64 to,
                 return PYVMM_CLAIM_BAD_CRC;
             }
         }
-        page = stop;
     }
     return 0;
 }
@@ -371,12 +376,8 @@ static int claim_pages(int fd, struct batch *b, pyvmm_u64 *bits, unsigned block,
                 return rc;
         }
     } else {
-        pyvmm_u64 page = from;
-        while (page < to) {
-            pyvmm_u64 start = pyvmm_bitmap_find_next_clear(bits, to, page);
-            if (start >= to)
-                break;
-            pyvmm_u64 stop = pyvmm_bitmap_find_next_set(bits, to, start);
+        pyvmm_u64 page = from, start, stop;
+        while (next_unclaimed(bits, to, &page, &start, &stop)) {
             for (pyvmm_u64 p = start; p < stop; p++) {
                 int rc = batch_add(fd, b, (char *)base + p * page_size, block, p,
                                    rec->data_offset + (p - rec->first) * stride, page_size, err);
@@ -384,7 +385,6 @@ static int claim_pages(int fd, struct batch *b, pyvmm_u64 *bits, unsigned block,
                     return rc;
             }
             *pages_read += stop - start;
-            page = stop;
         }
     }
     if (to > from)
