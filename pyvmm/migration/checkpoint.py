@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..devices.pl011 import UartSink
 from ..errors import ConfigError, PyvmmError
 from ..machine import Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
-from .container import CheckpointFile, PageRun, RamBlockInfo
+from .container import CheckpointFile, IndexRecords, PageRun, RamBlockInfo
 from .machine_state import (
     MachineStateEntries,
     capture,
@@ -229,7 +229,7 @@ class Checkpointer:
         return "checksum" in self.capabilities
 
     def _checksums(self, container: CheckpointFile, kind: str, stream_offset: int,
-                   stream_length: int, runs: list[PageRun], device_bytes: bytes,
+                   stream_length: int, runs: Sequence[PageRun], device_bytes: bytes,
                    devices: list[dict[str, Any]], ahead: RamCrcsAhead | None = None
                    ) -> tuple[ChecksumBlock, RamCrcTable] | None:
         """The ``checksum`` capability: CRCs of the stream just written (read back from the
@@ -377,6 +377,7 @@ class Checkpointer:
             save_state.save_header(f)
             save_state.save_setup(f)
             fork_ms = 0.0
+            runs: Sequence[PageRun]
             if self.cow:
                 cow = self._save_cow(f, selection, device_bytes, devices)
                 downtime_end = time.perf_counter()
@@ -399,7 +400,7 @@ class Checkpointer:
                     ahead = RamCrcsAhead(machine.ram_blocks, selection)
                 ram.select(selection)
                 save_state.save_iterate(f)
-                runs = list(ram.runs)
+                runs = ram.runs
                 data_pages, zero_pages = ram.counters.data_pages, ram.counters.zero_pages
             if not self.cow:
                 save_state.save_complete(f)
@@ -407,7 +408,7 @@ class Checkpointer:
                 save_state.save_trailer(f, devices, PAGE_SIZE)
                 f.flush()
                 stream_length = f.pos
-            page_runs: list[PageRun] = runs  # IndexedRun is PageRun
+            page_runs = runs  # IndexedRun is PageRun
             if session is not None or self.cow:
                 # the index in RAM order (a live saver writes pages in the order it gets to them,
                 # a cow child block by block): the indexed reload then takes the chain window
@@ -466,7 +467,7 @@ class Checkpointer:
                 live.stop()  # a live-only checkpointer tracks nothing between checkpoints
 
     def _check_saved(self, selection: dict[str, PageBitmap], data_pages: int, zero_pages: int,
-                     runs: list[PageRun], session: WriteProtectSession | None) -> None:
+                     runs: Sequence[PageRun], session: WriteProtectSession | None) -> None:
         """Cheap end-of-save checks (a failure aborts the increment; no page is lost): as many
         pages saved and indexed as were selected, and no page left under processing.  (That no
         page is indexed twice, the container checks at commit.)"""
@@ -474,9 +475,9 @@ class Checkpointer:
         if data_pages + zero_pages != selected:
             raise SanityError(f"{data_pages} data + {zero_pages} zero pages saved, "
                               f"{selected} selected")
-        if sum(r.npages for r in runs) != selected:
-            raise SanityError(f"the page index lists {sum(r.npages for r in runs)} pages, "
-                              f"{selected} were selected")
+        listed = runs.pages() if isinstance(runs, IndexRecords) else sum(r.npages for r in runs)
+        if listed != selected:
+            raise SanityError(f"the page index lists {listed} pages, {selected} were selected")
         if session is not None:
             wp = session.stats()
             if wp.queued or wp.handler_errno:

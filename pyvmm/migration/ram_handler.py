@@ -34,6 +34,7 @@ from .pageio import (
     read_page_runs,
     write_page_records,
 )
+from .container_format import IndexRecords
 from .container_format import PageRun as IndexRecordRun
 from .stream import QEMUFile
 
@@ -73,7 +74,7 @@ class RamHandler:
             raise ValueError(f"at most {MAX_BLOCKS} RAM blocks")
         self.blocks = list(blocks)
         self._selection: dict[str, PageBitmap] = {}
-        self.runs: list[IndexedRun] = []
+        self._records: list[bytes] = []  # page index records of the runs saved, per block
         self.counters = RamSaveCounters()
         #: For loading: the page index of the increment being loaded, as raw records.
         self._index_records: bytes | memoryview = b""
@@ -91,7 +92,7 @@ class RamHandler:
             if not any(b.name == name for b in self.blocks):
                 raise ValueError(f"no RAM block named {name!r}")
         self._selection = dict(pages)
-        self.runs = []
+        self._records = []
         self.counters = RamSaveCounters()
 
     def save_setup(self, f: QEMUFile) -> None:
@@ -116,10 +117,16 @@ class RamHandler:
             self.counters.data_pages += result.data_pages
             self.counters.zero_pages += result.zero_pages
             self.counters.bytes_written += result.bytes_written
-            self.runs.extend([IndexedRun(number, first, npages, offset, zero)
-                              for first, npages, offset, zero in result.runs.tuples()])
+            self._records.append(result.runs.index_records(number))
         f.put_be64(RAM_SAVE_FLAG_EOS)
         return True
+
+    @property
+    def runs(self) -> Sequence[IndexedRun]:
+        """The page runs the saves to a file since :meth:`select` wrote (a memory stream's
+        are not tracked), as the page index stores them: an increment of scattered pages has
+        a run per page."""
+        return IndexRecords(b"".join(self._records))
 
     def save_complete(self, f: QEMUFile) -> None:
         if self._selection:

@@ -395,7 +395,8 @@ def _claim_error(rc: int, err: Any, info: IncrementInfo) -> PyvmmError:
     if rc < 0:
         return StreamError(f"cannot read page run {run}: {os.strerror(-rc)}", offset=at)
     message = {
-        lib.PYVMM_CLAIM_BAD_RECORD: "has a reserved byte set or unknown flags",
+        lib.PYVMM_CLAIM_BAD_RECORD: "has a reserved byte set, unknown flags, or a data "
+                                    "offset on a zero run",
         lib.PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK: "lies outside its RAM block",
         lib.PYVMM_PAGEIO_RUN_OUTSIDE_FILE: "has page data outside the increment's stream",
         lib.PYVMM_PAGEIO_TRUNCATED: "ends past the end of the file",

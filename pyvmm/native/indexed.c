@@ -18,8 +18,6 @@
 
 #include "internal.h"
 
-#define RECORD_SIZE 24   /* be16 block, u8 flags, u8 reserved, be32 npages, be64 first, be64 data */
-#define RUN_ZERO 0x01
 #define STRIDE_HEADER 8
 
 #define BATCH_IOV 1024 /* IOV_MAX on Linux */
@@ -368,7 +366,7 @@ static int claim_pages(int fd, struct batch *b, pyvmm_u64 *bits, unsigned block,
                        const struct pyvmm_claim_options *options, pyvmm_u64 page_size,
                        pyvmm_u64 *pages_read, struct pyvmm_page_read_error *err) {
     const pyvmm_u64 stride = STRIDE_HEADER + page_size;
-    if (rec->flags & RUN_ZERO) {
+    if (rec->flags & PYVMM_INDEX_ZERO) {
         /* a fresh machine's RAM is zero already: claiming is all there is to do */
         if (options->crcs != NULL) {
             int rc = check_left_zero(bits, from, to, options, block, err);
@@ -415,13 +413,13 @@ static int check_record(const struct pyvmm_index_record *rec, unsigned nblocks,
                         struct pyvmm_page_read_error *err) {
     const pyvmm_u64 stride = STRIDE_HEADER + page_size;
     const pyvmm_u64 npages = rec->npages, data_offset = rec->data_offset;
-    if (rec->reserved != 0 || (rec->flags & ~RUN_ZERO) != 0)
+    if (rec->reserved != 0 || (rec->flags & ~PYVMM_INDEX_ZERO) != 0)
         return PYVMM_CLAIM_BAD_RECORD;
     if (rec->block >= nblocks || npages == 0 || rec->first > block_pages[rec->block] ||
         npages > block_pages[rec->block] - rec->first)
         return PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK;
-    if (rec->flags & RUN_ZERO)
-        return 0;
+    if (rec->flags & PYVMM_INDEX_ZERO)
+        return data_offset == 0 ? 0 : PYVMM_CLAIM_BAD_RECORD; /* a zero run has no data */
     if (data_offset < stream_start ||
         (uint64_t)(npages - 1) > (stream_end - stream_start) / stride ||
         data_offset + (uint64_t)(npages - 1) * stride + page_size > stream_end ||
@@ -469,13 +467,14 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                       struct pyvmm_claim_result *result,
                       struct pyvmm_page_read_error *err, struct batch *b) {
     for (pyvmm_u64 i = 0; i < nrecords; i++) {
-        const struct pyvmm_index_record rec = pyvmm_index_record(records + i * RECORD_SIZE);
+        const struct pyvmm_index_record rec =
+            pyvmm_index_record(records + i * PYVMM_INDEX_RECORD);
         err->run = i;
         int rc = check_record(&rec, nblocks, block_pages, page_size, stream_start, stream_end,
                               err);
         if (rc)
             return rc;
-        if (rec.flags & RUN_ZERO)
+        if (rec.flags & PYVMM_INDEX_ZERO)
             result->zero_pages += rec.npages;
         else
             result->data_pages += rec.npages;
@@ -517,13 +516,13 @@ int pyvmm_chain_check(const struct pyvmm_chain_increment *incs, unsigned nincs,
         counts[k].data_pages = counts[k].zero_pages = 0;
         for (pyvmm_u64 i = 0; i < inc->nrecords; i++) {
             const struct pyvmm_index_record rec =
-                pyvmm_index_record(inc->records + i * RECORD_SIZE);
+                pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
             err->run = i;
             int bad = check_record(&rec, nblocks, block_pages, page_size, inc->stream_start,
                                    inc->stream_end, err);
             if (bad)
                 return bad;
-            if (rec.flags & RUN_ZERO)
+            if (rec.flags & PYVMM_INDEX_ZERO)
                 counts[k].zero_pages += rec.npages;
             else
                 counts[k].data_pages += rec.npages;
@@ -607,7 +606,8 @@ static int window_increment(struct chain_read *h, unsigned k, unsigned block, py
     pyvmm_u64 i = h->cursor[k];
     h->b->tag = k;
     for (; i < inc->nrecords; i++) {
-        const struct pyvmm_index_record rec = pyvmm_index_record(inc->records + i * RECORD_SIZE);
+        const struct pyvmm_index_record rec =
+            pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
         if (rec.block != block || rec.first >= w1)
             break;
         const pyvmm_u64 end = rec.first + rec.npages;
@@ -639,7 +639,7 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
             if (h->cursor[k] >= inc->nrecords)
                 continue;
             const struct pyvmm_index_record rec =
-                pyvmm_index_record(inc->records + h->cursor[k] * RECORD_SIZE);
+                pyvmm_index_record(inc->records + h->cursor[k] * PYVMM_INDEX_RECORD);
             if (rec.block == block) {
                 pyvmm_u64 at = rec.first > h->page ? rec.first : h->page;
                 if (at < next)

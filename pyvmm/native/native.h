@@ -82,6 +82,12 @@ int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base, py
                              unsigned idstr_len, int first_has_idstr, int detect_zero,
                              struct pyvmm_page_run *runs, pyvmm_u64 max_runs,
                              struct pyvmm_page_write_stats *stats);
+/* runs[0..nruns) of RAM block number `block` as 24-byte page index records (the container's
+ * big-endian layout: be16 block, u8 flags, u8 0, be32 npages, be64 first page, be64 data
+ * offset) into out[0 .. 24*nruns). 0, or -EOVERFLOW (nothing to rely on in out) when a block
+ * number or a run length does not fit its field. */
+int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 nruns,
+                                  unsigned block, unsigned char *out);
 /* Checks every run against the npages pages at base and fd's size, then for each run in order:
  * a data run is read by preadv into guest RAM and every page's header but the first checked;
  * a zero run's pages that are not zero are cleared. 0, -errno or PYVMM_PAGEIO_*, with *err. */

@@ -216,6 +216,26 @@ out:
     return rc;
 }
 
+int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 nruns,
+                                  unsigned block, unsigned char *out) {
+    if (block > UINT16_MAX)
+        return -EOVERFLOW;
+    const uint16_t be_block = htobe16((uint16_t)block);
+    for (u64 i = 0; i < nruns; i++, out += PYVMM_INDEX_RECORD) {
+        const struct pyvmm_page_run *r = &runs[i];
+        if (r->npages > UINT32_MAX)
+            return -EOVERFLOW;
+        const uint32_t npages = htobe32((uint32_t)r->npages);
+        memcpy(out, &be_block, 2);
+        out[2] = r->zero ? PYVMM_INDEX_ZERO : 0;
+        out[3] = 0;
+        memcpy(out + 4, &npages, 4);
+        put_be64(out + 8, r->first_page);
+        put_be64(out + 16, r->zero ? 0 : r->data_offset);
+    }
+    return 0;
+}
+
 /* Checks every run against the block and the file before anything is read or written. */
 static int check_runs(int fd, u64 npages, const struct pyvmm_page_run *runs, u64 nruns,
                       struct pyvmm_page_read_error *err) {

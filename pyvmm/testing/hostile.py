@@ -51,8 +51,8 @@ def lying_page_index(path: Path, lie: Lie) -> tuple[bytes, str]:
     if lie.field == "swap":
         runs[i], runs[j] = runs[j], runs[i]
     elif lie.field == "zero":
-        runs[i] = dataclasses.replace(victim, zero=not victim.zero,
-                                      data_offset=victim.data_offset or runs[j].data_offset)
+        runs[i] = victim._replace(zero=not victim.zero,
+                                  data_offset=victim.data_offset or runs[j].data_offset)
     else:
         value = getattr(victim, lie.field)
         if lie.field == "block":
@@ -64,7 +64,7 @@ def lying_page_index(path: Path, lie: Lie) -> tuple[bytes, str]:
             value = max(0, value + lie.delta)
         else:
             value = max(1, value + lie.delta)
-        runs[i] = dataclasses.replace(victim, **{lie.field: value})
+        runs[i] = victim._replace(**{lie.field: value})
     blob = encode_page_index(lie.increment, [PageRun(r.block, r.first_page, r.npages,
                                                      r.data_offset, r.zero) for r in runs])
     assert len(blob) == info.index_length, "a lie keeps the index's length"

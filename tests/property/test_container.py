@@ -129,7 +129,7 @@ RUNS = st.lists(
         npages=st.integers(0, 2**32 - 1),
         data_offset=U64,
         zero=st.booleans(),
-    ).map(lambda run: replace(run, data_offset=0) if run.zero else run),
+    ).map(lambda run: run._replace(data_offset=0) if run.zero else run),
     max_size=40,
 )
 
@@ -208,7 +208,7 @@ def test_page_index_fast_encoder_matches_the_declaration(increment: int, runs: l
                                             ("first_page", 1 << 64), ("data_offset", -1)]))
     victim = data.draw(st.integers(0, len(runs) - 1))
     broken = list(runs)
-    broken[victim] = replace(runs[victim], **{field: bad})
+    broken[victim] = runs[victim]._replace(**{field: bad})
     assert container_format._encode_page_index_fast(increment, broken) is None
     with pytest.raises(Exception) as fast_way:
         encode_page_index(increment, broken)
@@ -216,6 +216,63 @@ def test_page_index_fast_encoder_matches_the_declaration(increment: int, runs: l
         container_format._encode_page_index_construct(increment, broken)
     assert (type(fast_way.value), str(fast_way.value)) == \
         (type(reference.value), str(reference.value))
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), RUNS, st.integers(-50, 50))
+def test_index_records_are_the_runs(increment: int, runs: list[PageRun], at: int) -> None:
+    """Runs kept as page index records (as a save keeps them) are the same runs, encode to the
+    same blob, and count the same pages."""
+    records = container_format.IndexRecords(encode_page_index(increment, runs)[12:-4])
+    assert records == runs and list(records) == runs and len(records) == len(runs)
+    assert records[1:4] == runs[1:4]
+    if -len(runs) <= at < len(runs):
+        assert records[at] == runs[at]
+    else:
+        with pytest.raises(IndexError):
+            records[at]
+    assert encode_page_index(increment, records) == encode_page_index(increment, runs)
+    assert records.pages() == sum(run.npages for run in runs)
+    assert container_format.IndexRecords(records.records) == records
+    with pytest.raises(ValueError, match="24 bytes each"):
+        container_format.IndexRecords(records.records + b"\0")
+
+
+SMALL_RUNS = st.lists(
+    st.builds(PageRun, block=st.integers(0, 2), first_page=st.integers(0, 12),
+              npages=st.integers(0, 4), data_offset=st.integers(4000, 4200).map(lambda o: o * 8),
+              zero=st.booleans()),
+    max_size=6,
+)
+
+
+@FAST
+@given(SMALL_RUNS, st.booleans(), st.data())
+def test_commit_check_in_c_agrees_with_check_page_runs(runs: list[PageRun], in_order: bool,
+                                                       data: st.DataObject) -> None:
+    """The commit's C check of a save's records passes exactly those runs in RAM order that
+    ``check_page_runs`` passes (anything else goes to the Python check, which names the fault)."""
+    if in_order:
+        runs = sorted(runs)
+    if data.draw(st.booleans()):  # mostly sound zero runs: data offsets only on some
+        runs = [run._replace(data_offset=0) if run.zero else run for run in runs]
+    layout = (RamBlockInfo("a", 0, 10 * PAGE), RamBlockInfo("b", 1 << 30, 16 * PAGE))
+    header = ContainerHeader(1, PAGE, bytes(16), "virt", layout, (), (), 0)
+    counts = (sum(r.npages for r in runs if not r.zero), sum(r.npages for r in runs if r.zero))
+    info = IncrementInfo(0, "full", -1, 0, 32000, 5 * (PAGE + 8), *counts, 0, 0, 0, 0, 0)
+    try:
+        container_format.check_page_runs(header, info, runs)
+        python_ok = True
+    except FormatError:
+        python_ok = False
+    records = container_format.IndexRecords(encode_page_index(0, runs)[12:-4])
+    c_ok = CheckpointFile._records_sound(header, info, records)
+    ram_order = all((a.block, a.first_page + a.npages) <= (b.block, b.first_page)
+                    for a, b in zip(runs, runs[1:]))
+    assert c_ok == (python_ok and ram_order)
+    assert not CheckpointFile._records_sound(header, info, runs)  # a list: Python decides
+    wrong = replace(info, pages=info.pages + 1)
+    assert not CheckpointFile._records_sound(header, wrong, records)
 
 
 @FAST
@@ -508,6 +565,9 @@ def test_commit_checks_runs(tmp_path: Path) -> None:
         for runs, message in bad:
             with pytest.raises(ValueError, match=message):
                 writer.commit(page_runs=runs, **base)
+            records = container_format.IndexRecords(encode_page_index(0, runs)[12:-4])
+            with pytest.raises(ValueError, match=message):  # as a save's records: the same
+                writer.commit(page_runs=records, **base)
         with pytest.raises(ValueError, match="should end at byte"):
             writer.commit(stream_length=4 * (PAGE + 8), page_runs=[], pages=0, zero_pages=0)
         info = writer.commit(page_runs=[PageRun(0, 0, 2, 0, True)], **base)

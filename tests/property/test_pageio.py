@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from pyvmm.errors import FormatError, StreamError
+from pyvmm.migration.container_format import IndexRecords, encode_page_index
+from pyvmm.migration.container_format import PageRun as IndexedRun
 from pyvmm.migration.pageio import (
     PAGE_RECORD_SIZE,
     RAM_SAVE_FLAG_CONTINUE,
@@ -201,6 +203,11 @@ def test_write_matches_reference_and_reads_back(
         assert result.runs == expected_runs
         assert list(result.runs) == expected_runs
         assert result.runs.tuples() == [tuple(run) for run in expected_runs]
+        # the same runs as the container's page index records, built in C: the bytes the
+        # format declaration gives them
+        block_runs = [IndexedRun(3, *run) for run in expected_runs]
+        assert result.runs.index_records(3) == encode_page_index(0, block_runs)[12:-4]
+        assert IndexRecords(result.runs.index_records(3)) == block_runs
         zero_pages = sum(run.npages for run in expected_runs if run.zero)
         assert (result.data_pages, result.zero_pages) == (len(pages) - zero_pages, zero_pages)
         assert bitmap == PageBitmap.from_pages(block.page_count, pages)  # left as it was
@@ -405,6 +412,13 @@ def test_negative_runs_outside_block_or_file(runs: list[tuple[int, int, int, boo
             with pytest.raises(FormatError):
                 read_page_runs(fd, target, runs)
             assert bytes(target.mem) == before
+
+
+@pytest.mark.parametrize("block, run", [(1 << 16, (0, 1, 0, False)), (0, (0, 1 << 32, 0, True))])
+def test_negative_runs_that_no_index_record_holds(block: int, run: tuple[int, int, int, bool]
+                                                  ) -> None:
+    with pytest.raises(ValueError, match="do not fit page index records"):
+        PageRuns([(0, 1, 0, False), run]).index_records(block)
 
 
 @pytest.mark.parametrize("run", [(-1, 1, 0, False), (0, 1, 2**64, False), (0, 1.5, 0, False)])
