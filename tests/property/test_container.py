@@ -147,6 +147,54 @@ def test_header_slot_round_trip(header: ContainerHeader) -> None:
     assert data[:8] == SPEC.MAGIC and data[8:12] == b"\x01\x02\x03\x04"
 
 
+def _reference_slot(header: ContainerHeader) -> bytes:
+    """A header slot built by the format declaration alone."""
+    body = container_format._encode_header_body_construct(header)
+    frame = {"format_version": header.format_version, "sequence": header.sequence, "body": body}
+    return bytes(container_format.construct_call(
+        lambda: SPEC.HeaderSlot.build({"frame": {"value": frame}}), "header"))
+
+
+def _outcome(build: Any, header: ContainerHeader) -> Any:
+    try:
+        return build(header)
+    except Exception as err:  # noqa: BLE001 - the kind and text of any error are compared
+        return type(err), str(err)
+
+
+@FAST
+@given(headers(), st.sampled_from([1, 2]), st.data())
+def test_header_slot_fast_encoder_matches_the_declaration(
+    header: ContainerHeader, version: int, data: st.DataObject
+) -> None:
+    """encode_header_slot's struct path gives the declaration's bytes in both format versions,
+    and leaves a value no field can hold to the declaration, which refuses it with its error."""
+    increments = header.increments
+    if version == 2 and increments and data.draw(st.booleans()):
+        increments = tuple(replace(i, checksum_offset=i.end, checksum_length=64)
+                           for i in increments)
+    header = replace(header, format_version=version, increments=increments)
+    assert encode_header_slot(header) == _reference_slot(header)
+    where, field, bad = data.draw(st.sampled_from([
+        ("header", "sequence", 1 << 64), ("header", "page_size", -1),
+        ("increment", "pages", -1), ("increment", "created_ns", 1 << 64),
+        ("increment", "stream_crc", 1 << 32), ("increment", "parent", 1 << 31),
+        ("increment", "kind", "partial"), ("increment", "checksum_length", 1 << 64),
+        ("increment", "checksum_offset", 8)]))  # format 1 has no checksum block
+    if where == "header":
+        broken = replace(header, **{field: bad})
+    elif increments:
+        victim = data.draw(st.integers(0, len(increments) - 1))
+        changed = replace(increments[victim], **{field: bad})
+        broken = replace(header, increments=increments[:victim] + (changed,)
+                         + increments[victim + 1:])
+    else:
+        return
+    reference = _outcome(_reference_slot, broken)
+    assert isinstance(reference, tuple) or field == "checksum_offset"
+    assert _outcome(encode_header_slot, broken) == reference
+
+
 @FAST
 @given(st.integers(0, 2**32 - 1), RUNS)
 def test_page_index_round_trip(increment: int, runs: list[PageRun]) -> None:
