@@ -39,7 +39,8 @@ from .cow import CowSnapshot, start_cow_snapshot
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
 from .postcopy_uffd import FAULT_MODES, WriteProtectSession
-from .ram_handler import RAM_SAVE_FLAG_EOS, IndexedRun
+from .pageio import sort_index_records
+from .ram_handler import RAM_SAVE_FLAG_EOS
 from .reload import DEFAULT_STRATEGY, Progress, reload_file
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
@@ -122,10 +123,6 @@ class CheckpointStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _ram_order(run: PageRun) -> tuple[int, int]:
-    return run.block, run.first_page
 
 
 class Checkpointer:
@@ -385,10 +382,12 @@ class Checkpointer:
                 paused = False
                 result_cow = cow.wait()
                 fork_ms = result_cow.fork_ms
-                runs = [IndexedRun(self._block_number(job_block), r.first_page, r.npages,
-                                   r.data_offset, r.zero)
-                        for job_block, block_result in zip(self._cow_blocks, result_cow.blocks)
-                        for r in block_result.runs]
+                # the index in RAM order (the child writes block by block; a live saver sorts
+                # its own, a stop-and-copy save writes in RAM order): the indexed reload then
+                # takes the chain window by window
+                runs = IndexRecords(sort_index_records(b"".join(
+                    block_result.runs.index_records(self._block_number(job_block))
+                    for job_block, block_result in zip(self._cow_blocks, result_cow.blocks))))
                 data_pages, zero_pages = result_cow.data_pages, result_cow.zero_pages
                 stream_length = f.offset - writer.stream_offset + result_cow.bytes_written
             elif session is not None:
@@ -409,11 +408,6 @@ class Checkpointer:
                 f.flush()
                 stream_length = f.pos
             page_runs = runs  # IndexedRun is PageRun
-            if session is not None or self.cow:
-                # the index in RAM order (a live saver writes pages in the order it gets to them,
-                # a cow child block by block): the indexed reload then takes the chain window
-                # by window. A stop-and-copy save writes in RAM order already.
-                page_runs = sorted(page_runs, key=_ram_order)
             if self.sanity_checks:
                 self._check_saved(selection, data_pages, zero_pages, page_runs, session)
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,

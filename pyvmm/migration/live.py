@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from ..ram import PageBitmap, RamBlock
+from .container_format import IndexRecords
+from .pageio import sort_index_records
 from .postcopy_uffd import WriteProtectSession
 from .ram_handler import IndexedRun
 from .stream import QEMUFile
@@ -25,7 +27,8 @@ from .stream import QEMUFile
 
 @dataclasses.dataclass
 class LiveSaveResult:
-    runs: list[IndexedRun] = dataclasses.field(default_factory=list)
+    #: in RAM order (the saver writes shadow copies first): the order the page index keeps
+    runs: Sequence[IndexedRun] = dataclasses.field(default_factory=IndexRecords)
     data_pages: int = 0
     zero_pages: int = 0
     from_shadow: int = 0
@@ -42,9 +45,10 @@ def save_pages_live(f: QEMUFile, session: WriteProtectSession, blocks: Sequence[
     if fd is None:
         raise ValueError("a live save writes to a file stream")
     f.flush()
-    runs, counts = session.save(fd, f.offset, selection, open_saved=open_saved, nice=nice)
+    records, counts = session.save_records(fd, f.offset, selection, open_saved=open_saved,
+                                           nice=nice)
     f.written_externally(counts.bytes_written)
     return LiveSaveResult(
-        runs=[IndexedRun(r.block, r.first_page, r.npages, r.data_offset, r.zero) for r in runs],
+        runs=IndexRecords(sort_index_records(records)),
         data_pages=counts.data_pages, zero_pages=counts.zero_pages,
         from_shadow=counts.from_shadow)

@@ -323,3 +323,15 @@ def index_record_counts(records: bytes, block_pages: Sequence[int], page_size: i
     if rc:
         return None
     return int(counts.data_pages), int(counts.zero_pages)
+
+
+def sort_index_records(records: bytes) -> bytes:
+    """Page index records (24 bytes each) in RAM order, block then first page, sorted in C."""
+    if len(records) % _INDEX_RECORD_SIZE:
+        raise ValueError(f"page index records are {_INDEX_RECORD_SIZE} bytes each")
+    out = ffi.new("unsigned char[]", records) if records else None
+    if out is None:
+        return b""
+    lib.pyvmm_index_records_sort(out, len(records) // _INDEX_RECORD_SIZE)
+    result: bytes = ffi.buffer(out, len(records))[:]
+    return result

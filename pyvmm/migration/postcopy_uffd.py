@@ -597,6 +597,25 @@ class WriteProtectSession:
         round (a live checkpoint that tracks nothing for the next one).  ``nice`` (0..19): above
         0 the work runs on a C thread of that nice value, so that writers running meanwhile (the
         vCPU) get the CPU first when they compete for it; the save then takes longer."""
+        runs, nruns, counts = self._save(fd, offset, selection, open_saved, nice)
+        return ([LiveRun(int(r.block), int(r.first_page), int(r.npages), int(r.data_offset),
+                         bool(r.zero)) for r in runs[0:nruns]], counts)
+
+    def save_records(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], *,
+                     open_saved: bool = False, nice: int = 0) -> tuple[bytes, LiveSaveCounts]:
+        """:meth:`save`, with the runs as page index records (24 bytes each, see
+        :class:`~pyvmm.migration.container_format.IndexRecords`) in the order written, built in
+        C: a live save of scattered pages has a run per page."""
+        runs, nruns, counts = self._save(fd, offset, selection, open_saved, nice)
+        out = ffi.new("unsigned char[]", max(nruns, 1) * 24)
+        if lib.pyvmm_index_records_from_live_runs(runs, nruns, out):
+            raise ValueError("live save runs do not fit page index records "
+                             "(a block number over 65535 or a run over 2**32 pages)")
+        records: bytes = ffi.buffer(out, nruns * 24)[:]
+        return records, counts
+
+    def _save(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], open_saved: bool,
+              nice: int) -> tuple[Any, int, LiveSaveCounts]:
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be 0..19, not {nice}")
         lib.pyvmm_wp_session_set_saver_nice(self._session, nice)
@@ -624,8 +643,7 @@ class WriteProtectSession:
         if rc:
             raise UffdError("live save", -rc, capability=LIVE,
                             detail=f"after {counts.bytes_written} bytes at offset {offset}")
-        return ([LiveRun(int(r.block), int(r.first_page), int(r.npages), int(r.data_offset),
-                         bool(r.zero)) for r in runs[0:int(out.nruns)]], counts)
+        return runs, int(out.nruns), counts
 
     def mark_sent_unselected(self, block: str, selected: PageBitmap) -> int:
         """Claim, in one C call, every page of ``block`` NOT set in ``selected`` as needing no

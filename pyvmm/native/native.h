@@ -86,8 +86,6 @@ int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base, py
  * big-endian layout: be16 block, u8 flags, u8 0, be32 npages, be64 first page, be64 data
  * offset) into out[0 .. 24*nruns). 0, or -EOVERFLOW (nothing to rely on in out) when a block
  * number or a run length does not fit its field. */
-int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 nruns,
-                                  unsigned block, unsigned char *out);
 /* Checks every run against the npages pages at base and fd's size, then for each run in order:
  * a data run is read by preadv into guest RAM and every page's header but the first checked;
  * a zero run's pages that are not zero are cleared. 0, -errno or PYVMM_PAGEIO_*, with *err. */
@@ -222,6 +220,16 @@ int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                           const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
                           pyvmm_u64 max_runs, int open_saved,
                           struct pyvmm_live_save_stats *stats);
+/* pages.c: runs as 24-byte page index records (the container's big-endian layout: be16 block,
+ * u8 flags, u8 0, be32 npages, be64 first page, be64 data offset) into out[0 .. 24*nruns):
+ * those of one RAM block (pyvmm_write_page_records's, block number `block`) or a live save's.
+ * 0, or -EOVERFLOW (out not to be used) when a block number or a run length does not fit its
+ * field. pyvmm_index_records_sort: records into RAM order (block, then first page). */
+int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 nruns,
+                                  unsigned block, unsigned char *out);
+int pyvmm_index_records_from_live_runs(const struct pyvmm_live_run *runs, pyvmm_u64 nruns,
+                                       unsigned char *out);
+void pyvmm_index_records_sort(unsigned char *records, pyvmm_u64 nrecords);
 /* Before start: a fault on the page right after the run the previous fault opened doubles the
  * run, up to max_pages (dirty tracking then over-counts up to max_pages - 1 pages per
  * sequential stretch); any other fault opens unprotect_pages again. */

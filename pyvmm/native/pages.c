@@ -216,24 +216,51 @@ out:
     return rc;
 }
 
-int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 nruns,
-                                  unsigned block, unsigned char *out) {
-    if (block > UINT16_MAX)
+/* One page index record (native.h); -EOVERFLOW when the block or the run length does not fit. */
+static int put_index_record(unsigned char *out, u64 block, int zero, u64 npages, u64 first_page,
+                            u64 data_offset) {
+    if (block > UINT16_MAX || npages > UINT32_MAX)
         return -EOVERFLOW;
     const uint16_t be_block = htobe16((uint16_t)block);
+    const uint32_t be_npages = htobe32((uint32_t)npages);
+    memcpy(out, &be_block, 2);
+    out[2] = zero ? PYVMM_INDEX_ZERO : 0;
+    out[3] = 0;
+    memcpy(out + 4, &be_npages, 4);
+    put_be64(out + 8, first_page);
+    put_be64(out + 16, zero ? 0 : data_offset);
+    return 0;
+}
+
+int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 nruns,
+                                  unsigned block, unsigned char *out) {
     for (u64 i = 0; i < nruns; i++, out += PYVMM_INDEX_RECORD) {
         const struct pyvmm_page_run *r = &runs[i];
-        if (r->npages > UINT32_MAX)
+        if (put_index_record(out, block, r->zero, r->npages, r->first_page, r->data_offset))
             return -EOVERFLOW;
-        const uint32_t npages = htobe32((uint32_t)r->npages);
-        memcpy(out, &be_block, 2);
-        out[2] = r->zero ? PYVMM_INDEX_ZERO : 0;
-        out[3] = 0;
-        memcpy(out + 4, &npages, 4);
-        put_be64(out + 8, r->first_page);
-        put_be64(out + 16, r->zero ? 0 : r->data_offset);
     }
     return 0;
+}
+
+int pyvmm_index_records_from_live_runs(const struct pyvmm_live_run *runs, pyvmm_u64 nruns,
+                                       unsigned char *out) {
+    for (u64 i = 0; i < nruns; i++, out += PYVMM_INDEX_RECORD) {
+        const struct pyvmm_live_run *r = &runs[i];
+        if (put_index_record(out, r->block, r->zero, r->npages, r->first_page, r->data_offset))
+            return -EOVERFLOW;
+    }
+    return 0;
+}
+
+/* RAM order of two records: block, then first page (big-endian, so bytes compare as numbers). */
+static int record_order(const void *a, const void *b) {
+    const unsigned char *x = a, *y = b;
+    int c = memcmp(x, y, 2);
+    return c ? c : memcmp(x + 8, y + 8, 8);
+}
+
+void pyvmm_index_records_sort(unsigned char *records, pyvmm_u64 nrecords) {
+    qsort(records, (size_t)nrecords, PYVMM_INDEX_RECORD, record_order);
 }
 
 /* Checks every run against the block and the file before anything is read or written. */

@@ -33,6 +33,7 @@ from pyvmm.migration.pageio import (
     PageRun,
     PageRuns,
     read_page_runs,
+    sort_index_records,
     write_page_records,
 )
 from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
@@ -412,6 +413,19 @@ def test_negative_runs_outside_block_or_file(runs: list[tuple[int, int, int, boo
             with pytest.raises(FormatError):
                 read_page_runs(fd, target, runs)
             assert bytes(target.mem) == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2**40), st.integers(1, 2**32 - 1),
+                          st.booleans()), max_size=50, unique_by=lambda t: t[:2]))
+def test_sort_index_records_puts_runs_in_ram_order(runs: list[tuple[int, int, int, bool]]
+                                                  ) -> None:
+    page_runs = [IndexedRun(block, first, npages, 0 if zero else 4096 + first, zero)
+                 for block, first, npages, zero in runs]
+    records = encode_page_index(0, page_runs)[12:-4]
+    assert list(IndexRecords(sort_index_records(records))) == sorted(page_runs)
+    with pytest.raises(ValueError, match="24 bytes each"):
+        sort_index_records(records + b"\0")
 
 
 @pytest.mark.parametrize("block, run", [(1 << 16, (0, 1, 0, False)), (0, (0, 1 << 32, 0, True))])

@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from pyvmm.errors import UffdError
+from pyvmm.migration.container_format import IndexRecords
+from pyvmm.migration.pageio import sort_index_records
 from pyvmm.migration.postcopy_uffd import (
     INJECT_OPEN_ERRNO_ENV,
     UFFD_FEATURE_WP_ASYNC,
@@ -481,6 +483,46 @@ def test_full_pool_without_saver_takes_extra_pages(block: RamBlock, tmp_path: Pa
     saved = _parse_records(data)
     assert b"".join(saved[p] for p in range(8)) == before
     assert [(r.first_page, r.npages, r.zero) for r in runs] == [(0, 8, False)]
+
+
+def test_save_records_are_the_runs_written_and_sort_into_ram_order(block: RamBlock,
+                                                                   tmp_path: Path) -> None:
+    """A live save's runs as page index records (what a live checkpoint's index holds): shadow
+    copies are written in the order they were made, out of RAM order; each record points at its pages' data in the file,
+    and sorting puts them in RAM order."""
+    block.write(0, bytes(range(256)) * (block.size // 256))
+    block.write(9 * PAGE_SIZE, bytes(PAGE_SIZE))  # a zero page among them
+    before = block.read(0, 12 * PAGE_SIZE)
+    selected = block.new_bitmap()
+    selected.set_range(0, 12)
+    with WriteProtectSession([block], shadow_pages=8, tracking_only=True) as session:
+        session.rearm({"ram": selected})
+        for page in (7, 2, 5):  # shadow copies, in this order
+            block.mem[page * PAGE_SIZE] = 0xEE
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            records, counts = session.save_records(fd, 100, {"ram": selected})
+            data = os.pread(fd, 100 + counts.bytes_written, 0)
+        finally:
+            os.close(fd)
+    assert counts.from_shadow == 3
+    runs = list(IndexRecords(records))
+    shadowed = [r.first_page for r in runs if r.first_page in (7, 2, 5)]
+    assert shadowed == [7, 2, 5]  # written in the order they were copied: not RAM order
+    assert sorted(p for r in runs for p in range(r.first_page, r.first_page + r.npages)) == \
+        list(range(12))
+    for run in runs:
+        assert run.block == 0
+        for k in range(run.npages):
+            page = run.first_page + k
+            want = before[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+            if run.zero:
+                assert want == bytes(PAGE_SIZE) and run.data_offset == 0
+            else:
+                at = run.data_offset + k * (PAGE_SIZE + 8)
+                assert data[at:at + PAGE_SIZE] == want
+    in_order = list(IndexRecords(sort_index_records(records)))
+    assert in_order == sorted(runs) and in_order != runs
 
 
 def test_fault_around_opens_growing_runs_for_a_sequential_writer(block: RamBlock,
