@@ -34,7 +34,7 @@ from .checksum_table import (IMPLEMENTATIONS, MAX_TABLE_PAGES, RECORD_SIZE, RamC
                              available_implementations, crc32c, hardware, implementation,
                              portable_only, ram_page_crcs, ram_run_crcs, u32_array, u64_array,
                              using, zero_page_crc)
-from .container_format import RamBlockInfo, page_index_records
+from .container_format import IndexRecords, RamBlockInfo, page_index_records
 
 __all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "IMPLEMENTATIONS",
            "MAX_TABLE_PAGES", "device_sections", "RamBlockInfo", "RamCrcTable",
@@ -361,13 +361,17 @@ def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offse
     if len(from_ram) != len(table.blocks) or any(
             block.page_count != len(t) for block, t in zip(from_ram, table.blocks)):
         return None
-    try:
-        records = b"".join([_RUN_RECORD.pack(r.block, 1 if r.zero else 0, 0, r.npages,
-                                             r.first_page, r.data_offset) for r in runs])
-    except struct.error:
-        return None
-    data_pages = sum(r.npages for r in runs if not r.zero)
-    data_runs = sum(1 for r in runs if not r.zero)
+    if isinstance(runs, IndexRecords):  # a save's runs: the records already
+        records = runs.records
+        data_runs, data_pages = runs.data_counts()
+    else:
+        try:
+            records = b"".join([_RUN_RECORD.pack(r.block, 1 if r.zero else 0, 0, r.npages,
+                                                 r.first_page, r.data_offset) for r in runs])
+        except struct.error:
+            return None
+        data_pages = sum(r.npages for r in runs if not r.zero)
+        data_runs = sum(1 for r in runs if not r.zero)
     nblocks = len(from_ram)
     page_crcs = u32_array(data_pages)
     gap_crcs = u32_array(data_runs + 1)
@@ -399,15 +403,15 @@ def _increment_checksums_in_c(container: CheckpointFile, kind: str, stream_offse
     if data_pages >= PARALLEL_PAGES:
         pieces: list[bytes] = []
         before = 0
-        for r in runs:
-            if r.zero:
+        for block, flags, _, npages, first_page, _ in _RUN_RECORD.iter_unpack(records):
+            if flags & 1:  # a zero run
                 continue
-            for done in range(0, r.npages, _RAM_CHUNK):
-                count = min(_RAM_CHUNK, r.npages - done)
+            for done in range(0, npages, _RAM_CHUNK):
+                count = min(_RAM_CHUNK, npages - done)
                 if before < data_pages // 2:
                     split = len(pieces) + 1
                     before += count
-                pieces.append(_RUN_RECORD.pack(r.block, 0, 0, count, r.first_page + done, 0))
+                pieces.append(_RUN_RECORD.pack(block, 0, 0, count, first_page + done, 0))
         ram_keep = b"".join(pieces)
         ram_records = ffi.from_buffer(ram_keep)
         nram = len(pieces)

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvmm.errors import FormatError
-from pyvmm.migration.container_format import IncrementInfo, PageRun, construct_call, load_spec
+from pyvmm.migration.container_format import (
+    IncrementInfo,
+    IndexRecords,
+    PageRun,
+    construct_call,
+    load_spec,
+)
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,9 @@ def _decode_checksums_fast(data: bytes, increment: int) -> ChecksumBlock | None:
 def check_checksums(info: IncrementInfo, runs: Sequence[PageRun], block: ChecksumBlock) -> None:
     """Raise FormatError unless ``block`` has a CRC for each of ``info``'s data pages and for each
     gap of its stream (data runs + 1)."""
-    check_checksum_counts(info, sum(1 for run in runs if not run.zero), block)
+    data_runs = runs.data_counts()[0] if isinstance(runs, IndexRecords) else \
+        sum(1 for run in runs if not run.zero)
+    check_checksum_counts(info, data_runs, block)
 
 
 def check_checksum_counts(info: IncrementInfo, data_runs: int, block: ChecksumBlock) -> None:

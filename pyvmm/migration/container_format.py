@@ -16,6 +16,7 @@ import array
 import functools
 import importlib.resources
 import importlib.util
+import itertools
 import json
 import struct
 import sys
@@ -451,12 +452,21 @@ class IndexRecords(Sequence[PageRun]):
 
     def pages(self) -> int:
         """Pages the runs list, data and zero."""
-        # each record's be32 npages is its second 4-byte word: picked out and summed without
-        # a Python step per run
+        return sum(self._npages())
+
+    def data_counts(self) -> tuple[int, int]:
+        """``(data runs, data pages)``: the runs and pages that are not zero runs."""
+        flags = self.records[2::_PAGE_INDEX_RUN.size]  # each record's flags byte
+        data = list(itertools.compress(self._npages(), [not f & _RUN_ZERO for f in flags]))
+        return len(data), sum(data)
+
+    def _npages(self) -> array.array[int]:
+        # each record's be32 npages is its second 4-byte word: picked out without a Python
+        # step per run
         words = array.array("I", memoryview(self.records).cast("I")[1::6].tobytes())
         if sys.byteorder == "little":
             words.byteswap()
-        return sum(words)
+        return words
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, IndexRecords):

@@ -281,6 +281,8 @@ def test_index_records_are_the_runs(increment: int, runs: list[PageRun], at: int
             records[at]
     assert encode_page_index(increment, records) == encode_page_index(increment, runs)
     assert records.pages() == sum(run.npages for run in runs)
+    data = [run.npages for run in runs if not run.zero]
+    assert records.data_counts() == (len(data), sum(data))
     assert container_format.IndexRecords(records.records) == records
     with pytest.raises(ValueError, match="24 bytes each"):
         container_format.IndexRecords(records.records + b"\0")
