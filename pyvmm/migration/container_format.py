@@ -405,7 +405,53 @@ def decode_header_body(version: int, sequence: int, body: bytes, *, offset: int)
     return header
 
 
-class IndexRecords(Sequence[PageRun]):
+_Run = TypeVar("_Run")
+
+
+class RunSequence(Sequence[_Run]):
+    """An immutable sequence whose items are made on access by ``_item`` (page runs held in a
+    compact form: an increment of scattered pages has a run per page). Compares equal to any
+    sequence of the same items, as a list would."""
+
+    __slots__ = ()
+
+    def _item(self, index: int) -> _Run:  # 0 <= index < len(self)
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> _Run: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[_Run]: ...
+
+    def __getitem__(self, index: int | slice) -> _Run | list[_Run]:
+        count = len(self)
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(count))]
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError(f"page run {index} of {count}")
+        return self._item(index)
+
+    def __iter__(self) -> Iterator[_Run]:
+        for i in range(len(self)):
+            yield self._item(i)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # compares equal to lists, which do not hash
+
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(tuple(run)) for run in self[:4])  # type: ignore[arg-type]
+        more = f", ... {len(self) - 4} more" if len(self) > 4 else ""
+        return f"{type(self).__name__}([{shown}{more}])"
+
+
+class IndexRecords(RunSequence[PageRun]):
     """Page runs held as the page index stores them: 24-byte big-endian records, one per run.
 
     A save of scattered pages has a run per page; it keeps them in this form from the C code
@@ -429,20 +475,7 @@ class IndexRecords(Sequence[PageRun]):
              data_offset: int) -> PageRun:
         return PageRun(block, first_page, npages, data_offset, bool(flags & _RUN_ZERO))
 
-    @overload
-    def __getitem__(self, index: int) -> PageRun: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[PageRun]: ...
-
-    def __getitem__(self, index: int | slice) -> PageRun | list[PageRun]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        count = len(self)
-        if index < 0:
-            index += count
-        if not 0 <= index < count:
-            raise IndexError(f"page run {index} of {count}")
+    def _item(self, index: int) -> PageRun:
         return self._run(*_PAGE_INDEX_RUN.unpack_from(self.records, index * _PAGE_INDEX_RUN.size))
 
     def __iter__(self) -> Iterator[PageRun]:
@@ -471,16 +504,9 @@ class IndexRecords(Sequence[PageRun]):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, IndexRecords):
             return self.records == other.records
-        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
-            return NotImplemented
-        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return super().__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]  # compares equal to lists, which do not hash
-
-    def __repr__(self) -> str:
-        shown = ", ".join(repr(run) for run in self[:3])
-        more = f", ... {len(self) - 3} more" if len(self) > 3 else ""
-        return f"IndexRecords([{shown}{more}])"
+    __hash__ = None
 
 
 def encode_page_index(increment: int, runs: Sequence[PageRun]) -> bytes:

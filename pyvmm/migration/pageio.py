@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import FormatError, StreamError
+from pyvmm.migration.container_format import RunSequence
 from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
 
 RAM_SAVE_FLAG_ZERO = 0x02
@@ -62,7 +63,7 @@ class PageRun(NamedTuple):
     zero: bool
 
 
-class PageRuns(Sequence[PageRun]):
+class PageRuns(RunSequence[PageRun]):
     """An immutable sequence of :class:`PageRun`, held in a C array that C code reads directly.
 
     Built by :func:`write_page_records`, or from ``(first_page, npages, data_offset, zero)``
@@ -107,25 +108,6 @@ class PageRuns(Sequence[PageRun]):
             int(slot.first_page), int(slot.npages), int(slot.data_offset), bool(slot.zero)
         )
 
-    @overload
-    def __getitem__(self, index: int) -> PageRun: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[PageRun]: ...
-
-    def __getitem__(self, index: int | slice) -> PageRun | list[PageRun]:
-        if isinstance(index, slice):
-            return [self._item(i) for i in range(*index.indices(self._count))]
-        if index < 0:
-            index += self._count
-        if not 0 <= index < self._count:
-            raise IndexError(f"page run {index} of {self._count}")
-        return self._item(index)
-
-    def __iter__(self) -> Iterator[PageRun]:
-        for i in range(self._count):
-            yield self._item(i)
-
     def tuples(self) -> list[tuple[int, int, int, bool]]:
         """Every run as ``(first_page, npages, data_offset, zero)``, read from the C array in
         one pass (an incremental checkpoint of scattered pages has a run per page)."""
@@ -143,18 +125,6 @@ class PageRuns(Sequence[PageRun]):
                              "(block number over 65535 or a run over 2**32 pages)")
         records: bytes = ffi.buffer(out, self._count * _INDEX_RECORD_SIZE)[:]
         return records
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
-            return NotImplemented
-        return len(other) == self._count and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment]  # compares equal to lists, which do not hash
-
-    def __repr__(self) -> str:
-        shown = ", ".join(repr(tuple(run)) for run in self[:4])
-        more = f", ... {self._count - 4} more" if self._count > 4 else ""
-        return f"PageRuns([{shown}{more}])"
 
 
 @dataclass(frozen=True)
