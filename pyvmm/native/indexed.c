@@ -497,7 +497,8 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
  * at a time, and through every increment (newest first) inside it, fills each huge page while
  * it is still cached: 5-9 % less time for a 16-increment chain of 1 GiB with scattered writes
  * (the rest of its gap to the squashed file is the kernel's cost per read call, ~1.9 us
- * whether by preadv or io_uring, and the sieved bytes that save calls). This needs each
+ * whether by preadv or io_uring, and the sieved bytes that save calls: taken off the critical
+ * path by reading the oldest increment on a second thread, see struct oldest below). This needs each
  * increment's records in RAM order (blocks in index order, runs ascending, not overlapping),
  * as pyvmm writes them; a chain with an increment that is not is read increment by increment. */
 
@@ -552,12 +553,36 @@ struct chain_read {
     pyvmm_u64 covered; /* pages of RAM done, over all blocks */
     pyvmm_u64 pages_read;
     struct batch *b;
+    struct oldest *oldest; /* NULL: this thread reads increment 0 too */
 };
+
+/* The oldest increment (a full one: most of RAM, in long runs) read window by window on a
+ * thread of its own, one window behind the newer increments: once these have claimed their
+ * pages of a window, the window is handed over, and what is left of it is increment 0's to
+ * read while this thread goes on to the newer increments' scattered pages of the next window.
+ * Windows are whole bitmap words apart (WINDOW_PAGES is a multiple of 64), so the two threads
+ * never write the same word of a claimed bitmap, and never the same RAM. */
+struct oldest {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, idle;
+    int queued, busy, stop, rc;
+    unsigned block;
+    pyvmm_u64 w0, w1;
+    pyvmm_u64 cursor;     /* increment 0's first record not wholly done, this thread's own */
+    pyvmm_u64 pages_read;
+    struct batch *b;
+    struct pyvmm_page_read_error err;
+    struct chain_read *h;
+};
+static struct oldest *oldest_new(struct chain_read *h);
+static void oldest_free(struct oldest *o);
 
 void pyvmm_chain_read_free(void *handle) {
     struct chain_read *h = handle;
     if (h == NULL)
         return;
+    oldest_free(h->oldest); /* first: it reads through the arrays below */
     batch_free(h->b);
     free(h->incs);
     free(h->cursor);
@@ -595,16 +620,19 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     memcpy(h->bases, bases, nblocks * sizeof *bases);
     memcpy(h->block_pages, block_pages, nblocks * sizeof *block_pages);
     memcpy(h->claimed, claimed, nblocks * sizeof *claimed);
+    if (options->oldest_thread && options->crcs == NULL && nincs >= 2)
+        h->oldest = oldest_new(h); /* none to be had: this thread reads increment 0 too */
     return h;
 }
 
 /* Increment k's records inside pages [w0, w1) of `block`: claimed, and the pages no newer
- * increment holds queued to be read (zero runs: checked against the CRCs). */
-static int window_increment(struct chain_read *h, unsigned k, unsigned block, pyvmm_u64 w0,
-                            pyvmm_u64 w1, struct pyvmm_page_read_error *err) {
+ * increment holds read into b (zero runs: checked against the CRCs); *cursor moves on. */
+static int window_records(struct chain_read *h, unsigned k, pyvmm_u64 *cursor, struct batch *b,
+                          pyvmm_u64 *pages_read, unsigned block, pyvmm_u64 w0, pyvmm_u64 w1,
+                          struct pyvmm_page_read_error *err) {
     const struct pyvmm_chain_increment *inc = &h->incs[k];
-    pyvmm_u64 i = h->cursor[k];
-    h->b->tag = k;
+    pyvmm_u64 i = *cursor;
+    b->tag = k;
     for (; i < inc->nrecords; i++) {
         const struct pyvmm_index_record rec =
             pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
@@ -613,15 +641,126 @@ static int window_increment(struct chain_read *h, unsigned k, unsigned block, py
         const pyvmm_u64 end = rec.first + rec.npages;
         const pyvmm_u64 from = rec.first > w0 ? rec.first : w0, to = end < w1 ? end : w1;
         err->run = i;
-        int rc = claim_pages(h->fd, h->b, h->claimed[block], block, h->bases[block], &rec, from,
-                             to, &h->options, h->page_size, &h->pages_read, err);
+        int rc = claim_pages(h->fd, b, h->claimed[block], block, h->bases[block], &rec, from,
+                             to, &h->options, h->page_size, pages_read, err);
         if (rc)
             return rc;
         if (end > w1)
             break; /* the rest of the run is in the next window */
     }
-    h->cursor[k] = i;
-    return batch_flush(h->fd, h->b, err);
+    *cursor = i;
+    return batch_flush(h->fd, b, err);
+}
+
+static void *oldest_main(void *arg) {
+    struct oldest *o = arg;
+    pthread_mutex_lock(&o->lock);
+    for (;;) {
+        while (!o->queued && !o->stop)
+            pthread_cond_wait(&o->wake, &o->lock);
+        if (!o->queued)
+            break;
+        o->queued = 0;
+        o->busy = 1;
+        pthread_mutex_unlock(&o->lock);
+        struct pyvmm_page_read_error err = {0};
+        int rc = window_records(o->h, 0, &o->cursor, o->b, &o->pages_read, o->block, o->w0,
+                                o->w1, &err);
+        pthread_mutex_lock(&o->lock);
+        if (rc && !o->rc) {
+            o->rc = rc;
+            o->err = err;
+        }
+        o->busy = 0;
+        pthread_cond_signal(&o->idle);
+    }
+    pthread_mutex_unlock(&o->lock);
+    return NULL;
+}
+
+/* Waits until the worker has nothing queued or running (lock held); its first error. */
+static int oldest_wait(struct oldest *o, struct pyvmm_page_read_error *err) {
+    while (o->queued || o->busy)
+        pthread_cond_wait(&o->idle, &o->lock);
+    if (o->rc)
+        *err = o->err;
+    return o->rc;
+}
+
+/* Hands window [w0, w1) of `block` to the worker once it is free; 0, or an error it met. */
+static int oldest_post(struct oldest *o, unsigned block, pyvmm_u64 w0, pyvmm_u64 w1,
+                       struct pyvmm_page_read_error *err) {
+    pthread_mutex_lock(&o->lock);
+    int rc = oldest_wait(o, err);
+    if (!rc) {
+        o->block = block;
+        o->w0 = w0;
+        o->w1 = w1;
+        o->queued = 1;
+        pthread_cond_signal(&o->wake);
+    }
+    pthread_mutex_unlock(&o->lock);
+    return rc;
+}
+
+static int oldest_drain(struct oldest *o, struct pyvmm_page_read_error *err) {
+    pthread_mutex_lock(&o->lock);
+    int rc = oldest_wait(o, err);
+    pthread_mutex_unlock(&o->lock);
+    return rc;
+}
+
+static void oldest_free(struct oldest *o) {
+    if (o == NULL)
+        return;
+    pthread_mutex_lock(&o->lock);
+    o->stop = 1;
+    pthread_cond_signal(&o->wake);
+    pthread_mutex_unlock(&o->lock);
+    pthread_join(o->thread, NULL);
+    pthread_cond_destroy(&o->idle);
+    pthread_cond_destroy(&o->wake);
+    pthread_mutex_destroy(&o->lock);
+    batch_free(o->b);
+    free(o);
+}
+
+/* NULL when no thread or batch can be had: then one thread reads all. */
+static struct oldest *oldest_new(struct chain_read *h) {
+    struct oldest *o = calloc(1, sizeof *o);
+    if (o == NULL)
+        return NULL;
+    o->h = h;
+    if ((o->b = batch_new(&h->options, h->page_size)) == NULL) {
+        free(o);
+        return NULL;
+    }
+    pthread_mutex_init(&o->lock, NULL);
+    pthread_cond_init(&o->wake, NULL);
+    pthread_cond_init(&o->idle, NULL);
+    if (pthread_create(&o->thread, NULL, oldest_main, o)) {
+        pthread_cond_destroy(&o->idle);
+        pthread_cond_destroy(&o->wake);
+        pthread_mutex_destroy(&o->lock);
+        batch_free(o->b);
+        free(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* Increment 0's cursor as the worker will leave it after window [w0, w1) of `block` (this
+ * thread finds the next window with it, without reading). */
+static void skip_records(struct chain_read *h, unsigned block, pyvmm_u64 w1) {
+    const struct pyvmm_chain_increment *inc = &h->incs[0];
+    pyvmm_u64 i = h->cursor[0];
+    for (; i < inc->nrecords; i++) {
+        const struct pyvmm_index_record rec =
+            pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
+        if (rec.block != block || rec.first >= w1 || rec.first + rec.npages > w1)
+            break;
+    }
+    h->cursor[0] = i;
 }
 
 int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_progress *out,
@@ -658,19 +797,34 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
         pyvmm_u64 w1 = (next / WINDOW_PAGES + 1) * WINDOW_PAGES;
         if (w1 > bpages)
             w1 = bpages;
-        for (unsigned k = h->nincs; k-- > 0;) {
-            int rc = window_increment(h, k, block, w0, w1, err);
+        const unsigned last = h->oldest != NULL ? 1 : 0; /* increment 0: the worker's */
+        for (unsigned k = h->nincs; k-- > last;) {
+            int rc = window_records(h, k, &h->cursor[k], h->b, &h->pages_read, block, w0, w1,
+                                    err);
             if (rc) {
                 out->failed = rc == PYVMM_CLAIM_BAD_CRC ? h->b->err_tag : k;
                 return rc;
             }
+        }
+        if (h->oldest != NULL) {
+            int rc = oldest_post(h->oldest, block, w0, w1, err);
+            if (rc) {
+                out->failed = 0;
+                return rc;
+            }
+            skip_records(h, block, w1);
         }
         covered += w1 - h->page;
         h->page = w1;
     }
     h->covered += covered;
     if (h->block >= h->nblocks) {
-        int rc = batch_finish(h->b, err);
+        int rc = h->oldest != NULL ? oldest_drain(h->oldest, err) : 0;
+        if (rc) {
+            out->failed = 0;
+            return rc;
+        }
+        rc = batch_finish(h->b, err);
         if (rc) {
             out->failed = h->b->err_tag;
             return rc;
@@ -681,5 +835,12 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
     out->pages_read = h->pages_read;
     out->reads = h->b->preads;
     out->sieved_bytes = h->b->sieved;
+    if (h->oldest != NULL) { /* the worker's share, as of its last finished window */
+        pthread_mutex_lock(&h->oldest->lock);
+        out->pages_read += h->oldest->pages_read;
+        out->reads += h->oldest->b->preads;
+        out->sieved_bytes += h->oldest->b->sieved;
+        pthread_mutex_unlock(&h->oldest->lock);
+    }
     return 0;
 }

@@ -180,8 +180,11 @@ def test_window_by_window_reads_what_increment_by_increment_reads(
     states = build_chain(path, 2, steps, checksum=checksum)
     windowed = window_reader_calls(monkeypatch)
     reports = {}
-    for by_window in (True, False):
+    # by window with the oldest increment on a thread of its own (not with checksums), by
+    # window on one thread, and increment by increment
+    for by_window, oldest in ((True, 1), (True, 0), (False, 1)):
         monkeypatch.setattr(reload_module, "_WINDOWED", by_window)
+        monkeypatch.setattr(reload_module, "_OLDEST_THREAD", oldest)
         for sieve in (0, 2):
             seen: list[tuple[int, int]] = []
             machine, report = reload_file(str(path), sieve_pages=sieve,
@@ -191,11 +194,14 @@ def test_window_by_window_reads_what_increment_by_increment_reads(
             assert report.checksums_verified == checksum
             assert [d for d, _ in seen] == sorted(d for d, _ in seen)
             assert seen[-1][0] == seen[-1][1]
-            reports[by_window, sieve] = report
-    assert windowed == [True, True]  # the increment-by-increment runs never asked for it
+            reports[by_window, oldest, sieve] = report
+    assert windowed == [True] * 4  # the increment-by-increment runs never asked for it
     for sieve in (0, 2):
-        assert reports[True, sieve].pages_read == reports[False, sieve].pages_read
-    assert reports[True, 0].sieved_bytes == 0 < reports[True, 2].sieved_bytes
+        assert reports[True, 1, sieve].pages_read == reports[False, 1, sieve].pages_read
+        one, two = reports[True, 0, sieve], reports[True, 1, sieve]
+        assert (one.pages_read, one.reads, one.sieved_bytes) == \
+            (two.pages_read, two.reads, two.sieved_bytes)
+    assert reports[True, 1, 0].sieved_bytes == 0 < reports[True, 1, 2].sieved_bytes
 
 
 def test_an_index_out_of_ram_order_is_read_increment_by_increment(tmp_path: Path,
@@ -324,16 +330,23 @@ def increments_of(path: Path) -> list[str]:
         return [i.kind for i in container.header.increments]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_a_wrong_record_header_between_batched_pages_is_named(tmp_path: Path,
-                                                              strategy: str) -> None:
+@pytest.mark.parametrize("strategy, oldest_thread",
+                         [(s, 1) for s in STRATEGIES] + [("indexed", 0)])
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_wrong_record_header_between_batched_pages_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, oldest_thread: int,
+        victim: int) -> None:
     """Pages next to each other in the file are read by one preadv; the record headers between
     them are still compared with what the writer puts there (by the indexed reload's claim, or
-    by the stream parser's run reads, which hand the run back to Python to name the page)."""
+    by the stream parser's run reads, which hand the run back to Python to name the page), in
+    the full increment (which the indexed reload reads on a second thread) and in a newer one
+    (read while that thread works on a window of the full one)."""
+    monkeypatch.setattr(reload_module, "_OLDEST_THREAD", oldest_thread)
     path = tmp_path / "c.bin"
-    build_chain(path, 0, [(1000, [(p, 5) for p in range(1600, 1610)]), (1000, [(1500, 3)])])
+    build_chain(path, 0, [(1000, [(p, 5) for p in range(1600, 1610)]),
+                          (1000, [(p, 3) for p in range(1500, 1505)])])
     with CheckpointFile.open(path) as container:
-        run = next(r for r in container.page_index(0) if not r.zero and r.npages >= 3)
+        run = next(r for r in container.page_index(victim) if not r.zero and r.npages >= 3)
     with open(path, "r+b") as handle:
         handle.seek(run.data_offset + 2 * 4104 - 8)  # the header of the run's third page
         handle.write(b"\xff" * 8)
@@ -342,4 +355,4 @@ def test_a_wrong_record_header_between_batched_pages_is_named(tmp_path: Path,
         strategy, f"record header of page {page} is 0xffffffffffffffff")
     with pytest.raises(FormatError, match=named) as err:
         reload_file(str(path), strategy=strategy)
-    assert err.value.increment == 0
+    assert err.value.increment == victim
