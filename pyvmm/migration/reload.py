@@ -387,9 +387,10 @@ _WINDOWED = True
 #: With checksums, a second thread checks the CRCs of a batch of pages while the next is read
 #: (indexed.c's struct pyvmm_claim_options: 1; 2 waits for it, 0 checks on the reading thread).
 _CHECK_THREAD = 1
-#: Without checksums, the window-by-window reader reads the oldest increment's pages of each
-#: window on a second thread while this one reads the newer increments' scattered pages of the
-#: next window (indexed.c's pyvmm_claim_options.oldest_thread; 0: one thread reads all).
+#: The window-by-window reader reads the oldest increment's pages of each window on a second
+#: thread while this one reads the newer increments' scattered pages of the next window, each
+#: thread checking the CRCs of its own pages (indexed.c's pyvmm_claim_options.oldest_thread,
+#: which then overrides _CHECK_THREAD for chains; 0: one thread reads all).
 _OLDEST_THREAD = 1
 _RECORD = 24  # bytes of one page index record
 _WINDOW_STEP_PAGES = 16384  # RAM pages per C call of the chain reader (64 MiB): progress between

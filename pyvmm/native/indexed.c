@@ -561,7 +561,8 @@ struct chain_read {
  * pages of a window, the window is handed over, and what is left of it is increment 0's to
  * read while this thread goes on to the newer increments' scattered pages of the next window.
  * Windows are whole bitmap words apart (WINDOW_PAGES is a multiple of 64), so the two threads
- * never write the same word of a claimed bitmap, and never the same RAM. */
+ * never write the same word of a claimed bitmap, and never the same RAM. With CRCs each thread
+ * checks the pages it reads (a CRC error there names increment 0, as any error it meets). */
 struct oldest {
     pthread_t thread;
     pthread_mutex_t lock;
@@ -606,12 +607,17 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     h->nblocks = nblocks;
     h->page_size = page_size;
     h->options = *options;
+    /* with the oldest increment on a thread of its own, each thread checks the CRCs of the
+     * pages it reads (the second core is taken): no checker thread */
+    const int pipeline = options->oldest_thread && nincs >= 2;
+    if (pipeline)
+        h->options.check_thread = 0;
     h->incs = malloc((nincs ? nincs : 1) * sizeof *h->incs);
     h->cursor = calloc(nincs ? nincs : 1, sizeof *h->cursor);
     h->bases = malloc((nblocks ? nblocks : 1) * sizeof *h->bases);
     h->block_pages = malloc((nblocks ? nblocks : 1) * sizeof *h->block_pages);
     h->claimed = malloc((nblocks ? nblocks : 1) * sizeof *h->claimed);
-    h->b = batch_new(options, page_size);
+    h->b = batch_new(&h->options, page_size);
     if (!h->incs || !h->cursor || !h->bases || !h->block_pages || !h->claimed || !h->b) {
         pyvmm_chain_read_free(h);
         return NULL;
@@ -620,7 +626,7 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     memcpy(h->bases, bases, nblocks * sizeof *bases);
     memcpy(h->block_pages, block_pages, nblocks * sizeof *block_pages);
     memcpy(h->claimed, claimed, nblocks * sizeof *claimed);
-    if (options->oldest_thread && options->crcs == NULL && nincs >= 2)
+    if (pipeline)
         h->oldest = oldest_new(h); /* none to be had: this thread reads increment 0 too */
     return h;
 }

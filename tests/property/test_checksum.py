@@ -380,18 +380,25 @@ def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Pa
                 assert kind == "page data" and state(copy) == chain.states[k - 1]
 
 
-CHECK_THREAD = pytest.mark.parametrize("check_thread", [1, 2, 0],
-                                      ids=["checker thread", "checker thread only",
-                                           "reading thread"])
+CHECK_THREAD = pytest.mark.parametrize(
+    "check_thread", [(1, 0), (2, 0), (0, 0), (1, 1)],
+    ids=["checker thread", "checker thread only", "reading thread", "two reading threads"])
+
+
+def check_in(monkeypatch: pytest.MonkeyPatch, check_thread: tuple[int, int]) -> None:
+    """Where an indexed reload checks page CRCs: (_CHECK_THREAD, _OLDEST_THREAD); with the
+    oldest increment of a chain on a thread of its own, each reading thread checks its pages."""
+    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread[0])
+    monkeypatch.setattr(reload_module, "_OLDEST_THREAD", check_thread[1])
 
 
 @CHECK_THREAD
 def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
-                                                             check_thread: int) -> None:
+                                                             check_thread: tuple[int, int]) -> None:
     """A page that ends up in the reloaded RAM, damaged: ChecksumError naming its increment,
     block, page and GPA; the machine is closed, never returned."""
-    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread)
+    check_in(monkeypatch, check_thread)
     with CheckpointFile.open(chain.path) as container:
         runs = container.page_index(2)
         layout = container.header.ram_blocks
@@ -429,12 +436,12 @@ def host_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @CHECK_THREAD
 @pytest.mark.parametrize("increment, page", [(0, 100), (0, 2500), (1, 600)])
 def test_damage_in_an_older_increment_is_named_by_the_indexed_reload(
-        host_chain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check_thread: int,
+        host_chain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check_thread: tuple[int, int],
         increment: int, page: int) -> None:
     """A damaged page of an older increment, which only the indexed reload's page checks see
     (its stream is not parsed): the error names that increment, also when the checker thread
     finds it while the reading thread has gone on to pages of other increments."""
-    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread)
+    check_in(monkeypatch, check_thread)
     with CheckpointFile.open(host_chain) as container:
         layout = container.header.ram_blocks
         run = next(r for r in container.page_index(increment) if not r.zero and
@@ -486,11 +493,11 @@ def test_a_running_guests_live_chain_is_read_window_by_window(
 def test_indexed_reload_checks_each_page_as_it_reads_it(chain: Chain, which: str,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path,
-                                                        check_thread: int) -> None:
+                                                        check_thread: tuple[int, int]) -> None:
     """The indexed reload compares every page it reads (and every page it leaves zero) with
     the checksum table instead of a second pass over RAM: a table that disagrees with one page
     fails the reload naming that page, as the RAM pass of the other strategies does."""
-    monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread)
+    check_in(monkeypatch, check_thread)
     path = chain.path
     if which == "never saved":  # a machine that never touched most of its RAM
         path = tmp_path / "sparse.chpt"
