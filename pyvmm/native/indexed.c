@@ -571,8 +571,9 @@ struct oldest {
     unsigned block;
     pyvmm_u64 w0, w1;
     pyvmm_u64 cursor;     /* increment 0's first record not wholly done, this thread's own */
-    pyvmm_u64 pages_read;
+    pyvmm_u64 pages_read; /* this thread's own, as is b */
     struct batch *b;
+    pyvmm_u64 done_pages_read, done_reads, done_sieved; /* as of the last window (lock) */
     struct pyvmm_page_read_error err;
     struct chain_read *h;
 };
@@ -677,6 +678,9 @@ static void *oldest_main(void *arg) {
             o->rc = rc;
             o->err = err;
         }
+        o->done_pages_read = o->pages_read;
+        o->done_reads = o->b->preads;
+        o->done_sieved = o->b->sieved;
         o->busy = 0;
         pthread_cond_signal(&o->idle);
     }
@@ -843,9 +847,9 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
     out->sieved_bytes = h->b->sieved;
     if (h->oldest != NULL) { /* the worker's share, as of its last finished window */
         pthread_mutex_lock(&h->oldest->lock);
-        out->pages_read += h->oldest->pages_read;
-        out->reads += h->oldest->b->preads;
-        out->sieved_bytes += h->oldest->b->sieved;
+        out->pages_read += h->oldest->done_pages_read;
+        out->reads += h->oldest->done_reads;
+        out->sieved_bytes += h->oldest->done_sieved;
         pthread_mutex_unlock(&h->oldest->lock);
     }
     return 0;
