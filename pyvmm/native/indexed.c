@@ -72,15 +72,46 @@ static int check_job(const void *const *dst, const unsigned *block, const pyvmm_
     return 0;
 }
 
+/* A helper thread's lifetime: started with its lock and two condition variables (`wake` for
+ * it, `done` for whoever waits on it); stopped by setting `stop`, waking it, and joining it. */
+struct helper {
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    int stop;
+};
+
+static int helper_start(struct helper *t, void *(*run)(void *), void *arg) {
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_cond_init(&t->wake, NULL);
+    pthread_cond_init(&t->done, NULL);
+    t->stop = 0;
+    if (pthread_create(&t->thread, NULL, run, arg) == 0)
+        return 0;
+    pthread_cond_destroy(&t->done);
+    pthread_cond_destroy(&t->wake);
+    pthread_mutex_destroy(&t->lock);
+    return -1;
+}
+
+static void helper_stop(struct helper *t) {
+    pthread_mutex_lock(&t->lock);
+    t->stop = 1;
+    pthread_cond_signal(&t->wake);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->thread, NULL);
+    pthread_cond_destroy(&t->done);
+    pthread_cond_destroy(&t->wake);
+    pthread_mutex_destroy(&t->lock);
+}
+
 /* A second thread that checks a batch's CRCs while the next batch is read. One job at a time:
  * a batch read while the checker is still busy is checked by the reading thread itself, so a
  * checker kept off its core by other load never holds the reading back. */
 enum { JOB_IDLE, JOB_QUEUED, JOB_RUNNING, JOB_DONE };
 struct checker {
-    pthread_t thread;
-    pthread_mutex_t lock;
-    pthread_cond_t wake, done;
-    int state, stop, rc;
+    struct helper t;
+    int state, rc;
     int always;   /* a busy checker is waited for (tests): every batch is checked there */
     unsigned tag; /* the job's batch tag */
     struct pyvmm_page_read_error err;
@@ -101,25 +132,25 @@ static int run_job(struct checker *c) {
 /* The queued job, run by this thread (lock held on entry and on return, not while running). */
 static void take_and_run(struct checker *c) {
     c->state = JOB_RUNNING;
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->t.lock);
     int rc = run_job(c);
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->t.lock);
     c->rc = rc;
     c->state = JOB_DONE;
-    pthread_cond_signal(&c->done);
+    pthread_cond_signal(&c->t.done);
 }
 
 static void *checker_main(void *arg) {
     struct checker *c = arg;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->t.lock);
     for (;;) {
-        while (c->state != JOB_QUEUED && !c->stop)
-            pthread_cond_wait(&c->wake, &c->lock);
+        while (c->state != JOB_QUEUED && !c->t.stop)
+            pthread_cond_wait(&c->t.wake, &c->t.lock);
         if (c->state != JOB_QUEUED)
             break;
         take_and_run(c);
     }
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->t.lock);
     return NULL;
 }
 
@@ -143,13 +174,7 @@ static struct checker *checker_new(const unsigned int *const *crcs, pyvmm_u64 pa
     c->always = always;
     c->crcs = crcs;
     c->page_size = page_size;
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->wake, NULL);
-    pthread_cond_init(&c->done, NULL);
-    if (pthread_create(&c->thread, NULL, checker_main, c)) {
-        pthread_cond_destroy(&c->done);
-        pthread_cond_destroy(&c->wake);
-        pthread_mutex_destroy(&c->lock);
+    if (helper_start(&c->t, checker_main, c)) {
         free(c);
         return NULL;
     }
@@ -160,28 +185,21 @@ static struct checker *checker_new(const unsigned int *const *crcs, pyvmm_u64 pa
  * error. */
 static int checker_drain(struct checker *c, struct pyvmm_page_read_error *err, unsigned *tag) {
     int rc = 0;
-    pthread_mutex_lock(&c->lock);
+    pthread_mutex_lock(&c->t.lock);
     if (c->state == JOB_QUEUED)
         take_and_run(c);
     while (c->state == JOB_RUNNING)
-        pthread_cond_wait(&c->done, &c->lock);
+        pthread_cond_wait(&c->t.done, &c->t.lock);
     if (c->state == JOB_DONE)
         rc = take_result(c, err, tag);
-    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->t.lock);
     return rc;
 }
 
 static void checker_free(struct checker *c) {
     if (c == NULL)
         return;
-    pthread_mutex_lock(&c->lock);
-    c->stop = 1;
-    pthread_cond_signal(&c->wake);
-    pthread_mutex_unlock(&c->lock);
-    pthread_join(c->thread, NULL);
-    pthread_cond_destroy(&c->done);
-    pthread_cond_destroy(&c->wake);
-    pthread_mutex_destroy(&c->lock);
+    helper_stop(&c->t);
     free(c);
 }
 
@@ -193,7 +211,7 @@ static int check_pages(struct batch *b, struct pyvmm_page_read_error *err) {
     struct checker *c = b->checker;
     if (c != NULL && (b->npages >= HANDOFF_PAGES || c->always)) {
         int rc = 0, queued = 0;
-        pthread_mutex_lock(&c->lock);
+        pthread_mutex_lock(&c->t.lock);
         for (;;) {
             if (c->state == JOB_DONE && (rc = take_result(c, err, &b->err_tag)) != 0)
                 break;
@@ -206,15 +224,15 @@ static int check_pages(struct batch *b, struct pyvmm_page_read_error *err) {
                 c->npages = n;
                 c->tag = b->tag;
                 c->state = JOB_QUEUED;
-                pthread_cond_signal(&c->wake);
+                pthread_cond_signal(&c->t.wake);
                 queued = 1;
                 break;
             }
             if (!c->always)
                 break; /* busy: this batch is checked here */
-            pthread_cond_wait(&c->done, &c->lock);
+            pthread_cond_wait(&c->t.done, &c->t.lock);
         }
-        pthread_mutex_unlock(&c->lock);
+        pthread_mutex_unlock(&c->t.lock);
         if (rc || queued)
             return rc;
     }
@@ -564,10 +582,8 @@ struct chain_read {
  * never write the same word of a claimed bitmap, and never the same RAM. With CRCs each thread
  * checks the pages it reads (a CRC error there names increment 0, as any error it meets). */
 struct oldest {
-    pthread_t thread;
-    pthread_mutex_t lock;
-    pthread_cond_t wake, idle;
-    int queued, busy, stop, rc;
+    struct helper t;
+    int queued, busy, rc;
     unsigned block;
     pyvmm_u64 w0, w1;
     pyvmm_u64 cursor;     /* increment 0's first record not wholly done, this thread's own */
@@ -661,19 +677,19 @@ static int window_records(struct chain_read *h, unsigned k, pyvmm_u64 *cursor, s
 
 static void *oldest_main(void *arg) {
     struct oldest *o = arg;
-    pthread_mutex_lock(&o->lock);
+    pthread_mutex_lock(&o->t.lock);
     for (;;) {
-        while (!o->queued && !o->stop)
-            pthread_cond_wait(&o->wake, &o->lock);
+        while (!o->queued && !o->t.stop)
+            pthread_cond_wait(&o->t.wake, &o->t.lock);
         if (!o->queued)
             break;
         o->queued = 0;
         o->busy = 1;
-        pthread_mutex_unlock(&o->lock);
+        pthread_mutex_unlock(&o->t.lock);
         struct pyvmm_page_read_error err = {0};
         int rc = window_records(o->h, 0, &o->cursor, o->b, &o->pages_read, o->block, o->w0,
                                 o->w1, &err);
-        pthread_mutex_lock(&o->lock);
+        pthread_mutex_lock(&o->t.lock);
         if (rc && !o->rc) {
             o->rc = rc;
             o->err = err;
@@ -682,16 +698,16 @@ static void *oldest_main(void *arg) {
         o->done_reads = o->b->preads;
         o->done_sieved = o->b->sieved;
         o->busy = 0;
-        pthread_cond_signal(&o->idle);
+        pthread_cond_signal(&o->t.done);
     }
-    pthread_mutex_unlock(&o->lock);
+    pthread_mutex_unlock(&o->t.lock);
     return NULL;
 }
 
 /* Waits until the worker has nothing queued or running (lock held); its first error. */
 static int oldest_wait(struct oldest *o, struct pyvmm_page_read_error *err) {
     while (o->queued || o->busy)
-        pthread_cond_wait(&o->idle, &o->lock);
+        pthread_cond_wait(&o->t.done, &o->t.lock);
     if (o->rc)
         *err = o->err;
     return o->rc;
@@ -700,37 +716,30 @@ static int oldest_wait(struct oldest *o, struct pyvmm_page_read_error *err) {
 /* Hands window [w0, w1) of `block` to the worker once it is free; 0, or an error it met. */
 static int oldest_post(struct oldest *o, unsigned block, pyvmm_u64 w0, pyvmm_u64 w1,
                        struct pyvmm_page_read_error *err) {
-    pthread_mutex_lock(&o->lock);
+    pthread_mutex_lock(&o->t.lock);
     int rc = oldest_wait(o, err);
     if (!rc) {
         o->block = block;
         o->w0 = w0;
         o->w1 = w1;
         o->queued = 1;
-        pthread_cond_signal(&o->wake);
+        pthread_cond_signal(&o->t.wake);
     }
-    pthread_mutex_unlock(&o->lock);
+    pthread_mutex_unlock(&o->t.lock);
     return rc;
 }
 
 static int oldest_drain(struct oldest *o, struct pyvmm_page_read_error *err) {
-    pthread_mutex_lock(&o->lock);
+    pthread_mutex_lock(&o->t.lock);
     int rc = oldest_wait(o, err);
-    pthread_mutex_unlock(&o->lock);
+    pthread_mutex_unlock(&o->t.lock);
     return rc;
 }
 
 static void oldest_free(struct oldest *o) {
     if (o == NULL)
         return;
-    pthread_mutex_lock(&o->lock);
-    o->stop = 1;
-    pthread_cond_signal(&o->wake);
-    pthread_mutex_unlock(&o->lock);
-    pthread_join(o->thread, NULL);
-    pthread_cond_destroy(&o->idle);
-    pthread_cond_destroy(&o->wake);
-    pthread_mutex_destroy(&o->lock);
+    helper_stop(&o->t);
     batch_free(o->b);
     free(o);
 }
@@ -745,13 +754,7 @@ static struct oldest *oldest_new(struct chain_read *h) {
         free(o);
         return NULL;
     }
-    pthread_mutex_init(&o->lock, NULL);
-    pthread_cond_init(&o->wake, NULL);
-    pthread_cond_init(&o->idle, NULL);
-    if (pthread_create(&o->thread, NULL, oldest_main, o)) {
-        pthread_cond_destroy(&o->idle);
-        pthread_cond_destroy(&o->wake);
-        pthread_mutex_destroy(&o->lock);
+    if (helper_start(&o->t, oldest_main, o)) {
         batch_free(o->b);
         free(o);
         return NULL;
@@ -846,11 +849,11 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
     out->reads = h->b->preads;
     out->sieved_bytes = h->b->sieved;
     if (h->oldest != NULL) { /* the worker's share, as of its last finished window */
-        pthread_mutex_lock(&h->oldest->lock);
+        pthread_mutex_lock(&h->oldest->t.lock);
         out->pages_read += h->oldest->done_pages_read;
         out->reads += h->oldest->done_reads;
         out->sieved_bytes += h->oldest->done_sieved;
-        pthread_mutex_unlock(&h->oldest->lock);
+        pthread_mutex_unlock(&h->oldest->t.lock);
     }
     return 0;
 }
