@@ -10,9 +10,9 @@ Then:
            squashed file with the same strategy, interleaved, best (median) of ``--repeat``;
            each machine is closed before the next reload. Nothing is dropped from the page cache:
            both files are read warm, so the ratio compares CPU-side cost (page index decode,
-           claiming, preadv, stream parsing), not the disk. The indexed reload of a chain reads
-           its oldest increment on a second thread (reload._OLDEST_THREAD); a single squashed
-           increment is read by one: with one core free, the chain can come out ahead.
+           claiming, preadv, stream parsing), not the disk. The indexed reload reads every other
+           window of RAM on a second thread (reload._SECOND_READER), the chain's and the squashed
+           file's alike.
 With ``--guest PATTERN`` the increments are written by the built-in workload guest instead of
 the host: RAM above the guest's first MiB is filled as above, then the workload runs with that
 pattern over the filled pages (``hotcold``: 90 % of its 64-byte touches in a hot 10 %; ``random``;

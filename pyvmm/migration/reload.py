@@ -257,7 +257,7 @@ class _Loader:
             bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
         options = ffi.new("struct pyvmm_claim_options *")
         options.sieve_pages = self.sieve_pages
-        options.oldest_thread = _OLDEST_THREAD
+        options.second_reader = _SECOND_READER
         expected = self.expected
         if expected is not None:
             tables = [ffi.from_buffer("unsigned int[]", t) for t in expected.blocks]
@@ -387,11 +387,11 @@ _WINDOWED = True
 #: With checksums, a second thread checks the CRCs of a batch of pages while the next is read
 #: (indexed.c's struct pyvmm_claim_options: 1; 2 waits for it, 0 checks on the reading thread).
 _CHECK_THREAD = 1
-#: The window-by-window reader reads the oldest increment's pages of each window on a second
-#: thread while this one reads the newer increments' scattered pages of the next window, each
-#: thread checking the CRCs of its own pages (indexed.c's pyvmm_claim_options.oldest_thread,
-#: which then overrides _CHECK_THREAD for chains; 0: one thread reads all).
-_OLDEST_THREAD = 1
+#: The window-by-window reader hands every other window to a second thread, which reads all the
+#: increments' pages of it (and checks their CRCs): the kernel's zeroing and copying, most of a
+#: reload, then use two cores (indexed.c's pyvmm_claim_options.second_reader, which overrides
+#: _CHECK_THREAD; 0: one thread reads all).
+_SECOND_READER = 1
 _RECORD = 24  # bytes of one page index record
 _WINDOW_STEP_PAGES = 16384  # RAM pages per C call of the chain reader (64 MiB): progress between
 

@@ -515,8 +515,8 @@ static int claim_read(int fd, const unsigned char *records, pyvmm_u64 nrecords,
  * at a time, and through every increment (newest first) inside it, fills each huge page while
  * it is still cached: 5-9 % less time for a 16-increment chain of 1 GiB with scattered writes
  * (the rest of its gap to the squashed file is the kernel's cost per read call, ~1.9 us
- * whether by preadv or io_uring, and the sieved bytes that save calls: taken off the critical
- * path by reading the oldest increment on a second thread, see struct oldest below). This needs each
+ * whether by preadv or io_uring, and the sieved bytes that save calls). Every other window is
+ * read on a second thread (struct second_reader below). This needs each
  * increment's records in RAM order (blocks in index order, runs ascending, not overlapping),
  * as pyvmm writes them; a chain with an increment that is not is read increment by increment. */
 
@@ -571,36 +571,39 @@ struct chain_read {
     pyvmm_u64 covered; /* pages of RAM done, over all blocks */
     pyvmm_u64 pages_read;
     struct batch *b;
-    struct oldest *oldest; /* NULL: this thread reads increment 0 too */
+    struct second_reader *second; /* NULL: this thread reads every window */
+    int turn;                     /* the next window is the second reader's */
 };
 
-/* The oldest increment (a full one: most of RAM, in long runs) read window by window on a
- * thread of its own, one window behind the newer increments: once these have claimed their
- * pages of a window, the window is handed over, and what is left of it is increment 0's to
- * read while this thread goes on to the newer increments' scattered pages of the next window.
- * Windows are whole bitmap words apart (WINDOW_PAGES is a multiple of 64), so the two threads
- * never write the same word of a claimed bitmap, and never the same RAM. With CRCs each thread
- * checks the pages it reads (a CRC error there names increment 0, as any error it meets). */
-struct oldest {
+/* Every other window read on a second thread: windows are independent of each other (each
+ * increment's claims in a window only concern that window's pages), so each thread takes all
+ * the increments of its windows, newest first, with cursors of its own. The kernel's zeroing of
+ * fresh huge pages and the copies from the page cache, most of a reload, then run on two cores.
+ * Windows are whole bitmap words apart (WINDOW_PAGES is a multiple of 64), so the threads never
+ * write the same word of a claimed bitmap, and never the same RAM. With CRCs each thread checks
+ * the pages it reads. The reading thread waits for the second one only to hand it a window while
+ * it is still busy with the last (one window in flight). */
+struct second_reader {
     struct helper t;
     int queued, busy, rc;
     unsigned block;
     pyvmm_u64 w0, w1;
-    pyvmm_u64 cursor;     /* increment 0's first record not wholly done, this thread's own */
+    pyvmm_u64 *cursors;   /* per increment: the first record not wholly done, its own */
+    unsigned failed;      /* the increment of the error in rc */
     pyvmm_u64 pages_read; /* this thread's own, as is b */
     struct batch *b;
     pyvmm_u64 done_pages_read, done_reads, done_sieved; /* as of the last window (lock) */
     struct pyvmm_page_read_error err;
     struct chain_read *h;
 };
-static struct oldest *oldest_new(struct chain_read *h);
-static void oldest_free(struct oldest *o);
+static struct second_reader *second_new(struct chain_read *h);
+static void second_free(struct second_reader *o);
 
 void pyvmm_chain_read_free(void *handle) {
     struct chain_read *h = handle;
     if (h == NULL)
         return;
-    oldest_free(h->oldest); /* first: it reads through the arrays below */
+    second_free(h->second); /* first: it reads through the arrays below */
     batch_free(h->b);
     free(h->incs);
     free(h->cursor);
@@ -624,9 +627,9 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     h->nblocks = nblocks;
     h->page_size = page_size;
     h->options = *options;
-    /* with the oldest increment on a thread of its own, each thread checks the CRCs of the
-     * pages it reads (the second core is taken): no checker thread */
-    const int pipeline = options->oldest_thread && nincs >= 2;
+    /* with a second reader, each thread checks the CRCs of the pages it reads (the second
+     * core is taken): no checker thread */
+    const int pipeline = options->second_reader != 0;
     if (pipeline)
         h->options.check_thread = 0;
     h->incs = malloc((nincs ? nincs : 1) * sizeof *h->incs);
@@ -644,7 +647,7 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     memcpy(h->block_pages, block_pages, nblocks * sizeof *block_pages);
     memcpy(h->claimed, claimed, nblocks * sizeof *claimed);
     if (pipeline)
-        h->oldest = oldest_new(h); /* none to be had: this thread reads increment 0 too */
+        h->second = second_new(h); /* none to be had: this thread reads every window */
     return h;
 }
 
@@ -659,6 +662,8 @@ static int window_records(struct chain_read *h, unsigned k, pyvmm_u64 *cursor, s
     for (; i < inc->nrecords; i++) {
         const struct pyvmm_index_record rec =
             pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
+        if (rec.block < block || (rec.block == block && rec.first + rec.npages <= w0))
+            continue; /* wholly in windows the other reading thread took */
         if (rec.block != block || rec.first >= w1)
             break;
         const pyvmm_u64 end = rec.first + rec.npages;
@@ -675,8 +680,8 @@ static int window_records(struct chain_read *h, unsigned k, pyvmm_u64 *cursor, s
     return batch_flush(h->fd, b, err);
 }
 
-static void *oldest_main(void *arg) {
-    struct oldest *o = arg;
+static void *second_main(void *arg) {
+    struct second_reader *o = arg;
     pthread_mutex_lock(&o->t.lock);
     for (;;) {
         while (!o->queued && !o->t.stop)
@@ -687,12 +692,16 @@ static void *oldest_main(void *arg) {
         o->busy = 1;
         pthread_mutex_unlock(&o->t.lock);
         struct pyvmm_page_read_error err = {0};
-        int rc = window_records(o->h, 0, &o->cursor, o->b, &o->pages_read, o->block, o->w0,
+        int rc = 0;
+        unsigned k = o->h->nincs;
+        while (!rc && k-- > 0)
+            rc = window_records(o->h, k, &o->cursors[k], o->b, &o->pages_read, o->block, o->w0,
                                 o->w1, &err);
         pthread_mutex_lock(&o->t.lock);
         if (rc && !o->rc) {
             o->rc = rc;
             o->err = err;
+            o->failed = rc == PYVMM_CLAIM_BAD_CRC ? o->b->err_tag : k;
         }
         o->done_pages_read = o->pages_read;
         o->done_reads = o->b->preads;
@@ -704,8 +713,8 @@ static void *oldest_main(void *arg) {
     return NULL;
 }
 
-/* Waits until the worker has nothing queued or running (lock held); its first error. */
-static int oldest_wait(struct oldest *o, struct pyvmm_page_read_error *err) {
+/* Waits until the second reader has nothing queued or running (lock held); its first error. */
+static int second_wait(struct second_reader *o, struct pyvmm_page_read_error *err) {
     while (o->queued || o->busy)
         pthread_cond_wait(&o->t.done, &o->t.lock);
     if (o->rc)
@@ -713,11 +722,11 @@ static int oldest_wait(struct oldest *o, struct pyvmm_page_read_error *err) {
     return o->rc;
 }
 
-/* Hands window [w0, w1) of `block` to the worker once it is free; 0, or an error it met. */
-static int oldest_post(struct oldest *o, unsigned block, pyvmm_u64 w0, pyvmm_u64 w1,
+/* Hands window [w0, w1) of `block` to the second reader once it is free; 0, or an error it met. */
+static int second_post(struct second_reader *o, unsigned block, pyvmm_u64 w0, pyvmm_u64 w1,
                        struct pyvmm_page_read_error *err) {
     pthread_mutex_lock(&o->t.lock);
-    int rc = oldest_wait(o, err);
+    int rc = second_wait(o, err);
     if (!rc) {
         o->block = block;
         o->w0 = w0;
@@ -729,51 +738,55 @@ static int oldest_post(struct oldest *o, unsigned block, pyvmm_u64 w0, pyvmm_u64
     return rc;
 }
 
-static int oldest_drain(struct oldest *o, struct pyvmm_page_read_error *err) {
+static int second_drain(struct second_reader *o, struct pyvmm_page_read_error *err) {
     pthread_mutex_lock(&o->t.lock);
-    int rc = oldest_wait(o, err);
+    int rc = second_wait(o, err);
     pthread_mutex_unlock(&o->t.lock);
     return rc;
 }
 
-static void oldest_free(struct oldest *o) {
+static void second_free(struct second_reader *o) {
     if (o == NULL)
         return;
     helper_stop(&o->t);
     batch_free(o->b);
+    free(o->cursors);
     free(o);
 }
 
 /* NULL when no thread or batch can be had: then one thread reads all. */
-static struct oldest *oldest_new(struct chain_read *h) {
-    struct oldest *o = calloc(1, sizeof *o);
+static struct second_reader *second_new(struct chain_read *h) {
+    struct second_reader *o = calloc(1, sizeof *o);
     if (o == NULL)
         return NULL;
     o->h = h;
-    if ((o->b = batch_new(&h->options, h->page_size)) == NULL) {
+    o->cursors = calloc(h->nincs ? h->nincs : 1, sizeof *o->cursors);
+    if (o->cursors == NULL || (o->b = batch_new(&h->options, h->page_size)) == NULL) {
+        free(o->cursors);
         free(o);
         return NULL;
     }
-    if (helper_start(&o->t, oldest_main, o)) {
+    if (helper_start(&o->t, second_main, o)) {
         batch_free(o->b);
+        free(o->cursors);
         free(o);
         return NULL;
     }
     return o;
 }
 
-/* Increment 0's cursor as the worker will leave it after window [w0, w1) of `block` (this
+/* Increment k's cursor as the second reader will leave it after window [w0, w1) of `block` (this
  * thread finds the next window with it, without reading). */
-static void skip_records(struct chain_read *h, unsigned block, pyvmm_u64 w1) {
-    const struct pyvmm_chain_increment *inc = &h->incs[0];
-    pyvmm_u64 i = h->cursor[0];
+static void skip_records(struct chain_read *h, unsigned k, unsigned block, pyvmm_u64 w1) {
+    const struct pyvmm_chain_increment *inc = &h->incs[k];
+    pyvmm_u64 i = h->cursor[k];
     for (; i < inc->nrecords; i++) {
         const struct pyvmm_index_record rec =
             pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
         if (rec.block != block || rec.first >= w1 || rec.first + rec.npages > w1)
             break;
     }
-    h->cursor[0] = i;
+    h->cursor[k] = i;
 }
 
 int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_progress *out,
@@ -810,31 +823,33 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
         pyvmm_u64 w1 = (next / WINDOW_PAGES + 1) * WINDOW_PAGES;
         if (w1 > bpages)
             w1 = bpages;
-        const unsigned last = h->oldest != NULL ? 1 : 0; /* increment 0: the worker's */
-        for (unsigned k = h->nincs; k-- > last;) {
-            int rc = window_records(h, k, &h->cursor[k], h->b, &h->pages_read, block, w0, w1,
-                                    err);
+        h->turn ^= 1;
+        if (h->second != NULL && h->turn) { /* every other window: the second reader's */
+            int rc = second_post(h->second, block, w0, w1, err);
             if (rc) {
-                out->failed = rc == PYVMM_CLAIM_BAD_CRC ? h->b->err_tag : k;
+                out->failed = h->second->failed;
                 return rc;
             }
-        }
-        if (h->oldest != NULL) {
-            int rc = oldest_post(h->oldest, block, w0, w1, err);
-            if (rc) {
-                out->failed = 0;
-                return rc;
+            for (unsigned k = 0; k < h->nincs; k++)
+                skip_records(h, k, block, w1);
+        } else {
+            for (unsigned k = h->nincs; k-- > 0;) {
+                int rc = window_records(h, k, &h->cursor[k], h->b, &h->pages_read, block, w0,
+                                        w1, err);
+                if (rc) {
+                    out->failed = rc == PYVMM_CLAIM_BAD_CRC ? h->b->err_tag : k;
+                    return rc;
+                }
             }
-            skip_records(h, block, w1);
         }
         covered += w1 - h->page;
         h->page = w1;
     }
     h->covered += covered;
     if (h->block >= h->nblocks) {
-        int rc = h->oldest != NULL ? oldest_drain(h->oldest, err) : 0;
+        int rc = h->second != NULL ? second_drain(h->second, err) : 0;
         if (rc) {
-            out->failed = 0;
+            out->failed = h->second->failed;
             return rc;
         }
         rc = batch_finish(h->b, err);
@@ -848,12 +863,12 @@ int pyvmm_chain_read_step(void *handle, pyvmm_u64 max_pages, struct pyvmm_chain_
     out->pages_read = h->pages_read;
     out->reads = h->b->preads;
     out->sieved_bytes = h->b->sieved;
-    if (h->oldest != NULL) { /* the worker's share, as of its last finished window */
-        pthread_mutex_lock(&h->oldest->t.lock);
-        out->pages_read += h->oldest->done_pages_read;
-        out->reads += h->oldest->done_reads;
-        out->sieved_bytes += h->oldest->done_sieved;
-        pthread_mutex_unlock(&h->oldest->t.lock);
+    if (h->second != NULL) { /* the second reader's share, as of its last window */
+        pthread_mutex_lock(&h->second->t.lock);
+        out->pages_read += h->second->done_pages_read;
+        out->reads += h->second->done_reads;
+        out->sieved_bytes += h->second->done_sieved;
+        pthread_mutex_unlock(&h->second->t.lock);
     }
     return 0;
 }

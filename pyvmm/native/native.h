@@ -373,12 +373,10 @@ struct pyvmm_claim_options {
      * while it is busy is checked by the reading thread); 2, the same but the reading thread
      * waits for it instead (tests); 0, the reading thread checks every batch */
     int check_thread;
-    /* whole-chain reader (pyvmm_chain_read_*) of 2 or more increments: 1, the oldest
-     * increment's pages of each window are read by a second thread while the newer
-     * increments' pages of the next window are read (scattered small reads, next to the bulk
-     * of a full increment), and with crcs each thread checks what it reads (check_thread is
-     * then ignored); 0, one thread reads all */
-    int oldest_thread;
+    /* whole-chain reader (pyvmm_chain_read_*): 1, every other window of RAM is read by a
+     * second thread (each thread takes all the increments of its windows), and with crcs each
+     * thread checks what it reads (check_thread is then ignored); 0, one thread reads all */
+    int second_reader;
 };
 struct pyvmm_claim_result {
     pyvmm_u64 data_pages;  /* listed by the index */

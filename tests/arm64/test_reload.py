@@ -180,11 +180,11 @@ def test_window_by_window_reads_what_increment_by_increment_reads(
     states = build_chain(path, 2, steps, checksum=checksum)
     windowed = window_reader_calls(monkeypatch)
     reports = {}
-    # by window with the oldest increment on a thread of its own (not with checksums), by
-    # window on one thread, and increment by increment
-    for by_window, oldest in ((True, 1), (True, 0), (False, 1)):
+    # by window on two threads (every other window on the second), by window on one thread,
+    # and increment by increment
+    for by_window, second in ((True, 1), (True, 0), (False, 1)):
         monkeypatch.setattr(reload_module, "_WINDOWED", by_window)
-        monkeypatch.setattr(reload_module, "_OLDEST_THREAD", oldest)
+        monkeypatch.setattr(reload_module, "_SECOND_READER", second)
         for sieve in (0, 2):
             seen: list[tuple[int, int]] = []
             machine, report = reload_file(str(path), sieve_pages=sieve,
@@ -194,7 +194,7 @@ def test_window_by_window_reads_what_increment_by_increment_reads(
             assert report.checksums_verified == checksum
             assert [d for d, _ in seen] == sorted(d for d, _ in seen)
             assert seen[-1][0] == seen[-1][1]
-            reports[by_window, oldest, sieve] = report
+            reports[by_window, second, sieve] = report
     assert windowed == [True] * 4  # the increment-by-increment runs never asked for it
     for sieve in (0, 2):
         assert reports[True, 1, sieve].pages_read == reports[False, 1, sieve].pages_read
@@ -202,6 +202,36 @@ def test_window_by_window_reads_what_increment_by_increment_reads(
         assert (one.pages_read, one.reads, one.sieved_bytes) == \
             (two.pages_read, two.reads, two.sieved_bytes)
     assert reports[True, 1, 0].sieved_bytes == 0 < reports[True, 1, 2].sieved_bytes
+
+
+@pytest.mark.parametrize("second_reader", [1, 0], ids=["two threads", "one thread"])
+def test_windows_shared_out_over_several_ram_blocks(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    second_reader: int) -> None:
+    """With a second reader every other window goes to the other thread, across the edges of
+    RAM blocks too (windows of a block it never got are behind its cursors): a chain of three
+    increments over three blocks of odd sizes, with runs that cross window edges, reloads to
+    the RAM it saved, as a whole file and as each prefix."""
+    monkeypatch.setattr(reload_module, "_SECOND_READER", second_reader)
+    path = tmp_path / "blocks.bin"
+    digests = []
+    with Machine(8 << 20) as machine:
+        blocks = [machine.ram, machine.add_ram_block("b.ram", 0x0100_0000, (3 << 20) + 8192),
+                  machine.add_ram_block("c.ram", 0x0200_0000, 5 * WINDOW * PAGE_SIZE // 2)]
+        checkpointer = Checkpointer(machine, path, durable=False, capabilities=["incremental"])
+        for k, step in enumerate((3, 5, 11)):
+            for number, block in enumerate(blocks):
+                for page in range((k + number) % step, block.page_count, step):
+                    block.write(page * PAGE_SIZE + 8 * k, f"{k}:{number}:{page}".encode())
+            checkpointer.checkpoint()
+            digests.append(ram_digest(machine))
+        checkpointer.close()
+    windowed = window_reader_calls(monkeypatch)
+    for count in (1, 2, 3):
+        machine, report = reload_file(str(path), count)
+        with machine:
+            assert ram_digest(machine) == digests[count - 1], count
+    assert windowed == [True] * 3
 
 
 def test_an_index_out_of_ram_order_is_read_increment_by_increment(tmp_path: Path,
@@ -330,18 +360,18 @@ def increments_of(path: Path) -> list[str]:
         return [i.kind for i in container.header.increments]
 
 
-@pytest.mark.parametrize("strategy, oldest_thread",
+@pytest.mark.parametrize("strategy, second_reader",
                          [(s, 1) for s in STRATEGIES] + [("indexed", 0)])
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_wrong_record_header_between_batched_pages_is_named(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, oldest_thread: int,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, second_reader: int,
         victim: int) -> None:
     """Pages next to each other in the file are read by one preadv; the record headers between
     them are still compared with what the writer puts there (by the indexed reload's claim, or
     by the stream parser's run reads, which hand the run back to Python to name the page), in
-    the full increment (which the indexed reload reads on a second thread) and in a newer one
-    (read while that thread works on a window of the full one)."""
-    monkeypatch.setattr(reload_module, "_OLDEST_THREAD", oldest_thread)
+    the full increment and in a newer one, with the indexed reload's windows on one thread or
+    shared out between two."""
+    monkeypatch.setattr(reload_module, "_SECOND_READER", second_reader)
     path = tmp_path / "c.bin"
     build_chain(path, 0, [(1000, [(p, 5) for p in range(1600, 1610)]),
                           (1000, [(p, 3) for p in range(1500, 1505)])])

@@ -386,10 +386,10 @@ CHECK_THREAD = pytest.mark.parametrize(
 
 
 def check_in(monkeypatch: pytest.MonkeyPatch, check_thread: tuple[int, int]) -> None:
-    """Where an indexed reload checks page CRCs: (_CHECK_THREAD, _OLDEST_THREAD); with the
-    oldest increment of a chain on a thread of its own, each reading thread checks its pages."""
+    """Where an indexed reload checks page CRCs: (_CHECK_THREAD, _SECOND_READER); with a
+    second reader taking every other window, each reading thread checks its pages."""
     monkeypatch.setattr(reload_module, "_CHECK_THREAD", check_thread[0])
-    monkeypatch.setattr(reload_module, "_OLDEST_THREAD", check_thread[1])
+    monkeypatch.setattr(reload_module, "_SECOND_READER", check_thread[1])
 
 
 @CHECK_THREAD
