@@ -384,7 +384,8 @@ class _Loader:
 #: Read the chain window by window (False: increment by increment, as for an index whose runs
 #: are out of order; tests compare the two).
 _WINDOWED = True
-#: With checksums, a second thread checks the CRCs of a batch of pages while the next is read
+#: With checksums and one reading thread (_SECOND_READER 0, or an index read increment by
+#: increment), a second thread checks the CRCs of a batch of pages while the next is read
 #: (indexed.c's struct pyvmm_claim_options: 1; 2 waits for it, 0 checks on the reading thread).
 _CHECK_THREAD = 1
 #: The window-by-window reader hands every other window to a second thread, which reads all the

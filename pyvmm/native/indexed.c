@@ -629,8 +629,8 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     h->options = *options;
     /* with a second reader, each thread checks the CRCs of the pages it reads (the second
      * core is taken): no checker thread */
-    const int pipeline = options->second_reader != 0;
-    if (pipeline)
+    const int split = options->second_reader != 0; /* every other window to a second thread */
+    if (split)
         h->options.check_thread = 0;
     h->incs = malloc((nincs ? nincs : 1) * sizeof *h->incs);
     h->cursor = calloc(nincs ? nincs : 1, sizeof *h->cursor);
@@ -646,7 +646,7 @@ void *pyvmm_chain_read_new(int fd, const struct pyvmm_chain_increment *incs, uns
     memcpy(h->bases, bases, nblocks * sizeof *bases);
     memcpy(h->block_pages, block_pages, nblocks * sizeof *block_pages);
     memcpy(h->claimed, claimed, nblocks * sizeof *claimed);
-    if (pipeline)
+    if (split)
         h->second = second_new(h); /* none to be had: this thread reads every window */
     return h;
 }
