@@ -4,6 +4,7 @@
 #define PYVMM_INTERNAL_H
 
 #include <endian.h>
+#include <setjmp.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -37,5 +38,15 @@ static inline struct pyvmm_index_record pyvmm_index_record(const unsigned char *
  * made to *calls unless it is NULL. */
 int pyvmm_preadv_all(int fd, struct iovec *iov, int cnt, pyvmm_u64 offset,
                      struct pyvmm_page_read_error *err, pyvmm_u64 *calls);
+
+/* uffd.c: a thread reading a mapped file sets pyvmm_map_guard to the mapping's range after
+ * sigsetjmp(env, 1) (and pyvmm_sigbus_install() succeeded); a SIGBUS there (the file shrank
+ * under the mapping) jumps back to env with 1, the guard cleared. Clear it when done. */
+struct pyvmm_map_guard {
+    sigjmp_buf env;
+    pyvmm_u64 base, end;
+};
+extern __thread struct pyvmm_map_guard *pyvmm_map_guard;
+int pyvmm_sigbus_install(void);
 
 #endif

@@ -488,13 +488,20 @@ int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsig
                          struct pyvmm_crcindex_result *result,
                          struct pyvmm_crcindex_error *err);
 /* The data runs' extents of records (accepted by _apply), sorted by file offset and not
- * overlapping, cut the stream into data runs + 1 gaps, which are read (never the page data, but
- * for short extents read through in one pread) and compared with gap_crcs (ngap_crcs, file
- * order). 0, -errno or PYVMM_CRCINDEX_*, with err->run the gap (or record) and err->offset. */
+ * overlapping, cut the stream into data runs + 1 gaps, which are read and compared with gap_crcs
+ * (ngap_crcs, file order). A stream of at least pyvmm_crcindex_map_min() bytes is mapped and
+ * only its gaps are touched (a file cut short under the mapping: SIGBUS caught, the gaps read
+ * again with pread); a shorter one is read with pread, short extents read through. 0, -errno
+ * or PYVMM_CRCINDEX_*, with err->run the gap (or record) and err->offset. */
 int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                         pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
                         const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
                         struct pyvmm_crcindex_error *err);
+/* Sets the shortest stream the gap readers map (0: all; ~0: none) and returns the previous
+ * setting (default 1 MiB). For tests and benchmarks; not thread-safe against running calls. */
+pyvmm_u64 pyvmm_crcindex_map_min(pyvmm_u64 bytes);
+/* How many mapped gap reads took SIGBUS (and were read again with pread) so far. */
+pyvmm_u64 pyvmm_crcindex_map_cut_short(void);
 /* CRC-32C of the tables (block_pages[b] u32 each, as little-endian bytes, blocks in order):
  * the RAM digest of a checksum block. */
 unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,

@@ -28,7 +28,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "native.h"
+#include "internal.h"
 
 typedef pyvmm_u64 u64;
 
@@ -479,10 +479,17 @@ static int sig_busy; /* SIGBUS handlers running */
 static struct sigaction sig_prev;
 static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
 
+__thread struct pyvmm_map_guard *pyvmm_map_guard;
+
 static void sigbus_handler(int sig, siginfo_t *si, void *ctx) {
     int saved_errno = errno;
     u64 addr = (u64)(uintptr_t)si->si_addr;
     int handled = 0;
+    struct pyvmm_map_guard *guard = pyvmm_map_guard;
+    if (guard && addr >= guard->base && addr < guard->end) {
+        pyvmm_map_guard = NULL; /* this thread read a mapped file past its (new) end */
+        siglongjmp(guard->env, 1);
+    }
     __atomic_add_fetch(&sig_busy, 1, __ATOMIC_SEQ_CST);
     if (si->si_code == BUS_ADRERR) {
         for (unsigned i = 0; i < SIG_SESSIONS && !handled; i++) {
@@ -521,22 +528,33 @@ static void sigbus_handler(int sig, siginfo_t *si, void *ctx) {
         raise(SIGBUS);
 }
 
-static int sig_register(struct wp_session *s) {
-    int rc = -EMFILE;
-    pthread_mutex_lock(&sig_lock);
+/* pyvmm's SIGBUS handler in place (sig_lock held); 0 or -errno. */
+static int sig_install_locked(void) {
     struct sigaction cur;
     sigaction(SIGBUS, NULL, &cur);
-    if (!(cur.sa_flags & SA_SIGINFO) || cur.sa_sigaction != sigbus_handler) {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_sigaction = sigbus_handler;
-        sa.sa_flags = SA_SIGINFO | SA_RESTART;
-        sigemptyset(&sa.sa_mask);
-        if (sigaction(SIGBUS, &sa, &sig_prev)) {
-            rc = -errno;
-            goto out;
-        }
-    }
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == sigbus_handler)
+        return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = sigbus_handler;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGBUS, &sa, &sig_prev) ? -errno : 0;
+}
+
+int pyvmm_sigbus_install(void) {
+    pthread_mutex_lock(&sig_lock);
+    int rc = sig_install_locked();
+    pthread_mutex_unlock(&sig_lock);
+    return rc;
+}
+
+static int sig_register(struct wp_session *s) {
+    pthread_mutex_lock(&sig_lock);
+    int rc = sig_install_locked();
+    if (rc)
+        goto out;
+    rc = -EMFILE;
     for (unsigned i = 0; i < SIG_SESSIONS; i++) {
         if (!sig_sessions[i]) {
             __atomic_store_n(&sig_sessions[i], s, __ATOMIC_RELEASE);

@@ -10,6 +10,7 @@ a machine whose state differs from a clean reload of the same prefix.
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -762,18 +763,32 @@ def _before_load(path: Path, k: int) -> tuple[str, object]:
     return python
 
 
+@contextlib.contextmanager
+def gap_reads(mapped: bool) -> Iterator[None]:
+    """The C gap checks map every stream (``mapped``) or read every one with pread."""
+    before = lib.pyvmm_crcindex_map_min(0 if mapped else (1 << 64) - 1)
+    try:
+        yield
+    finally:
+        lib.pyvmm_crcindex_map_min(before)
+
+
 @FAST
 @given(kind=st.sampled_from(["page index", "checksum block", "page data",
                              "stream outside page data", "device section", "stats"]),
        pick=st.floats(0, 1, exclude_max=True), where=st.floats(0, 1, exclude_max=True),
-       mask=st.integers(1, 255))
+       mask=st.integers(1, 255), mapped=st.booleans())
 def test_c_checks_before_load_agree_with_python_on_flipped_bytes(
-        chain: Chain, tmp_path: Path, kind: str, pick: float, where: float, mask: int) -> None:
+        chain: Chain, tmp_path: Path, kind: str, pick: float, where: float, mask: int,
+        mapped: bool) -> None:
     """The C checks accept exactly what the Python ones accept, and a rejection raises the
-    Python checks' error (the one naming increment, section or byte range)."""
+    Python checks' error (the one naming increment, section or byte range); whether the C gap
+    checks map the streams or read them."""
     path, increment = flip_byte(chain, tmp_path, kind, pick, where, mask)
+    event(f"gaps {'mapped' if mapped else 'read'}")
     for k in range(1, 4):
-        outcome = _before_load(path, k)
+        with gap_reads(mapped):
+            outcome = _before_load(path, k)
         if kind in ("page index", "checksum block", "stream outside page data",
                     "device section") and increment is not None and increment < k:
             assert outcome[0] != "ok" and f"increment {increment}" in str(outcome[1])
@@ -792,6 +807,34 @@ def test_c_checks_before_load_agree_with_python_on_hostile_page_indexes(
     path.write_bytes(damaged)
     for k in range(1, 4):
         _before_load(path, k)
+
+
+def test_a_mapped_gap_read_past_the_end_of_the_file_is_caught(tmp_path: Path) -> None:
+    """A stream that runs past the end of the file (as when the file is cut short while its
+    gaps are read from a mapping) is reported cut short, not killed by SIGBUS: the mapped read
+    takes the signal and the gaps are read again with pread, which finds where the file ends.
+    Then a whole stream is read from a mapping again and its gap matches."""
+    data = random.Random(5).randbytes(2 << 20)
+    path = tmp_path / "short.bin"
+    path.write_bytes(data)
+    err = ffi.new("struct pyvmm_crcindex_error *")
+    want = ffi.new("unsigned int[]", [checksum.crc32c(data[100:])])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with gap_reads(mapped=True):
+            cut_short = lib.pyvmm_crcindex_map_cut_short()
+            rc = lib.pyvmm_crcindex_gaps(fd, ffi.NULL, 0, PAGE_SIZE, 100, len(data) + (64 << 10),
+                                         want, 1, err)
+            assert rc == lib.PYVMM_CRCINDEX_TRUNCATED and err.offset == len(data)
+            assert lib.pyvmm_crcindex_map_cut_short() == cut_short + 1
+            assert lib.pyvmm_crcindex_gaps(fd, ffi.NULL, 0, PAGE_SIZE, 100, len(data), want, 1,
+                                           err) == 0
+            assert lib.pyvmm_crcindex_map_cut_short() == cut_short + 1
+            want[0] ^= 1
+            assert lib.pyvmm_crcindex_gaps(fd, ffi.NULL, 0, PAGE_SIZE, 100, len(data), want, 1,
+                                           err) == lib.PYVMM_CRCINDEX_GAP_MISMATCH
+    finally:
+        os.close(fd)
 
 
 def test_checksum_block_fast_decoder_agrees_with_construct(chain: Chain) -> None:
