@@ -241,6 +241,50 @@ fold_ymm(uint32_t c, const unsigned char *p, size_t n) {
     return reduce128(x);
 }
 
+/* Seven pages of n bytes at once (n a multiple of 64, at least 128), CRCs to out[0..7): three
+ * by crc32 instructions, four by carry-less multiply folding (two 256-bit accumulators each,
+ * 64 bytes a step), in one loop. Either alone is bound by its own unit's latency (about 24
+ * GB/s here); interleaved, both units work at once: about 30 GB/s. */
+__attribute__((target("avx2,vpclmulqdq,pclmul,sse4.2"))) static void
+pages7(const unsigned char *const *pg, size_t n, unsigned int *out) {
+    const unsigned char *x = pg[0], *y = pg[1], *z = pg[2];
+    uint64_t cx = ~0u, cy = ~0u, cz = ~0u;
+    const __m256i init = _mm256_set_epi64x(0, 0, 0, (long long)~0u);
+    __m256i lo[4], hi[4];
+    for (int f = 0; f < 4; f++) {
+        lo[f] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)pg[3 + f]), init);
+        hi[f] = _mm256_loadu_si256((const __m256i *)(pg[3 + f] + 32));
+    }
+    for (size_t j = 0; j < n; j += 64) {
+        if (j) {
+            for (int f = 0; f < 4; f++) {
+                const unsigned char *q = pg[3 + f] + j;
+                lo[f] = _mm256_xor_si256(fold256(lo[f], k512),
+                                         _mm256_loadu_si256((const __m256i *)q));
+                hi[f] = _mm256_xor_si256(fold256(hi[f], k512),
+                                         _mm256_loadu_si256((const __m256i *)(q + 32)));
+            }
+        }
+        for (size_t i = j; i < j + 64; i += 8) {
+            uint64_t wx, wy, wz;
+            memcpy(&wx, x + i, 8);
+            memcpy(&wy, y + i, 8);
+            memcpy(&wz, z + i, 8);
+            cx = __builtin_ia32_crc32di(cx, wx);
+            cy = __builtin_ia32_crc32di(cy, wy);
+            cz = __builtin_ia32_crc32di(cz, wz);
+        }
+    }
+    out[0] = ~(uint32_t)cx;
+    out[1] = ~(uint32_t)cy;
+    out[2] = ~(uint32_t)cz;
+    for (int f = 0; f < 4; f++) { /* lo's lanes onto hi's (32 bytes on), then hi's two lanes */
+        __m256i t = _mm256_xor_si256(hi[f], fold256(lo[f], k256));
+        out[3 + f] = ~reduce128(_mm_xor_si128(fold128(_mm256_castsi256_si128(t), k128),
+                                              _mm256_extracti128_si256(t, 1)));
+    }
+}
+
 #endif
 
 #define FOLD_MIN 256 /* shorter buffers: the setup and reduction cost more than they save */
@@ -284,6 +328,14 @@ static void crc_pages(const unsigned char *first, u64 stride, u64 count, u64 pag
                       unsigned int *out) {
     u64 k = 0;
 #if defined(__x86_64__)
+    if (level == 3 && page_size % 64 == 0 && page_size >= 128) {
+        for (; k + 7 <= count; k += 7) {
+            const unsigned char *pg[7];
+            for (int i = 0; i < 7; i++)
+                pg[i] = first + (k + (u64)i) * stride;
+            pages7(pg, page_size, out + k);
+        }
+    }
     if (level >= 1 && page_size % 8 == 0) {
         for (; k + 3 <= count; k += 3) {
             uint32_t c[3] = {~0u, ~0u, ~0u};
@@ -303,6 +355,9 @@ void pyvmm_crc32c_page_list(const void *const *pages, pyvmm_u64 npages, pyvmm_u6
                             unsigned int *out) {
     u64 k = 0;
 #if defined(__x86_64__)
+    if (level == 3 && page_size % 64 == 0 && page_size >= 128)
+        for (; k + 7 <= npages; k += 7)
+            pages7((const unsigned char *const *)pages + k, page_size, out + k);
     if (level >= 1 && page_size % 8 == 0) {
         for (; k + 3 <= npages; k += 3) {
             uint32_t c[3] = {~0u, ~0u, ~0u};
