@@ -543,6 +543,7 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
     result = ffi.new("struct pyvmm_crcindex_result *")
     err = ffi.new("struct pyvmm_crcindex_error *")
     gap_jobs: list[tuple[IncrementInfo, memoryview, array.array[int]]] = []
+    applied = False
     for number, info in enumerate(increments):
         if not info.checksum_length:
             if number >= start:
@@ -561,10 +562,11 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
             block = decode_checksums(data, increment=info.index, offset=info.checksum_offset)
         except FormatError:
             return None
-        if info.kind == "full":
+        if info.kind == "full" and applied:  # the table is all zero pages until the first
             for t in table.blocks:
                 t[:] = u32_array(len(t), table.zero_crc)
             table.sources = []
+        applied = True
         raw = ffi.from_buffer(records)
         page_crcs = ffi.from_buffer("unsigned int[]", block.page_crcs)
         rc = lib.pyvmm_crcindex_apply(
@@ -579,6 +581,7 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
         except FormatError:
             return None
         gap_jobs.append((info, records, block.gap_crcs))
+        table.index_records[info.index] = records
         if number < start:
             continue
         table.sources.append((info.index, blob))

@@ -199,6 +199,9 @@ class RamCrcTable:
         self.sources: list[tuple[int, Sequence[PageRun] | bytes]] = []
         #: checks of the file still running, which the reloaded RAM waits for
         self.pending: PendingCheck | None = None
+        #: raw page index records (magic, length and CRC checked) of the increments checked,
+        #: for a loader to use rather than read again
+        self.index_records: dict[int, memoryview] = {}
 
     def copy(self) -> RamCrcTable:
         other = RamCrcTable.__new__(RamCrcTable)
@@ -208,6 +211,7 @@ class RamCrcTable:
         other.blocks = [array.array("I", b) for b in self.blocks]
         other.sources = list(self.sources)
         other.pending = None
+        other.index_records = dict(self.index_records)
         return other
 
     def apply(self, kind: str, runs: Sequence[PageRun], page_crcs: Sequence[int],

@@ -172,7 +172,8 @@ class _Loader:
         #: with checksums: the CRC every page must have, checked as pages are read (indexed)
         self.expected = expected
         self.post_load: collections.Counter[str] = collections.Counter()
-        self._records: dict[int, memoryview] = {}
+        #: raw page index records per increment; the checks before the load read them already
+        self._records: dict[int, memoryview] = dict(expected.index_records) if expected else {}
 
     def _index_records(self, increment: int) -> memoryview:
         """Increment ``increment``'s page index as raw records (magic, length and CRC checked),
