@@ -25,6 +25,7 @@ typedef pyvmm_u64 u64;
 #define RECORD_SIZE 24 /* be16 block, u8 flags, u8 reserved, be32 npages, be64 first, be64 data */
 #define RUN_ZERO 0x01
 #define RECORD_HEADER 8
+#define PAGE_FLAGS_CONTINUE_PAGE 0x28 /* a page record of the same block as the one before */
 #define GAP_BUFFER (128u << 10) /* bytes read ahead over gaps that are close to each other */
 #define DENSE_EXTENT (16u << 10) /* a data extent up to this long is read through, not skipped */
 #define MAP_ALIGN (64u << 10)     /* a multiple of any page size mmap offsets need */
@@ -41,8 +42,9 @@ pyvmm_u64 pyvmm_crcindex_map_cut_short(void) {
 }
 
 struct extent {
-    u64 start; /* the run's first page's data */
-    u64 end;   /* its last page's data end */
+    u64 start;  /* the run's first page's data */
+    u64 end;    /* its last page's data end */
+    u64 header; /* its first page's record header if that continues the block's records */
 };
 
 static int by_start(const void *a, const void *b) {
@@ -147,11 +149,22 @@ static int gap_crc(struct gap_reader *g, u64 pos, u64 n, u64 ahead, unsigned int
     return 0;
 }
 
+/* Whether gap i (before extent i) is just extent i's first page's 8-byte continuation record
+ * header, and the checksum block says it holds what it must: such a gap is not read. */
+static int header_gap(const struct extent *extents, u64 i, u64 pos, const unsigned int *gap_crcs) {
+    if (extents[i].start - pos != RECORD_HEADER)
+        return 0;
+    const uint64_t be = htobe64(extents[i].header);
+    return pyvmm_crc32c(0, &be, sizeof be) == gap_crcs[i];
+}
+
 /* The gaps around the sorted extents against gap_crcs (file order), or with `out` their CRCs
- * stored there instead (and *last = where the last gap starts). */
+ * stored there instead (and *last = where the last gap starts); `skip_headers`: see
+ * pyvmm_crcindex_gaps. */
 static int check_gaps(int fd, struct extent *extents, u64 nextents, u64 stream_start,
                       u64 stream_end, const unsigned int *gap_crcs, u64 ngap_crcs,
-                      unsigned int *out, u64 *last, struct pyvmm_crcindex_error *err) {
+                      int skip_headers, unsigned int *out, u64 *last,
+                      struct pyvmm_crcindex_error *err) {
     if (ngap_crcs != nextents + 1)
         return PYVMM_CRCINDEX_COUNTS;
     int sorted = 1;
@@ -202,6 +215,10 @@ static int check_gaps(int fd, struct extent *extents, u64 nextents, u64 stream_s
     pos = stream_start;
     for (u64 i = 0; i <= nextents; i++) {
         u64 gap_end = i < nextents ? extents[i].start : stream_end;
+        if (skip_headers && i > 0 && i < nextents && header_gap(extents, i, pos, gap_crcs)) {
+            pos = extents[i].end;
+            continue;
+        }
         /* read through a short data extent to the next gap rather than pread each gap */
         u64 ahead = 0;
         if (i < nextents && extents[i].end - extents[i].start <= DENSE_EXTENT)
@@ -254,7 +271,8 @@ int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsig
 
 static int gaps(int fd, const unsigned char *records, u64 nrecords, u64 page_size,
                 u64 stream_start, u64 stream_end, const unsigned int *gap_crcs, u64 ngap_crcs,
-                unsigned int *out, u64 *last, struct pyvmm_crcindex_error *err) {
+                int skip_headers, unsigned int *out, u64 *last,
+                struct pyvmm_crcindex_error *err) {
     memset(err, 0, sizeof *err);
     if (page_size == 0 || stream_end < stream_start)
         return -EINVAL;
@@ -266,12 +284,14 @@ static int gaps(int fd, const unsigned char *records, u64 nrecords, u64 page_siz
     for (u64 i = 0; i < nrecords; i++) {
         const unsigned char *r = records + i * RECORD_SIZE;
         uint32_t npages;
-        uint64_t data_offset;
+        uint64_t first, data_offset;
         if (r[2] & RUN_ZERO)
             continue;
         memcpy(&npages, r + 4, 4);
+        memcpy(&first, r + 8, 8);
         memcpy(&data_offset, r + 16, 8);
         npages = be32toh(npages);
+        first = be64toh(first);
         data_offset = be64toh(data_offset);
         /* as pyvmm_crcindex_apply accepted them; checked again: no read outside the stream */
         if (npages == 0 || data_offset < stream_start || data_offset > stream_end ||
@@ -283,27 +303,28 @@ static int gaps(int fd, const unsigned char *records, u64 nrecords, u64 page_siz
         }
         extents[n].start = data_offset;
         extents[n].end = data_offset + (u64)(npages - 1) * stride + page_size;
+        extents[n].header = first * page_size | PAGE_FLAGS_CONTINUE_PAGE;
         n++;
     }
-    int rc = check_gaps(fd, extents, n, stream_start, stream_end, gap_crcs, ngap_crcs, out,
-                        last, err);
+    int rc = check_gaps(fd, extents, n, stream_start, stream_end, gap_crcs, ngap_crcs,
+                        skip_headers, out, last, err);
     free(extents);
     return rc;
 }
 
 int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                         pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
-                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
+                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs, int skip_headers,
                         struct pyvmm_crcindex_error *err) {
     return gaps(fd, records, nrecords, page_size, stream_start, stream_end, gap_crcs, ngap_crcs,
-                NULL, NULL, err);
+                skip_headers, NULL, NULL, err);
 }
 
 int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                             pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
                             unsigned int *out, pyvmm_u64 nout, pyvmm_u64 *last_gap,
                             struct pyvmm_crcindex_error *err) {
-    return gaps(fd, records, nrecords, page_size, stream_start, stream_end, NULL, nout, out,
+    return gaps(fd, records, nrecords, page_size, stream_start, stream_end, NULL, nout, 0, out,
                 last_gap, err);
 }
 

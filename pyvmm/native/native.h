@@ -489,13 +489,16 @@ int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsig
                          struct pyvmm_crcindex_error *err);
 /* The data runs' extents of records (accepted by _apply), sorted by file offset and not
  * overlapping, cut the stream into data runs + 1 gaps, which are read and compared with gap_crcs
- * (ngap_crcs, file order). A stream of at least pyvmm_crcindex_map_min() bytes is mapped and
+ * (ngap_crcs, file order). skip_headers: a gap that is just the 8-byte record header of the next
+ * run's first page, continuing its block's records, is not read when gap_crcs has the CRC of
+ * the header it must be (as the headers between the pages inside a run are never read here: a
+ * loader that reads the page checks its header). A stream of at least pyvmm_crcindex_map_min() bytes is mapped and
  * only its gaps are touched (a file cut short under the mapping: SIGBUS caught, the gaps read
  * again with pread); a shorter one is read with pread, short extents read through. 0, -errno
  * or PYVMM_CRCINDEX_*, with err->run the gap (or record) and err->offset. */
 int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                         pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
-                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs,
+                        const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs, int skip_headers,
                         struct pyvmm_crcindex_error *err);
 /* Sets the shortest stream the gap readers map (0: all; ~0: none) and returns the previous
  * setting (default 1 MiB). For tests and benchmarks; not thread-safe against running calls. */
