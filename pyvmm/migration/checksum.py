@@ -490,7 +490,7 @@ def table_from_file(container: CheckpointFile, count: int | None = None) -> RamC
 
 def check_before_load(container: CheckpointFile,
                       increments: Sequence[IncrementInfo], *,
-                      pages: bool = False, defer_older_gaps: bool = False) -> RamCrcTable | None:
+                      pages: bool = False, defer_gaps: bool = False) -> RamCrcTable | None:
     """Before a reload of ``increments``: ``None`` when the last has no checksum block (no
     checks); else check every one's page index, checksum block and stream gaps (``pages``: and
     page data) and return the RAM table the reloaded machine must match. ChecksumError or
@@ -499,11 +499,12 @@ def check_before_load(container: CheckpointFile,
     The checks run in C, one call per increment (:func:`_checked_in_c`); when that does not
     accept the file, the same checks run again in Python, which names what is wrong.
 
-    ``defer_older_gaps`` (for a loader that parses only the last increment's stream, as the
-    indexed reload does, and reads the others' page data alone): the stream gaps of the other
-    increments are checked on a background thread while the RAM loads, and
-    :func:`check_reloaded_ram` waits for that check and raises its error (the container must
-    still be open then). Their page records are the loader's to check, as it reads them: a
+    ``defer_gaps`` (for a loader that reads page data first and then parses only the last
+    increment's stream, as the indexed reload does): the stream gaps are checked on a
+    background thread while the RAM loads, the last increment's first; the loader waits for
+    them (:meth:`RamCrcTable.finish_checks`, which raises their error) before it parses that
+    stream, and :func:`check_reloaded_ram` waits if it did not (the container must still be
+    open then). The other increments' page records are the loader's to check, as it reads them: a
     gap that is only the 8-byte record header of the next run's first page is not read when
     the checksum block has the CRC of the header that page must have (as the headers between
     the pages of one run never are). The indexed loader checks the header of every page it
@@ -513,7 +514,7 @@ def check_before_load(container: CheckpointFile,
     if not increments or not increments[-1].checksum_length:
         return None
     if not pages:
-        table = _checked_in_c(container, increments, defer_older_gaps)
+        table = _checked_in_c(container, increments, defer_gaps)
         if table is not None:
             return table
     table = _checked_in_python(container, increments, pages=pages)
@@ -523,7 +524,7 @@ def check_before_load(container: CheckpointFile,
 
 
 def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo],
-                  defer_older_gaps: bool = False) -> RamCrcTable | None:
+                  defer_gaps: bool = False) -> RamCrcTable | None:
     """:func:`check_before_load` without page data, in C: the RAM table, or ``None`` for
     anything not accepted (then the Python checks name it). Each increment's page index is
     checked and applied to the table in order (``pyvmm_crcindex_apply``, no I/O), then the
@@ -594,10 +595,8 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
         if lib.pyvmm_crcindex_digest(nblocks, c_tables, c_pages) != block.ram_digest:
             return None
     del keep
-    if defer_older_gaps and len(gap_jobs) > 1:
-        if not _gaps_match(container.fd, header.page_size, gap_jobs[-1:]):
-            return None
-        table.pending = _DeferredGaps(container, increments, gap_jobs[:-1])
+    if defer_gaps and gap_jobs:
+        table.pending = _DeferredGaps(container, increments, gap_jobs)
         return table
     return table if _gaps_match(container.fd, header.page_size, gap_jobs) else None
 
@@ -620,8 +619,12 @@ class _DeferredGaps:
 
     def _run(self, page_size: int,
              jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> None:
+        """The last job (the stream the loader parses) wholly, then the others, whose page
+        record headers between runs are left to the loader."""
         try:
-            self._ok = _gaps_match(self._fd, page_size, jobs, threads=1, skip_headers=True)
+            self._ok = (_gaps_match(self._fd, page_size, jobs[-1:], threads=1) and
+                        _gaps_match(self._fd, page_size, jobs[:-1], threads=1,
+                                    skip_headers=True))
         finally:
             os.close(self._fd)
 
@@ -706,9 +709,7 @@ def check_reloaded_ram(blocks: Sequence[RamBlock], expected: RamCrcTable,
     :func:`check_before_load` deferred first, and raises their error. ``ram_checked``: the
     loader compared every page with ``expected`` already (the indexed reload does, as it reads
     them): only the deferred checks are waited for."""
-    pending, expected.pending = expected.pending, None
-    if pending is not None:
-        pending.check()
+    expected.finish_checks()
     if ram_checked:
         return
     actual = [ram_page_crcs(block) for block in blocks]

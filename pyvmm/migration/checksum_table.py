@@ -203,6 +203,12 @@ class RamCrcTable:
         #: for a loader to use rather than read again
         self.index_records: dict[int, memoryview] = {}
 
+    def finish_checks(self) -> None:
+        """Wait for the checks of the file still running (if any) and raise their error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.check()
+
     def copy(self) -> RamCrcTable:
         other = RamCrcTable.__new__(RamCrcTable)
         other.layout = self.layout

@@ -121,10 +121,11 @@ def reload_file(path: str, count: int | None = None, *, strategy: str = DEFAULT_
         increments = header.increments[:n]
         check_chain(increments, path)
         # with checksums: streams checked now, the reloaded RAM after loading (never run);
-        # the indexed loader parses only the last stream, so the others' gaps are checked
-        # while it loads RAM, and it checks each page it reads against the table as it goes
+        # the indexed loader reads page data first and then parses only the last stream, so
+        # the stream gaps are checked while it loads RAM (the last stream's before it is
+        # parsed), and it checks each page it reads against the table as it goes
         indexed = strategy == "indexed"
-        expected = check_before_load(container, increments, defer_older_gaps=indexed)
+        expected = check_before_load(container, increments, defer_gaps=indexed)
         machine = Machine(main_ram_size(header.ram_blocks, path), uart_sink=uart_sink,
                           name=header.machine or "guest")
         report = ReloadReport(path=str(path), strategy=strategy, increments=n)
@@ -204,6 +205,8 @@ class _Loader:
         last = len(self.increments) - 1
         if strategy == "indexed":
             self._read_pages_newest_first(layout)
+            if self.expected is not None:  # the stream gaps, checked while the RAM loaded
+                self.expected.finish_checks()
             self._load_stream(entries, self.increments[last], skip_ram=True, final=True)
         else:
             for k, info in enumerate(self.increments):
