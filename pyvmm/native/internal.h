@@ -46,7 +46,10 @@ struct pyvmm_map_guard {
     sigjmp_buf env;
     pyvmm_u64 base, end;
 };
-extern __thread struct pyvmm_map_guard *pyvmm_map_guard;
+/* initial-exec: read in a signal handler, by threads that never set it too (a vCPU thread's
+ * SIGBUS in uffd signal mode), so it must not be allocated lazily on first use */
+extern __thread struct pyvmm_map_guard *pyvmm_map_guard
+    __attribute__((tls_model("initial-exec")));
 int pyvmm_sigbus_install(void);
 
 #endif

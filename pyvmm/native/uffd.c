@@ -479,7 +479,8 @@ static int sig_busy; /* SIGBUS handlers running */
 static struct sigaction sig_prev;
 static pthread_mutex_t sig_lock = PTHREAD_MUTEX_INITIALIZER;
 
-__thread struct pyvmm_map_guard *pyvmm_map_guard;
+__thread struct pyvmm_map_guard *pyvmm_map_guard
+    __attribute__((tls_model("initial-exec")));
 
 static void sigbus_handler(int sig, siginfo_t *si, void *ctx) {
     int saved_errno = errno;
