@@ -145,13 +145,6 @@ __attribute__((target("sse4.2"))) static uint32_t hw_update(uint32_t c, const un
         n -= 8;
     }
     c = (uint32_t)c64;
-    if (n >= 4) {
-        uint32_t w;
-        memcpy(&w, p, 4);
-        c = __builtin_ia32_crc32si(c, w);
-        p += 4;
-        n -= 4;
-    }
     while (n--)
         c = __builtin_ia32_crc32qi(c, *p++);
     return c;
