@@ -490,7 +490,8 @@ def table_from_file(container: CheckpointFile, count: int | None = None) -> RamC
 
 def check_before_load(container: CheckpointFile,
                       increments: Sequence[IncrementInfo], *,
-                      pages: bool = False, defer_gaps: bool = False) -> RamCrcTable | None:
+                      pages: bool = False, by_index: bool = False,
+                      defer_gaps: bool = False) -> RamCrcTable | None:
     """Before a reload of ``increments``: ``None`` when the last has no checksum block (no
     checks); else check every one's page index, checksum block and stream gaps (``pages``: and
     page data) and return the RAM table the reloaded machine must match. ChecksumError or
@@ -499,22 +500,28 @@ def check_before_load(container: CheckpointFile,
     The checks run in C, one call per increment (:func:`_checked_in_c`); when that does not
     accept the file, the same checks run again in Python, which names what is wrong.
 
-    ``defer_gaps`` (for a loader that reads page data first and then parses only the last
-    increment's stream, as the indexed reload does): the stream gaps are checked on a
+    ``by_index`` (for a loader that reads the page data of the increments before the last by
+    their page indexes and parses only the last increment's stream, as the indexed and the
+    lazy reload do): those increments' page records are the loader's. It finds page data by
+    the index and compares each page it loads with its CRC; the record headers are not used
+    (the ones it reads along with their pages are checked), and a page it does not read is not
+    loaded. So a gap that is only the 8-byte record header of the next run's first page is not
+    read when the checksum block has the CRC of the header that page must have (as the headers
+    between the pages of one run never are here). In a 16-increment chain of scattered writes
+    nearly every gap is such a header, one per 4 KiB page: reading them all took a third of
+    what checksums add to its indexed reload, and 45 ms before a lazy reload's first
+    instruction.
+
+    ``defer_gaps`` (implies ``by_index``; for a loader that reads page data first and then
+    parses the last stream, as the indexed reload does): the stream gaps are checked on a
     background thread while the RAM loads, the last increment's first; the loader waits for
     them (:meth:`RamCrcTable.finish_checks`, which raises their error) before it parses that
     stream, and :func:`check_reloaded_ram` waits if it did not (the container must still be
-    open then). The other increments' page records are the loader's to check, as it reads them: a
-    gap that is only the 8-byte record header of the next run's first page is not read when
-    the checksum block has the CRC of the header that page must have (as the headers between
-    the pages of one run never are). The indexed loader checks the header of every page it
-    reads next to the one before in the file; a page it does not read is not loaded. In a
-    16-increment chain of scattered writes nearly every gap is such a header, one per 4 KiB
-    page: reading them all took a third of what checksums add to its reload."""
+    open then)."""
     if not increments or not increments[-1].checksum_length:
         return None
     if not pages:
-        table = _checked_in_c(container, increments, defer_gaps)
+        table = _checked_in_c(container, increments, by_index or defer_gaps, defer_gaps)
         if table is not None:
             return table
     table = _checked_in_python(container, increments, pages=pages)
@@ -524,7 +531,7 @@ def check_before_load(container: CheckpointFile,
 
 
 def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo],
-                  defer_gaps: bool = False) -> RamCrcTable | None:
+                  by_index: bool = False, defer_gaps: bool = False) -> RamCrcTable | None:
     """:func:`check_before_load` without page data, in C: the RAM table, or ``None`` for
     anything not accepted (then the Python checks name it). Each increment's page index is
     checked and applied to the table in order (``pyvmm_crcindex_apply``, no I/O), then the
@@ -598,6 +605,9 @@ def _checked_in_c(container: CheckpointFile, increments: Sequence[IncrementInfo]
     if defer_gaps and gap_jobs:
         table.pending = _DeferredGaps(container, increments, gap_jobs)
         return table
+    if by_index:
+        return table if _stream_gaps_match(container.fd, header.page_size, gap_jobs,
+                                           threads=2) else None
     return table if _gaps_match(container.fd, header.page_size, gap_jobs) else None
 
 
@@ -619,12 +629,8 @@ class _DeferredGaps:
 
     def _run(self, page_size: int,
              jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]]) -> None:
-        """The last job (the stream the loader parses) wholly, then the others, whose page
-        record headers between runs are left to the loader."""
         try:
-            self._ok = (_gaps_match(self._fd, page_size, jobs[-1:], threads=1) and
-                        _gaps_match(self._fd, page_size, jobs[:-1], threads=1,
-                                    skip_headers=True))
+            self._ok = _stream_gaps_match(self._fd, page_size, jobs, threads=1)
         finally:
             os.close(self._fd)
 
@@ -636,6 +642,16 @@ class _DeferredGaps:
             _checked_in_python(self._container, self._increments, pages=False)
             raise FormatError("the checksum checks in C rejected the file, those in Python "
                               "did not")
+
+
+def _stream_gaps_match(fd: int, page_size: int,
+                       jobs: Sequence[tuple[IncrementInfo, memoryview, array.array[int]]],
+                       threads: int) -> bool:
+    """:func:`_gaps_match` for a loader that reads page data by the page indexes and parses
+    the last job's stream: that one wholly first, then the others, whose page record headers
+    between runs are left to the loader."""
+    return (_gaps_match(fd, page_size, jobs[-1:], threads=1) and
+            _gaps_match(fd, page_size, jobs[:-1], threads=threads, skip_headers=True))
 
 
 def _gaps_match(fd: int, page_size: int,

@@ -457,8 +457,9 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         increments = header.increments[:count]
         check_chain(increments, target.path)
         # with checksums: index, checksum blocks, device sections and the stream bytes around
-        # the page data are checked before the guest starts; page data as the C threads read it
-        crcs = check_before_load(container, increments)
+        # the page data are checked before the guest starts; page data (and the record
+        # headers of the older increments' pages) as the C threads read it
+        crcs = check_before_load(container, increments, by_index=True)
         tables = _SourceTables(header.ram_blocks)
         last_records = memoryview(b"")
         for info in increments:  # each page index checked and applied in C, in one call
