@@ -28,18 +28,6 @@ typedef pyvmm_u64 u64;
 #define PAGE_FLAGS_CONTINUE_PAGE 0x28 /* a page record of the same block as the one before */
 #define GAP_BUFFER (128u << 10) /* bytes read ahead over gaps that are close to each other */
 #define DENSE_EXTENT (16u << 10) /* a data extent up to this long is read through, not skipped */
-#define MAP_ALIGN (64u << 10)     /* a multiple of any page size mmap offsets need */
-static u64 map_min = 1u << 20; /* shorter streams are read, not mapped */
-
-static u64 map_cut_short; /* mapped reads that took SIGBUS */
-
-pyvmm_u64 pyvmm_crcindex_map_min(pyvmm_u64 bytes) {
-    return __atomic_exchange_n(&map_min, bytes, __ATOMIC_RELAXED);
-}
-
-pyvmm_u64 pyvmm_crcindex_map_cut_short(void) {
-    return __atomic_load_n(&map_cut_short, __ATOMIC_RELAXED);
-}
 
 struct extent {
     u64 start;  /* the run's first page's data */
@@ -186,17 +174,14 @@ static int check_gaps(int fd, struct extent *extents, u64 nextents, u64 stream_s
      * with pread, which finds where the file ends. */
     struct gap_reader g = {fd, NULL, 0, 0, stream_end};
     struct pyvmm_map_guard guard;
-    const u64 map_start = stream_start & ~(u64)(MAP_ALIGN - 1);
+    const u64 map_start = stream_start & ~(u64)(PYVMM_MAP_ALIGN - 1);
     const u64 map_len = stream_end > map_start ? stream_end - map_start : 0;
-    void *map = MAP_FAILED;
-    if (map_len && map_len >= __atomic_load_n(&map_min, __ATOMIC_RELAXED) &&
-        map_len <= SIZE_MAX && pyvmm_sigbus_install() == 0)
-        map = mmap(NULL, (size_t)map_len, PROT_READ, MAP_SHARED, fd, (off_t)map_start);
+    void *map = pyvmm_map_file(fd, map_start, map_len);
     if (map != MAP_FAILED) {
         if (sigsetjmp(guard.env, 1)) { /* SIGBUS: the guard is cleared */
             munmap(map, (size_t)map_len);
             map = MAP_FAILED;
-            __atomic_add_fetch(&map_cut_short, 1, __ATOMIC_RELAXED);
+            pyvmm_map_count_cut_short();
         } else {
             g.buf = map;
             g.start = map_start;

@@ -51,5 +51,11 @@ struct pyvmm_map_guard {
 extern __thread struct pyvmm_map_guard *pyvmm_map_guard
     __attribute__((tls_model("initial-exec")));
 int pyvmm_sigbus_install(void);
+/* uffd.c: [offset, offset + len) of fd mapped read-only (offset a multiple of PYVMM_MAP_ALIGN)
+ * with pyvmm's SIGBUS handler in place, or MAP_FAILED (shorter than pyvmm_map_min(), or no
+ * mapping to be had: read with pread then); pyvmm_map_count_cut_short after a SIGBUS there. */
+#define PYVMM_MAP_ALIGN (64u << 10) /* a multiple of any page size mmap offsets need */
+void *pyvmm_map_file(int fd, pyvmm_u64 offset, pyvmm_u64 len);
+void pyvmm_map_count_cut_short(void);
 
 #endif

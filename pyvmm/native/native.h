@@ -491,20 +491,15 @@ int pyvmm_crcindex_apply(const unsigned char *records, pyvmm_u64 nrecords, unsig
  * overlapping, cut the stream into data runs + 1 gaps, which are read and compared with gap_crcs
  * (ngap_crcs, file order). skip_headers: a gap that is just the 8-byte record header of the next
  * run's first page, continuing its block's records, is not read when gap_crcs has the CRC of
- * the header it must be (as the headers between the pages inside a run are never read here: a
- * loader that reads the page checks its header). A stream of at least pyvmm_crcindex_map_min() bytes is mapped and
- * only its gaps are touched (a file cut short under the mapping: SIGBUS caught, the gaps read
- * again with pread); a shorter one is read with pread, short extents read through. 0, -errno
- * or PYVMM_CRCINDEX_*, with err->run the gap (or record) and err->offset. */
+ * the header it must be (as the headers between the pages inside a run are never read here).
+ * A stream of at least pyvmm_map_min() bytes is mapped and only its gaps are touched (a file
+ * cut short under the mapping: SIGBUS caught, the gaps read again with pread); a shorter one is
+ * read with pread, short extents read through. 0, -errno or PYVMM_CRCINDEX_*, with err->run
+ * the gap (or record) and err->offset. */
 int pyvmm_crcindex_gaps(int fd, const unsigned char *records, pyvmm_u64 nrecords,
                         pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
                         const unsigned int *gap_crcs, pyvmm_u64 ngap_crcs, int skip_headers,
                         struct pyvmm_crcindex_error *err);
-/* Sets the shortest stream the gap readers map (0: all; ~0: none) and returns the previous
- * setting (default 1 MiB). For tests and benchmarks; not thread-safe against running calls. */
-pyvmm_u64 pyvmm_crcindex_map_min(pyvmm_u64 bytes);
-/* How many mapped gap reads took SIGBUS (and were read again with pread) so far. */
-pyvmm_u64 pyvmm_crcindex_map_cut_short(void);
 /* CRC-32C of the tables (block_pages[b] u32 each, as little-endian bytes, blocks in order):
  * the RAM digest of a checksum block. */
 unsigned int pyvmm_crcindex_digest(unsigned nblocks, unsigned int *const *tables,
@@ -541,3 +536,12 @@ int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrec
                             pyvmm_u64 page_size, pyvmm_u64 stream_start, pyvmm_u64 stream_end,
                             unsigned int *out, pyvmm_u64 nout, pyvmm_u64 *last_gap,
                             struct pyvmm_crcindex_error *err);
+
+/* ---- mapped reads of a checkpoint file (uffd.c): the stream gap checks (crcindex.c) and the
+ * RAM section walk in skip mode (ramwalk.c), which touch a few bytes a page ----
+ * pyvmm_map_min sets the shortest stretch of the file they map (0: all; ~0: none, all read with
+ * pread) and returns the previous setting (default 1 MiB); for tests and benchmarks, not
+ * thread-safe against running calls. pyvmm_map_cut_short: how many mapped reads have taken
+ * SIGBUS (the file cut short under the mapping) and were done again with pread. */
+pyvmm_u64 pyvmm_map_min(pyvmm_u64 bytes);
+pyvmm_u64 pyvmm_map_cut_short(void);

@@ -550,6 +550,26 @@ int pyvmm_sigbus_install(void) {
     return rc;
 }
 
+/* ---- mapped reads of checkpoint files (crcindex.c, ramwalk.c) ---- */
+
+static u64 map_min = 1u << 20; /* shorter stretches are read, not mapped */
+static u64 map_cut_short;      /* mapped reads that took SIGBUS */
+
+pyvmm_u64 pyvmm_map_min(pyvmm_u64 bytes) {
+    return __atomic_exchange_n(&map_min, bytes, __ATOMIC_RELAXED);
+}
+
+pyvmm_u64 pyvmm_map_cut_short(void) { return __atomic_load_n(&map_cut_short, __ATOMIC_RELAXED); }
+
+void pyvmm_map_count_cut_short(void) { __atomic_add_fetch(&map_cut_short, 1, __ATOMIC_RELAXED); }
+
+void *pyvmm_map_file(int fd, pyvmm_u64 offset, pyvmm_u64 len) {
+    if (len == 0 || len < __atomic_load_n(&map_min, __ATOMIC_RELAXED) || len > SIZE_MAX ||
+        pyvmm_sigbus_install() != 0)
+        return MAP_FAILED;
+    return mmap(NULL, (size_t)len, PROT_READ, MAP_SHARED, fd, (off_t)offset);
+}
+
 static int sig_register(struct wp_session *s) {
     pthread_mutex_lock(&sig_lock);
     int rc = sig_install_locked();

@@ -381,10 +381,10 @@ def page_header_gap(chain: Chain, kind: str, pick: float) -> int | None:
 @given(kind=st.sampled_from(["header", "page index", "stats", "checksum block", "page data",
                              "stream outside page data", "device section"]),
        pick=st.floats(0, 1, exclude_max=True), where=st.floats(0, 1, exclude_max=True),
-       mask=st.integers(1, 255))
+       mask=st.integers(1, 255), mapped=st.booleans())
 def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Path, kind: str,
                                                       pick: float, where: float,
-                                                      mask: int) -> None:
+                                                      mask: int, mapped: bool) -> None:
     path, increment = flip_byte(chain, tmp_path, kind, pick, where, mask)
     header_gap = page_header_gap(chain, kind, pick)
     report = verify_file(path)
@@ -402,7 +402,8 @@ def test_flipped_byte_is_found_named_and_never_loaded(chain: Chain, tmp_path: Pa
     # a reload gives a clean prefix's state or refuses: never a guest on damaged bytes
     for k in range(1, 4):
         try:
-            copy = reload(f"chpt:{k}:{path}")
+            with mapped_reads(mapped):  # the gap checks and the last stream's RAM walk
+                copy = reload(f"chpt:{k}:{path}")
         except (FormatError, ConfigError) as err:
             note(f"reload {k}: {err}")
             continue
@@ -804,13 +805,14 @@ def _before_load(path: Path, k: int, header_gap: int | None = None) -> tuple[str
 
 
 @contextlib.contextmanager
-def gap_reads(mapped: bool) -> Iterator[None]:
-    """The C gap checks map every stream (``mapped``) or read every one with pread."""
-    before = lib.pyvmm_crcindex_map_min(0 if mapped else (1 << 64) - 1)
+def mapped_reads(mapped: bool) -> Iterator[None]:
+    """The C gap checks and RAM section walks map every stream (``mapped``) or read every one
+    with pread."""
+    before = lib.pyvmm_map_min(0 if mapped else (1 << 64) - 1)
     try:
         yield
     finally:
-        lib.pyvmm_crcindex_map_min(before)
+        lib.pyvmm_map_min(before)
 
 
 @FAST
@@ -830,7 +832,7 @@ def test_c_checks_before_load_agree_with_python_on_flipped_bytes(
     if header_gap is not None:
         event("a record header between two runs")
     for k in range(1, 4):
-        with gap_reads(mapped):
+        with mapped_reads(mapped):
             outcome = _before_load(path, k, header_gap)
         if kind in ("page index", "checksum block", "stream outside page data",
                     "device section") and increment is not None and increment < k:
@@ -864,20 +866,70 @@ def test_a_mapped_gap_read_past_the_end_of_the_file_is_caught(tmp_path: Path) ->
     want = ffi.new("unsigned int[]", [checksum.crc32c(data[100:])])
     fd = os.open(path, os.O_RDONLY)
     try:
-        with gap_reads(mapped=True):
-            cut_short = lib.pyvmm_crcindex_map_cut_short()
+        with mapped_reads(mapped=True):
+            cut_short = lib.pyvmm_map_cut_short()
             rc = lib.pyvmm_crcindex_gaps(fd, ffi.NULL, 0, PAGE_SIZE, 100, len(data) + (64 << 10),
                                          want, 1, 0, err)
             assert rc == lib.PYVMM_CRCINDEX_TRUNCATED and err.offset == len(data)
-            assert lib.pyvmm_crcindex_map_cut_short() == cut_short + 1
+            assert lib.pyvmm_map_cut_short() == cut_short + 1
             assert lib.pyvmm_crcindex_gaps(fd, ffi.NULL, 0, PAGE_SIZE, 100, len(data), want, 1,
                                            0, err) == 0
-            assert lib.pyvmm_crcindex_map_cut_short() == cut_short + 1
+            assert lib.pyvmm_map_cut_short() == cut_short + 1
             want[0] ^= 1
             assert lib.pyvmm_crcindex_gaps(fd, ffi.NULL, 0, PAGE_SIZE, 100, len(data), want, 1,
                                            0, err) == lib.PYVMM_CRCINDEX_GAP_MISMATCH
     finally:
         os.close(fd)
+
+
+def test_a_mapped_ram_walk_past_the_end_of_the_file_walks_again_reading(tmp_path: Path) -> None:
+    """The skip-mode walk of a RAM section that runs past the end of the file (cut short while
+    it is walked from a mapping) takes SIGBUS, starts over reading with pread, and stops at
+    the record the file cuts, as a walk that reads from the start does; whole, both walk it to
+    its end."""
+    npages, name = 300, b"pc.ram"
+    parts = []
+    for page in range(npages):
+        flags = 0x08 | (0x20 if page else 0)  # PAGE, then CONTINUE
+        parts.append((page * PAGE_SIZE | flags).to_bytes(8, "big"))
+        if not page:
+            parts.append(bytes([len(name)]) + name)
+        parts.append(bytes([page % 251 + 1]) * PAGE_SIZE)
+    parts.append((0x10).to_bytes(8, "big"))  # EOS
+    stream = b"".join(parts)
+    path = tmp_path / "walk.bin"
+    ram = bytearray(npages * PAGE_SIZE)
+    names = ffi.new("unsigned char[]", bytes([len(name)]) + name)
+    c_names = ffi.new("unsigned char *[]", [names])
+    bases = ffi.new("void *[]", [ffi.from_buffer(ram)])
+    sizes = ffi.new("pyvmm_u64[]", [npages])
+
+    def walk(mapped: bool, end: int) -> tuple[int, int, int, int]:
+        w = ffi.new("struct pyvmm_ram_walk *")
+        w.offset, w.end, w.block = 0, end, -1
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with mapped_reads(mapped):
+                rc = lib.pyvmm_ram_walk(fd, 1, c_names, bases, sizes, PAGE_SIZE, ffi.NULL, 0, 1,
+                                        w)
+        finally:
+            os.close(fd)
+        return rc, int(w.offset), int(w.pages), int(w.eos)
+
+    path.write_bytes(stream)
+    whole = walk(True, len(stream))
+    assert whole == walk(False, len(stream)) == (0, len(stream), npages, 1)
+    cut = len(stream) // 2 & ~4095  # at a page boundary: the next header is in a page past it
+    path.write_bytes(stream[:cut])
+    before = lib.pyvmm_map_cut_short()
+    short = walk(True, len(stream))
+    assert lib.pyvmm_map_cut_short() == before + 1
+    assert short == walk(False, len(stream))
+    rc, offset, pages, eos = short
+    first = 8 + 1 + len(name) + PAGE_SIZE  # the first record names the block
+    assert rc == 0 and not eos and cut <= offset < cut + PAGE_SIZE + 8
+    assert pages == (offset - first) // (PAGE_SIZE + 8) + 1
+    assert not any(ram)  # skip mode writes no page
 
 
 def test_checksum_block_fast_decoder_agrees_with_construct(chain: Chain) -> None:
