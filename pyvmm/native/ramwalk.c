@@ -111,7 +111,11 @@ static struct data_run *data_runs(const unsigned char *index, pyvmm_u64 nindex,
             continue;
         runs[(*count)++] = (struct data_run){rec.data_offset, rec.first, rec.npages, rec.block};
     }
-    qsort(runs, *count, sizeof *runs, by_offset);
+    int sorted = 1; /* as pyvmm writes them: a sort would cost more than the walk */
+    for (pyvmm_u64 i = 1; i < *count && sorted; i++)
+        sorted = runs[i - 1].data_offset <= runs[i].data_offset;
+    if (!sorted)
+        qsort(runs, *count, sizeof *runs, by_offset);
     return runs;
 }
 
@@ -121,6 +125,10 @@ static const struct data_run *run_at(const struct data_run *runs, pyvmm_u64 coun
                                      pyvmm_u64 page) {
     /* records come in file order, so the cursor only moves forward; a binary search when not */
     pyvmm_u64 i = *cursor;
+    if (i < count && runs[i].data_offset == offset) { /* the next run, as a rule */
+        *cursor = i;
+        return runs[i].block == block && runs[i].first == page ? &runs[i] : NULL;
+    }
     if (i < count && runs[i].data_offset > offset)
         i = 0;
     pyvmm_u64 lo = i, hi = count;
