@@ -1083,7 +1083,8 @@ def test_the_last_streams_gaps_are_checked_before_it_is_parsed(
         chain: Chain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The indexed reload checks the last increment's stream gaps while it reads RAM, and waits
     for them before it parses that stream: damage there (even a page record header between two
-    runs) is the checks' error, naming the increment, and no stream is parsed."""
+    runs) is the checks' error, naming the increment, and no stream is parsed. (A header the
+    reader reads along with its page may be refused by the reader first, as a wrong header.)"""
     regions = _regions(chain.data)["stream outside page data"]
     last = max(r[2] for r in regions if r[2] is not None)
     parsed: list[int] = []
@@ -1102,9 +1103,13 @@ def test_the_last_streams_gaps_are_checked_before_it_is_parsed(
             with pytest.raises(ChecksumError) as before:
                 checksum.check_before_load(container, container.header.increments)
         parsed.clear()
-        with pytest.raises(ChecksumError) as err:
+        with pytest.raises(FormatError) as err:
             reload_module.reload_file(str(path))
-        assert str(err.value) == str(before.value) and err.value.increment == last
+        assert err.value.increment == last
+        if length == 8 and "record header" in str(err.value):
+            assert not isinstance(err.value, ChecksumError)  # the reader's, as it read the page
+        else:
+            assert str(err.value) == str(before.value)
         assert parsed == []
 
 
