@@ -65,6 +65,7 @@ from .errors import (
     UnsupportedInstruction,
 )
 from .ram import PAGE_SIZE, RamBlock
+from .vcpu_gate import StopGate
 
 RAM_BASE = 0x4000_0000
 DEFAULT_RAM_SIZE = 256 << 20
@@ -412,11 +413,14 @@ class Machine:
                 return False
             self._pause_reason = reason
             self._transition(target)
+            # Served by the vCPU thread before the next translation block it enters (also in a
+            # run that has not begun yet), never from here: see pyvmm.vcpu_gate for why.
+            # A parked vCPU (resumed, not yet woken) sees the new state and stays parked: asking
+            # it would leave a request behind that stops the next run at its first block.
+            if not self._parked:
+                self._gate.request()
             while not self._parked:
-                # A stop issued just before emu_start begins is lost (emu_start clears the
-                # request), so keep asking until the vCPU has parked.
-                self.uc.emu_stop()
-                self._cond.wait(0.0005)
+                self._cond.wait(0.2)  # bounded: the calling thread stays responsive to Ctrl-C
             return True
 
     def request_stop(self, exit_code: int | None = None) -> None:
@@ -524,6 +528,7 @@ class Machine:
                     if self._closing:
                         return
                     self._parked = True
+                    self._gate.clear()
                     self._cond.notify_all()
                     self._cond.wait()
                 self._parked = False
@@ -575,6 +580,7 @@ class Machine:
                 self._result = RunResult(StopReason.INSN_LIMIT, self._state, insns=self._icount)
             else:
                 return  # emu_start returned for no reason of ours: run on
+            self._gate.clear()  # a pause that came as the run ended is served by parking
             self._parked = True
             self._cond.notify_all()
 
@@ -595,6 +601,7 @@ class Machine:
         self.uc.mmio_map(dev.base, dev.size, read, None, write, None)
 
     def _hooks(self) -> None:
+        self._gate = StopGate(self.uc)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, a64.UC_ARM64_INS_MRS)
         self.uc.hook_add(UC_HOOK_INSN, self._on_msr, None, 1, 0, a64.UC_ARM64_INS_MSR)

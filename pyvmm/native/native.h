@@ -545,3 +545,15 @@ int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrec
  * SIGBUS (the file cut short under the mapping) and were done again with pread. */
 pyvmm_u64 pyvmm_map_min(pyvmm_u64 bytes);
 pyvmm_u64 pyvmm_map_cut_short(void);
+
+/* ---- pyvmm.vcpu_gate (vcpu.c): asynchronous pauses served on the vCPU thread ----
+ * A UC_HOOK_BLOCK callback: when `requested` is set it clears it, records the block's address
+ * and calls emu_stop (unicorn's uc_emu_stop): the vCPU stops before the block's first
+ * instruction with PC = that address. Other threads only set `requested`. */
+struct pyvmm_vcpu_gate {
+    int requested;
+    int (*emu_stop)(void *uc);
+    pyvmm_u64 stopped_at;
+    pyvmm_u64 stops;
+};
+void pyvmm_vcpu_block_hook(void *uc, pyvmm_u64 address, unsigned int size, void *user_data);
