@@ -129,6 +129,9 @@ _TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 }
 #: States from which the guest may not simply be resumed: it has ended.
 _ENDED = frozenset({_R.SHUTDOWN, _R.GUEST_PANICKED, _R.INTERNAL_ERROR})
+#: States in which an operation (a checkpoint) holds the stopped guest: resume() waits for it
+#: to finish, pause() is taken when it ends (Machine.resume_after).
+_HELD = frozenset({_R.SAVE_VM})
 
 
 class StopReason(enum.Enum):
@@ -214,6 +217,11 @@ class Machine:
         self._result = RunResult(StopReason.PAUSED, RunState.PRELAUNCH, insns=0)
         self._timer: threading.Timer | None = None
         self._state_listeners: list[Callable[[RunState, RunState], None]] = []
+        #: A pause asked for while an operation held the stopped guest (see _HELD): taken when
+        #: the operation ends with resume_after(); its (target, reason).
+        self._pending_pause: tuple[RunState, StopReason] | None = None
+        #: The thread that put the machine into its _HELD state (its resume() ends the hold).
+        self._holder: threading.Thread | None = None
 
     # ----------------------------------------------------------------------------- memory
     def add_ram_block(self, name: str, gpa: int, size: int) -> RamBlock:
@@ -306,6 +314,13 @@ class Machine:
         self._icount = count
 
     @property
+    def pause_requested(self) -> bool:
+        """Whether a pause has been asked for and has not landed yet.  A hook on the vCPU
+        thread that could block (a system call waiting for input) checks it, and returns so
+        that the pause is served (see :meth:`pause`)."""
+        return self._gate.requested or self._pending_pause is not None
+
+    @property
     def exit_code(self) -> int | None:
         """The guest's exit code once it has powered off, else None."""
         return self._exit_code
@@ -347,6 +362,7 @@ class Machine:
         if new not in _TRANSITIONS[old]:
             raise RunStateError(f"invalid run state transition {old.value} -> {new.value}")
         self._state = new
+        self._holder = threading.current_thread() if new in _HELD else None
         for listener in self._state_listeners:
             listener(old, new)
         self._cond.notify_all()
@@ -388,28 +404,66 @@ class Machine:
 
     def resume(self) -> None:
         """Continue a stopped machine, without an instruction budget (a pause from outside ends
-        a counted run: how much of the budget was used is unknown)."""
+        a counted run: how much of the budget was used is unknown).
+
+        While an operation holds the stopped guest (a checkpoint, in SAVE_VM), waits until it is
+        done, as QEMU's ``cont`` waits for the big lock a stop-and-copy save holds; from the
+        thread that holds it, it is :meth:`resume_after`."""
         with self._cond:
-            if self._state in _ENDED:
-                raise RunStateError(f"the machine has stopped for good ({self._state.value})")
-            if self._state is RunState.RUNNING:
+            if self._state in _HELD and self._holder is threading.current_thread():
+                self.resume_after(self._state)
                 return
-            self._pause_reason = StopReason.PAUSED
-            self._ensure_thread()
-            self._transition(RunState.RUNNING)
+            while self._state in _HELD:
+                self._cond.wait(0.2)
+            self._resume_locked()
+
+    def resume_after(self, held: RunState) -> None:
+        """End ``held``, the state the caller paused a running machine into (SAVE_VM for a
+        checkpoint), and run the guest on; or, if a pause was asked for meanwhile, stop there
+        instead: a Ctrl-C, a time limit or a monitor's ``stop`` during a checkpoint is never
+        lost."""
+        with self._cond:
+            if self._state is not held:
+                raise RunStateError(f"resume_after({held.value}) in state {self._state.value}")
+            pending, self._pending_pause = self._pending_pause, None
+            if pending is None:
+                self._resume_locked()
+                return
+            target, reason = pending
+            self._transition(target)
+            self._result = RunResult(reason, self._state, insns=self._icount)
+            self._cond.notify_all()
+
+    def _resume_locked(self) -> None:
+        if self._state in _ENDED:
+            raise RunStateError(f"the machine has stopped for good ({self._state.value})")
+        if self._state is RunState.RUNNING:
+            return
+        self._pause_reason = StopReason.PAUSED
+        self._ensure_thread()
+        self._transition(RunState.RUNNING)
 
     def pause(self, target: RunState = RunState.PAUSED, *,
               reason: StopReason = StopReason.PAUSED) -> bool:
         """Stop the vCPU and put the machine into ``target`` (PAUSED, SAVE_VM, FINISH_MIGRATE...).
 
         Blocks until the vCPU thread is parked: on return no guest code runs and the CPU state
-        can be read.  Call from any thread but the vCPU's.  Returns False if the machine was not
-        running (it is then left in its current state).
+        can be read.  The vCPU stops before the next translation block it enters: at an
+        instruction boundary, never inside an MMIO, MRS or SVC hook (a hook running when the
+        pause is asked for completes first), so registers, RAM, devices and the syscall layer
+        agree (:mod:`pyvmm.vcpu_gate`).  Every asynchronous stop (a timer, ``seconds``, Ctrl-C,
+        a checkpoint, a monitor command) comes through here.  Call from any thread but the
+        vCPU's.  Returns False if the machine was not running, or if its guest powered off or
+        failed before the stop landed (it is then left in that state).
         """
         if threading.current_thread() is self._thread:
             raise RunStateError("pause() called from the vCPU thread; use request_stop()")
         with self._cond:
+            if self._state in _HELD and self._state is not target:
+                return self._pause_when_released(target, reason)
             if self._state is not RunState.RUNNING:
+                while not self._parked:  # another thread's pause is landing: wait for it
+                    self._cond.wait(0.2)
                 return False
             self._pause_reason = reason
             self._transition(target)
@@ -421,7 +475,20 @@ class Machine:
                 self._gate.request()
             while not self._parked:
                 self._cond.wait(0.2)  # bounded: the calling thread stays responsive to Ctrl-C
-            return True
+            # The guest may have powered off (or failed) in the instructions before the stop:
+            # then it is in that end state, not paused, and the caller must know.
+            return self._state is target
+
+    def _pause_when_released(self, target: RunState, reason: StopReason) -> bool:
+        """pause() while an operation holds the stopped guest: taken by its resume_after()."""
+        request = (target, reason)
+        self._pending_pause = request
+        while self._state in _HELD:
+            self._cond.wait(0.2)
+        if self._pending_pause is request:  # released without running the guest again
+            self._pending_pause = None
+            return False
+        return self._state is target
 
     def request_stop(self, exit_code: int | None = None) -> None:
         """From a hook on the vCPU thread: power the machine off after the current instruction."""

@@ -108,6 +108,10 @@ class LinuxProcess:
             "stderr": stderr if stderr is not None else self.stderr_data.extend,
         }
         self._registers = _SyscallRegisters(machine.uc)
+        #: Called on the vCPU thread inside every system call, after its handler and before
+        #: its result reaches x0, with the call's number: tests and experiments act from inside
+        #: the syscall path with it (e.g. ask for a pause there).  Not state.
+        self.syscall_observer: Callable[[int], None] | None = None
         seed = str(machine.seed).encode()
         self._random_key = hashlib.sha256(b"pyvmm-linux getrandom\0" + seed).digest()
         machine.set_svc_handler(self.handle_svc)
@@ -184,5 +188,7 @@ class LinuxProcess:
             result = handler(self, *args)
         except LinuxErrno as err:
             result = -int(err.errno)
+        if self.syscall_observer is not None:
+            self.syscall_observer(nr)
         if result is not None:
             self._registers.write_x0(result & _MASK64)

@@ -316,7 +316,8 @@ class Checkpointer:
 
     def _unpause(self, was_running: bool, before: RunState) -> None:
         if was_running:
-            self.machine.resume()
+            # a pause asked for during the checkpoint (Ctrl-C, --seconds, stop) is taken here
+            self.machine.resume_after(RunState.SAVE_VM)
         else:
             self.machine.set_state(before if before is not RunState.PRELAUNCH
                                    else RunState.PAUSED)

@@ -9,13 +9,27 @@ checks an invariant at every pause, whatever the host speed: only where the paus
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
+import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 from keystone import KS_ARCH_ARM64, KS_MODE_LITTLE_ENDIAN, Ks
 
+from pyvmm.boot import GuestSpec, boot
 from pyvmm.machine import RAM_BASE, Machine, RunState, StopReason
+from pyvmm.migration.checkpoint import Checkpointer
+from pyvmm.migration.container import CheckpointFile
 
 COUNTER_GPA = RAM_BASE + 0x10000
 #: Two blocks that chain into each other: at the start of ``loop`` x1 == x2, at ``mid`` x1 ==
@@ -135,3 +149,265 @@ def test_a_pause_requested_inside_an_mmio_hook_is_served_after_it() -> None:
         text = bytes(out).decode()
         alphabet = "abcdefghijklmnopqrstuvwxyz"
         assert text == (alphabet * (len(text) // 26 + 1))[:len(text)]
+
+
+# ------------------------------------------------------------------------------ the central oracle
+#: Checkpoint modes under test: Checkpointer keyword arguments.
+MODES: dict[str, dict[str, Any]] = {
+    "full": {},
+    "incremental-async": {"capabilities": ("incremental",), "tracker": "async"},
+    "incremental-wp": {"capabilities": ("incremental",), "tracker": "wp"},
+    "live": {"capabilities": ("live", "incremental")},
+    "cow": {"capabilities": ("cow", "incremental")},
+    "checksum": {"capabilities": ("checksum", "incremental")},
+}
+GUEST_RAM = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A busybox applet run on files in a directory, and its uninterrupted output."""
+
+    name: str
+    args: tuple[str, ...]
+    files: tuple[str, ...]
+    stdout: bytes
+    syscalls: int
+
+
+def _inputs(directory: Path) -> dict[str, tuple[str, ...]]:
+    rng = random.Random(13)
+    text = base64.b64encode(rng.randbytes(120_000)) + b"\n"
+    (directory / "data.txt").write_bytes(text)
+    words = ["delta", "alpha", "Echo", "42", "zulu", "fox", "x-ray", "gamma"]
+    lines = [f"{rng.choice(words)} {rng.randint(0, 99999)} {rng.choice(words)}"
+             for _ in range(4000)]
+    (directory / "lines.txt").write_text("\n".join(lines) + "\n")
+    (directory / "blob.bin").write_bytes(rng.randbytes(1 << 20))
+    data, lines_txt, blob = (str(directory / n) for n in ("data.txt", "lines.txt", "blob.bin"))
+    return {
+        "gzip": ("gzip", "-c", "-n", data),
+        "sort": ("sort", "-k", "2n", lines_txt),
+        "sha256sum": ("sha256sum", blob, data),
+        "awk": ("awk", "{ n[$1] += $2; print NR, $3, $2 } END { for (w in n) print w, n[w] }",
+                lines_txt),
+    }
+
+
+@pytest.fixture(scope="module")
+def programs(busybox: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Program]:
+    """Each program with the output of one uninterrupted run (the reference)."""
+    directory = tmp_path_factory.mktemp("pause-oracle")
+    found = {}
+    for name, args in _inputs(directory).items():
+        out = bytearray()
+        with boot(GuestSpec(program=busybox, args=args, files=(str(directory),)),
+                  ram_size=GUEST_RAM, stdout=out.extend) as machine:
+            result = machine.run()
+            assert result.reason is StopReason.SHUTDOWN and result.exit_code == 0, result
+            syscalls = machine.extra_state["linux"].state.syscalls
+        found[name] = Program(name, args, (str(directory),), bytes(out), syscalls)
+    assert hashlib.sha256((directory / "blob.bin").read_bytes()).hexdigest().encode() in \
+        found["sha256sum"].stdout
+    return found
+
+
+@dataclasses.dataclass
+class PausedRun:
+    """What a run with asynchronous checkpoints produced."""
+
+    stdout: bytes
+    exit_code: int | None
+    #: Guest stdout bytes written before each increment's pause (the reload prints the rest).
+    stdout_at: list[int]
+    path: Path
+    syscall_pauses: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PausePlan:
+    """Where a run is paused: ``pauses`` times from another thread, ``delays[i % len]`` seconds
+    apart (a checkpoint at the indices in ``checkpoints``, a plain pause and resume otherwise),
+    and a checkpoint asked for from inside the system calls numbered ``syscall_points``."""
+
+    delays: tuple[float, ...]
+    pauses: int
+    checkpoints: frozenset[int]
+    syscall_points: frozenset[int]
+
+
+def _run_with_pauses(busybox: str, program: Program, mode: str, path: Path,
+                     plan: PausePlan) -> PausedRun:
+    """Run ``program`` under ``plan``, then checkpoint once more at the end, as ``pyvmm run
+    --checkpoint`` does."""
+    out = bytearray()
+    stdout_at: list[int] = []
+    errors: list[BaseException] = []
+    machine = boot(GuestSpec(program=busybox, args=program.args, files=program.files),
+                   ram_size=GUEST_RAM, stdout=out.extend)
+    process = machine.extra_state["linux"]
+    checkpointer = Checkpointer(machine, path, durable=False, **MODES[mode])
+    checkpointer.on_pause = lambda m: stdout_at.append(process.state.stdout_bytes)
+    requested = threading.Event()  # the guest is asked to stop (a pause is landing)
+    machine.add_state_listener(
+        lambda old, new: requested.set() if old is RunState.RUNNING else None)
+    done = threading.Event()
+    helpers: list[threading.Thread] = []
+
+    def checkpoint() -> None:
+        try:
+            checkpointer.checkpoint()
+        except BaseException as err:  # noqa: BLE001 - reported by the test's thread
+            errors.append(err)
+
+    def from_inside_the_call(number: int) -> None:
+        if process.state.syscalls not in plan.syscall_points:
+            return
+        requested.clear()
+        helper = threading.Thread(target=checkpoint)
+        helper.start()
+        helpers.append(helper)
+        # the pause is asked for while this call is still in the handler (by the checkpoint,
+        # or by the timer thread's pause, which the checkpoint then waits for)
+        if machine.state is RunState.RUNNING and not requested.wait(DEADLINE_S):
+            raise AssertionError("the checkpoint's pause was never requested")
+
+    def timer() -> None:
+        try:
+            for i in range(plan.pauses):
+                if done.wait(plan.delays[i % len(plan.delays)]):
+                    return
+                if i in plan.checkpoints:
+                    checkpoint()
+                elif machine.pause():
+                    machine.resume()
+        except BaseException as err:  # noqa: BLE001 - reported by the test's thread
+            errors.append(err)
+
+    ended = threading.Event()
+    machine.add_state_listener(
+        lambda old, new: ended.set() if new in (RunState.SHUTDOWN, RunState.GUEST_PANICKED,
+                                                RunState.INTERNAL_ERROR) else None)
+    process.syscall_observer = from_inside_the_call
+    pauser = threading.Thread(target=timer)
+    try:
+        pauser.start()
+        machine.start()  # machine.run() would return at the first plain pause
+        assert ended.wait(DEADLINE_S), "the guest did not end"
+        result = machine.wait()
+        done.set()
+        pauser.join()
+        for helper in helpers:
+            helper.join()
+        assert not errors, errors
+        assert result.reason is StopReason.SHUTDOWN, result
+        checkpointer.checkpoint()  # at the end of the run (the guest has powered off)
+    finally:
+        done.set()
+        checkpointer.close()
+        machine.close()
+    return PausedRun(bytes(out), result.exit_code, stdout_at, path, len(helpers))
+
+
+def _reload_in_new_processes(run: PausedRun, reference: bytes) -> None:
+    """Every increment, reloaded by ``pyvmm run --incoming chpt:k:FILE`` in a new process, runs
+    on to the reference output (what the guest had written before the pause, then the rest)."""
+    assert len(run.stdout_at) >= 1
+    for k, written in enumerate(run.stdout_at, start=1):
+        reloaded = subprocess.run(
+            [sys.executable, "-m", "pyvmm", "run", "-q", "--incoming", f"chpt:{k}:{run.path}"],
+            capture_output=True, timeout=300, check=False)
+        assert reloaded.returncode == 0, (k, reloaded.stderr[-500:])
+        assert reference[:written] + reloaded.stdout == reference, \
+            f"increment {k} (pause after {written} output bytes) reloads to other output"
+
+
+def _check_oracle(busybox: str, program: Program, mode: str, path: Path,
+                  plan: PausePlan) -> None:
+    path.unlink(missing_ok=True)
+    note(f"{program.name} in mode {mode}: {plan}")
+    run = _run_with_pauses(busybox, program, mode, path, plan)
+    assert run.exit_code == 0
+    assert run.stdout == program.stdout, "the paused run's output differs from the reference"
+    assert run.syscall_pauses == len(plan.syscall_points)  # deterministic run: all fired
+    assert len(run.stdout_at) == len(increment_kinds(path)) >= 1 + len(plan.syscall_points)
+    _reload_in_new_processes(run, program.stdout)
+
+
+def increment_kinds(path: Path) -> list[str]:
+    with CheckpointFile.open(path) as container:
+        return [i.kind for i in container.header.increments]
+
+
+@st.composite
+def _pause_plans(draw: st.DrawFn, programs: dict[str, Program]) -> tuple[Program, PausePlan]:
+    """A program and where to pause it: up to 300 pauses from another thread a few
+    milliseconds apart (enough that, before the stop gate, most runs went wrong), up to three
+    of them checkpoints, and one or two checkpoints from inside system calls."""
+    program = programs[draw(st.sampled_from(sorted(programs)), label="program")]
+    pauses = draw(st.integers(20, 300), label="pauses")
+    delays = tuple(draw(st.lists(st.floats(0.0, 0.003), min_size=1, max_size=8),
+                        label="delays"))
+    checkpoints = frozenset(draw(st.lists(st.integers(0, pauses - 1), max_size=3),
+                                 label="checkpoints"))
+    fractions = draw(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=2), label="syscalls")
+    points = frozenset(1 + int(f * (program.syscalls - 1)) for f in fractions)
+    return program, PausePlan(delays, pauses, checkpoints, points)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=2, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_busybox_output_is_the_reference_under_asynchronous_pauses(
+        busybox: str, programs: dict[str, Program], tmp_path: Path, mode: str,
+        data: st.DataObject) -> None:
+    """The central oracle (DESIGN.md §9) with pauses from another thread at random moments and
+    from inside system calls: the run's own output and every increment reloaded in a new process
+    end in the reference output."""
+    program, plan = data.draw(_pause_plans(programs))
+    _check_oracle(busybox, program, mode, tmp_path / "p.bin", plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=50, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_busybox_output_is_the_reference_under_many_asynchronous_pauses(
+        busybox: str, programs: dict[str, Program], tmp_path: Path, mode: str,
+        data: st.DataObject) -> None:
+    """The same, 50 random plans per mode (300 runs)."""
+    program, plan = data.draw(_pause_plans(programs))
+    _check_oracle(busybox, program, mode, tmp_path / "p.bin", plan)
+
+
+@pytest.mark.parametrize("reason", [StopReason.INTERRUPTED, StopReason.TIME_LIMIT,
+                                    StopReason.PAUSED])
+def test_a_pause_asked_for_during_a_checkpoint_is_taken_when_it_ends(
+        tmp_path: Path, reason: StopReason) -> None:
+    """Ctrl-C, a time limit or a stop that comes while a stop-and-copy checkpoint holds the
+    guest is not lost: the checkpoint completes and the guest stays stopped, for that reason."""
+    with _machine(TWO_BLOCKS) as machine:
+        checkpointer = Checkpointer(machine, tmp_path / "c.bin", durable=False)
+        outcome: list[bool] = []
+        at_pause = []
+
+        def during_the_checkpoint(m: Machine) -> None:
+            at_pause.append(m.cpu_state())
+            pauser = threading.Thread(target=lambda: outcome.append(m.pause(reason=reason)))
+            pauser.start()
+            _wait_until(lambda: m.pause_requested, "the pause was asked for")
+
+        checkpointer.on_pause = during_the_checkpoint
+        machine.start()
+        _wait_until(lambda: machine.read_memory(COUNTER_GPA, 8) != bytes(8), "the guest ran")
+        stats = checkpointer.checkpoint()
+        assert machine.state is RunState.PAUSED  # not resumed by the checkpoint's end
+        result = machine.wait()
+        assert result.reason is reason
+        _wait_until(lambda: bool(outcome), "pause() returned")
+        assert outcome == [True]
+        assert machine.cpu_state() == at_pause[0]  # the guest never ran after the checkpoint
+        assert stats.increment == 0
+        checkpointer.close()
