@@ -50,6 +50,16 @@ def assemble(source: str) -> bytes:
     return bytes(encoding)
 
 
+def ran_on(machine: Machine) -> None:
+    """Wait until a running COUNT_FOREVER guest has made progress (its counter in RAM moved):
+    progress, not a sleep, so a busy host only makes the wait longer."""
+    before = machine.read_memory(RAM_BASE + 0x10000, 8)
+    deadline = time.monotonic() + 120
+    while machine.read_memory(RAM_BASE + 0x10000, 8) == before:
+        assert time.monotonic() < deadline, "the guest made no progress"
+        time.sleep(0.001)
+
+
 def machine_with(source: str, ram: int = 16 << 20) -> Machine:
     machine = Machine(ram, name="test")
     machine.write_memory(RAM_BASE, assemble(source))
@@ -114,15 +124,15 @@ def test_pause_and_resume_from_another_thread() -> None:
     with machine_with(COUNT_FOREVER) as machine:
         machine.start()
         assert machine.state is RunState.RUNNING
-        time.sleep(0.05)
+        ran_on(machine)
         assert machine.pause()
         assert machine.state is RunState.PAUSED
         first = machine.cpu_state().x[1]
         assert first > 0
-        time.sleep(0.02)
+        time.sleep(0.02)  # a guest that did not stop would move on meanwhile
         assert machine.cpu_state().x[1] == first  # really stopped
         machine.resume()
-        time.sleep(0.05)
+        ran_on(machine)
         assert machine.pause(RunState.SAVE_VM)
         assert machine.state is RunState.SAVE_VM
         assert machine.cpu_state().x[1] > first
@@ -294,14 +304,14 @@ def test_counted_run_after_a_free_run_stops_exactly() -> None:
     """Code translated during an uncounted run must not escape a later instruction budget."""
     with machine_with(COUNT_FOREVER) as machine:
         machine.start()
-        time.sleep(0.05)
+        ran_on(machine)
         machine.pause()
         before = machine.cpu_state().x[1]
         result = machine.run(max_insns=3_000)
         assert result.reason is StopReason.INSN_LIMIT
         assert machine.cpu_state().x[1] - before in (999, 1000, 1001)  # 3 instructions a loop
         machine.start()
-        time.sleep(0.02)
+        ran_on(machine)
         machine.pause()
         with_budget = machine.run(max_insns=30)
         assert with_budget.reason is StopReason.INSN_LIMIT
