@@ -32,6 +32,8 @@ class GuestSpec:
     files: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     stdin: bytes = b""
+    #: The ELF guest's stdin is this process's standard input, read as the guest reads it.
+    stdin_live: bool = False
 
     @property
     def is_builtin(self) -> bool:
@@ -84,4 +86,5 @@ def _boot_elf(machine: Machine, spec: GuestSpec, stdout: OutputSink | None,
 
     argv: Sequence[str] = (os.path.basename(spec.program), *spec.args)
     load_program(machine, spec.program, list(argv), env=dict(spec.env) or None,
-                 files=list(spec.files), stdin=spec.stdin, stdout=stdout, stderr=stderr)
+                 files=list(spec.files), stdin=spec.stdin, stdout=stdout, stderr=stderr,
+                 stdin_live=spec.stdin_live)

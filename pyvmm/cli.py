@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
@@ -177,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="host file or directory the ELF guest may read, at the same path; "
                             "guest writes go to an in-memory overlay (repeatable)")
     guest.add_argument("--stdin", metavar="FILE",
-                       help="file whose bytes the ELF guest reads on fd 0 (default: empty)")
+                       help="file whose bytes the ELF guest reads on fd 0 (default: empty; "
+                            "saved in each checkpoint); - : pyvmm's own standard input, read "
+                            "as the guest reads it (a pipe or a terminal; a guest reloaded "
+                            "with --incoming reads its new process's standard input)")
     guest.add_argument("--env", metavar="NAME=VALUE", action="append", default=[],
                        help="environment variable for the ELF guest (repeatable)")
     guest.add_argument("--output", metavar="FILE",
@@ -268,15 +273,20 @@ def _guest_spec(args: argparse.Namespace) -> GuestSpec:
         if not os.path.exists(path):
             raise ConfigError(f"--files {path}: no such file or directory")
     stdin = b""
-    if args.stdin is not None:
+    if args.stdin == "-":
+        pass  # live: read by the guest as it runs (GuestSpec.stdin_live)
+    elif args.stdin is not None:
         try:
             with open(args.stdin, "rb") as handle:
                 stdin = handle.read()
         except OSError as err:
             raise ConfigError(f"--stdin {args.stdin}: {err.strerror}") from err
+    if args.stdin is not None and program in BUILTIN_GUESTS:
+        raise ConfigError("--stdin is the ELF guest's standard input; the built-in workload "
+                          "reads none")
     return GuestSpec(program=program, args=tuple(words[1:]), workload=options,
                      files=tuple(os.path.abspath(p) for p in args.files), env=tuple(env),
-                     stdin=stdin)
+                     stdin=stdin, stdin_live=args.stdin == "-")
 
 
 class _LineSink:
@@ -449,13 +459,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
             StopReason.SHUTDOWN: f"guest exited with code {result.exit_code}",
             StopReason.INSN_LIMIT: f"stopped after {max_insns} instructions (--max-insns)",
             StopReason.TIME_LIMIT: "stopped at the time limit (--seconds)",
-            StopReason.INTERRUPTED: "interrupted",
+            StopReason.INTERRUPTED: f"interrupted ({_signal_name()})",
             StopReason.PAUSED: "paused",
         }.get(result.reason, result.reason.value)
         print(f"pyvmm: {what}; {elapsed:.2f} s, RAM {format_size(ram_size)}", file=sys.stderr)
     if result.reason is StopReason.SHUTDOWN:
         return result.exit_code or 0
-    return 130 if result.reason is StopReason.INTERRUPTED else 0
+    return 128 + _TERMINATION[0] if result.reason is StopReason.INTERRUPTED else 0
+
+
+#: The signal that interrupted the run (SIGINT unless SIGTERM came).
+_TERMINATION = [int(signal.SIGINT)]
+
+
+def _signal_name() -> str:
+    return signal.Signals(_TERMINATION[0]).name
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM stops the run as Ctrl-C does: through the machine's pause, at a clean
+    boundary, then the end-of-run checkpoint (if any) and exit 143."""
+    _TERMINATION[0] = signum
+    raise KeyboardInterrupt
 
 
 def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns: int | None,
@@ -673,6 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, _on_sigterm)
             return _cmd_run(args)
         if args.command == "checkpoint":
             return _cmd_checkpoint(args)
@@ -681,8 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyvmm: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("pyvmm: interrupted", file=sys.stderr)
-        return 130
+        print(f"pyvmm: interrupted ({_signal_name()})", file=sys.stderr)
+        return 128 + _TERMINATION[0]
     except BrokenPipeError:
         # whoever read our output stopped (`pyvmm checkpoint info f | head`): not an error to
         # report; point stdout at /dev/null so that the flush at exit does not fail again

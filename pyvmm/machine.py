@@ -321,6 +321,12 @@ class Machine:
         return self._gate.requested or self._pending_pause is not None
 
     @property
+    def pause_fd(self) -> int:
+        """A file descriptor that polls readable while a pause waits for the vCPU: a hook that
+        blocks on host input polls it too, and gives way (:attr:`pause_requested`)."""
+        return self._gate.fd
+
+    @property
     def exit_code(self) -> int | None:
         """The guest's exit code once it has powered off, else None."""
         return self._exit_code
@@ -414,8 +420,47 @@ class Machine:
                 self.resume_after(self._state)
                 return
             while self._state in _HELD:
-                self._cond.wait(0.2)
+                self._wait_unless_closing()
             self._resume_locked()
+
+    def hold(self, target: RunState = RunState.SAVE_VM) -> RunState:
+        """Stop the guest for an operation (a checkpoint) and put the machine into ``target``,
+        whatever it was doing, in one step (no other thread's pause or resume can come in
+        between); waits while another operation holds it.  Returns the state to give back to
+        :meth:`release`: RUNNING if the guest was running, else the state it was in (an
+        ended one if the guest powered off before the stop landed)."""
+        if threading.current_thread() is self._thread:
+            raise RunStateError("hold() called from the vCPU thread")
+        with self._cond:
+            while self._state in _HELD:
+                self._wait_unless_closing()
+            before = self._state
+            if before is RunState.RUNNING:
+                self._pause_reason = StopReason.PAUSED
+                self._transition(target)
+                if not self._parked:
+                    self._gate.request()
+            while not self._parked:
+                self._wait_unless_closing()
+            if self._state is not target:  # stopped already, or ended before the stop
+                before = self._state
+                self._transition(target)
+            return before
+
+    def release(self, before: RunState) -> None:
+        """End a :meth:`hold`: back to ``before`` (a PRELAUNCH machine to PAUSED), the guest
+        running again if it ran; a pause asked for meanwhile is taken (:meth:`resume_after`)."""
+        with self._cond:
+            if before is RunState.RUNNING:
+                self.resume_after(self._state)
+            else:  # a pause asked for meanwhile finds the guest not running (pause() False)
+                self._transition(before if before is not RunState.PRELAUNCH
+                                 else RunState.PAUSED)
+
+    def _wait_unless_closing(self) -> None:
+        if self._closing:
+            raise RunStateError("the machine was closed while this thread waited for it")
+        self._cond.wait(0.2)
 
     def resume_after(self, held: RunState) -> None:
         """End ``held``, the state the caller paused a running machine into (SAVE_VM for a
@@ -476,19 +521,24 @@ class Machine:
             while not self._parked:
                 self._cond.wait(0.2)  # bounded: the calling thread stays responsive to Ctrl-C
             # The guest may have powered off (or failed) in the instructions before the stop:
-            # then it is in that end state, not paused, and the caller must know.
-            return self._state is target
+            # then it is in that end state, not paused, and the caller must know.  (Another
+            # operation may hold the stopped guest already: the pause has landed all the same.)
+            return not self._ended_on_its_own()
 
     def _pause_when_released(self, target: RunState, reason: StopReason) -> bool:
         """pause() while an operation holds the stopped guest: taken by its resume_after()."""
         request = (target, reason)
         self._pending_pause = request
         while self._state in _HELD:
-            self._cond.wait(0.2)
+            self._wait_unless_closing()
         if self._pending_pause is request:  # released without running the guest again
             self._pending_pause = None
             return False
-        return self._state is target
+        return not self._ended_on_its_own()
+
+    def _ended_on_its_own(self) -> bool:
+        """Whether the vCPU's last run ended with the guest (power-off, error), not a stop."""
+        return self._result.reason in (StopReason.SHUTDOWN, StopReason.ERROR)
 
     def request_stop(self, exit_code: int | None = None) -> None:
         """From a hook on the vCPU thread: power the machine off after the current instruction."""
@@ -531,6 +581,7 @@ class Machine:
         if self._timer is not None:
             self._timer.cancel()
         self._release_engine()
+        self._gate.close()
         for block in self.ram_blocks:
             block.close()
 

@@ -16,6 +16,7 @@ vCPU thread and never touches Python objects (it runs with the GIL released).
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 from unicorn import UC_HOOK_BLOCK, UcError
@@ -41,14 +42,28 @@ class StopGate:
             raise UcError(status)
         #: Keeps the engine (and with it the hook) no longer than the gate's memory lives.
         self._uc = uc
+        #: Readable while a request is pending: a hook that waits (for input) polls it too.
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def request(self) -> None:
         """Ask the vCPU to stop before the next block it enters (in this run or the next)."""
         self._gate.requested = 1
+        os.eventfd_write(self.fd, 1)
 
     def clear(self) -> None:
-        """Withdraw a request nobody served (the vCPU stopped for another reason)."""
+        """The vCPU is parked: withdraw a request nobody served (it stopped for another
+        reason), and reset :attr:`fd`."""
         self._gate.requested = 0
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Release :attr:`fd` (idempotent); the engine goes first."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     @property
     def requested(self) -> bool:

@@ -140,6 +140,15 @@ class LinuxErrno(Exception):
         self.errno = errno
 
 
+class SyscallRestart(Exception):
+    """A call that would block (waiting for input) gives way to a pause asked for meanwhile:
+    raised inside a handler before it changed anything, it rewinds the guest to its ``svc``, so
+    that the call runs again once the guest resumes, here or in a process that reloaded the
+    checkpoint taken at the pause: as Linux restarts a call interrupted by SIGSTOP.
+
+    Never leaves the syscall layer (control flow, like :class:`LinuxErrno`)."""
+
+
 #: Signal numbers (asm-generic/signal.h) to names, for messages and dispositions.
 SIGNAL_NAMES: Final = MappingProxyType({
     1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 5: "SIGTRAP", 6: "SIGABRT", 7: "SIGBUS",

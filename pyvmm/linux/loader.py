@@ -94,7 +94,7 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
                  env: Mapping[str, str] | None = None,
                  files: Iterable[str | os.PathLike[str]] = (), stdin: bytes = b"",
                  stdout: OutputSink | None = None, stderr: OutputSink | None = None,
-                 cwd: str | None = None) -> LinuxProcess:
+                 cwd: str | None = None, stdin_live: bool = False) -> LinuxProcess:
     """Load a static aarch64 Linux program on a machine that has not started yet.
 
     See the package documentation (:mod:`pyvmm.linux`) for the meaning of each argument.
@@ -112,6 +112,8 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
         raise ConfigError(f"guest working directory {cwd!r} is not an absolute path")
     if not isinstance(stdin, (bytes, bytearray)):
         raise ConfigError("stdin must be bytes")
+    if stdin_live and stdin:
+        raise ConfigError("stdin is either given bytes or live, not both")
     strings = [s.encode("utf-8", "surrogateescape") + b"\0" for s in (path, *envp, *args)]
     if sum(len(s) for s in strings) > MAX_STRINGS:
         raise ConfigError(f"arguments and environment take more than {MAX_STRINGS} bytes")
@@ -142,7 +144,8 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
                                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_GROWSDOWN,
                                             "stack"))
 
-    files_state = FileState(cwd=guest_cwd, exports=exports, stdin=bytes(stdin))
+    files_state = FileState(cwd=guest_cwd, exports=exports, stdin=bytes(stdin),
+                            stdin_live=stdin_live)
     for fd, kind in enumerate(("stdin", "stdout", "stderr")):
         access = O_RDONLY if kind == "stdin" else O_WRONLY
         files_state.descriptions[fd] = OpenFileDescription(kind, f"/dev/{kind}", access)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
+import select
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
@@ -22,7 +24,7 @@ from ..devices.counter import COUNTER_FREQUENCY_HZ
 from ..errors import UnsupportedSyscall
 from ..machine import Machine
 from . import sys_fs, sys_io, sys_process
-from .abi import SYSCALL_NUMBERS, LinuxErrno, SyscallHandler, syscall_name
+from .abi import SYSCALL_NUMBERS, LinuxErrno, SyscallHandler, SyscallRestart, syscall_name
 from .guestmem import GuestMemory
 from .state import LinuxState, state_from_dict, state_to_dict
 from .vfs import FileSystem
@@ -112,6 +114,10 @@ class LinuxProcess:
         #: its result reaches x0, with the call's number: tests and experiments act from inside
         #: the syscall path with it (e.g. ask for a pause there).  Not state.
         self.syscall_observer: Callable[[int], None] | None = None
+        #: Host fd a live stdin (``FileState.stdin_live``) is read from; not state.
+        self.stdin_fd = 0
+        #: True while a system call waits for input (tests look; not state).
+        self.waiting_for_input = False
         seed = str(machine.seed).encode()
         self._random_key = hashlib.sha256(b"pyvmm-linux getrandom\0" + seed).digest()
         machine.set_svc_handler(self.handle_svc)
@@ -167,6 +173,33 @@ class LinuxProcess:
         self.state.random_offset += length
         return stream[start - first * 32:start - first * 32 + length]
 
+    def wait_for_input(self, fd: int) -> None:
+        """Block (GIL released) until host ``fd`` is readable or at its end; a pause asked for
+        first, or meanwhile, wins: :class:`SyscallRestart` (nothing was read)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self.machine.pause_fd, select.POLLIN)
+        self.waiting_for_input = True
+        try:
+            while True:
+                if self.machine.pause_requested:
+                    raise SyscallRestart
+                if any(ready == fd for ready, _ in poller.poll()):
+                    return
+        finally:
+            self.waiting_for_input = False
+
+    def read_live_stdin(self, count: int) -> bytes:
+        """Up to ``count`` bytes of the live stdin, waiting for the first (see wait_for_input);
+        b"" at its end."""
+        if count <= 0:
+            return b""
+        self.wait_for_input(self.stdin_fd)
+        try:
+            return os.read(self.stdin_fd, count)
+        except BlockingIOError:  # another reader of the same pipe was first: wait again
+            raise SyscallRestart from None
+
     def unsupported(self, nr: int, detail: str = "") -> UnsupportedSyscall:
         name = syscall_name(nr)
         text = f"unsupported system call {name} (number {nr})"
@@ -188,6 +221,12 @@ class LinuxProcess:
             result = handler(self, *args)
         except LinuxErrno as err:
             result = -int(err.errno)
+        except SyscallRestart:
+            # back to the svc: the call runs again after the pause, which the vCPU serves
+            # before the block that starts there (its registers are as the guest set them)
+            self.state.syscalls -= 1
+            machine.uc.reg_write(a64.UC_ARM64_REG_PC, self.pc())
+            return
         if self.syscall_observer is not None:
             self.syscall_observer(nr)
         if result is not None:

@@ -101,6 +101,9 @@ class FileState:
     #: Absolute host paths (files or directories) the guest sees read-only at the same path.
     exports: list[str]
     stdin: bytes = b""
+    #: stdin is the pyvmm process's own standard input (a pipe, a terminal), read as the guest
+    #: reads it, instead of the ``stdin`` bytes; a reloaded guest reads its new process's.
+    stdin_live: bool = False
     umask: int = 0o022
     overlay: dict[str, OverlayNode] = dataclasses.field(default_factory=dict)
     descriptions: dict[int, OpenFileDescription] = dataclasses.field(default_factory=dict)

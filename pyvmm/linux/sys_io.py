@@ -9,6 +9,7 @@ turn guest arguments into fds and paths live here too, for :mod:`sys_fs` and :mo
 
 from __future__ import annotations
 
+import select
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -175,7 +176,10 @@ def read_from(p: LinuxProcess, desc: OpenFileDescription, count: int,
     if desc.kind == "stdin":
         if offset is not None:
             raise _fail(Errno.ESPIPE)
-        data = p.state.files.stdin[pos:pos + count]
+        if p.state.files.stdin_live:
+            data = p.read_live_stdin(min(count, _CHUNK))
+        else:
+            data = p.state.files.stdin[pos:pos + count]
     elif desc.kind == "file":
         data = p.fs.read(desc.path, pos, count)
     elif desc.kind == "dir":
@@ -338,18 +342,43 @@ def sys_lseek(p: LinuxProcess, fd: int, offset: int, whence: int, *_: int) -> in
 
 
 def sys_ppoll(p: LinuxProcess, fds: int, nfds: int, timeout: int, *_: int) -> int:
-    """Every fd is always ready: reads never block here (stdin is given up front), writes
-    never fill up.  Polling nothing is a sleep."""
+    """Every fd is always ready, but a live stdin (which is ready when its host fd is): reads
+    of files never block, writes never fill up.  Nothing ready: with no timeout, wait for the
+    live stdin (a pause asked for meanwhile restarts the call); with one, the (virtual) time
+    passes at once.  Polling nothing is a sleep."""
     if nfds > p.state.files.max_fds:
         raise _fail(Errno.EINVAL)
+    wait_ns = None
+    if timeout:
+        sec, nsec = TIMESPEC.unpack(p.mem.read(timeout, TIMESPEC.size))
+        wait_ns = max(0, sec * 1_000_000_000 + nsec)
     if nfds == 0:
-        if not timeout:
+        if wait_ns is None:
             raise GuestError("ppoll on no fds without a timeout: the single-process program "
                              "would wait forever", pc=p.pc(), guest=p.guest)
-        sec, nsec = TIMESPEC.unpack(p.mem.read(timeout, TIMESPEC.size))
-        p.sleep(max(0, sec * 1_000_000_000 + nsec))
+        p.sleep(wait_ns)
         return 0
+    while True:
+        ready, waits_for_stdin = _poll_once(p, fds, nfds)
+        if ready or not waits_for_stdin:
+            return ready
+        if wait_ns is not None:
+            p.sleep(wait_ns)
+            return 0
+        p.wait_for_input(p.stdin_fd)
+
+
+def _live_stdin_readable(p: LinuxProcess) -> bool:
+    poller = select.poll()
+    poller.register(p.stdin_fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _poll_once(p: LinuxProcess, fds: int, nfds: int) -> tuple[int, bool]:
+    """One pass of ppoll over the guest's pollfd array: (fds ready, whether one of the others
+    waits for a live stdin)."""
     raw = bytearray(p.mem.read(fds, nfds * POLLFD.size))
+    waits_for_stdin = False
     ready = 0
     for i in range(nfds):
         fd, events, _revents = POLLFD.unpack_from(raw, i * POLLFD.size)
@@ -361,13 +390,18 @@ def sys_ppoll(p: LinuxProcess, fds: int, nfds: int, timeout: int, *_: int) -> in
             desc = description(p, fd)
             revents = 0
             if desc.kind not in ("stdout", "stderr") and desc.flags & O_ACCMODE != O_WRONLY:
-                revents |= events & (POLLIN | POLLRDNORM)
+                if desc.kind == "stdin" and p.state.files.stdin_live and \
+                        events & (POLLIN | POLLRDNORM) and not _live_stdin_readable(p):
+                    waits_for_stdin = True
+                else:
+                    revents |= events & (POLLIN | POLLRDNORM)
             if desc.kind != "stdin" and desc.flags & O_ACCMODE != O_RDONLY:
                 revents |= events & (POLLOUT | POLLWRNORM)
         POLLFD.pack_into(raw, i * POLLFD.size, fd, events, revents)
         ready += revents != 0
-    p.mem.write(fds, raw)
-    return ready
+    if ready or not waits_for_stdin:
+        p.mem.write(fds, raw)
+    return ready, waits_for_stdin
 
 
 # ------------------------------------------------------------------------------ open/close/dup

@@ -306,21 +306,14 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- pausing
     def _pause(self) -> tuple[bool, RunState]:
-        """Stop the vCPU into SAVE_VM; returns (was running, state to go back to)."""
-        machine = self.machine
-        was_running = machine.pause(RunState.SAVE_VM)
-        before = RunState.RUNNING if was_running else machine.state
-        if not was_running:
-            machine.set_state(RunState.SAVE_VM)
-        return was_running, before
+        """Stop the vCPU into SAVE_VM (Machine.hold); returns (was running, state to go back
+        to)."""
+        before = self.machine.hold(RunState.SAVE_VM)
+        return before is RunState.RUNNING, before
 
     def _unpause(self, was_running: bool, before: RunState) -> None:
-        if was_running:
-            # a pause asked for during the checkpoint (Ctrl-C, --seconds, stop) is taken here
-            self.machine.resume_after(RunState.SAVE_VM)
-        else:
-            self.machine.set_state(before if before is not RunState.PRELAUNCH
-                                   else RunState.PAUSED)
+        # a pause asked for during the checkpoint (Ctrl-C, --seconds, stop) is taken here
+        self.machine.release(before)
 
     # ------------------------------------------------------------------------- checkpoint
     def checkpoint(self) -> CheckpointStats:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -169,10 +171,10 @@ class Program:
     """A busybox applet run on files in a directory, and its uninterrupted output."""
 
     name: str
-    args: tuple[str, ...]
-    files: tuple[str, ...]
-    stdout: bytes
-    syscalls: int
+    args: tuple[str, ...] = dataclasses.field(repr=False)
+    files: tuple[str, ...] = dataclasses.field(repr=False)
+    stdout: bytes = dataclasses.field(repr=False)
+    syscalls: int = dataclasses.field(repr=False)
 
 
 def _inputs(directory: Path) -> dict[str, tuple[str, ...]]:
@@ -264,7 +266,7 @@ def _run_with_pauses(busybox: str, program: Program, mode: str, path: Path,
         if process.state.syscalls not in plan.syscall_points:
             return
         requested.clear()
-        helper = threading.Thread(target=checkpoint)
+        helper = threading.Thread(target=checkpoint, daemon=True)
         helper.start()
         helpers.append(helper)
         # the pause is asked for while this call is still in the handler (by the checkpoint,
@@ -289,11 +291,12 @@ def _run_with_pauses(busybox: str, program: Program, mode: str, path: Path,
         lambda old, new: ended.set() if new in (RunState.SHUTDOWN, RunState.GUEST_PANICKED,
                                                 RunState.INTERNAL_ERROR) else None)
     process.syscall_observer = from_inside_the_call
-    pauser = threading.Thread(target=timer)
+    pauser = threading.Thread(target=timer, daemon=True)
     try:
         pauser.start()
         machine.start()  # machine.run() would return at the first plain pause
-        assert ended.wait(DEADLINE_S), "the guest did not end"
+        _wait_until(lambda: ended.is_set() or bool(errors), "the guest ended")
+        assert not errors, errors
         result = machine.wait()
         done.set()
         pauser.join()
@@ -304,6 +307,8 @@ def _run_with_pauses(busybox: str, program: Program, mode: str, path: Path,
         checkpointer.checkpoint()  # at the end of the run (the guest has powered off)
     finally:
         done.set()
+        for thread in [pauser, *helpers]:  # on a failure: let them finish before the close
+            thread.join(DEADLINE_S)
         checkpointer.close()
         machine.close()
     return PausedRun(bytes(out), result.exit_code, stdout_at, path, len(helpers))
@@ -411,3 +416,123 @@ def test_a_pause_asked_for_during_a_checkpoint_is_taken_when_it_ends(
         assert machine.cpu_state() == at_pause[0]  # the guest never ran after the checkpoint
         assert stats.increment == 0
         checkpointer.close()
+
+
+# ------------------------------------------------------------------------------ blocking calls
+SVC_0 = 0xD400_0001
+#: aarch64 numbers of the calls busybox reads stdin with, and the register holding the fd.
+STDIN_READERS = {63: 0, 65: 0, 71: 1}  # read(fd, ...), readv(fd, ...), sendfile(out, in, ...)
+
+
+def test_a_pause_during_a_blocking_read_is_served_at_once_and_the_read_restarts(
+        busybox: str, tmp_path: Path) -> None:
+    """``cat`` waits in read() on a live stdin with nothing to read: a pause and a checkpoint
+    are served without any input coming (the call gives way), the guest is stopped on its svc
+    with the call's registers, and both the running guest and a reload of that checkpoint in a
+    new process read on as if never stopped."""
+    reader, writer = os.pipe()
+    out = bytearray()
+    path = tmp_path / "blocked.bin"
+    with boot(GuestSpec(program=busybox, args=("cat",), stdin_live=True), ram_size=GUEST_RAM,
+              stdout=out.extend) as machine:
+        process = machine.extra_state["linux"]
+        process.stdin_fd = reader
+        checkpointer = Checkpointer(machine, path, durable=False)
+        at_pause = []
+        checkpointer.on_pause = lambda m: at_pause.append(
+            (m.cpu_state(), m.read_memory(m.cpu_state().pc, 4)))
+        machine.start()
+        os.write(writer, b"one\n")
+        _wait_until(lambda: bytes(out) == b"one\n" and process.waiting_for_input,
+                    "cat echoed its first line and waits for the next")
+        served = threading.Thread(target=checkpointer.checkpoint)
+        served.start()
+        served.join(DEADLINE_S)
+        assert not served.is_alive(), "the checkpoint waited for the blocked read to end"
+        cpu, word = at_pause[0]
+        assert int.from_bytes(word, "little") == SVC_0 and cpu.x[8] in STDIN_READERS
+        assert cpu.x[STDIN_READERS[cpu.x[8]]] == 0  # the call's own argument, not a result
+        _wait_until(lambda: process.waiting_for_input, "the read was restarted")
+        pauser = threading.Thread(target=machine.pause)
+        pauser.start()
+        pauser.join(DEADLINE_S)
+        assert not pauser.is_alive() and machine.state is RunState.PAUSED
+        machine.resume()
+        os.write(writer, b"two\n")
+        os.close(writer)
+        result = machine.wait(DEADLINE_S)
+        os.close(reader)
+        checkpointer.close()
+    assert result.reason is StopReason.SHUTDOWN and result.exit_code == 0, result
+    assert bytes(out) == b"one\ntwo\n"
+    reloaded = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-q", "--incoming",
+                               f"chpt:{path}"], input=b"three\n", capture_output=True,
+                              timeout=300, check=False)
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert reloaded.stdout == b"three\n"  # read again, from the new process's stdin
+
+
+def test_live_stdin_from_the_command_line(busybox: str) -> None:
+    data = random.Random(8).randbytes(300_000)
+    run = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-q", "--stdin", "-",
+                          "--guest", busybox, "sha256sum"], input=data, capture_output=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"{hashlib.sha256(data).hexdigest()}  -\n".encode()
+    bad = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--stdin", "-"],
+                         capture_output=True, timeout=300, check=False)
+    assert bad.returncode == 1 and bad.stderr.count(b"\n") == 1
+    assert b"--stdin" in bad.stderr
+
+
+# ------------------------------------------------------------------------------ the user's paths
+def _pyvmm(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pyvmm", *map(str, args)], capture_output=True,
+                          timeout=600, check=False, **kwargs)
+
+
+def test_the_issues_reproducer_periodic_checkpoints_of_gzip(programs: dict[str, Program],
+                                                             busybox: str,
+                                                             tmp_path: Path) -> None:
+    """Issue 13's reproducer through the command line: ``--period`` checkpoints of busybox
+    gzip, in two modes; the output is the reference (before the fix: 2 runs in 8 failed)."""
+    gzip = programs["gzip"]
+    for mode in (["--incremental"], ["--live", "--incremental"]):
+        path = tmp_path / "p.bin"
+        path.unlink(missing_ok=True)
+        run = _pyvmm("run", "-q", "--files", gzip.files[0], *mode, "--period", "0.02",
+                     "--checkpoint", f"chpt:{path}", "--guest", busybox, *gzip.args)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == gzip.stdout
+        assert len(increment_kinds(path)) >= 1
+
+
+def test_a_time_limit_or_sigterm_stops_cleanly_and_the_checkpoint_runs_on(
+        programs: dict[str, Program], busybox: str, tmp_path: Path) -> None:
+    """``--seconds`` and SIGTERM stop the guest through the same pause, write the end-of-run
+    checkpoint, and a reload of it in a new process finishes the output."""
+    gzip = programs["gzip"]
+    common = ("--files", gzip.files[0], "--guest", busybox, *gzip.args)
+    timed = tmp_path / "timed.bin"
+    first = _pyvmm("run", "-q", "--seconds", "0.1", "--checkpoint", f"chpt:{timed}", *common)
+    assert first.returncode == 0, first.stderr
+    rest = _pyvmm("run", "-q", "--incoming", f"chpt:{timed}")
+    assert rest.returncode == 0, rest.stderr
+    assert first.stdout + rest.stdout == gzip.stdout
+
+    awk = programs["awk"]  # prints as it goes: its first line says the guest runs
+    termed = tmp_path / "termed.bin"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--checkpoint",
+                             f"chpt:{termed}", "--files", awk.files[0], "--guest", busybox,
+                             *awk.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    head = proc.stdout.read1()
+    os.kill(proc.pid, signal.SIGTERM)  # wherever the guest is: the meaning does not depend
+    stdout, stderr = proc.communicate(timeout=600)
+    stdout = head + stdout
+    assert proc.returncode in (0, 128 + signal.SIGTERM), stderr
+    if proc.returncode:
+        assert b"interrupted (SIGTERM)" in stderr
+    rest = _pyvmm("run", "-q", "--incoming", f"chpt:{termed}")
+    assert rest.returncode == 0, rest.stderr
+    assert stdout + rest.stdout == awk.stdout
