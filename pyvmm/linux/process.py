@@ -24,7 +24,13 @@ from ..devices.counter import COUNTER_FREQUENCY_HZ
 from ..errors import UnsupportedSyscall
 from ..machine import Machine
 from . import sys_fs, sys_io, sys_process
-from .abi import SYSCALL_NUMBERS, LinuxErrno, SyscallHandler, SyscallRestart, syscall_name
+from .abi import (
+    SYSCALL_NUMBERS,
+    LinuxErrno,
+    SyscallHandler,
+    SyscallRestart,
+    syscall_name,
+)
 from .guestmem import GuestMemory
 from .state import LinuxState, state_from_dict, state_to_dict
 from .vfs import FileSystem
