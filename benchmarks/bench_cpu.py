@@ -5,6 +5,9 @@ the same UART reduced to a Python callback that collects bytes, and the same PSC
 nothing else.  pyvmm adds its vCPU thread, run states, devices and MRS/MSR interception.
 Target (issue 2): pyvmm >= 0.9x of plain unicorn.
 
+The last column is plain unicorn with only pyvmm's stop gate added (a C block hook that serves
+pauses from other threads at block starts, pyvmm.vcpu_gate): what that correctness costs alone.
+
     python benchmarks/bench_cpu.py [--repeat 3]
 """
 
@@ -15,12 +18,20 @@ import statistics
 import time
 from typing import Any
 
-from unicorn import UC_ARCH_ARM64, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_MODE_ARM, UC_PROT_ALL, Uc
+from unicorn import (
+    UC_ARCH_ARM64,
+    UC_HOOK_BLOCK,
+    UC_HOOK_INTR,
+    UC_MODE_ARM,
+    UC_PROT_ALL,
+    Uc,
+)
 from unicorn import arm64_const as a64
 
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.guests.workload import WorkloadOptions, build_workload
 from pyvmm.machine import RAM_BASE
+from pyvmm.vcpu_gate import StopGate
 
 RAM = 256 << 20
 CASES = {
@@ -31,10 +42,13 @@ CASES = {
 }
 
 
-def plain_unicorn(options: WorkloadOptions, count_insns: bool = False) -> tuple[float, int]:
-    """Run the workload on a bare unicorn; returns (seconds, instructions if counted else 0)."""
+def plain_unicorn(options: WorkloadOptions, count_insns: bool = False,
+                  gate: bool = False) -> tuple[float, int]:
+    """Run the workload on a bare unicorn (with pyvmm's stop gate if ``gate``); returns
+    (seconds, instructions if counted else 0)."""
     image = build_workload(options, RAM_BASE, RAM)
     uc: Any = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+    stop_gate = StopGate(uc) if gate else None
     uc.mem_map(RAM_BASE, RAM, UC_PROT_ALL)
     uc.mem_write(image.load_gpa, image.code)
     out = bytearray()
@@ -61,6 +75,9 @@ def plain_unicorn(options: WorkloadOptions, count_insns: bool = False) -> tuple[
     uc.emu_start(image.entry, 0xFFFF_FFFF_FFFF_FFFC)
     elapsed = time.perf_counter() - started
     assert out.rstrip().splitlines()[-1].startswith(b"pyvmm-workload: done"), out[-200:]
+    if stop_gate is not None:
+        assert stop_gate.stops == 0
+        stop_gate.close()
     return elapsed, insns[0]
 
 
@@ -87,16 +104,19 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="runs per side (median is used)")
     args = parser.parse_args()
-    print(f"{'workload':46} {'plain Minsn/s':>14} {'pyvmm Minsn/s':>14} {'ratio':>7}")
+    print(f"{'workload':46} {'plain Minsn/s':>14} {'pyvmm Minsn/s':>14} {'ratio':>7} "
+          f"{'gate alone':>10}")
     for label, text in CASES.items():
         options = WorkloadOptions.parse(text)
         count = instructions(options)
-        plain, mine = [], []
-        for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both sides
+        plain, gated, mine = [], [], []
+        for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits all sides
             plain.append(plain_unicorn(options)[0])
+            gated.append(plain_unicorn(options, gate=True)[0])
             mine.append(pyvmm_machine(options))
-        p, m = statistics.median(plain), statistics.median(mine)
-        print(f"{label:46} {count / p / 1e6:14.1f} {count / m / 1e6:14.1f} {p / m:6.2f}x")
+        p, g, m = statistics.median(plain), statistics.median(gated), statistics.median(mine)
+        print(f"{label:46} {count / p / 1e6:14.1f} {count / m / 1e6:14.1f} {p / m:6.2f}x "
+              f"{p / g:9.2f}x")
 
 
 if __name__ == "__main__":
