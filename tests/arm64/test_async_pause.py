@@ -81,7 +81,7 @@ def _wait_until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0)  # yield to the vCPU thread; progress, not time, is what is waited for
+        time.sleep(0.001)  # progress, not time, is what is waited for
 
 
 def test_a_pause_from_another_thread_stops_at_a_block_start_with_registers_to_match() -> None:
