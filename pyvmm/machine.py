@@ -11,8 +11,10 @@ The generic timer's counter is served through intercepted ``mrs``/``msr`` (pyvmm
 
 Threads: :meth:`Machine.start` runs the guest on a dedicated vCPU thread.  While guest code runs,
 unicorn has released the GIL, so other Python threads (savers, timers, a monitor) make progress.
-Hooks (MMIO, SVC, MRS) run on the vCPU thread with the GIL held.  :meth:`Machine.pause` and
-:meth:`Machine.resume` may be called from any other thread.
+Hooks (MMIO, SVC, MRS) run on the vCPU thread with the GIL held.  :meth:`Machine.pause`,
+:meth:`Machine.resume` and, for operations such as a checkpoint, :meth:`Machine.hold` /
+:meth:`Machine.release` may be called from any other thread: every asynchronous stop goes through
+them and lands between translated blocks, outside any hook (:mod:`pyvmm.vcpu_gate`).
 
 This module knows nothing about migration: a checkpointer reaches the machine through
 ``ram_blocks``, ``devices``, :meth:`cpu_state` and pause/resume.
