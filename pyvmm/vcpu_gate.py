@@ -20,9 +20,24 @@ import os
 from typing import Any
 
 from unicorn import UC_HOOK_BLOCK, UcError
-from unicorn.unicorn_py3.unicorn import uclib
 
 from ._native import ffi, lib
+
+
+def _unicorn_library() -> Any:
+    """The ctypes handle of libunicorn the binding loaded (its module moved between releases)."""
+    try:
+        from unicorn.unicorn_py3 import unicorn as binding
+    except ImportError:  # the 2.0-style single-module binding
+        from unicorn import unicorn as binding
+    for name in ("uclib", "_uc"):
+        library = getattr(binding, name, None)
+        if library is not None:
+            return library
+    raise ImportError("the unicorn binding does not expose its C library (uclib)")
+
+
+uclib = _unicorn_library()
 
 
 class StopGate:
