@@ -459,28 +459,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
             StopReason.SHUTDOWN: f"guest exited with code {result.exit_code}",
             StopReason.INSN_LIMIT: f"stopped after {max_insns} instructions (--max-insns)",
             StopReason.TIME_LIMIT: "stopped at the time limit (--seconds)",
-            StopReason.INTERRUPTED: f"interrupted ({_signal_name()})",
+            StopReason.INTERRUPTED: f"interrupted ({args.stop_signal.name})",
             StopReason.PAUSED: "paused",
         }.get(result.reason, result.reason.value)
         print(f"pyvmm: {what}; {elapsed:.2f} s, RAM {format_size(ram_size)}", file=sys.stderr)
     if result.reason is StopReason.SHUTDOWN:
         return result.exit_code or 0
-    return 128 + _TERMINATION[0] if result.reason is StopReason.INTERRUPTED else 0
+    return 128 + args.stop_signal.signum if result.reason is StopReason.INTERRUPTED else 0
 
 
-#: The signal that interrupted the run (SIGINT unless SIGTERM came).
-_TERMINATION = [int(signal.SIGINT)]
+class _StopSignal:
+    """Which signal interrupted a run: SIGINT, unless SIGTERM came (its handler says so)."""
 
+    def __init__(self) -> None:
+        self.signum = int(signal.SIGINT)
 
-def _signal_name() -> str:
-    return signal.Signals(_TERMINATION[0]).name
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
-
-def _on_sigterm(signum: int, _frame: object) -> None:
-    """SIGTERM stops the run as Ctrl-C does: through the machine's pause, at a clean
-    boundary, then the end-of-run checkpoint (if any) and exit 143."""
-    _TERMINATION[0] = signum
-    raise KeyboardInterrupt
+    def on_sigterm(self, signum: int, _frame: object) -> None:
+        """SIGTERM stops the run as Ctrl-C does: through the machine's pause, at a clean
+        boundary, then the end-of-run checkpoint (if any) and exit 143."""
+        self.signum = signum
+        raise KeyboardInterrupt
 
 
 def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns: int | None,
@@ -696,10 +698,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyvmm`` and ``python -m pyvmm``; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    stop_signal = args.stop_signal = _StopSignal()
     try:
         if args.command == "run":
             if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, _on_sigterm)
+                signal.signal(signal.SIGTERM, stop_signal.on_sigterm)
             return _cmd_run(args)
         if args.command == "checkpoint":
             return _cmd_checkpoint(args)
@@ -708,8 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyvmm: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"pyvmm: interrupted ({_signal_name()})", file=sys.stderr)
-        return 128 + _TERMINATION[0]
+        print(f"pyvmm: interrupted ({stop_signal.name})", file=sys.stderr)
+        return 128 + stop_signal.signum
     except BrokenPipeError:
         # whoever read our output stopped (`pyvmm checkpoint info f | head`): not an error to
         # report; point stdout at /dev/null so that the flush at exit does not fail again
