@@ -399,8 +399,7 @@ def _poll_once(p: LinuxProcess, fds: int, nfds: int) -> tuple[int, bool]:
                 revents |= events & (POLLOUT | POLLWRNORM)
         POLLFD.pack_into(raw, i * POLLFD.size, fd, events, revents)
         ready += revents != 0
-    if ready or not waits_for_stdin:
-        p.mem.write(fds, raw)
+    p.mem.write(fds, raw)  # a timeout leaves every revents 0, as Linux does
     return ready, waits_for_stdin
 
 
