@@ -16,8 +16,7 @@ from .boot import BUILTIN_GUESTS, GuestSpec, boot
 from .errors import ConfigError, PyvmmError
 from .guests.workload import WORKLOAD_HELP, WorkloadOptions
 from .machine import DEFAULT_RAM_SIZE, Machine, RunResult, RunState, StopReason
-from .migration.checkpoint import SAVER_NICE
-from .migration.reload import DEFAULT_STRATEGY, STRATEGIES
+from .migration.defaults import DEFAULT_STRATEGY, SAVER_NICE, STRATEGIES
 from .units import format_size, parse_count, parse_size
 
 EXIT_ERROR = 1
@@ -350,8 +349,6 @@ def _checkpoint_points(args: argparse.Namespace) -> _CheckpointPoints:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .migration.checkpoint import parse_target
-
     max_insns = parse_count(args.max_insns, "--max-insns") if args.max_insns else None
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, not {args.seconds}")
@@ -363,6 +360,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--unprotect-pages must be at least 1, not {args.unprotect_pages}")
     if not 0 <= args.saver_nice <= 19:
         raise ConfigError(f"--saver-nice must be 0..19, not {args.saver_nice}")
+    if args.checkpoint or args.incoming:  # a run that neither saves nor reloads never needs it
+        from .migration.checkpoint import parse_target
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
     if save_target is not None and (save_target.count is not None or save_target.squash):
         raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")
@@ -491,10 +490,10 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
     """Run in segments: up to each --checkpoint-at count and multiple of --checkpoint-every,
     checkpoint, go on; checkpoint at the end.  Limits (--max-insns, --seconds) count from the start of this run.  A lazy reload's
     ``loader`` is closed before the first checkpoint (the checkpointer needs the RAM)."""
-    from .migration.checkpoint import Checkpointer
-
     checkpointer = None
     if save_target is not None:
+        from .migration.checkpoint import Checkpointer
+
         same = incoming is not None and os.path.exists(save_target.path) and \
             os.path.samefile(save_target.path, incoming.path)
         caps = [name for name, on in (("incremental", args.incremental), ("live", args.live),

@@ -27,21 +27,27 @@ from ..devices.pl011 import UartSink
 from ..errors import ConfigError, PyvmmError
 from ..machine import Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
-from .container import CheckpointFile, IndexRecords, PageRun, RamBlockInfo
+from .checksum import RamCrcsAhead, RamCrcTable, increment_checksums, table_from_file
+from .container import (
+    CheckpointFile,
+    ChecksumBlock,
+    IndexRecords,
+    PageRun,
+    RamBlockInfo,
+)
+from .cow import CowSnapshot, start_cow_snapshot
+from .defaults import DEFAULT_STRATEGY, SAVER_NICE
+from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
+from .live import LiveSaveResult, save_pages_live
 from .machine_state import (
     MachineStateEntries,
     capture,
     machine_save_state,
 )
-from .checksum import RamCrcsAhead, RamCrcTable, increment_checksums, table_from_file
-from .container import ChecksumBlock
-from .cow import CowSnapshot, start_cow_snapshot
-from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
-from .live import LiveSaveResult, save_pages_live
-from .postcopy_uffd import FAULT_MODES, WriteProtectSession
 from .pageio import sort_index_records
+from .postcopy_uffd import FAULT_MODES, WriteProtectSession
 from .ram_handler import RAM_SAVE_FLAG_EOS
-from .reload import DEFAULT_STRATEGY, Progress, reload_file
+from .reload import Progress, reload_file
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
 from .stream import QEMUFile
 
@@ -49,13 +55,6 @@ OutputSink = Callable[[bytes], None]
 # pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
 # that its runs keep transparent huge pages whole (uffd.c)
 _LIVE_FAULT_AROUND = 512
-# nice value of a live checkpoint's saver thread (see Checkpointer).  bench_live, 1 GiB guest, 2
-# shared cores, guest speed during a live full checkpoint, medians of 4-6 per run (all samples):
-#   writing every page: nice 0  26-31 % (15-42), nice 5  34-42 % (25-59), nice 10 34-57 % (29-82)
-#   random writes:      nice 0  31-38 % (18-84), nice 5  27-48 % (18-76), nice 10 32-41 % (17-98)
-# the more other load, the more it helps; the price: longer checkpoints on a busy host (random
-# writes: ~2.5 s -> 5-9 s)
-SAVER_NICE = 10
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
 
 

@@ -34,16 +34,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..devices.pl011 import UartSink
 from pyvmm._native import ffi, lib
 
+from ..devices.pl011 import UartSink
 from ..errors import ChecksumError, ConfigError, FormatError, PyvmmError, StreamError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
 from .checksum import RamCrcTable, check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, RamBlockInfo
 from .container_format import page_index_records
-from .machine_state import MachineStateEntries, apply, linux_state_from, machine_save_state
+from .defaults import DEFAULT_STRATEGY, STRATEGIES
+from .machine_state import (
+    MachineStateEntries,
+    apply,
+    linux_state_from,
+    machine_save_state,
+)
 from .savevm import SaveStateEntry
 from .stream import QEMUFile
 
@@ -51,8 +57,6 @@ OutputSink = Callable[[bytes], None]
 #: Called as ``progress(done, total)`` in bytes of the file read so far.
 Progress = Callable[[int, int], None]
 
-STRATEGIES = ("indexed", "partial", "sequential")
-DEFAULT_STRATEGY = "indexed"
 #: Indexed reload: the largest gap (in page records a newer increment holds) read through rather
 #: than split into two preadv calls. Measured with bench_reload (scattered single-page writes):
 #: 1-2 records save 3-5 % of the page reading; larger gaps read more than they save.

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from .checkpoint import CAPABILITIES, Checkpointer, CheckpointStats
 from .container import CheckpointFile
-from .reload import DEFAULT_STRATEGY, Progress, ReloadReport, reload_file
+from .defaults import DEFAULT_STRATEGY
+from .reload import Progress, ReloadReport, reload_file
 
 
 @dataclasses.dataclass(frozen=True)
