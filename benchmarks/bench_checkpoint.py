@@ -5,6 +5,11 @@ Same run, same directory, same memory:
            the guest's RAM block to a file + fsync; and --no-fsync checkpoints vs plain os.write
   reload : reload("chpt:FILE") into a new machine vs os.readv of the raw file into a fresh RAM block
   size   : checkpoint file bytes vs RAM in use (non-zero pages)
+Each timed window holds only the work it names, on both sides alike: every write goes into a new
+file created before the window (the raw file opened empty, the checkpoint file created empty by
+CheckpointFile.create and appended to), nothing is truncated or unlinked inside it, and each
+write starts with no dirty page cache left by an earlier one (sync before the window). Both reads
+read files that were fsynced and are in the page cache.
 Targets (issue 3): save <= 1.1x raw write, reload <= 1.2x raw read, size <= RAM in use + 0.5%.
 
     python benchmarks/bench_checkpoint.py [--ram 1G] [--dir DIR] [--repeat 3]
@@ -21,12 +26,14 @@ from pathlib import Path
 
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.guests.workload import WorkloadOptions
+from pyvmm.machine import Machine
 from pyvmm.migration.checkpoint import Checkpointer, reload
+from pyvmm.migration.container import CheckpointFile, RamBlockInfo
 from pyvmm.ram import PAGE_SIZE, RamBlock
 from pyvmm.units import parse_size
 
 
-def filled_machine(ram: int):  # type: ignore[no-untyped-def]
+def filled_machine(ram: int) -> Machine:
     """A workload machine, paused, whose every RAM page is non-zero (filled from the host)."""
     spec = GuestSpec(workload=WorkloadOptions.parse("working_set=64K,passes=0"))
     machine = boot(spec, ram_size=ram)
@@ -39,18 +46,42 @@ def filled_machine(ram: int):  # type: ignore[no-untyped-def]
     return machine
 
 
-def raw_write(block_mem: memoryview, path: Path, fsync: bool) -> float:
+def raw_write(block_mem: memoryview, fd: int, fsync: bool) -> float:
+    """Seconds to write ``block_mem`` through ``fd`` (a new, empty file the caller opened) and,
+    if ``fsync``, to fsync it: only that is timed."""
     started = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    view, done = block_mem, 0
+    while done < len(view):
+        done += os.write(fd, view[done:done + (1 << 30)])
+    if fsync:
+        os.fsync(fd)
+    return time.perf_counter() - started
+
+
+def timed_raw_write(block_mem: memoryview, path: Path, fsync: bool) -> float:
+    """raw_write into ``path``, which must not exist: created before the window, closed after."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view, done = block_mem, 0
-        while done < len(view):
-            done += os.write(fd, view[done:done + (1 << 30)])
-        if fsync:
-            os.fsync(fd)
+        os.sync()  # no writeback of an earlier file competes with the timed write
+        return raw_write(block_mem, fd, fsync)
     finally:
         os.close(fd)
-    return time.perf_counter() - started
+
+
+def timed_checkpoint(machine: Machine, path: Path, durable: bool) -> float:
+    """Seconds of one full Checkpointer.checkpoint() into ``path``, which must not exist: the
+    empty checkpoint file is created (and synced) before the window, as the raw file is."""
+    layout = [RamBlockInfo(b.name, b.gpa, b.size) for b in machine.ram_blocks]
+    CheckpointFile.create(path, page_size=PAGE_SIZE, ram_blocks=layout,
+                          machine=machine.name).close()
+    checkpointer = Checkpointer(machine, path, append=True, durable=durable)
+    try:
+        os.sync()
+        started = time.perf_counter()
+        checkpointer.checkpoint()
+        return time.perf_counter() - started
+    finally:
+        checkpointer.close()
 
 
 def raw_read(path: Path, size: int) -> float:
@@ -82,22 +113,22 @@ def main() -> None:
         in_use = sum(b.nonzero_pages().count() for b in machine.ram_blocks) * PAGE_SIZE
         saves, saves_nosync, writes, writes_nosync, loads, reads = [], [], [], [], [], []
         size = 0
+        raw_file, chpt_file = directory / "raw.bin", directory / "c.bin"
         for i in range(args.repeat):  # interleaved so load drift hits both sides alike
-            raw_file, chpt_file = directory / "raw.bin", directory / f"c{i}.bin"
-            # no-fsync first: the fsync'd rewrite then leaves a clean page cache, so no
-            # background writeback competes with the reads below
-            writes_nosync.append(raw_write(machine.ram.mem, raw_file, fsync=False))
-            writes.append(raw_write(machine.ram.mem, raw_file, fsync=True))
-            checkpointer = Checkpointer(machine, chpt_file, durable=False)
-            started = time.perf_counter()
-            checkpointer.checkpoint()
-            saves_nosync.append(time.perf_counter() - started)
-            checkpointer.close()
-            checkpointer = Checkpointer(machine, chpt_file)
-            started = time.perf_counter()
-            checkpointer.checkpoint()
-            saves.append(time.perf_counter() - started)
-            checkpointer.close()
+            # which side writes first alternates, as page cache and compaction state drift
+            raw_first = i % 2 == 0
+            for raw in (raw_first, not raw_first):  # not fsynced: written, then dropped
+                if raw:
+                    writes_nosync.append(timed_raw_write(machine.ram.mem, raw_file, fsync=False))
+                    raw_file.unlink()
+                else:
+                    saves_nosync.append(timed_checkpoint(machine, chpt_file, durable=False))
+                    chpt_file.unlink()
+            for raw in (raw_first, not raw_first):  # fsynced: kept for the reads below
+                if raw:
+                    writes.append(timed_raw_write(machine.ram.mem, raw_file, fsync=True))
+                else:
+                    saves.append(timed_checkpoint(machine, chpt_file, durable=True))
             size = chpt_file.stat().st_size
             # The first large read after big writes pays for memory compaction (fresh blocks
             # ask for huge pages): alternate which side goes first so neither always pays.
@@ -110,6 +141,7 @@ def main() -> None:
                 loads.append(time.perf_counter() - started)
                 assert copy.ram.read(PAGE_SIZE * 7, 64) == machine.ram.read(PAGE_SIZE * 7, 64)
                 copy.close()
+            raw_file.unlink()
             chpt_file.unlink()
         machine.close()
     # Best of N: on a shared 2-core VM the slow outliers are other tenants and page-cache /
