@@ -9,8 +9,9 @@ measured in the same run against files in the same directory:
   block faulted in beforehand (the I/O paths alone) and both into a fresh block per timing (with
   the first-touch faults of a reload's new guest RAM, which vary with huge-page compaction).
 
-Each writer starts from an empty file, the page cache stays warm for the reads; with ``--fsync``
-both writers also fsync. The cases are timed in interleaved rounds and the best of ``--repeat``
+Each writer starts from an empty file (truncated, and every dirty page on the machine written
+back, before its timed window), the page cache stays warm for the reads; with ``--fsync`` both
+writers also fsync. The cases are timed in interleaved rounds and the best of ``--repeat``
 kept for each: the machines are shared and noisy, and load drifts over a run.
 Targets: save <= 1.1x, load <= 1.2x. The files are deleted at the end.
 """
@@ -123,7 +124,12 @@ def main() -> None:
             runs = result.runs
 
         def empty(fd: int) -> Callable[[], None]:
-            return lambda: os.ftruncate(fd, 0)
+            def prepare() -> None:
+                os.ftruncate(fd, 0)
+                # the other file's dirty pages are written back now, not by the kernel's
+                # flusher during the timed write (on two cores it would take one)
+                os.sync()
+            return prepare
 
         # the readers' target: a block faulted in once, so that the timings compare the I/O
         # paths, and a fresh block per timing, so that they include the first-touch faults of
