@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pyvmm.boot import GuestSpec, boot
@@ -68,13 +69,15 @@ def timed_raw_write(block_mem: memoryview, path: Path, fsync: bool) -> float:
         os.close(fd)
 
 
-def timed_checkpoint(machine: Machine, path: Path, durable: bool) -> float:
+def timed_checkpoint(machine: Machine, path: Path, durable: bool,
+                     capabilities: Sequence[str] = ()) -> float:
     """Seconds of one full Checkpointer.checkpoint() into ``path``, which must not exist: the
     empty checkpoint file is created (and synced) before the window, as the raw file is."""
     layout = [RamBlockInfo(b.name, b.gpa, b.size) for b in machine.ram_blocks]
-    CheckpointFile.create(path, page_size=PAGE_SIZE, ram_blocks=layout,
-                          machine=machine.name).close()
-    checkpointer = Checkpointer(machine, path, append=True, durable=durable)
+    CheckpointFile.create(path, page_size=PAGE_SIZE, ram_blocks=layout, machine=machine.name,
+                          capabilities=capabilities).close()
+    checkpointer = Checkpointer(machine, path, append=True, durable=durable,
+                                capabilities=capabilities)
     try:
         os.sync()
         started = time.perf_counter()

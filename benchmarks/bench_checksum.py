@@ -3,8 +3,9 @@
 Same run, same machine, same directory, interleaved: a full checkpoint (``durable=False``: the
 page cache, so the comparison is not drowned by the disk; ``--durable`` for the default, which
 fsyncs) with and without the ``checksum``
-capability, then a reload of each file (with checksums: the stream gaps checked before the load
-and the reloaded RAM's page CRCs compared with the file's after it). Throughput ratio = time off
+capability, each into a new file created before its timed window (bench_checkpoint.py's
+``timed_checkpoint``), then a reload of each file (with checksums: the stream gaps checked
+before the load and the reloaded RAM's page CRCs compared with the file's after it). Throughput ratio = time off
 / time on. Then a lazy reload of each file (with checksums every page is checked against its
 CRC before it is installed): time to the first guest instruction and until all RAM is in. Also
 the raw CRC-32C speed of every implementation the CPU runs (one buffer and per page, from memory
@@ -27,13 +28,14 @@ import time
 from pathlib import Path
 
 from pyvmm._native import ffi, lib
+
 from pyvmm.migration import checksum
-from pyvmm.migration.checkpoint import Checkpointer, reload
+from pyvmm.migration.checkpoint import reload
 from pyvmm.migration.lazy import lazy_reload
 from pyvmm.units import parse_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_checkpoint import filled_machine  # noqa: E402
+from bench_checkpoint import filled_machine, timed_checkpoint
 
 
 def crc_speed(nbytes: int, passes: int = 1) -> dict[str, float]:
@@ -93,16 +95,12 @@ def main() -> None:
             for on in order:
                 path = directory / f"{'on' if on else 'off'}.bin"
                 caps = ["checksum"] if on else []
-                # no writeback of the previous file competes with the one timed
+                # a new file, created before the window; timed_checkpoint syncs first, so no
+                # writeback of the previous file competes with the one timed
                 path.unlink(missing_ok=True)
-                os.sync()
-                checkpointer = Checkpointer(machine, path, durable=args.durable,
-                                            capabilities=caps)
-                started = time.perf_counter()
-                checkpointer.checkpoint()
+                seconds = timed_checkpoint(machine, path, args.durable, caps)
                 if keep:
-                    times["save on" if on else "save off"].append(time.perf_counter() - started)
-                checkpointer.close()
+                    times["save on" if on else "save off"].append(seconds)
             os.sync()
             for on in order:
                 path = directory / f"{'on' if on else 'off'}.bin"
