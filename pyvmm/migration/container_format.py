@@ -44,6 +44,13 @@ MAX_NAME = 255  # names travel behind a u8 length, in the container and in the s
 MAX_CAPABILITY = 64
 MAX_STATS_BYTES = 16 << 20
 """Largest stats JSON accepted: read whole into memory, so bounded."""
+MAX_MAIN_RAM = 64 << 30
+"""The most main RAM a pyvmm machine has (``Machine`` refuses more)."""
+MAX_GUEST_RAM = MAX_MAIN_RAM + (1 << 30)
+"""The most RAM, all blocks together, of a machine pyvmm builds: the main RAM and the blocks
+below its base at 0x4000_0000 (a Linux program's image). A header laying out more is refused
+when it is read, before a reader sizes anything by it (page tables, bitmaps, index buffers):
+every per-page structure a reader allocates is bounded by this layout."""
 
 _T = TypeVar("_T")
 
@@ -877,8 +884,15 @@ def _check_ram_blocks(
         if block.gpa < 0 or block.gpa + block.size > 1 << 64:
             raise FormatError(f"{what}: lies outside the 64-bit address space", offset=offset)
         spans.append((block.gpa, block.gpa + block.size, what))
+    total = sum(block.size for block in blocks)
+    if total > MAX_GUEST_RAM:
+        raise FormatError(
+            f"the RAM blocks add up to {total} bytes, more than the {MAX_GUEST_RAM} bytes "
+            f"({MAX_GUEST_RAM >> 30} GiB) of the largest machine pyvmm builds",
+            offset=offset,
+        )
     spans.sort()
-    for (_, end, what), (start, _, other) in zip(spans, spans[1:]):
+    for (_, end, what), (start, _, other) in itertools.pairwise(spans):
         if start < end:
             raise FormatError(f"{what} overlaps {other}", offset=offset)
 
@@ -956,7 +970,7 @@ def check_page_runs(
                 )
             pages += run.npages
     spans = sorted((run.block, run.first_page, run.npages) for run in runs)
-    for (block, first, count), (next_block, next_first, _) in zip(spans, spans[1:]):
+    for (block, first, count), (next_block, next_first, _) in itertools.pairwise(spans):
         if block == next_block and next_first < first + count:
             raise FormatError(
                 f"page {next_first} of RAM block {block} is listed twice", increment=info.index

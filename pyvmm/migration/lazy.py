@@ -18,6 +18,11 @@ of the first N increments, newer increments overriding older ones: the newest da
 or zero. When the fill is done, a watcher thread unregisters the RAM and stops the C threads:
 from then on the machine is an ordinary one (it can be checkpointed, its RAM scanned).
 
+Before the guest starts, every increment of the chain gets the structural checks every reload
+makes (:func:`~pyvmm.migration.reload.check_increment_structure`: the whole stream parses, holds
+the page records its index lists, and each listed data page has its own record header), so a
+file the other reloads refuse is refused here too, before anything runs on it.
+
 With the ``checksum`` capability, everything but page data is checked before the guest starts
 (:func:`~pyvmm.migration.checksum.check_before_load`), and each page read is compared with its
 CRC-32C by the C thread before it is installed.
@@ -38,7 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from unicorn import UC_HOOK_CODE
 from unicorn import arm64_const as a64
@@ -46,8 +51,15 @@ from unicorn import arm64_const as a64
 from pyvmm._native import ffi, lib
 
 from ..devices.pl011 import UartSink
-from ..errors import ChecksumError, ConfigError, FormatError, PyvmmError, RunStateError, UffdError
-from ..machine import MAIN_RAM_NAME, Machine, RunState, StopReason
+from ..errors import (
+    ChecksumError,
+    ConfigError,
+    FormatError,
+    PyvmmError,
+    RunStateError,
+    UffdError,
+)
+from ..machine import Machine, RunState, StopReason
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
 from .checksum import RamCrcTable, check_before_load
@@ -55,8 +67,13 @@ from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, RamBlo
 from .container_format import page_index_records
 from .machine_state import machine_save_state
 from .postcopy_uffd import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
-from .reload import check_chain, restore_machine
-from .stream import QEMUFile
+from .reload import (
+    check_chain,
+    check_increment_structure,
+    new_machine,
+    restore_machine,
+    scratch_entries,
+)
 
 OutputSink = Callable[[bytes], None]
 
@@ -168,6 +185,7 @@ class LazyLoader:
         self._fill_started = False
         self._final: Any = None
         self._error: PyvmmError | None = None
+        self._error_set = threading.Event()  # set once the watcher has built self._error
         self._setup_ms = 0.0
         self._first_insn: float | None = None
         self._filled_at: float | None = None
@@ -237,7 +255,10 @@ class LazyLoader:
         if result == 1:
             self._filled_at = time.perf_counter()
         elif result == 2:
-            self._fail()
+            try:
+                self._fail()
+            finally:
+                self._error_set.set()
             self._close_requested.wait()  # go on serving faults (with zeros) until closed
         with self._lock:
             self._release()
@@ -360,7 +381,8 @@ class LazyLoader:
             if done is None:
                 result = int(lib.pyvmm_lazy_wait(self._handle, remaining))
                 if result == 2:
-                    self._watcher.join(5.0)  # the watcher builds the error
+                    # the watcher builds the error (then serves faults until closed)
+                    self._error_set.wait(5.0)
                     if self._error is None:
                         stats = ffi.new("struct pyvmm_lazy_stats *")
                         lib.pyvmm_lazy_get_stats(self._handle, stats)
@@ -404,18 +426,11 @@ class LazyLoader:
             self._release()
         self._free()
 
-    def __enter__(self) -> LazyLoader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _main_ram_size(blocks: tuple[RamBlockInfo, ...], path: str) -> int:
-    for block in blocks:
-        if block.name == MAIN_RAM_NAME:
-            return block.size
-    raise FormatError(f"{path} has no {MAIN_RAM_NAME} RAM block")
 
 
 def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = None,
@@ -461,26 +476,27 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         # headers of the older increments' pages) as the C threads read it
         crcs = check_before_load(container, increments, by_index=True)
         tables = _SourceTables(header.ram_blocks)
-        last_records = memoryview(b"")
+        index_records: list[memoryview] = []
         for info in increments:  # each page index checked and applied in C, in one call
             records = page_index_records(container.page_index_blob(info.index), info.index)
             if records is None or not tables.apply_index(records, info):
                 container.page_index(info.index)  # names what is wrong with it
                 raise FormatError("malformed page index", increment=info.index)
-            last_records = records
+            index_records.append(records)
         size = os.fstat(container.fd).st_size
         end = tables.data_end()
         if end > size:
             raise FormatError(f"{target.path} is cut short: page data reaches byte {end}, the "
                               f"file has {size}")
-        machine = Machine(_main_ram_size(header.ram_blocks, target.path), uart_sink=uart_sink,
-                          name=header.machine or "guest")
-        for block in header.ram_blocks:
-            if block.name != MAIN_RAM_NAME:
-                machine.add_ram_block(block.name, block.gpa, block.size)
+        machine = new_machine(header, target.path, uart_sink)
         if [b.name for b in machine.ram_blocks] != [b.name for b in header.ram_blocks]:
             raise FormatError(f"{target.path}: RAM blocks {[b.name for b in header.ram_blocks]} "
                               f"are not in the order this machine builds them")
+        # the checks every reload makes of every increment (the last one's when its device
+        # sections are loaded below), before the guest can run on what they would refuse
+        scratch = scratch_entries(machine)
+        for info, records in zip(increments[:-1], index_records[:-1]):
+            check_increment_structure(container, info, scratch, records, final=False)
         uffd = Userfaultfd.open(0)
         if uffd.user_mode_only:
             raise UffdError("open", errno_codes.EPERM,
@@ -490,7 +506,7 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         loader = LazyLoader(machine, container, uffd, tables, started, fault_run=fault_run,
                             fill_run=fill_run, fill_nice=fill_nice, crcs=crcs)
         loader._register(handler_cpu)
-        _load_devices(machine, container, increments[-1], last_records, stdout, stderr)
+        _load_devices(machine, container, increments[-1], index_records[-1], stdout, stderr)
         if machine.state is not RunState.SHUTDOWN:
             loader._hook_first_instruction()
         loader._start(fill)
@@ -516,13 +532,7 @@ def _load_devices(machine: Machine, container: CheckpointFile, info: IncrementIn
     parsed and skipped (RAM comes from the loader), as the indexed reload's last increment."""
     machine.set_state(RunState.INMIGRATE)
     entries = machine_save_state(machine, with_linux=True)
-    entries.ram.skip_pages = True
-    entries.ram.set_load_index_records(records)
-    f = QEMUFile.for_reading(container.fd, info.stream_offset, info.stream_length)
-    try:
-        entries.save_state.load(f)
-    except FormatError as err:
-        raise err.located(increment=info.index) from err
+    check_increment_structure(container, info, entries, records, final=True)
     restore_machine(machine, entries, stdout, stderr)  # the same machine-level post_load
 
 

@@ -16,8 +16,11 @@ with the GIL released.
 
 from __future__ import annotations
 
+import array
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -305,3 +308,85 @@ def sort_index_records(records: bytes) -> bytes:
     lib.pyvmm_index_records_sort(out, len(records) // _INDEX_RECORD_SIZE)
     result: bytes = ffi.buffer(out, len(records))[:]
     return result
+
+
+_INDEX_RECORD = struct.Struct(">HBBIQQ")  # block, flags, reserved, npages, first page, offset
+_INDEX_ZERO = 0x01
+_HEADERS_CHUNK = 1 << 16  # pages of one run compared at a time: bounded scratch memory
+
+
+def check_data_record_headers(fd: int, records: bytes | memoryview, block_names: Sequence[str],
+                              stream_start: int, stream_end: int) -> None:
+    """Check that every data page a page index lists has, in front of its data in the stream,
+    the record header a writer puts there: ``be64 page * PAGE_SIZE | PAGE | CONTINUE``, or, in
+    front of a run's first page, ``PAGE`` followed by its RAM block's name (the first record
+    of the block in its section).
+
+    A reload that takes page data from the index (indexed, lazy, or a sequential one that reads
+    a run whole) thereby relies on the same records a record-by-record parse of the stream
+    sees, whichever pages it ends up reading. ``records`` are the increment's raw page index
+    records, already checked (every data run inside ``[stream_start, stream_end)`` and its RAM
+    block). Only the 8 header bytes of each page are touched (the stream is mapped, not read),
+    and the comparison runs in C a run at a time.
+
+    Raises FormatError naming the page and the offset of the first wrong header. Any thread.
+    """
+    if stream_end <= stream_start or not records:
+        return
+    size = os.fstat(fd).st_size
+    if size < stream_end:
+        raise FormatError(f"the stream ends at byte {stream_end} but the file has {size}",
+                          offset=size)
+    base = stream_start - stream_start % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, stream_end - base, mmap.MAP_SHARED, mmap.PROT_READ,
+                   offset=base) as mapped, memoryview(mapped) as view:
+        for number, (block, flags, _, npages, first, data) in enumerate(
+                _INDEX_RECORD.iter_unpack(records)):
+            if flags & _INDEX_ZERO:
+                continue
+            _check_first_header(view, base, stream_start, number, block_names[block], first,
+                                data)
+            for done in range(1, npages, _HEADERS_CHUNK):
+                count = min(_HEADERS_CHUNK, npages - done)
+                at = data - base + done * PAGE_RECORD_SIZE - RECORD_HEADER_SIZE
+                found = view[at:at + count * PAGE_RECORD_SIZE].cast("Q")[
+                    ::PAGE_RECORD_SIZE // RECORD_HEADER_SIZE].tobytes()
+                page = first + done
+                want = array.array("Q", range(
+                    page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE,
+                    (page + count) * PAGE_SIZE, PAGE_SIZE))
+                if sys.byteorder == "little":
+                    want.byteswap()
+                if found != want.tobytes():
+                    k = next(k for k in range(count) if found[8 * k:8 * k + 8] !=
+                             want.tobytes()[8 * k:8 * k + 8])
+                    _bad_record_header(number, page + k, int.from_bytes(found[8 * k:8 * k + 8],
+                                                                        "big"),
+                                       base + at + k * PAGE_RECORD_SIZE)
+
+
+def _check_first_header(view: memoryview, base: int, stream_start: int, number: int,
+                        name: str, page: int, data: int) -> None:
+    """The header in front of a data run's first page: CONTINUE, or PAGE + u8 len + name."""
+    at = data - base - RECORD_HEADER_SIZE
+    continued = page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+    if data - RECORD_HEADER_SIZE >= stream_start and \
+            int.from_bytes(view[at:at + RECORD_HEADER_SIZE], "big") == continued:
+        return
+    idstr = name.encode()
+    named = bytes([len(idstr)]) + idstr
+    at -= len(named)
+    if data - RECORD_HEADER_SIZE - len(named) >= stream_start:
+        header = int.from_bytes(view[at:at + RECORD_HEADER_SIZE], "big")
+        if header == page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE and \
+                view[at + RECORD_HEADER_SIZE:at + RECORD_HEADER_SIZE + len(named)] == named:
+            return
+    at = data - base - RECORD_HEADER_SIZE
+    found = int.from_bytes(view[at:at + RECORD_HEADER_SIZE], "big") if at >= 0 else 0
+    _bad_record_header(number, page, found, base + at)
+
+
+def _bad_record_header(run: int, page: int, found: int, offset: int) -> None:
+    want = page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+    raise FormatError(f"page run {run}: the record header of page {page} is 0x{found:016x}, "
+                      f"not 0x{want:016x} or that page's named record", offset=offset)

@@ -4,21 +4,28 @@ All three strategies give the same machine; they differ in what they read:
 
 ``sequential``
     every increment's whole stream, in order (the original QEMU fork's behaviour): RAM records
-    of increment k overwrite those of k-1, device sections are parsed every time;
+    of increment k overwrite those of k-1, device sections are loaded every time;
 ``partial``
-    non-last increments stop right after their RAM section (the original's ``-EINTR``
-    shortcut, here a clean early return of :meth:`SaveState.load`); only the last increment's
-    device sections are read;
+    RAM records of every increment as ``sequential``; the device sections of the non-last
+    increments are parsed (checked) into scratch state and dropped (the original's ``-EINTR``
+    shortcut skipped them, so it took damage there that the others refuse); only the last
+    increment's device sections are loaded;
 ``indexed`` (default)
     each guest page is read exactly once, from the newest increment that holds it, using the
     increments' page indexes (in C, a few MiB of RAM at a time through every increment, newest
     first: each huge page of guest RAM is filled while it is still cached; pages next to each
     other in the file share one ``preadv``, and a gap of up to ``sieve_pages`` records a newer
-    increment holds is read into a scratch buffer rather than splitting the read); then the last
-    increment's stream is parsed for CPU and device state, its RAM records walked in C without
-    reading their data. With checksums, each batch of pages read is compared with its CRCs by a
-    second thread while the next batch is read (by the reading thread itself when that one is
-    still busy).
+    increment holds is read into a scratch buffer rather than splitting the read); then every
+    increment's stream is parsed without reading page data (the last one's device sections
+    loaded, the others' checked and dropped). With checksums, each batch of pages read is
+    compared with its CRCs by a second thread while the next batch is read (by the reading
+    thread itself when that one is still busy).
+
+Whatever the strategy, every reload makes the same structural checks of every increment of the
+chain (:func:`check_increment_structure`, shared with the lazy reload and ``checkpoint
+verify``): the whole stream parses, it holds as many page records as its page index lists, and
+every data page the index lists has its own record header in front of it. So a damaged file is
+refused by all of them or by none, and when none refuses, all load the same machine.
 
 Whatever the strategy, device state comes from increment N-1 and device ``post_load`` runs
 once, after the last increment (:attr:`ReloadReport.post_load` counts it per device); the
@@ -28,6 +35,7 @@ machine-level restore (CPU registers, Linux process, guest-inform) also happens 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import os
 import time
@@ -42,7 +50,7 @@ from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
 from .checksum import RamCrcTable, check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, RamBlockInfo
-from .container_format import page_index_records
+from .container_format import MAX_MAIN_RAM, ContainerHeader, page_index_records
 from .defaults import DEFAULT_STRATEGY, STRATEGIES
 from .machine_state import (
     MachineStateEntries,
@@ -50,6 +58,7 @@ from .machine_state import (
     linux_state_from,
     machine_save_state,
 )
+from .pageio import check_data_record_headers
 from .savevm import SaveStateEntry
 from .stream import QEMUFile
 
@@ -77,8 +86,10 @@ class ReloadReport:
     #: two pages to read (``sieve_pages``)
     reads: int = 0
     sieved_bytes: int = 0
-    #: streams parsed (wholly or up to their RAM section's end)
+    #: streams parsed to load what they hold (RAM records or device sections)
     streams: int = 0
+    #: streams parsed only to check their structure (indexed: all but the last)
+    streams_checked: int = 0
     #: device post_load phases run, per ``idstr/instance``: 1 each after a correct reload
     post_load: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
@@ -94,10 +105,83 @@ def check_strategy(strategy: str) -> str:
 
 
 def main_ram_size(blocks: tuple[RamBlockInfo, ...], path: str) -> int:
+    """The size of the main RAM block, FormatError when there is none or it is larger than any
+    machine pyvmm builds (the header's layout as a whole was bounded when it was read)."""
     for block in blocks:
         if block.name == MAIN_RAM_NAME:
+            if block.size > MAX_MAIN_RAM:
+                raise FormatError(f"{path}: main RAM of {block.size} bytes is more than the "
+                                  f"{MAX_MAIN_RAM >> 30} GiB pyvmm builds")
             return block.size
     raise FormatError(f"{path} has no {MAIN_RAM_NAME} RAM block")
+
+
+def new_machine(header: ContainerHeader, path: str, uart_sink: UartSink | None = None) -> Machine:
+    """A machine (PRELAUNCH, RAM untouched) with the RAM layout of ``header``."""
+    machine = Machine(main_ram_size(header.ram_blocks, path), uart_sink=uart_sink,
+                      name=header.machine or "guest")
+    try:
+        for block in header.ram_blocks:
+            if block.name != MAIN_RAM_NAME:
+                machine.add_ram_block(block.name, block.gpa, block.size)
+    except ConfigError as err:
+        machine.close()
+        raise FormatError(f"{path}: {err}") from err
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def scratch_entries(machine: Machine) -> MachineStateEntries:
+    """Save-state entries over ``machine``'s RAM blocks whose device state is a private copy:
+    a stream loaded into them puts its RAM records into the machine (unless the RAM handler
+    skips pages) but changes none of its devices. For the streams whose device sections a
+    reload checks but does not apply."""
+    entries = machine_save_state(machine, with_linux=True)
+    for entry in entries.save_state.device_entries:
+        entry.opaque = copy.deepcopy(entry.opaque)
+    return entries
+
+
+def check_increment_structure(container: CheckpointFile, info: IncrementInfo,
+                              entries: MachineStateEntries, records: bytes | memoryview, *,
+                              final: bool, skip_pages: bool = True,
+                              on_device: Callable[[SaveStateEntry], None] | None = None
+                              ) -> int:
+    """Parse increment ``info``'s whole stream into ``entries``, with the checks every reader
+    of the file makes, whatever it reads (see the module docstring); returns the page records
+    seen.
+
+    ``records``: the increment's raw page index records (checked). Every data page they list
+    must have its record header in front of it; the stream must parse (sections, RAM records,
+    device sections, with ``post_load`` when ``final``) and hold as many page records as the
+    index lists. With ``skip_pages`` (default) no page data is read: RAM comes from elsewhere,
+    or nowhere (``checkpoint verify``). FormatError (located at the increment) otherwise.
+    """
+    names = [block.name for block in container.header.ram_blocks]
+    try:
+        check_data_record_headers(container.fd, records, names, info.stream_offset,
+                                  info.stream_offset + info.stream_length)
+    except FormatError as err:
+        raise err.located(increment=info.index) from err
+    ram = entries.ram
+    ram.set_load_index_records(records)
+    ram.skip_pages = skip_pages
+    before = ram.pages_loaded
+    f = QEMUFile.for_reading(container.fd, info.stream_offset, info.stream_length)
+    try:
+        entries.save_state.load(f, post_load=final, on_device=on_device)
+    except FormatError as err:
+        raise err.located(increment=info.index) from err
+    finally:
+        ram.skip_pages = False
+    listed = info.pages + info.zero_pages
+    seen = ram.pages_loaded - before
+    if seen != listed:
+        raise FormatError(f"stream holds {seen} page records, its page index {listed}",
+                          increment=info.index)
+    return seen
 
 
 def reload_file(path: str, count: int | None = None, *, strategy: str = DEFAULT_STRATEGY,
@@ -130,8 +214,7 @@ def reload_file(path: str, count: int | None = None, *, strategy: str = DEFAULT_
         # parsed), and it checks each page it reads against the table as it goes
         indexed = strategy == "indexed"
         expected = check_before_load(container, increments, defer_gaps=indexed)
-        machine = Machine(main_ram_size(header.ram_blocks, path), uart_sink=uart_sink,
-                          name=header.machine or "guest")
+        machine = new_machine(header, path, uart_sink)
         report = ReloadReport(path=str(path), strategy=strategy, increments=n)
         try:
             _Loader(machine, container, increments, report, progress, sieve_pages,
@@ -200,50 +283,43 @@ class _Loader:
     def run(self, layout: tuple[RamBlockInfo, ...], stdout: OutputSink | None,
             stderr: OutputSink | None) -> None:
         machine = self.machine
-        for block in layout:
-            if block.name != MAIN_RAM_NAME:
-                machine.add_ram_block(block.name, block.gpa, block.size)
         machine.set_state(RunState.INMIGRATE)
         entries = machine_save_state(machine, with_linux=True)
         strategy = self.report.strategy
         last = len(self.increments) - 1
+        scratch: MachineStateEntries | None = None
         if strategy == "indexed":
             self._read_pages_newest_first(layout)
             if self.expected is not None:  # the stream gaps, checked while the RAM loaded
                 self.expected.finish_checks()
+            for info in self.increments[:-1]:
+                # page data is in RAM already: the older streams are parsed for their checks
+                scratch = scratch or scratch_entries(machine)
+                check_increment_structure(self.container, info, scratch,
+                                          self._index_records(info.index), final=False)
+                self.report.streams_checked += 1
             self._load_stream(entries, self.increments[last], skip_ram=True, final=True)
         else:
             for k, info in enumerate(self.increments):
                 final = k == last
-                self._load_stream(entries, info, final=final,
-                                  stop_after_ram=strategy == "partial" and not final)
+                target = entries
+                if strategy == "partial" and not final:
+                    # RAM records into the machine, device sections checked into a copy
+                    scratch = scratch or scratch_entries(machine)
+                    target = scratch
+                self._load_stream(target, info, final=final)
         self.report.post_load = dict(self.post_load)
         restore_machine(machine, entries, stdout, stderr)
 
     def _load_stream(self, entries: MachineStateEntries, info: IncrementInfo, *,
-                     final: bool, skip_ram: bool = False, stop_after_ram: bool = False) -> None:
-        ram = entries.ram
-        ram.set_load_index_records(self._index_records(info.index))
-        ram.skip_pages = skip_ram
-        before = ram.pages_loaded
-        f = QEMUFile.for_reading(self.container.fd, info.stream_offset, info.stream_length)
-
+                     final: bool, skip_ram: bool = False) -> None:
         def device_loaded(entry: SaveStateEntry) -> None:
             if final:
                 self.post_load[f"{entry.idstr}/{entry.instance_id}"] += 1
 
-        try:
-            entries.save_state.load(f, stop_after_ram=stop_after_ram, post_load=final,
-                                    on_device=device_loaded)
-        except FormatError as err:
-            raise err.located(increment=info.index) from err
-        finally:
-            ram.skip_pages = False
-        listed = info.pages + info.zero_pages
-        seen = ram.pages_loaded - before
-        if seen != listed:
-            raise FormatError(f"stream holds {seen} page records, its page index {listed}",
-                              increment=info.index)
+        check_increment_structure(self.container, info, entries,
+                                  self._index_records(info.index), final=final,
+                                  skip_pages=skip_ram, on_device=device_loaded)
         if not skip_ram:
             self.report.pages_read += info.pages
         self.report.streams += 1

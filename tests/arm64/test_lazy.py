@@ -268,10 +268,19 @@ def bad_header_file(tmp_path: Path, workload_file: Path) -> tuple[Path, int, int
     return path, at, page
 
 
-def test_negative_bad_record_header_found_by_the_fill(
-        bad_header_file: tuple[Path, int, int]) -> None:
-    path, at, page = bad_header_file
-    machine, loader = lazy_reload(f"chpt:{path}")
+@pytest.fixture
+def good_copy(tmp_path: Path, workload_file: Path) -> Path:
+    path = tmp_path / "damaged-later.bin"
+    path.write_bytes(workload_file.read_bytes())
+    return path
+
+
+def test_negative_bad_record_header_found_by_the_fill(good_copy: Path) -> None:
+    """A header damaged after the reload's checks (the file changed under it) is found by the
+    C fill thread: the machine stops, nothing hangs."""
+    machine, loader = lazy_reload(f"chpt:{good_copy}", fill=False)
+    at, page = corrupt_a_record_header(good_copy)
+    loader.start_fill()
     with machine:
         with pytest.raises(FormatError, match="record header") as err:
             loader.wait_filled(RUN_TIMEOUT)  # must not hang
@@ -284,10 +293,9 @@ def test_negative_bad_record_header_found_by_the_fill(
         assert loader.error is err.value
 
 
-def test_negative_bad_record_header_found_by_a_fault(
-        bad_header_file: tuple[Path, int, int]) -> None:
-    path, at, page = bad_header_file
-    machine, loader = lazy_reload(f"chpt:{path}", fill=False, fault_run=1024)
+def test_negative_bad_record_header_found_by_a_fault(good_copy: Path) -> None:
+    machine, loader = lazy_reload(f"chpt:{good_copy}", fill=False, fault_run=1024)
+    at, page = corrupt_a_record_header(good_copy)
     with machine:
         assert page % 1024, "the page before must lie in the same fault window"
         machine.ram.page(page).tobytes()  # served (with zeros) so that nothing hangs
@@ -299,13 +307,58 @@ def test_negative_bad_record_header_found_by_a_fault(
         loader.close()
 
 
+def test_negative_bad_record_header_is_refused_before_the_guest_starts(
+        bad_header_file: tuple[Path, int, int]) -> None:
+    """Issue 14 item 7: the lazy reload makes the checks the other reloads make, before the
+    guest runs: a wrong record header is one line, as the indexed reload says it."""
+    path, at, page = bad_header_file
+    with pytest.raises(FormatError, match="record header") as lazy:
+        lazy_reload(f"chpt:{path}")
+    assert lazy.value.offset == at and lazy.value.increment == 0
+    assert f"page {page}" in str(lazy.value)
+    with pytest.raises(FormatError):
+        reload(f"chpt:{path}").close()
+
+
 def test_negative_bad_record_header_on_the_cli(bad_header_file: tuple[Path, int, int]) -> None:
-    """One line, exit code 1, whether the guest ended before the fill found the damage or not."""
+    """One line, exit code 1, and the guest never ran."""
     path, _, _ = bad_header_file
     proc = pyvmm("run", "--incoming", f"chpt:{path}", "--lazy")
     lines = proc.stderr.decode().strip().splitlines()
     assert proc.returncode == 1
-    assert lines[-1].startswith("pyvmm: error: lazy reload of") and "record header" in lines[-1]
+    assert lines[-1].startswith("pyvmm: error:") and "record header" in lines[-1]
+    assert "Traceback" not in proc.stderr.decode()
+    assert proc.stdout == b""
+
+
+def zero_block(path: Path, offset: int, length: int = 4096) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(length))
+
+
+def test_negative_zeroed_block_over_an_older_increments_page_records(
+        chain_file: Path, tmp_path: Path) -> None:
+    """Issue 14 item 7: a zeroed 4 KiB block over the page records of an increment whose pages
+    a newer one overrides. The indexed, partial and sequential reloads refuse it (the stream
+    does not parse); the lazy reload took it and ran the guest to exit 0. Now it refuses it
+    too, on the CLI with one line and exit 1."""
+    path = tmp_path / "zeroed.bin"
+    path.write_bytes(chain_file.read_bytes())
+    with CheckpointFile.open(path) as container:
+        info = container.header.increments[0]
+        runs = [r for r in container.page_index(0) if not r.zero and r.npages >= 4]
+    run = max(runs, key=lambda r: r.npages)
+    zero_block(path, run.data_offset + 2 * (PAGE_SIZE + PAGE_RECORD_HEADER) - 64)
+    assert info.stream_offset < run.data_offset
+    for strategy in ("indexed", "partial", "sequential"):
+        with pytest.raises(FormatError):
+            reload(f"chpt:{path}", strategy=strategy).close()
+    with pytest.raises(FormatError):
+        lazy_reload(f"chpt:{path}")
+    proc = pyvmm("run", "--incoming", f"chpt:{path}", "--lazy")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.decode().strip().splitlines()[-1].startswith("pyvmm: error:")
     assert "Traceback" not in proc.stderr.decode()
 
 
@@ -517,8 +570,8 @@ def test_negative_checkpoint_of_a_failed_lazy_reload(tmp_path: Path,
                                                      workload_file: Path) -> None:
     path = tmp_path / "bad.bin"
     path.write_bytes(workload_file.read_bytes())
-    corrupt_a_record_header(path)
     machine, loader = lazy_reload(f"chpt:{path}", fill=False)
+    corrupt_a_record_header(path)  # after the checks before the start: found by the fill
     with machine:
         checkpointer = Checkpointer(machine, tmp_path / "out.bin", durable=False)
         with pytest.raises(FormatError, match="record header"):
