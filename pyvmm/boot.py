@@ -34,6 +34,9 @@ class GuestSpec:
     stdin: bytes = b""
     #: The ELF guest's stdin is this process's standard input, read as the guest reads it.
     stdin_live: bool = False
+    #: Most bytes the ELF guest's file overlay may hold (ENOSPC past it); None: the default,
+    #: half the RAM size (see :func:`pyvmm.linux.vfs.default_files_limit`).
+    files_limit: int | None = None
 
     @property
     def is_builtin(self) -> bool:
@@ -87,4 +90,4 @@ def _boot_elf(machine: Machine, spec: GuestSpec, stdout: OutputSink | None,
     argv: Sequence[str] = (os.path.basename(spec.program), *spec.args)
     load_program(machine, spec.program, list(argv), env=dict(spec.env) or None,
                  files=list(spec.files), stdin=spec.stdin, stdout=stdout, stderr=stderr,
-                 stdin_live=spec.stdin_live)
+                 stdin_live=spec.stdin_live, files_limit=spec.files_limit)

@@ -9,7 +9,7 @@ randomness, no host paths beyond those listed.
 Public API
 ----------
 ``load_program(machine, elf_path, argv, *, env=None, files=(), stdin=b"", stdout=None,
-stderr=None, cwd=None) -> LinuxProcess``
+stderr=None, cwd=None, stdin_live=False, files_limit=None) -> LinuxProcess``
     Load a static, non-PIE aarch64 ELF64 executable (ET_EXEC) on a machine that has not started,
     and set its entry point and initial stack.  Afterwards ``machine.run()`` runs it; the
     program's exit code is ``RunResult.exit_code``.
@@ -20,7 +20,8 @@ stderr=None, cwd=None) -> LinuxProcess``
       ``PATH=/bin:/usr/bin HOME=/`` (nothing else comes from the host environment).
     - ``files``: host files or directories the guest may read, at the same absolute paths.  Any
       write, create, truncate, rename or delete lands in an in-memory overlay; host files are
-      never changed.  Host paths not listed do not exist for the guest, and host symlinks are
+      never changed.  Sparse files (truncated up, written past their end) take no memory for
+      their holes.  Host paths not listed do not exist for the guest, and host symlinks are
       followed in guest terms, so they cannot lead outside what was listed.  ``/tmp`` always
       exists (in the overlay when not listed); ``/dev/null``, ``/dev/zero``, ``/dev/urandom``,
       ``/dev/stdin``, ``/dev/stdout``, ``/dev/stderr`` and ``/proc/self/exe`` are built in.
@@ -28,6 +29,10 @@ stderr=None, cwd=None) -> LinuxProcess``
     - ``stdout``/``stderr``: callables receiving the bytes written to fd 1/2; by default they are
       collected in ``LinuxProcess.stdout_data``/``stderr_data``.
     - ``cwd``: the guest's working directory (default: the host's, as a path string only).
+    - ``files_limit``: most bytes the overlay may hold (stored file pages, plus about 1 KiB and
+      the path per entry).  Default: half the RAM size, as a tmpfs takes, at most 512 MiB (a
+      checkpoint carries the overlay).  Past it the guest gets ENOSPC, as on a full tmpfs; a
+      write at or past the largest file size (2**63 - 1) gets EFBIG.
 
     Raises :class:`~pyvmm.errors.ConfigError` naming the file and the problem for a file that is
     not such a program (not ELF, 32-bit, not AArch64, PIE/shared, dynamically linked, truncated
@@ -55,7 +60,13 @@ return ``-EFAULT``, as on Linux.
 
 from __future__ import annotations
 
-from .loader import DEFAULT_ENV, IMAGE_BLOCK, at_random_bytes, attach_process, load_program
+from .loader import (
+    DEFAULT_ENV,
+    IMAGE_BLOCK,
+    at_random_bytes,
+    attach_process,
+    load_program,
+)
 from .process import SYSCALLS, LinuxProcess, OutputSink
 from .state import LinuxState, state_from_dict, state_to_dict
 

@@ -69,6 +69,16 @@ class GuestMemory:
             return False
         return True
 
+    def room(self, addr: int, length: int) -> int:
+        """How many of the ``length`` bytes from ``addr`` lie in guest RAM, counting from
+        ``addr`` up to the end of its RAM block (0 if ``addr`` is not in RAM)."""
+        if length <= 0 or self.valid(addr, length):
+            return max(length, 0)
+        if not self.valid(addr, 1):
+            return 0
+        block, offset = self.machine.block_for(addr)
+        return min(length, block.size - offset)
+
     def read_u32(self, addr: int) -> int:
         value: int = struct.unpack("<I", self.read(addr, 4))[0]
         return value

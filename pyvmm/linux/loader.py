@@ -58,16 +58,20 @@ from .elf import ElfProgram, read_program
 from .guestmem import page_down, page_up
 from .process import LinuxProcess, OutputSink
 from .state import (
+    MAX_FILES_LIMIT,
     FdEntry,
     FileState,
     LinuxState,
-    Mapping as MemoryMapping,
     MemoryState,
     OpenFileDescription,
     OverlayNode,
     state_from_dict,
 )
+from .state import (
+    Mapping as MemoryMapping,
+)
 from .sys_process import GID, UID
+from .vfs import default_files_limit
 
 IMAGE_BLOCK = "linux.image"
 STACK_SIZE = 8 << 20
@@ -94,7 +98,8 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
                  env: Mapping[str, str] | None = None,
                  files: Iterable[str | os.PathLike[str]] = (), stdin: bytes = b"",
                  stdout: OutputSink | None = None, stderr: OutputSink | None = None,
-                 cwd: str | None = None, stdin_live: bool = False) -> LinuxProcess:
+                 cwd: str | None = None, stdin_live: bool = False,
+                 files_limit: int | None = None) -> LinuxProcess:
     """Load a static aarch64 Linux program on a machine that has not started yet.
 
     See the package documentation (:mod:`pyvmm.linux`) for the meaning of each argument.
@@ -121,6 +126,12 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
     if ram.size < MIN_RAM:
         raise ConfigError(f"RAM of {ram.size >> 20} MiB is too small for a Linux program "
                           f"(needs at least {MIN_RAM >> 20} MiB)")
+    if files_limit is None:
+        files_limit = default_files_limit(ram.size)
+    if isinstance(files_limit, bool) or not isinstance(files_limit, int) or \
+            not 0 <= files_limit <= MAX_FILES_LIMIT:
+        raise ConfigError(f"files limit {files_limit!r} is outside [0, {MAX_FILES_LIMIT >> 20}M]: "
+                          f"a checkpoint holds the guest's files, in a section of bounded size")
 
     if program.low < MIN_LOAD_ADDRESS:
         raise ConfigError(f"{path}: segment at 0x{program.low:x} lies below 0x"
@@ -145,7 +156,7 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
                                             "stack"))
 
     files_state = FileState(cwd=guest_cwd, exports=exports, stdin=bytes(stdin),
-                            stdin_live=stdin_live)
+                            stdin_live=stdin_live, files_limit=files_limit)
     for fd, kind in enumerate(("stdin", "stdout", "stderr")):
         access = O_RDONLY if kind == "stdin" else O_WRONLY
         files_state.descriptions[fd] = OpenFileDescription(kind, f"/dev/{kind}", access)
@@ -155,8 +166,9 @@ def load_program(machine: Machine, elf_path: str | os.PathLike[str], argv: Itera
                        comm=os.path.basename(path)[:15])
     process = LinuxProcess(machine, state, stdout=stdout, stderr=stderr)
     if process.fs.lookup("/tmp") is None:
-        # Programs expect a writable /tmp; it lives in the overlay like every other change.
-        files_state.overlay["/tmp"] = OverlayNode("dir", mode=0o1777)
+        # Programs expect a writable /tmp; it lives in the overlay like every other change (it
+        # counts against the limit but is never refused: even a limit of 0 gets it).
+        process.fs.set_entry("/tmp", OverlayNode("dir", mode=0o1777), charge=False)
 
     sp = _initial_stack(machine, program, strings, len(envp), len(args), memory.stack_top)
     machine.set_entry(program.entry, {"sp": sp, "x0": 0})
@@ -176,6 +188,12 @@ def attach_process(machine: Machine, state: LinuxState | dict[str, Any], *,
     if not isinstance(state, LinuxState):
         state = state_from_dict(state)
     memory = state.memory
+    # The state may come from a crafted file: no block is made of a size it merely declares.
+    if not MIN_LOAD_ADDRESS <= memory.image_gpa < memory.image_gpa + memory.image_size \
+            <= LOW_MEMORY_LIMIT:
+        raise ConfigError(f"the saved process's image block [0x{memory.image_gpa:x}, +0x"
+                          f"{memory.image_size:x}) does not lie in [0x{MIN_LOAD_ADDRESS:x}, 0x"
+                          f"{LOW_MEMORY_LIMIT:x})")
     existing = [b for b in machine.ram_blocks if b.name == memory.image_block]
     if not existing:
         machine.add_ram_block(memory.image_block, memory.image_gpa, memory.image_size)

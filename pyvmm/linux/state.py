@@ -6,6 +6,9 @@ dispositions, the random stream position, output counters and exit status.  Noth
 host objects (no open files, no callables), so a checkpoint can carry it and a new process can
 continue from it.  :func:`state_to_dict`/:func:`state_from_dict` convert to and from a dict of JSON
 types (``bytes`` as base64 text, integer dict keys as decimal text).
+
+A saved state is untrusted input: :func:`state_from_dict` checks every overlay file's declared
+size and chunks before it decodes them, and that the overlay holds no more than its limit.
 """
 
 from __future__ import annotations
@@ -18,9 +21,18 @@ import typing
 from typing import Any
 
 from ..errors import ConfigError
+from .filedata import CHUNK_SIZE, FileData, check_file_data
 
-#: Version of the dict layout; bump when a field changes meaning.
-STATE_VERSION = 1
+#: Version of the dict layout; bump when a field changes meaning.  2: overlay data is a
+#: :class:`FileData` (sparse chunks) and FileState has ``files_limit``; version 1 still loads.
+STATE_VERSION = 2
+#: Most bytes ``FileState.files_limit`` may be: the whole Linux state is saved as JSON in a
+#: section of at most 1 GiB (``machine_state.MAX_LINUX_STATE``), and base64 takes 4/3 of the
+#: data, so 512 MiB of overlay (683 MiB of text) leaves room for the rest of the state.
+MAX_FILES_LIMIT = 512 << 20
+_OVERLAY_KINDS = ("file", "dir", "symlink", "whiteout")
+#: Longest base64 text of one chunk.
+_MAX_CHUNK_TEXT = 4 * -(-CHUNK_SIZE // 3)
 
 
 @dataclasses.dataclass
@@ -69,7 +81,7 @@ class OverlayNode:
     #: "file", "dir", "symlink" (``data`` holds the target) or "whiteout" (deleted: hides the
     #: host path).
     kind: str
-    data: bytearray = dataclasses.field(default_factory=bytearray)
+    data: FileData = dataclasses.field(default_factory=FileData)
     mode: int = 0o644
     mtime_ns: int = 0
 
@@ -110,6 +122,10 @@ class FileState:
     fds: dict[int, FdEntry] = dataclasses.field(default_factory=dict)
     next_description: int = 0
     max_fds: int = 1024
+    #: Most bytes the overlay may hold (file pages, plus a charge per entry; see
+    #: :mod:`pyvmm.linux.vfs`): past it the guest gets ENOSPC.  ``load_program`` sets it from
+    #: the RAM size (half of it, as tmpfs); the default here is the most it may be.
+    files_limit: int = MAX_FILES_LIMIT
 
 
 @dataclasses.dataclass
@@ -171,12 +187,48 @@ def state_from_dict(data: dict[str, Any]) -> LinuxState:
     if not isinstance(data, dict):
         raise ConfigError("invalid Linux process state: not a dict")
     version = data.get("version")
-    if version != STATE_VERSION:
+    if version not in (1, STATE_VERSION):
         raise ConfigError(f"invalid Linux process state: version {version!r}, expected "
                           f"{STATE_VERSION}")
     body = {k: v for k, v in data.items() if k != "version"}
+    if version == 1:
+        body = _upgrade_v1(body)
     state: LinuxState = _decode(LinuxState, body, "state")
+    _check_files(state.files)
     return state
+
+
+def _upgrade_v1(body: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 body in version 2's layout: overlay data was one base64 text per entry."""
+    files = body.get("files")
+    overlay = files.get("overlay") if isinstance(files, dict) else None
+    if not isinstance(overlay, dict):
+        return body  # _decode names what is wrong
+    for path, node in overlay.items():
+        if isinstance(node, dict) and isinstance(node.get("data"), str):
+            raw = _decode(bytes, node["data"], f"state.files.overlay[{path!r}].data")
+            node["data"] = _encode(FileData.of(raw))
+    return body
+
+
+def _check_files(files: FileState) -> None:
+    """Bounds of the overlay a loaded state declares (its data is decoded already, chunk by
+    bounded chunk; what it claims must agree with what it holds)."""
+    if not 0 <= files.files_limit <= MAX_FILES_LIMIT:
+        raise ConfigError(f"invalid Linux process state: files_limit {files.files_limit} is "
+                          f"outside [0, {MAX_FILES_LIMIT}]")
+    stored = 0
+    for path, node in files.overlay.items():
+        if node.kind not in _OVERLAY_KINDS:
+            raise ConfigError(f"invalid Linux process state: overlay entry {path!r} has kind "
+                              f"{node.kind!r}")
+        if node.kind in ("dir", "whiteout") and node.data.size:
+            raise ConfigError(f"invalid Linux process state: overlay {node.kind} {path!r} "
+                              f"holds data")
+        stored += node.data.allocated
+    if stored > files.files_limit:
+        raise ConfigError(f"invalid Linux process state: the overlay holds {stored} bytes, "
+                          f"more than its limit of {files.files_limit}")
 
 
 def _encode(value: Any) -> Any:
@@ -198,6 +250,8 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
         return ConfigError(f"invalid Linux process state: {where}: expected {expected}, got "
                            f"{type(value).__name__}")
 
+    if kind is FileData:
+        return _decode_file_data(value, where)
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(kind)
@@ -213,7 +267,7 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
         unknown = set(value) - fields
         if unknown:
             raise ConfigError(f"invalid Linux process state: {where}: unknown field "
-                              f"{sorted(unknown)[0]!r}")
+                              f"{min(unknown)!r}")
         args = {name: _decode(hints[name], value[name], f"{where}.{name}")
                 for name in fields if name in value}
         try:
@@ -262,3 +316,25 @@ def _decode(kind: Any, value: Any, where: str) -> Any:
             raise bad("text")
         return value
     raise TypeError(f"no decoder for {kind!r}")  # a programming error in this module
+
+
+def _decode_file_data(value: Any, where: str) -> FileData:
+    """A FileData from untrusted JSON: the size and each chunk's text length are checked before
+    anything is decoded, so no declared size leads to an allocation."""
+    if not isinstance(value, dict) or set(value) - {"size", "chunks"}:
+        raise ConfigError(f"invalid Linux process state: {where}: expected an object with "
+                          f"size and chunks")
+    size = _decode(int, value.get("size", 0), f"{where}.size")
+    chunks = value.get("chunks", {})
+    if not isinstance(chunks, dict):
+        raise ConfigError(f"invalid Linux process state: {where}.chunks: expected an object")
+    for key, text in chunks.items():
+        if isinstance(text, str) and len(text) > _MAX_CHUNK_TEXT:
+            raise ConfigError(f"invalid Linux process state: {where}.chunks[{key!r}]: "
+                              f"{len(text)} characters, more than a chunk of {CHUNK_SIZE} "
+                              f"bytes takes")
+    data = FileData(size, _decode(dict[int, bytearray], chunks, f"{where}.chunks"))
+    problem = check_file_data(data)
+    if problem is not None:
+        raise ConfigError(f"invalid Linux process state: {where}: {problem}")
+    return data

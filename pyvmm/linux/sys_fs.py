@@ -52,8 +52,9 @@ def _stat_bytes(path: str, node: Node) -> bytes:
     size = node.size
     sec, nsec = divmod(node.mtime_ns, 1_000_000_000)
     nlink = 2 if node.kind == "dir" else 1
+    blocks = (size + 511) // 512 if node.blocks is None else node.blocks
     return STAT.pack(1, inode(path), node.mode, nlink, 0, 0, node.rdev, 0, size, 4096, 0,
-                     (size + 511) // 512, sec, nsec, sec, nsec, sec, nsec, 0, 0)
+                     blocks, sec, nsec, sec, nsec, sec, nsec, 0, 0)
 
 
 def _stat_description(p: LinuxProcess, desc: OpenFileDescription) -> bytes:
@@ -223,12 +224,7 @@ def _truncate(p: LinuxProcess, path: str, length: int) -> None:
     length = s64(length)
     if length < 0:
         raise _fail(Errno.EINVAL)
-    node = p.fs.writable(path)
-    if length < len(node.data):
-        del node.data[length:]
-    else:
-        node.data.extend(bytes(length - len(node.data)))
-    node.mtime_ns = p.realtime_ns()
+    p.fs.truncate(path, length).mtime_ns = p.realtime_ns()
 
 
 def sys_ftruncate(p: LinuxProcess, fd: int, length: int, *_: int) -> int:
@@ -252,7 +248,8 @@ def _chmod(p: LinuxProcess, path: str, mode: int) -> None:
     if node.kind == "dir":
         current = overlay.get(path)
         if current is None:
-            current = overlay[path] = OverlayNode("dir", mtime_ns=node.mtime_ns)
+            current = OverlayNode("dir", mtime_ns=node.mtime_ns)
+            p.fs.set_entry(path, current)
         current.mode = mode & 0o7777
     elif node.kind == "file":
         p.fs.writable(path).mode = mode & 0o7777

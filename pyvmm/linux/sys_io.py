@@ -218,16 +218,14 @@ def write_to(p: LinuxProcess, desc: OpenFileDescription, data: bytes,
     if offset is not None:
         pos = offset
     elif desc.flags & O_APPEND:
-        pos = len(node.data)
+        pos = node.data.size
     else:
         pos = desc.offset
-    if pos > len(node.data):
-        node.data.extend(bytes(pos - len(node.data)))
-    node.data[pos:pos + len(data)] = data
+    written = p.fs.write(node, pos, data)
     node.mtime_ns = p.realtime_ns()
     if offset is None:
-        desc.offset = pos + len(data)
-    return len(data)
+        desc.offset = pos + written
+    return written
 
 
 def _iovecs(p: LinuxProcess, addr: int, count: int) -> list[tuple[int, int]]:
@@ -236,6 +234,23 @@ def _iovecs(p: LinuxProcess, addr: int, count: int) -> list[tuple[int, int]]:
         raise _fail(Errno.EINVAL)
     raw = p.mem.read(addr, count * IOVEC.size)
     return [IOVEC.unpack_from(raw, i * IOVEC.size) for i in range(count)]
+
+
+def _receivable(p: LinuxProcess, iovs: list[tuple[int, int]]) -> int:
+    """How many bytes a read into ``iovs`` can deliver: up to the first byte that is not guest
+    RAM (Linux copies up to a fault), so that a huge count never makes the host build more than
+    the guest can take (a read of a sparse file's hole is all zeros, however far it goes)."""
+    if len(iovs) == 1 and iovs[0][1] <= _CHUNK:
+        return iovs[0][1]  # small enough to build; a bad buffer still gets EFAULT on the copy
+    total = 0
+    for base, length in iovs:
+        room = p.mem.room(base, length)
+        total += room
+        if room < length:
+            if total == 0:
+                raise _fail(Errno.EFAULT)
+            break
+    return total
 
 
 def _scatter(p: LinuxProcess, iovs: list[tuple[int, int]], data: bytes) -> None:
@@ -253,7 +268,9 @@ def _gather(p: LinuxProcess, iovs: list[tuple[int, int]]) -> bytes:
 
 
 def sys_read(p: LinuxProcess, fd: int, buf: int, count: int, *_: int) -> int:
-    data = read_from(p, description(p, fd), count)
+    desc = description(p, fd)
+    _readable(desc)
+    data = read_from(p, desc, _receivable(p, [(buf, count)]))
     p.mem.write(buf, data)
     return len(data)
 
@@ -267,7 +284,9 @@ def sys_write(p: LinuxProcess, fd: int, buf: int, count: int, *_: int) -> int:
 def sys_pread64(p: LinuxProcess, fd: int, buf: int, count: int, offset: int, *_: int) -> int:
     if s64(offset) < 0:
         raise _fail(Errno.EINVAL)
-    data = read_from(p, description(p, fd), count, offset)
+    desc = description(p, fd)
+    _readable(desc)
+    data = read_from(p, desc, _receivable(p, [(buf, count)]), offset)
     p.mem.write(buf, data)
     return len(data)
 
@@ -282,8 +301,9 @@ def sys_pwrite64(p: LinuxProcess, fd: int, buf: int, count: int, offset: int, *_
 
 def sys_readv(p: LinuxProcess, fd: int, iov: int, iovcnt: int, *_: int) -> int:
     desc = description(p, fd)
+    _readable(desc)
     iovs = _iovecs(p, iov, iovcnt)
-    data = read_from(p, desc, sum(length for _, length in iovs))
+    data = read_from(p, desc, _receivable(p, iovs))
     _scatter(p, iovs, data)
     return len(data)
 
@@ -332,7 +352,7 @@ def sys_lseek(p: LinuxProcess, fd: int, offset: int, whence: int, *_: int) -> in
     elif whence in (SEEK_DATA, SEEK_HOLE):
         if offset < 0 or offset >= size:
             raise _fail(Errno.ENXIO)
-        new = offset if whence == SEEK_DATA else size
+        new = p.fs.seek_data(desc.path, offset, hole=whence == SEEK_HOLE)
     else:
         raise _fail(Errno.EINVAL)
     if new < 0:
@@ -443,10 +463,10 @@ def sys_openat(p: LinuxProcess, dirfd: int, pathname: int, flags: int, mode: int
         else:
             kind = "file"
             if writing and not flags & O_PATH:
-                contents = p.fs.writable(path)
                 if flags & O_TRUNC:
-                    del contents.data[:]
-                    contents.mtime_ns = p.realtime_ns()
+                    p.fs.truncate(path, 0).mtime_ns = p.realtime_ns()
+                else:
+                    p.fs.writable(path)
     keep = flags & ~(O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | O_CLOEXEC)
     desc_id = new_description(p, OpenFileDescription(kind, path, keep))
     return install_fd(p, desc_id, cloexec=bool(flags & O_CLOEXEC))

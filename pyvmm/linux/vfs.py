@@ -8,6 +8,14 @@ renames or deletes lands in ``FileState.overlay`` (file bytes, directories, and 
 deleted host paths); host files are only ever opened read-only.  A few device files (/dev/null,
 /dev/zero, /dev/urandom) and /proc/self/exe are built in.
 
+The overlay is bounded, as a tmpfs is: ``FileState.files_limit`` bytes (by default half the RAM
+size, see :func:`default_files_limit`) cover the pages of stored file data (holes of sparse files
+are free, :mod:`pyvmm.linux.filedata`) plus :data:`ENTRY_COST` and the saved length of the path
+for every entry (files, directories, symlinks, whiteouts), so that neither data nor a flood of
+empty files can take unbounded host memory or outgrow a checkpoint.  A change that does not fit
+gets ENOSPC (a write writes what fits first, as Linux does); a file position at or past
+``MAX_FILE_SIZE`` gets EFBIG.
+
 Host file descriptors are cached here for speed; they are not state (a new process re-opens the
 same paths).  Runs on the vCPU thread.
 """
@@ -15,6 +23,7 @@ same paths).  Runs on the vCPU thread.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat as stat_mod
 import weakref
@@ -33,7 +42,8 @@ from .abi import (
     Errno,
     LinuxErrno,
 )
-from .state import FileState, OverlayNode
+from .filedata import CHUNK_SIZE, MAX_FILE_SIZE, FileData
+from .state import MAX_FILES_LIMIT, FileState, OverlayNode
 
 #: Built-in devices: guest path -> the OpenFileDescription kind that serves it ("fdN": opening
 #: it shares fd N's open file, as Linux's /dev/stdin -> /proc/self/fd/0 does for pipes).
@@ -49,6 +59,21 @@ _MAX_SYMLINK_HOPS = 40
 _MAX_CACHED_HOST_FDS = 64
 
 _VISIBLE, _ANCESTOR, _HIDDEN = 2, 1, 0
+#: What every overlay entry costs beside its path and data: about what its Python objects take
+#: (and what a tmpfs inode and dentry take in a kernel), so a flood of empty files is bounded too.
+ENTRY_COST = 1024
+
+
+def default_files_limit(ram_size: int) -> int:
+    """The overlay's limit for a guest with ``ram_size`` bytes of RAM: half of it, as a tmpfs
+    mounted without ``size=`` takes, at most :data:`~pyvmm.linux.state.MAX_FILES_LIMIT`."""
+    return min(ram_size // 2, MAX_FILES_LIMIT)
+
+
+def entry_cost(path: str, node: OverlayNode) -> int:
+    """What an overlay entry counts against the limit: its data's pages, its path as saved (JSON
+    text: a path of odd bytes takes more) and ENTRY_COST."""
+    return ENTRY_COST + len(json.dumps(path)) + node.data.allocated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +88,8 @@ class Node:
     mtime_ns: int = 0
     target: str = ""  # symlink target
     rdev: int = 0
+    #: 512-byte blocks allocated (st_blocks); None: as many as the size takes.
+    blocks: int | None = None
 
     @property
     def d_type(self) -> int:
@@ -96,6 +123,8 @@ class FileSystem:
         self._host_fds: dict[str, int] = {}
         # Closes the cached fds when this object goes, should nobody call close().
         self._finalizer = weakref.finalize(self, _close_fds, self._host_fds)
+        #: Bytes of the limit in use (derived from the overlay, so not state).
+        self.usage = sum(entry_cost(path, node) for path, node in state.overlay.items())
 
     def close(self) -> None:
         """Close cached host file descriptors (they are reopened on demand)."""
@@ -134,10 +163,11 @@ class FileSystem:
             if node.kind == "dir":
                 return Node("dir", "overlay", S_IFDIR | node.mode, 4096, node.mtime_ns)
             if node.kind == "symlink":
-                target = node.data.decode("utf-8", "surrogateescape")
-                return Node("symlink", "overlay", S_IFLNK | 0o777, len(node.data),
+                target = bytes(node.data).decode("utf-8", "surrogateescape")
+                return Node("symlink", "overlay", S_IFLNK | 0o777, node.data.size,
                             node.mtime_ns, target=target)
-            return Node("file", "overlay", S_IFREG | node.mode, len(node.data), node.mtime_ns)
+            return Node("file", "overlay", S_IFREG | node.mode, node.data.size, node.mtime_ns,
+                        blocks=node.data.allocated // 512)
         if path in DEVICES:
             major, minor = _DEVICE_RDEV.get(path, (0, 0))
             return Node("device", "synthetic", S_IFCHR | 0o666, rdev=(major << 8) | minor)
@@ -232,10 +262,11 @@ class FileSystem:
 
     # ------------------------------------------------------------------------ reading
     def read(self, path: str, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes of the regular file at ``path`` from ``offset``."""
+        """Up to ``length`` bytes of the regular file at ``path`` from ``offset`` (holes read as
+        zeros; the caller bounds ``length``)."""
         node = self.state.overlay.get(path)
         if node is not None and node.kind == "file":
-            return bytes(node.data[offset:offset + length])
+            return node.data.read(offset, length)
         info = self.require(path)
         if info.kind == "dir":
             raise _fail(Errno.EISDIR)
@@ -251,7 +282,7 @@ class FileSystem:
             raise _fail(Errno.EIO) from err
 
     def contents(self, path: str) -> bytes:
-        """All bytes of the regular file at ``path``."""
+        """All bytes of the regular file at ``path`` (for small files: it allocates them)."""
         info = self.require(path)
         return self.read(path, 0, info.size)
 
@@ -298,8 +329,25 @@ class FileSystem:
         return entries
 
     # ------------------------------------------------------------------------ changing
-    def writable(self, path: str) -> OverlayNode:
-        """The overlay copy of regular file ``path``, copied up from the host on first use."""
+    def set_entry(self, path: str, node: OverlayNode, *, charge: bool = True) -> None:
+        """Put ``node`` at ``path`` in the overlay, replacing what was there; ENOSPC (nothing
+        changed) if the limit cannot take it.  ``charge`` False: the loader's own entries, which
+        count in the usage but are never refused."""
+        old = self.state.overlay.get(path)
+        growth = entry_cost(path, node) - (entry_cost(path, old) if old is not None else 0)
+        if charge and growth > 0 and self.usage + growth > self.state.files_limit:
+            raise _fail(Errno.ENOSPC)
+        self.state.overlay[path] = node
+        self.usage += growth
+
+    def _pop_entry(self, path: str) -> None:
+        old = self.state.overlay.pop(path, None)
+        if old is not None:
+            self.usage -= entry_cost(path, old)
+
+    def writable(self, path: str, *, discard: bool = False) -> OverlayNode:
+        """The overlay copy of regular file ``path``, copied up from the host on first use
+        (``discard``: its bytes are about to go, as for O_TRUNC: copy none of them)."""
         node = self.state.overlay.get(path)
         if node is not None and node.kind == "file":
             return node
@@ -308,30 +356,84 @@ class FileSystem:
             raise _fail(Errno.EISDIR)
         if info.kind != "file":
             raise _fail(Errno.EACCES)
-        data = bytearray(self.contents(path))
-        node = OverlayNode("file", data, info.mode & 0o7777, info.mtime_ns)
-        self.state.overlay[path] = node
+        node = OverlayNode("file", FileData() if discard else self._copy_up(path, info.size),
+                           info.mode & 0o7777, info.mtime_ns)
+        self.set_entry(path, node)
         return node
+
+    def _copy_up(self, path: str, size: int) -> FileData:
+        """The host file's bytes, read chunk by chunk (all-zero chunks stay holes); ENOSPC as
+        soon as they would not fit beside the entry itself."""
+        data = FileData(size)
+        room = self.state.files_limit - self.usage - entry_cost(path, OverlayNode("file"))
+        for offset in range(0, size, CHUNK_SIZE):
+            piece = self.read(path, offset, CHUNK_SIZE)
+            if piece.count(0) == len(piece):
+                continue
+            written, growth = data.write(offset, piece, room)
+            if written < len(piece):
+                raise _fail(Errno.ENOSPC)
+            room -= growth
+        data.size = size  # a host file that shrank meanwhile: the rest reads as zeros
+        return data
+
+    def write(self, node: OverlayNode, offset: int, data: bytes | bytearray) -> int:
+        """pwrite(2) into the overlay file ``node`` (from :meth:`writable`): bytes written
+        (what fits: EFBIG at or past MAX_FILE_SIZE, ENOSPC if not one byte fits)."""
+        if not data:
+            return 0
+        if offset + len(data) > MAX_FILE_SIZE:
+            if offset >= MAX_FILE_SIZE:
+                raise _fail(Errno.EFBIG)
+            data = data[:MAX_FILE_SIZE - offset]
+        room = self.state.files_limit - self.usage
+        written, growth = node.data.write(offset, data, room if room > 0 else 0)
+        if not written:
+            raise _fail(Errno.ENOSPC)
+        self.usage += growth
+        return written
+
+    def truncate(self, path: str, length: int) -> OverlayNode:
+        """truncate(2) the regular file ``path`` to ``length`` (>= 0); EFBIG past
+        MAX_FILE_SIZE.  Growing makes a hole, which costs nothing."""
+        if length > MAX_FILE_SIZE:
+            raise _fail(Errno.EFBIG)
+        node = self.writable(path, discard=length == 0)
+        self.usage -= node.data.truncate(length)
+        return node
+
+    def seek_data(self, path: str, offset: int, *, hole: bool) -> int:
+        """lseek SEEK_DATA (``hole`` False) or SEEK_HOLE from ``offset`` (inside the file);
+        ENXIO when no data follows.  Host files are all data."""
+        node = self.state.overlay.get(path)
+        if node is None or node.kind != "file":
+            return self.require(path).size if hole else offset
+        if hole:
+            return node.data.next_hole(offset)
+        found = node.data.next_data(offset)
+        if found is None:
+            raise _fail(Errno.ENXIO)
+        return found
 
     def create_file(self, path: str, mode: int, mtime_ns: int) -> OverlayNode:
         self.require_parent_dir(path)
-        node = OverlayNode("file", bytearray(), mode & ~self.state.umask & 0o7777, mtime_ns)
-        self.state.overlay[path] = node
+        node = OverlayNode("file", FileData(), mode & ~self.state.umask & 0o7777, mtime_ns)
+        self.set_entry(path, node)
         return node
 
     def mkdir(self, path: str, mode: int, mtime_ns: int) -> None:
         if self.lookup(path) is not None:
             raise _fail(Errno.EEXIST)
         self.require_parent_dir(path)
-        self.state.overlay[path] = OverlayNode("dir", bytearray(),
-                                               mode & ~self.state.umask & 0o7777, mtime_ns)
+        self.set_entry(path, OverlayNode("dir", FileData(), mode & ~self.state.umask & 0o7777,
+                                         mtime_ns))
 
     def symlink(self, target: str, path: str, mtime_ns: int) -> None:
         if self.lookup(path) is not None:
             raise _fail(Errno.EEXIST)
         self.require_parent_dir(path)
-        raw = bytearray(target.encode("utf-8", "surrogateescape"))
-        self.state.overlay[path] = OverlayNode("symlink", raw, 0o777, mtime_ns)
+        raw = FileData.of(target.encode("utf-8", "surrogateescape"))
+        self.set_entry(path, OverlayNode("symlink", raw, 0o777, mtime_ns))
 
     def remove(self, path: str, *, directory: bool) -> None:
         """unlink (``directory`` False) or rmdir ``path``."""
@@ -351,10 +453,10 @@ class FileSystem:
         # Whiteouts of a removed directory's entries stay: they keep host entries hidden should
         # the directory be made again.
         if self.on_host(path):
-            self.state.overlay[path] = OverlayNode("whiteout")
+            self.set_entry(path, OverlayNode("whiteout"))
             self._forget(path)
         else:
-            self.state.overlay.pop(path, None)
+            self._pop_entry(path)
 
     def rename(self, old: str, new: str) -> None:
         """rename(2) of a regular file or a symlink; directories give EXDEV (callers such as
@@ -374,9 +476,16 @@ class FileSystem:
         self.require_parent_dir(new)
         source = self.state.overlay.get(old)
         if source is None or source.kind == "whiteout":
-            data = node.target.encode("utf-8", "surrogateescape") if node.kind == "symlink" \
-                else self.contents(old)
-            source = OverlayNode(node.kind, bytearray(data), node.mode & 0o7777, node.mtime_ns)
-        self.state.overlay[new] = source
+            data = FileData.of(node.target.encode("utf-8", "surrogateescape")) \
+                if node.kind == "symlink" else self._copy_up(old, node.size)
+            source = OverlayNode(node.kind, data, node.mode & 0o7777, node.mtime_ns)
+        # All or nothing: the new entry, and the whiteout that hides a host original.
+        replaced = self.state.overlay.get(new)
+        growth = entry_cost(new, source) - (entry_cost(new, replaced) if replaced else 0)
+        growth += entry_cost(old, OverlayNode("whiteout")) if self.on_host(old) else 0
+        growth -= entry_cost(old, self.state.overlay[old]) if old in self.state.overlay else 0
+        if growth > 0 and self.usage + growth > self.state.files_limit:
+            raise _fail(Errno.ENOSPC)
+        self.set_entry(new, source, charge=False)
         self._forget(new)
         self._drop(old)

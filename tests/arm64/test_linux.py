@@ -25,6 +25,7 @@ from pyvmm.linux import (
 )
 from pyvmm.linux import mm
 from pyvmm.linux.abi import AT_NULL, AT_PHNUM, AT_RANDOM, Errno, LinuxErrno
+from pyvmm.linux.filedata import FileData
 from pyvmm.linux.state import FileState, OverlayNode
 from pyvmm.linux.vfs import FileSystem
 from pyvmm.machine import Machine, StopReason
@@ -342,7 +343,8 @@ def test_state_round_trips_through_json(tmp_path: Path) -> None:
     prog = write_program(tmp_path, "mov x0, #0\n" + EXIT)
     with Machine(32 << 20) as machine:
         process = load_program(machine, prog, ["prog", "x"], stdin=b"\x00\xffin")
-        process.state.files.overlay["/tmp/f"] = OverlayNode("file", bytearray(b"\x01\x02"))
+        process.state.files.overlay["/tmp/f"] = OverlayNode("file", FileData.of(b"\x01\x02"))
+        process.fs.truncate("/tmp/f", 1 << 40)  # sparse: a hole after the data
         process.state.rlimits[3] = [1, 2]
         data = json.loads(json.dumps(process.state_to_dict()))
         assert state_from_dict(data) == process.state
@@ -442,7 +444,7 @@ def test_overlay_hides_deleted_and_shows_created_entries(tmp_path: Path) -> None
     fs = FileSystem(FileState(cwd="/", exports=[str(tmp_path)]), "/prog")
     root = str(tmp_path)
     fs.remove(f"{root}/a", directory=False)
-    fs.create_file(f"{root}/c", 0o666, 0).data.extend(b"c!")
+    fs.write(fs.create_file(f"{root}/c", 0o666, 0), 0, b"c!")
     fs.mkdir(f"{root}/d", 0o777, 0)
     fs.symlink("c", f"{root}/e", 0)
     fs.rename(f"{root}/b", f"{root}/f")
