@@ -153,13 +153,15 @@ def check_increment_structure(container: CheckpointFile, info: IncrementInfo,
     of the file makes, whatever it reads (see the module docstring); returns the page records
     seen.
 
-    ``records``: the increment's raw page index records (checked). Every data page they list
+    ``records``: the increment's raw page index records (checked). Its stats blob must be
+    sound (``checkpoint info`` shows it, so every reader refuses it alike). Every data page they list
     must have its record header in front of it; the stream must parse (sections, RAM records,
     device sections, with ``post_load`` when ``final``) and hold as many page records as the
     index lists. With ``skip_pages`` (default) no page data is read: RAM comes from elsewhere,
     or nowhere (``checkpoint verify``). FormatError (located at the increment) otherwise.
     """
     names = [block.name for block in container.header.ram_blocks]
+    container.stats(info.index)  # small and CRC-checked: damage there is damage to the file
     try:
         check_data_record_headers(container.fd, records, names, info.stream_offset,
                                   info.stream_offset + info.stream_length)

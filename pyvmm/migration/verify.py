@@ -8,6 +8,11 @@ every data page's CRC-32C, every stream gap's CRC-32C (section headers, zero rec
 sections) and the RAM digest. Each problem is one line naming the increment and the block, page
 (RAM block, page number, GPA) or byte range. Files without checksums get the structural checks
 and a note that page data is unchecked.
+
+The structural checks are at least those every reload makes
+(:func:`~pyvmm.migration.reload.check_increment_structure`: each stream parsed whole, as a
+sequential reload parses it, into a machine that is built but never loaded or run, no page
+data read), so a file verify calls OK is one every reload strategy loads.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, FormatError, PyvmmError
+from ..machine import Machine
 from .checksum import RamCrcTable, compare_stream, stream_crcs
 from .container import CheckpointFile, IncrementInfo
+from .container_format import page_index_records
+from .machine_state import MachineStateEntries
+from .reload import check_increment_structure, new_machine, scratch_entries
 
 Progress = Callable[[int, int, int], None]
 """Called with (bytes checked, bytes to check, increment being checked)."""
@@ -99,21 +108,33 @@ def verify_file(path: str | os.PathLike[str], progress: Progress | None = None) 
             report.problems.append(Problem(None, f"header: a damaged header slot was passed "
                                                  f"over ({container.rejected_slot}); the file "
                                                  f"reads as its other slot says"))
+        if not header.increments:
+            report.problems.append(Problem(None, "header: the file holds no increment, so "
+                                                 "there is nothing to reload"))
+        elif header.increments[0].kind != "full":  # the parent links are checked below
+            report.problems.append(Problem(0, "increment 0: header: the first increment is "
+                                              "not a full checkpoint"))
         total = sum(info.stream_length for info in header.increments)
         done = 0
         table: RamCrcTable | None = None  # None: not known (no checksums since the last full)
         unchecked = []
-        for info in header.increments:
-            if progress is not None:
-                progress(done, total, info.index)
-            problem, has_checksums, table = _verify_increment(container, info, table)
-            done += info.stream_length
-            if problem is not None:
-                report.problems.append(problem)
-            if has_checksums:
-                report.checksummed += 1
-            else:
-                unchecked.append(info.index)
+        parser = _StreamParser(container)
+        try:
+            for info in header.increments:
+                if progress is not None:
+                    progress(done, total, info.index)
+                problem, has_checksums, table = _verify_increment(container, info, table)
+                if problem is None:
+                    problem = parser.check(info)
+                done += info.stream_length
+                if problem is not None:
+                    report.problems.append(problem)
+                if has_checksums:
+                    report.checksummed += 1
+                else:
+                    unchecked.append(info.index)
+        finally:
+            parser.close()
         report.bytes_checked = done
         if progress is not None:
             progress(done, total, len(header.increments))
@@ -123,6 +144,38 @@ def verify_file(path: str | os.PathLike[str], progress: Progress | None = None) 
             report.notes.append(f"increment(s) {shown} have no checksums: their page data and "
                                 f"device sections are unchecked (structure only)")
     return report
+
+
+class _StreamParser:
+    """Parses streams as a reload does, into a machine of the file's layout that is never run
+    and whose RAM is never written (made on first use, once per file)."""
+
+    def __init__(self, container: CheckpointFile) -> None:
+        self._container = container
+        self._machine: Machine | None = None
+        self._entries: MachineStateEntries | None = None
+
+    def check(self, info: IncrementInfo) -> Problem | None:
+        """The structural checks every reload makes of ``info``; the first problem, or None."""
+        container = self._container
+        index = info.index
+        try:
+            if self._entries is None:
+                self._machine = new_machine(container.header, str(container.path))
+                self._entries = scratch_entries(self._machine)
+            records = page_index_records(container.page_index_blob(index), index)
+            if records is None:
+                raise FormatError("malformed page index", increment=index)
+            final = index == len(container.header.increments) - 1
+            check_increment_structure(container, info, self._entries, records, final=final)
+        except (FormatError, ConfigError) as err:
+            text = err.reason + _where(err.offset) if isinstance(err, FormatError) else str(err)
+            return Problem(index, f"increment {index}: stream: {text}")
+        return None
+
+    def close(self) -> None:
+        if self._machine is not None:
+            self._machine.close()
 
 
 def _verify_increment(container: CheckpointFile, info: IncrementInfo,
