@@ -427,3 +427,98 @@ def test_a_zeroed_block_anywhere_in_the_chain(originals: dict[str, Original],
         path.write_bytes(data)
         check_mutant(good, path)
     os.unlink(path)
+
+
+# ----- hostile sizes: every size read from a file is bounded before anything is allocated --------
+
+
+def rewrite_header(data: bytearray, change: Callable[[Any], Any]) -> None:
+    """Both header slots of ``data`` replaced by ``change(header)``, with valid CRCs: the
+    lies a CRC cannot catch."""
+    from pyvmm.migration.container import encode_header_slot
+    from pyvmm.migration.container_format import _decode_header_body_fast, decode_slot_frame
+
+    for slot in range(SPEC.SLOT_COUNT):
+        offset = slot * SPEC.SLOT_SIZE
+        version, sequence, body = decode_slot_frame(bytes(data[offset:offset + SPEC.SLOT_SIZE]),
+                                                    offset=offset)
+        header = _decode_header_body_fast(version, sequence, body)
+        assert header is not None
+        encoded = encode_header_slot(change(header)).ljust(SPEC.SLOT_SIZE, b"\0")
+        data[offset:offset + SPEC.SLOT_SIZE] = encoded
+
+
+def peak_of_cli(*args: str) -> tuple[int, bytes, int]:
+    """(exit code, stderr, peak RSS in bytes) of ``python -m pyvmm ARGS`` in a child."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "pyvmm", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    assert child.stderr is not None
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, err, usage.ru_maxrss << 10
+
+
+#: Peak RSS of a pyvmm command that refuses a crafted file: the interpreter, unicorn and pyvmm
+#: take ~40 MiB; the unbounded readers took 0.5 GiB for a 256 GiB block, past 6 GiB for 4 TiB.
+CLI_PEAK_BOUND = 150 << 20
+
+
+@pytest.mark.parametrize("block_gib", [256, 64 << 10], ids=["256GiB", "64TiB"])
+def test_negative_a_huge_ram_block_is_refused_before_anything_is_sized_by_it(
+        originals: dict[str, Original], tmp_path: Path, block_gib: int) -> None:
+    """Issue 14 item 10: a header (valid CRC) laying out more RAM than any machine pyvmm
+    builds is one line on every command, before a page table, bitmap or RAM block is made;
+    the lazy reload took 0.5 GiB for 256 GiB and ended in a MemoryError traceback at 64 TiB."""
+    from pyvmm.migration.container import RamBlockInfo
+
+    data = bytearray(originals["chain"].data)
+    rewrite_header(data, lambda h: dataclasses.replace(h, ram_blocks=h.ram_blocks + (
+        RamBlockInfo("hostile.ram", 1 << 46, block_gib << 30),)))
+    path = tmp_path / "huge.chpt"
+    path.write_bytes(data)
+    for args in (["run", "--incoming", f"chpt:{path}", "--lazy"],
+                 ["run", "--incoming", f"chpt:{path}"],
+                 ["checkpoint", "squash", str(path), "-o", str(tmp_path / "out.chpt")],
+                 ["checkpoint", "info", str(path)]):
+        code, err, peak = peak_of_cli(*args)
+        lines = err.decode().strip().splitlines()
+        assert code == 1 and lines and lines[-1].startswith("pyvmm: error:"), (args, err)
+        assert "Traceback" not in err.decode() and "more than" in lines[-1], args
+        assert peak < CLI_PEAK_BOUND, (args, peak >> 20)
+    assert not verify_file(path).ok
+
+
+def test_negative_a_sparse_file_whose_page_index_claims_a_gibibyte(
+        originals: dict[str, Original], tmp_path: Path) -> None:
+    """Issue 14 item 10: a sparse file whose header (valid CRC) lays out 256 GiB of RAM and
+    gives the last increment a 1 GiB page index was read whole (1-6 GiB of RSS): an index is
+    bounded by the RAM layout, and the layout by the largest machine pyvmm builds."""
+    from pyvmm.migration.container import RamBlockInfo
+
+    good = originals["chain"]
+    data = bytearray(good.data)
+
+    def claim(header: Any) -> Any:
+        header = dataclasses.replace(header, ram_blocks=header.ram_blocks + (
+            RamBlockInfo("hostile.ram", 1 << 46, 256 << 30),))
+        last = header.increments[-1]
+        grown = dataclasses.replace(last, index_length=16 + (1 << 30) // 24 * 24,
+                                    stats_offset=0, stats_length=0, checksum_offset=0,
+                                    checksum_length=0)
+        return dataclasses.replace(header, increments=header.increments[:-1] + (grown,))
+
+    rewrite_header(data, claim)
+    path = tmp_path / "sparse.chpt"
+    path.write_bytes(data)
+    os.truncate(path, len(data) + (1 << 30) + (1 << 20))  # a hole: no disk, 1 GiB of zeros
+    for args in (["run", "--incoming", f"chpt:{path}", "--lazy"],
+                 ["run", "--incoming", f"chpt:{path}"],
+                 ["checkpoint", "verify", str(path)],
+                 ["checkpoint", "info", str(path)]):
+        code, err, peak = peak_of_cli(*args)
+        assert code == 1 and "Traceback" not in err.decode(), (args, err)
+        assert peak < CLI_PEAK_BOUND, (args, peak >> 20)
