@@ -436,7 +436,10 @@ def rewrite_header(data: bytearray, change: Callable[[Any], Any]) -> None:
     """Both header slots of ``data`` replaced by ``change(header)``, with valid CRCs: the
     lies a CRC cannot catch."""
     from pyvmm.migration.container import encode_header_slot
-    from pyvmm.migration.container_format import _decode_header_body_fast, decode_slot_frame
+    from pyvmm.migration.container_format import (
+        _decode_header_body_fast,
+        decode_slot_frame,
+    )
 
     for slot in range(SPEC.SLOT_COUNT):
         offset = slot * SPEC.SLOT_SIZE
