@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--files", metavar="PATH", action="append", default=[],
                        help="host file or directory the ELF guest may read, at the same path; "
                             "guest writes go to an in-memory overlay (repeatable)")
+    guest.add_argument("--files-limit", metavar="SIZE",
+                       help="most the ELF guest's in-memory overlay may hold: written file "
+                            "pages (holes of sparse files are free) and ~1K per entry; past "
+                            "it the guest gets ENOSPC, as on a full tmpfs (default: half of "
+                            "--ram, as tmpfs, at most 512M: checkpoints carry the overlay)")
     guest.add_argument("--stdin", metavar="FILE",
                        help="file whose bytes the ELF guest reads on fd 0 (default: empty; "
                             "saved in each checkpoint); - : pyvmm's own standard input, read "
@@ -283,9 +288,20 @@ def _guest_spec(args: argparse.Namespace) -> GuestSpec:
     if args.stdin is not None and program in BUILTIN_GUESTS:
         raise ConfigError("--stdin is the ELF guest's standard input; the built-in workload "
                           "reads none")
+    files_limit = None
+    if args.files_limit is not None:
+        if program in BUILTIN_GUESTS:
+            raise ConfigError("--files-limit bounds the ELF guest's files; the built-in "
+                              "workload has none")
+        from .linux.state import MAX_FILES_LIMIT  # only ELF guests need the Linux layer
+
+        files_limit = parse_size(args.files_limit, "overlay size (--files-limit)")
+        if files_limit > MAX_FILES_LIMIT:
+            raise ConfigError(f"--files-limit {args.files_limit}: at most "
+                              f"{MAX_FILES_LIMIT >> 20}M (checkpoints carry the overlay)")
     return GuestSpec(program=program, args=tuple(words[1:]), workload=options,
                      files=tuple(os.path.abspath(p) for p in args.files), env=tuple(env),
-                     stdin=stdin, stdin_live=args.stdin == "-")
+                     stdin=stdin, stdin_live=args.stdin == "-", files_limit=files_limit)
 
 
 class _LineSink:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 
-#: Bytes per stored chunk: large enough that a sequential read or write touches few of them,
-#: small enough that a write into a hole stores little beside it.
-CHUNK_SIZE = 64 << 10
+#: Bytes per stored chunk: a page, as tmpfs stores a file, so a write into a hole stores (and
+#: is charged) exactly the pages it touches, as on Linux.  (64 KiB chunks made sequential I/O of
+#: big blocks a little faster, but a 4 KiB write into a hole then cost up to 64 KiB.)
+CHUNK_SIZE = 4096
 #: Largest file size: Linux's MAX_LFS_FILESIZE, tmpfs's s_maxbytes on 64-bit (writes at or past
 #: it give EFBIG).  A sparse file this large costs nothing here.
 MAX_FILE_SIZE = (1 << 63) - 1
-_PAGE = 4096
+_PAGE = 4096  # the unit of allocation charged, as tmpfs charges pages
 
 
 def page_up(length: int) -> int:
@@ -58,8 +59,7 @@ class FileData:
         """Up to ``length`` bytes from ``offset`` (fewer at the end of the file); holes read as
         zeros.  The caller bounds ``length``: this allocates what it returns."""
         end = offset + length
-        if end > self.size:
-            end = self.size
+        end = min(end, self.size)
         if offset >= end:
             return b""
         first = offset // CHUNK_SIZE
@@ -118,8 +118,7 @@ class FileData:
             growth = ((end + 4095) & ~4095) - ((have + 4095) & ~4095) if end > have else 0
             if growth <= room:
                 chunk[start:end] = data
-                if offset + length > self.size:
-                    self.size = offset + length
+                self.size = max(self.size, offset + length)
                 return length, growth
         view = memoryview(data).cast("B")
         pos, done, grown = offset, 0, 0
@@ -137,8 +136,11 @@ class FileData:
                 growth = page_up(max(have, stop)) - page_up(have)
             piece = view[done:done + stop - start]
             if chunk is None:
-                chunk = self.chunks[index] = bytearray(start) if start else bytearray()
-                chunk += piece
+                if start:
+                    chunk = self.chunks[index] = bytearray(start)
+                    chunk += piece
+                else:
+                    self.chunks[index] = bytearray(piece)
             elif start >= have:
                 if start > have:
                     chunk.extend(bytes(start - have))

@@ -362,13 +362,14 @@ class FileSystem:
         return node
 
     def _copy_up(self, path: str, size: int) -> FileData:
-        """The host file's bytes, read chunk by chunk (all-zero chunks stay holes); ENOSPC as
-        soon as they would not fit beside the entry itself."""
+        """The host file's bytes, read chunk by chunk (zeros that end a chunk stay holes: the
+        host's holes cost nothing here either); ENOSPC as soon as they would not fit beside the
+        entry itself."""
         data = FileData(size)
         room = self.state.files_limit - self.usage - entry_cost(path, OverlayNode("file"))
         for offset in range(0, size, CHUNK_SIZE):
-            piece = self.read(path, offset, CHUNK_SIZE)
-            if piece.count(0) == len(piece):
+            piece = self.read(path, offset, CHUNK_SIZE).rstrip(b"\0")
+            if not piece:
                 continue
             written, growth = data.write(offset, piece, room)
             if written < len(piece):
@@ -387,7 +388,7 @@ class FileSystem:
                 raise _fail(Errno.EFBIG)
             data = data[:MAX_FILE_SIZE - offset]
         room = self.state.files_limit - self.usage
-        written, growth = node.data.write(offset, data, room if room > 0 else 0)
+        written, growth = node.data.write(offset, data, max(0, room))
         if not written:
             raise _fail(Errno.ENOSPC)
         self.usage += growth

@@ -15,22 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from elfbuild import BASE, CODE_OFFSET, EXIT, assemble, build_elf, write_program
 
 from pyvmm.errors import ConfigError, GuestError, UnsupportedSyscall
 from pyvmm.linux import (
     IMAGE_BLOCK,
     attach_process,
     load_program,
+    mm,
     state_from_dict,
 )
-from pyvmm.linux import mm
 from pyvmm.linux.abi import AT_NULL, AT_PHNUM, AT_RANDOM, Errno, LinuxErrno
 from pyvmm.linux.filedata import FileData
 from pyvmm.linux.state import FileState, OverlayNode
 from pyvmm.linux.vfs import FileSystem
 from pyvmm.machine import Machine, StopReason
-
-from elfbuild import BASE, CODE_OFFSET, EXIT, assemble, build_elf, write_program
 
 RunLinux = Callable[..., Any]
 ENTRY = BASE + CODE_OFFSET
@@ -90,19 +89,20 @@ def test_negative_truncated_program_headers_and_segments(tmp_path: Path) -> None
 
 
 def test_negative_missing_program_and_guest_files(tmp_path: Path) -> None:
-    with Machine(32 << 20) as machine:
-        with pytest.raises(ConfigError, match="cannot read ELF program .*nothing-here"):
-            load_program(machine, str(tmp_path / "nothing-here"), ["x"])
+    with Machine(32 << 20) as machine, \
+            pytest.raises(ConfigError, match="cannot read ELF program .*nothing-here"):
+        load_program(machine, str(tmp_path / "nothing-here"), ["x"])
     prog = write_program(tmp_path, "mov x0, #0\n" + EXIT)
-    with Machine(32 << 20) as machine:
-        with pytest.raises(ConfigError, match="guest file .*absent: no such file"):
-            load_program(machine, prog, ["prog"], files=[str(tmp_path / "absent")])
-    with Machine(32 << 20) as machine:
-        with pytest.raises(ConfigError, match="at least one argument"):
-            load_program(machine, prog, [])
-    with Machine(8 << 20) as machine:
-        with pytest.raises(ConfigError, match="too small for a Linux program"):
-            load_program(machine, prog, ["prog"])
+    with Machine(32 << 20) as machine, \
+            pytest.raises(ConfigError, match="guest file .*absent: no such file"):
+        load_program(machine, prog, ["prog"], files=[str(tmp_path / "absent")])
+    with Machine(32 << 20) as machine, pytest.raises(ConfigError, match="at least one argument"):
+        load_program(machine, prog, [])
+    with Machine(8 << 20) as machine, \
+            pytest.raises(ConfigError, match="too small for a Linux program"):
+        load_program(machine, prog, ["prog"])
+    with Machine(32 << 20) as machine, pytest.raises(ConfigError, match="files limit"):
+        load_program(machine, prog, ["prog"], files_limit=1 << 40)
 
 
 # ------------------------------------------------------------------------------ initial stack
