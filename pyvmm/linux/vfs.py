@@ -23,7 +23,6 @@ same paths).  Runs on the vCPU thread.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import stat as stat_mod
 import weakref
@@ -73,7 +72,21 @@ def default_files_limit(ram_size: int) -> int:
 def entry_cost(path: str, node: OverlayNode) -> int:
     """What an overlay entry counts against the limit: its data's pages, its path as saved (JSON
     text: a path of odd bytes takes more) and ENTRY_COST."""
-    return ENTRY_COST + len(json.dumps(path)) + node.data.allocated
+    return ENTRY_COST + _json_length(path) + node.data.allocated
+
+
+def _json_length(text: str) -> int:
+    """``len(json.dumps(text))`` (ASCII-escaped), without importing json at every start."""
+    length = 2
+    for char in text:
+        code = ord(char)
+        if 0x20 <= code < 0x7F:
+            length += 2 if char in '"\\' else 1
+        elif char in "\b\f\n\r\t":
+            length += 2
+        else:
+            length += 12 if code > 0xFFFF else 6
+    return length
 
 
 @dataclasses.dataclass(frozen=True)

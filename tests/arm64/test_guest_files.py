@@ -335,3 +335,12 @@ def test_default_limit_is_half_of_ram_capped() -> None:
     assert default_files_limit(8 << 30) == MAX_FILES_LIMIT
     node = OverlayNode("file")
     assert node.data == FileData()
+
+
+@given(st.text())
+def test_an_entry_is_charged_its_path_as_saved(path: str) -> None:
+    """The path's share of an entry's charge is its length as JSON text in the saved state
+    (counted without json, which a start-up does not import)."""
+    from pyvmm.linux.vfs import _json_length
+
+    assert _json_length(path) == len(json.dumps(path))
