@@ -146,3 +146,9 @@ class UffdError(PyvmmError):
         if capability:
             message += f"; {capability} checkpoints are unavailable"
         super().__init__(message)
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint file was readable, but not all of it: e.g. a damaged newest header slot
+    made a reader fall back to the older one (one increment fewer).  The CLI prints it as one
+    ``pyvmm: warning: ...`` line on stderr; from Python it is an ordinary warning."""

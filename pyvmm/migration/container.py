@@ -33,13 +33,15 @@ import os
 import stat
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pyvmm.errors import ConfigError, FormatError, PyvmmError
+from pyvmm.errors import CheckpointWarning, ConfigError, FormatError, PyvmmError
+from pyvmm.interrupts import signals_held
 from pyvmm.migration.checksum_format import (
     ChecksumBlock,
     check_checksums,
@@ -66,12 +68,15 @@ from pyvmm.migration.container_format import (
     encode_page_index,
     encode_stats,
     load_spec,
+    page_index_head_problem,
+    page_index_head_size,
 )
 from pyvmm.migration.pageio import index_record_counts
 
 __all__ = [
     "PAGE_RECORD_HEADER",
     "CheckpointFile",
+    "CheckpointWarning",
     "ChecksumBlock",
     "ContainerHeader",
     "IncrementInfo",
@@ -86,6 +91,8 @@ __all__ = [
     "encode_page_index",
     "encode_stats",
     "load_spec",
+    "lock_target",
+    "open_regular",
 ]
 
 
@@ -126,6 +133,78 @@ def _sync_directory(path: Path) -> None:
         pass  # some file systems refuse fsync on directories; the data itself is synced
     finally:
         os.close(dir_fd)
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for an error line ("a FIFO", "a directory", ...)."""
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: Path, *, writable: bool) -> int:
+    """Open an existing checkpoint file; ConfigError unless it is a regular file.
+
+    The path is looked at before it is opened: opening a FIFO waits for a writer and opening a
+    device may act on it, so neither is ever opened.  (A file swapped in between the look and
+    the open is caught by fstat, and the non-blocking open cannot wait on it.)"""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise ConfigError(f"no such checkpoint file: {path}") from err
+    except OSError as err:
+        raise ConfigError(f"cannot open checkpoint file {path}: {err.strerror}") from err
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"checkpoint file {path} is {file_kind(mode)}, not a regular file")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise ConfigError(f"cannot open checkpoint file {path}: {err.strerror}") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError(f"checkpoint file {path} is {file_kind(mode)}, not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def lock_target(path: Path) -> int:
+    """Take the writer lock of the checkpoint file at ``path`` through a descriptor of its own.
+
+    Held by a writer that will replace the file (a new chain written aside, renamed over it
+    once it holds a committed increment), so that no other writer appends to or replaces it
+    meanwhile.  Returns the descriptor (closing it releases the lock); ConfigError when the
+    file is locked by another writer or is not a regular file."""
+    fd = open_regular(path, writable=False)
+    try:
+        _flock_current(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _flock_current(fd: int, path: Path) -> None:
+    """Take the writer lock on ``fd`` and check that it still is the file at ``path``: a writer
+    that renamed a new chain over it between our open and our lock owns the path now."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        raise ConfigError(f"checkpoint file {path} is open for writing in another process") from err
+    held = os.fstat(fd)
+    try:
+        current = os.stat(path)
+    except OSError:
+        current = None
+    if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+        raise ConfigError(f"checkpoint file {path} was replaced by another writer meanwhile")
 
 
 class _State(enum.Enum):
@@ -230,46 +309,40 @@ class CheckpointFile:
         return self
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> CheckpointFile:
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
+             lock: bool = True) -> CheckpointFile:
         """Open an existing checkpoint file and read its header.
 
-        Raises ConfigError when the file cannot be opened (missing, a directory, locked by
-        another writer) and FormatError (VersionError, ChecksumError) when it is not a sound
-        checkpoint file.
+        Raises ConfigError when the file cannot be opened (missing, a directory, a FIFO or
+        device, locked by another writer) and FormatError (VersionError, ChecksumError) when it
+        is not a sound checkpoint file.  When a header slot had to be passed over (damaged, or
+        pointing past the end of the file) a :class:`CheckpointWarning` says which and what was
+        loaded instead.  ``lock=False``: the caller already holds this file's writer lock
+        through another descriptor of the same open file (see :func:`lock_target`).
         """
         file_path = Path(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            fd = os.open(file_path, flags)
-        except FileNotFoundError as err:
-            raise ConfigError(f"no such checkpoint file: {path}") from err
-        except OSError as err:
-            raise ConfigError(f"cannot open checkpoint file {path}: {err.strerror}") from err
+        fd = open_regular(file_path, writable=writable)
         self = cls(file_path, fd, _State.WRITABLE if writable else _State.READ_ONLY)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"checkpoint file {path} is not a regular file")
-            if writable:
+            if writable and lock:
                 self._lock()
             self._read_header()
         except BaseException:
             self.close()
             raise
+        if self._rejected_slot is not None:
+            warnings.warn(CheckpointWarning(f"{file_path}: {self._rejected_slot}"), stacklevel=2)
         return self
 
     def _lock(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise ConfigError(
-                f"checkpoint file {self._path} is open for writing in another process"
-            ) from err
+        _flock_current(self._fd, self._path)
 
-    def _read_header(self) -> None:
-        """Pick the newest complete header slot and check it against the file."""
+    def _read_slots(self) -> tuple[list[tuple[int, int, int, bytes]], list[str]]:
+        """The header slots on disk whose frame (magic, length, CRC) holds, newest first, as
+        (sequence, slot, version, body); and why each other slot was passed over."""
         spec = load_spec()
         size = os.fstat(self._fd).st_size
-        frames: list[tuple[int, int, int, bytes]] = []  # (sequence, slot, version, body)
+        frames: list[tuple[int, int, int, bytes]] = []
         problems: list[str] = []
         magic_seen = False
         for slot in range(spec.SLOT_COUNT):
@@ -293,22 +366,95 @@ class CheckpointFile:
             raise FormatError(
                 f"{self._path} has no intact header slot ({'; '.join(problems)})", offset=0
             )
-        # highest sequence wins; on a (hostile) tie the first slot does
-        sequence, slot, version, body = max(frames, key=lambda f: (f[0], -f[1]))
-        offset = slot * spec.SLOT_SIZE
-        header = decode_header_body(version, sequence, body, offset=offset)
-        if size < spec.DATA_START or header.data_end > size:
-            last = header.increments[-1].index if header.increments else None
-            raise FormatError(
-                f"{self._path} is truncated: its data ends at byte {header.data_end} but the file "
-                f"has {size} bytes",
-                offset=size,
-                increment=last,
+        # highest sequence first; on a (hostile) tie the first slot does
+        frames.sort(key=lambda f: (-f[0], f[1]))
+        return frames, problems
+
+    def _read_header(self) -> None:
+        """Pick the newest intact header slot whose data is all in the file, and check it.
+
+        A slot whose frame is torn, or whose data runs past the end of the file (a header
+        published by a writer that was stopped before its file was whole), is passed over for
+        the other one; :attr:`rejected_slot` then says why.  Anything else wrong in the slot
+        chosen, or in what it points to, is damage: FormatError."""
+        spec = load_spec()
+        size = os.fstat(self._fd).st_size
+        frames, problems = self._read_slots()
+        chosen: tuple[ContainerHeader, int] | None = None
+        for sequence, slot, version, body in frames:
+            offset = slot * spec.SLOT_SIZE
+            header = decode_header_body(version, sequence, body, offset=offset)
+            if size >= spec.DATA_START and header.data_end <= size:
+                chosen = (header, slot)
+                break
+            # fall back only to a slot that holds something: "no increments" would hide the cut
+            if slot != frames[0][1] or not self._older_has_increments(frames):
+                last = header.increments[-1].index if header.increments else None
+                raise FormatError(
+                    f"{self._path} is truncated: its data ends at byte {header.data_end} but "
+                    f"the file has {size} bytes",
+                    offset=size,
+                    increment=last,
+                )
+            problems.append(
+                f"slot {slot} (sequence {sequence}, {len(header.increments)} increments) points "
+                f"past the end of the file (its data ends at byte {header.data_end}, the file has "
+                f"{size} bytes)"
             )
+        assert chosen is not None
+        header, slot = chosen
         self._header = header
         self._slot = slot
         rejected = [p for p in problems if not p.endswith("empty")]
-        self._rejected_slot = "; ".join(rejected) if rejected else None
+        self._rejected_slot = (
+            f"{'; '.join(rejected)}: using slot {slot} (sequence {header.sequence}, "
+            f"{len(header.increments)} increments)" if rejected else None
+        )
+
+    @staticmethod
+    def _older_has_increments(frames: list[tuple[int, int, int, bytes]]) -> bool:
+        if len(frames) < 2:
+            return False
+        sequence, slot, version, body = frames[1]
+        try:
+            header = decode_header_body(version, sequence, body,
+                                        offset=slot * load_spec().SLOT_SIZE)
+        except FormatError:
+            return False
+        return bool(header.increments)
+
+    def _resync(self) -> None:
+        """Make the header in force the one on disk again, after a header write that may or
+        may not have landed (an I/O error, an interrupt): the next write must go over the
+        slot that is really the older one."""
+        try:
+            self._read_header()
+        except PyvmmError:
+            pass  # nothing readable on disk: the next header write makes it whole again
+
+    def _committed_end(self) -> int:
+        """The furthest any intact header on disk points into the file: no cut may go below
+        it (a header whose write landed unrecorded must keep its data)."""
+        end = self.header.data_end
+        try:
+            frames, _ = self._read_slots()
+        except FormatError:
+            return end
+        spec = load_spec()
+        for sequence, slot, version, body in frames:
+            try:
+                header = decode_header_body(version, sequence, body, offset=slot * spec.SLOT_SIZE)
+            except FormatError:
+                continue
+            end = max(end, header.data_end)
+        return end
+
+    def _cut(self, offset: int) -> None:
+        """Cut the file to ``offset``, or to the end of what a header on disk points to when
+        that is further (a header must never point past the end of its file)."""
+        target = max(offset, self._committed_end())
+        if target < os.fstat(self._fd).st_size:  # never grow it: zeros are no data
+            os.ftruncate(self._fd, target)
 
     # -- reading --
 
@@ -361,12 +507,23 @@ class CheckpointFile:
             raise IndexError(f"{self._path} has no increment {increment} ({len(increments)} saved)")
         return increments[increment]
 
+    def _read_page_index(self, info: IncrementInfo) -> bytes:
+        """The page index blob of ``info``, read only once its first bytes (magic, increment,
+        run count) agree with its length: a hostile length over a sparse hole is refused
+        before it is read, not after."""
+        head = _pread_exact(self._fd, min(info.index_length, page_index_head_size()),
+                            info.index_offset, what="page index", increment=info.index)
+        problem = page_index_head_problem(head, info.index, info.index_length)
+        if problem is not None:
+            raise FormatError(f"page index: {problem}", offset=info.index_offset,
+                              increment=info.index)
+        return _pread_exact(self._fd, info.index_length, info.index_offset, what="page index",
+                            increment=info.index)
+
     def page_index(self, increment: int) -> list[PageRun]:
         """The page runs increment ``increment`` holds, checked (CRC, bounds) before use."""
         info = self._increment(increment)
-        data = _pread_exact(
-            self._fd, info.index_length, info.index_offset, what="page index", increment=increment
-        )
+        data = self._read_page_index(info)
         runs = decode_page_index(data, increment=increment, offset=info.index_offset)
         try:
             check_page_runs(self.header, info, runs)
@@ -377,10 +534,7 @@ class CheckpointFile:
     def page_index_blob(self, increment: int) -> bytes:
         """The raw page index blob of increment ``increment`` (bounded by the header, not
         decoded: see ``container_format.page_index_records``)."""
-        info = self._increment(increment)
-        return _pread_exact(
-            self._fd, info.index_length, info.index_offset, what="page index", increment=increment
-        )
+        return self._read_page_index(self._increment(increment))
 
     def stats(self, increment: int) -> dict[str, Any]:
         """The stats the writer stored with increment ``increment``; ``{}`` when none."""
@@ -448,6 +602,8 @@ class CheckpointFile:
         """
         self._require(_State.WRITABLE)
         spec = load_spec()
+        if self._committed_end() > self.header.data_end:
+            self._resync()  # a header whose write landed unrecorded is the state in force
         header = self.header
         if kind not in KINDS:
             raise ValueError(f"increment kind must be one of {KINDS}, not {kind!r}")
@@ -546,9 +702,12 @@ class CheckpointFile:
         os.ftruncate(self._fd, info.end)
         if self.durable:
             os.fsync(self._fd)  # the data must be durable before a header points at it
-        self._write_header(new)
-        self._writer = None
-        self._state = _State.WRITABLE
+        # from the header's write to the record of it, nothing may stop this thread: a Ctrl-C
+        # in between would let the abort cut the file below the header just published
+        with signals_held():
+            self._write_header(new)
+            self._writer = None
+            self._state = _State.WRITABLE
         return info
 
     @staticmethod
@@ -568,7 +727,7 @@ class CheckpointFile:
         if writer is not self._writer:
             return
         try:
-            os.ftruncate(self._fd, self.header.data_end)
+            self._cut(self.header.data_end)
         finally:
             self._writer = None
             self._state = _State.WRITABLE
@@ -578,12 +737,40 @@ class CheckpointFile:
         spec = load_spec()
         data = encode_header_slot(header).ljust(spec.SLOT_SIZE, b"\0")
         target = 1 - self._slot
-        _pwrite_all(self._fd, data, target * spec.SLOT_SIZE)
-        if self.durable:
-            os.fsync(self._fd)
+        try:
+            _pwrite_all(self._fd, data, target * spec.SLOT_SIZE)
+            if self.durable:
+                os.fsync(self._fd)
+        except BaseException:
+            self._resync()  # the slot may hold the new header, the old one, or a torn one
+            raise
         self._header = header
         self._slot = target
         self._rejected_slot = None
+
+    def move_to(self, target: Path, *, replace: bool) -> None:
+        """Give this file (written aside) the name ``target`` in one step, then make that
+        durable.  ``replace``: over the file there (a reader sees the old file or this one,
+        never a mix); else only if ``target`` does not exist (ConfigError if another writer
+        made it meanwhile).  The writer lock moves with the file: it now guards ``target``."""
+        self._require(_State.WRITABLE)
+        if replace:
+            os.replace(self._path, target)
+        else:
+            try:
+                os.link(self._path, target)  # fails where a file appeared meanwhile
+            except FileExistsError as err:
+                raise ConfigError(f"{target} was created by another writer meanwhile; this "
+                                  f"chain stays in {self._path}") from err
+            except OSError:  # a file system without hard links
+                if os.path.lexists(target):
+                    raise
+                os.rename(self._path, target)
+            else:
+                os.unlink(self._path)
+        self._path = Path(target)
+        if self.durable:
+            _sync_directory(self._path)
 
     # -- closing --
 

@@ -659,6 +659,27 @@ def decode_page_index(data: bytes, *, increment: int, offset: int | None = None)
     return _decode_page_index_construct(data, increment=increment, offset=offset)
 
 
+def page_index_head_size() -> int:
+    """Bytes of a page index blob that say how long it must be (magic, increment, run count)."""
+    return _PAGE_INDEX_HEAD.size
+
+
+def page_index_head_problem(head: bytes, increment: int, length: int) -> str | None:
+    """What is wrong with the first bytes of a page index blob of ``length`` bytes said to
+    belong to ``increment``, or ``None`` when they agree (the rest is checked once read)."""
+    if len(head) < _PAGE_INDEX_HEAD.size:
+        return f"{length} bytes are too few for a page index"
+    magic, owner, count = _PAGE_INDEX_HEAD.unpack_from(head)
+    if magic != load_spec().PAGE_INDEX_MAGIC:
+        return "bad magic"
+    if owner != increment:
+        return f"belongs to increment {owner}, not {increment}"
+    expected = _PAGE_INDEX_HEAD.size + count * _PAGE_INDEX_RUN.size + _PAGE_INDEX_CRC.size
+    if expected != length:
+        return f"{count} runs take {expected} bytes, the header says {length}"
+    return None
+
+
 def page_index_records(data: bytes, increment: int) -> memoryview | None:
     """The raw run records of a page index blob of ``increment`` whose magic, length and CRC
     hold (for C code that checks each record itself), else ``None``: then

@@ -105,9 +105,8 @@ def verify_file(path: str | os.PathLike[str], progress: Progress | None = None) 
         if container.rejected_slot:
             # a torn header write (a crash while publishing an increment) or damage: either
             # way the increment it described is lost, so it is a problem, not a note
-            report.problems.append(Problem(None, f"header: a damaged header slot was passed "
-                                                 f"over ({container.rejected_slot}); the file "
-                                                 f"reads as its other slot says"))
+            report.problems.append(Problem(None, f"header: a header slot was passed over: "
+                                                 f"{container.rejected_slot}"))
         if not header.increments:
             report.problems.append(Problem(None, "header: the file holds no increment, so "
                                                  "there is nothing to reload"))

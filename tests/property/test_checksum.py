@@ -298,7 +298,10 @@ def test_verify_reports_a_truncated_file_and_a_broken_parent_link(chain: Chain,
                                                                  tmp_path: Path) -> None:
     path = tmp_path / "cut.chpt"
     path.write_bytes(chain.data[:-100])
-    report = verify_file(path)
+    report = verify_file(path)  # the newest increment is cut: the older slot is read
+    assert not report.ok and "points past the end of the file" in report.problems[0].message
+    path.write_bytes(chain.data[:SPEC.DATA_START + 10])
+    report = verify_file(path)  # cut inside the first increment: nothing to fall back to
     assert not report.ok and "truncated" in report.problems[0].message
     with CheckpointFile.open(chain.path) as container:
         header = container.header
