@@ -27,6 +27,8 @@ from ..devices.pl011 import UartSink
 from ..errors import ConfigError, PyvmmError
 from ..machine import Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
+from ..interrupts import signals_held
+from .chain_file import ChainFile
 from .checksum import RamCrcsAhead, RamCrcTable, increment_checksums, table_from_file
 from .container import (
     CheckpointFile,
@@ -148,7 +150,12 @@ class Checkpointer:
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
                  max_increments: int | None = None, sanity_checks: bool = True,
                  fault_mode: str = "thread", saver_nice: int = SAVER_NICE) -> None:
-        """``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
+        """``path`` is claimed here, before the guest runs: checked (ConfigError for a
+        directory, FIFO, device, missing directory, no permission, or a file another writer
+        holds) and locked until :meth:`close`.  An existing file is replaced by the new chain
+        only once that holds a committed increment (it is written aside till then); with
+        ``append`` the chain in it grows instead (see :mod:`pyvmm.migration.chain_file`).
+        ``durable``: fsync each increment and header (see :attr:`CheckpointFile.durable`).
         ``sanity_checks``: after each save, check that the pages saved are exactly the pages
         selected, each once, and that no page is left under processing (cheap; on by default).
         ``max_increments``: when the file holds that many increments, the next checkpoint is a
@@ -179,8 +186,6 @@ class Checkpointer:
         self.path = Path(path)
         self.capabilities = caps
         self.tracker_kind = tracker
-        self._append = append
-        self._durable = durable
         self._shadow_pages = shadow_pages
         self._unprotect_pages = unprotect_pages
         self._handler_cpu = handler_cpu if handler_cpu is not None else machine.vcpu_cpu
@@ -191,11 +196,8 @@ class Checkpointer:
         if not 0 <= saver_nice <= 19:
             raise ConfigError(f"saver_nice must be 0..19, not {saver_nice}")
         self._saver_nice = saver_nice
-        self._file: CheckpointFile | None = None
         self._max_increments = max_increments
         self.sanity_checks = sanity_checks
-        #: The temporary file a restarted chain is written to, renamed over path when committed.
-        self._restart: Path | None = None
         self._tracker: AsyncTracker | WpFaultTracker | None = None
         #: Pages known dirty but not saved yet (a failed checkpoint leaves them here).
         self._pending: dict[str, PageBitmap] = {}
@@ -207,6 +209,9 @@ class Checkpointer:
         #: Called with the machine while it is paused at each checkpoint's consistency point
         #: (tests and experiments record the state the checkpoint must reproduce).
         self.on_pause: Callable[[Machine], None] | None = None
+        # last: the target is checked and claimed (its writer lock taken) before the guest runs
+        self._chain = ChainFile(self.path, append=append, durable=durable,
+                                create=self._create_file, check=self._check_file)
 
     @property
     def incremental(self) -> bool:
@@ -243,65 +248,21 @@ class Checkpointer:
                                    device_bytes, devices, from_ram=still,
                                    ahead=ahead if still is not None else None)
 
-    def _container(self) -> CheckpointFile:
-        container = self._open_container()
-        limit = self._max_increments
-        if limit is not None and len(container.header.increments) >= limit:
-            # a new chain in a new file, renamed over the old one once its full increment is in
-            container.close()
-            self._file = None
-            self._restart = self.path.with_name(f".{self.path.name}.restart-{os.getpid()}")
-            container = self._create_container(self._restart)
-        return container
-
-    def _create_container(self, path: Path) -> CheckpointFile:
+    def _create_file(self, path: Path) -> CheckpointFile:
         layout = tuple(RamBlockInfo(b.name, b.gpa, b.size) for b in self.machine.ram_blocks)
-        self._file = CheckpointFile.create(path, page_size=PAGE_SIZE, ram_blocks=layout,
-                                           machine=self.machine.name,
-                                           capabilities=self.capabilities, overwrite=True)
-        self._file.durable = self._durable
-        return self._file
+        return CheckpointFile.create(path, page_size=PAGE_SIZE, ram_blocks=layout,
+                                     machine=self.machine.name, capabilities=self.capabilities,
+                                     overwrite=path != self.path)
 
-    def _finish_restart(self, ok: bool) -> None:
-        """Rename a restarted chain's file over path (ok) or drop it (the old file is intact)."""
-        temporary, self._restart = self._restart, None
-        if temporary is None:
-            return
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if ok:
-            os.replace(temporary, self.path)
-            if self._durable:
-                fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        else:
-            temporary.unlink(missing_ok=True)
-        self._append = True  # reopened (under its own name) by the next checkpoint
-
-    def _open_container(self) -> CheckpointFile:
-        if self._file is None:
-            layout = tuple(RamBlockInfo(b.name, b.gpa, b.size) for b in self.machine.ram_blocks)
-            if self._append and self.path.exists():
-                self._file = CheckpointFile.open(self.path, writable=True)
-                if self._file.header.ram_blocks != layout:
-                    self._file.close()
-                    self._file = None
-                    raise ConfigError(f"{self.path} holds a machine with another RAM layout; "
-                                      f"write the checkpoint to a new file")
-                if self.checksum and self._file.header.format_version < 2:
-                    version = self._file.header.format_version
-                    self._file.close()
-                    self._file = None
-                    raise ConfigError(f"{self.path} is in format {version}, which has no "
-                                      f"checksums; write the checkpoint to a new file")
-                self._file.durable = self._durable
-            else:
-                return self._create_container(self.path)
-        return self._file
+    def _check_file(self, file: CheckpointFile) -> None:
+        """An existing chain this machine appends to must have its RAM layout and formats."""
+        layout = tuple(RamBlockInfo(b.name, b.gpa, b.size) for b in self.machine.ram_blocks)
+        if file.header.ram_blocks != layout:
+            raise ConfigError(f"{self.path} holds a machine with another RAM layout; write the "
+                              f"checkpoint to a new file")
+        if self.checksum and file.header.format_version < 2:
+            raise ConfigError(f"{self.path} is in format {file.header.format_version}, which has "
+                              f"no checksums; write the checkpoint to a new file")
 
     # ------------------------------------------------------------------------- pausing
     def _pause(self) -> tuple[bool, RunState]:
@@ -322,7 +283,8 @@ class Checkpointer:
 
     def _checkpoint(self) -> CheckpointStats:
         machine = self.machine
-        container = self._container()  # creating a file (truncate, fsync) is no pause work
+        # creating a file (truncate, fsync) is no pause work
+        container = self._chain.container(self._max_increments)
         kind = "incremental" if self.incremental and container.header.increments and \
             self._tracker is not None else "full"
         live: WpFaultTracker | None = None
@@ -426,21 +388,24 @@ class Checkpointer:
                          self.tracker_kind) if self.incremental else "",
                 write_faults=faults, shadow_copies=shadows, pages_carried=carried,
                 fork_ms=fork_ms)
-            writer.commit(stream_length=stream_length, page_runs=page_runs,
-                          pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict(),
-                          checksums=None if checksums is None else checksums[0])
-            if checksums is not None:
-                self._crc_table = checksums[1]
-            ok = True
-            self._finish_restart(True)
-            self.history.append(stats)
+            # a Ctrl-C after the commit must not make a committed increment look failed
+            with signals_held():
+                writer.commit(stream_length=stream_length, page_runs=page_runs,
+                              pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict(),
+                              checksums=None if checksums is None else checksums[0])
+                if checksums is not None:
+                    self._crc_table = checksums[1]
+                ok = True
+                self.history.append(stats)
+                self._chain.committed()  # a chain written aside replaces the file now
             return stats
         except BaseException:
             if ahead is not None:  # no thread left reading RAM behind a failed checkpoint
                 ahead.result()
-            if writer is not None:
+            if writer is not None and not ok:
                 writer.abort()
-            self._finish_restart(False)
+            if not ok:
+                self._chain.failed()
             # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
             self._remember(selection)
             if live is not None:  # the handler must not wait for a saver that is gone
@@ -585,13 +550,12 @@ class Checkpointer:
         return result
 
     def close(self) -> None:
-        """Stop dirty tracking and close the file."""
+        """Stop dirty tracking, close the file and release its lock (a new chain that got no
+        increment is removed; the file it would have replaced stays as it was)."""
         if self._tracker is not None:
             self._tracker.stop()
             self._tracker = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._chain.close()
 
 
 def reload(target: CheckpointTarget | str, *, strategy: str = DEFAULT_STRATEGY,

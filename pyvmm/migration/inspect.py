@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from ..errors import ConfigError, PyvmmError
+from ..output_file import output_fd
 from ..units import format_size
 from .container import CheckpointFile
 
@@ -89,7 +90,9 @@ def format_info(info: dict[str, Any]) -> str:
 
 def export_increment(path: str, increment: int | None, output: str) -> int:
     """Copy increment ``increment``'s raw QEMU stream (default: the last) to ``output`` (``-``:
-    standard output, e.g. a pipe). The checkpoint file itself is never an output."""
+    standard output, e.g. a pipe; a FIFO or character device is written in place, a regular
+    file replaced only once complete: see :mod:`pyvmm.output_file`). The checkpoint file
+    itself is never an output."""
     with CheckpointFile.open(path) as container:
         increments = container.header.increments
         if not increments:
@@ -98,15 +101,11 @@ def export_increment(path: str, increment: int | None, output: str) -> int:
         if not 0 <= index < len(increments):
             raise ConfigError(f"{path} has increments 0..{len(increments) - 1}, not {index}")
         inc = increments[index]
-        if output == "-":
-            _copy_out(container.fd, 1, inc.stream_offset, inc.stream_length, path, index)
-            return inc.stream_length
         if os.path.exists(output) and os.path.samefile(output, path):
             raise ConfigError(f"{output} is the checkpoint file itself: export to another file")
         try:
-            with open(output, "wb") as out:
-                _copy_out(container.fd, out.fileno(), inc.stream_offset, inc.stream_length, path,
-                          index)
+            with output_fd(output) as out:
+                _copy_out(container.fd, out, inc.stream_offset, inc.stream_length, path, index)
         except OSError as err:
             raise ConfigError(f"cannot write {output}: {err.strerror}") from err
         return inc.stream_length

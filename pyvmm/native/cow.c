@@ -14,8 +14,10 @@
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -59,7 +61,13 @@ static u64 now_ns(void) {
 static void cow_child(int fd, u64 file_offset, const struct pyvmm_cow_job *jobs, unsigned njobs,
                       const unsigned char *tail, u64 tail_len, struct pyvmm_cow_result *result,
                       struct pyvmm_page_write_stats *job_stats, struct pyvmm_page_run *runs,
-                      u64 child_delay_ns) {
+                      u64 child_delay_ns, pid_t parent) {
+    /* A child that outlived a killed parent would hold the checkpoint file's writer lock (an
+     * inherited descriptor of the same open file) and write an increment nobody commits. It
+     * dies with the thread that forked it, which waits for it; if that thread was already gone
+     * between fork and prctl, getppid() has changed. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+        _exit(PYVMM_COW_EXIT_FAILED);
     if (child_delay_ns)
         sleep_ns(child_delay_ns); /* test hook: a window to kill the child in */
     u64 offset = file_offset;
@@ -105,11 +113,12 @@ int pyvmm_cow_start(int fd, pyvmm_u64 file_offset, const struct pyvmm_cow_job *j
                     pyvmm_u64 *fork_ns) {
     memset(result, 0, sizeof *result);
     memset(job_stats, 0, sizeof *job_stats * njobs);
+    pid_t parent = getpid();
     u64 t0 = now_ns();
     pid_t pid = fork();
     if (pid == 0)
         cow_child(fd, file_offset, jobs, njobs, tail, tail_len, result, job_stats, runs,
-                  child_delay_ns);
+                  child_delay_ns, parent);
     *fork_ns = now_ns() - t0;
     return pid < 0 ? -errno : (int)pid;
 }
