@@ -9,11 +9,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from .boot import BUILTIN_GUESTS, GuestSpec, boot
 from .errors import ConfigError, PyvmmError
+from .interrupts import signals_held
 from .guests.workload import WORKLOAD_HELP, WorkloadOptions
 from .machine import DEFAULT_RAM_SIZE, Machine, RunResult, RunState, StopReason
 from .migration.defaults import DEFAULT_STRATEGY, SAVER_NICE, STRATEGIES
@@ -402,7 +404,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         given = [opt for opt, value in (("--ram", args.ram), ("--seed", args.seed),
                                         ("--guest", args.guest), ("--workload", args.workload),
                                         ("--files", args.files), ("--stdin", args.stdin),
-                                        ("--env", args.env)) if value]
+                                        ("--env", args.env),
+                                        ("--files-limit", args.files_limit)) if value]
         if given:
             raise ConfigError(f"{given[0]} cannot be combined with --incoming: the guest, its "
                               f"RAM and seed come from the checkpoint")
@@ -524,6 +527,7 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
     done = 0
     result = machine.last_result
     periodic = None
+    ran = False
     try:
         if checkpointer is not None and args.period and machine.state is not RunState.SHUTDOWN:
             periodic = _start_periodic(args, machine, checkpointer, loader)
@@ -539,27 +543,50 @@ def _run_with_checkpoints(args: argparse.Namespace, machine: Machine, max_insns:
                     break
                 done = stop
                 if stop in points and checkpointer is not None:
-                    _checkpoint(checkpointer, args.quiet, loader)
+                    with signals_held(_finishing("the checkpoint in flight")):
+                        _checkpoint(checkpointer, args.quiet, loader)
                 if stop == max_insns:
                     break
-        if periodic is not None:
-            periodic.stop()
-        limited = periodic is not None and periodic.limit_reached()
-        if checkpointer is not None and result.error is None and not limited and \
-                not (done and done in points and done == max_insns):
-            _checkpoint(checkpointer, args.quiet, loader)
-        if periodic is not None and periodic.error is not None:
-            raise PyvmmError(f"periodic checkpoints stopped after {periodic.count}: "
-                             f"{periodic.error}")
-        if limited and periodic is not None and not args.quiet:
-            print(f"pyvmm: {periodic.count} periodic checkpoints taken (--max-checkpoints)",
-                  file=sys.stderr)
+        ran = True
     finally:
-        if periodic is not None:
-            periodic.stop()
-        if checkpointer is not None:
-            checkpointer.close()
+        # the end of the run (a first Ctrl-C or SIGTERM included) is one piece: a periodic
+        # checkpoint in flight, the end-of-run one and the file's close are finished, whatever
+        # signal comes meanwhile; it is acted on afterwards
+        with signals_held(_finishing("the end-of-run checkpoint")):
+            try:
+                if periodic is not None:
+                    periodic.stop()
+                if ran:
+                    _end_of_run(args, checkpointer, periodic, result, loader,
+                                skip=bool(done and done in points and done == max_insns))
+            finally:
+                if checkpointer is not None:
+                    checkpointer.close()
     return result
+
+
+def _end_of_run(args: argparse.Namespace, checkpointer: Any, periodic: Any, result: RunResult,
+                loader: Any, *, skip: bool) -> None:
+    """The end-of-run checkpoint, and what the periodic checkpoints came to."""
+    limited = periodic is not None and periodic.limit_reached()
+    if checkpointer is not None and result.error is None and not limited and not skip:
+        _checkpoint(checkpointer, args.quiet, loader)
+    if periodic is not None and periodic.error is not None:
+        raise PyvmmError(f"periodic checkpoints stopped after {periodic.count}: "
+                         f"{periodic.error}")
+    if limited and periodic is not None and not args.quiet:
+        print(f"pyvmm: {periodic.count} periodic checkpoints taken (--max-checkpoints)",
+              file=sys.stderr)
+
+
+def _finishing(what: str) -> Callable[[int], None]:
+    """What a signal held back during ``what`` prints: that it is acted on once that is done."""
+
+    def note(signum: int) -> None:
+        print(f"pyvmm: {signal.Signals(signum).name} received: {what} is finished first "
+              f"(then the run stops)", file=sys.stderr, flush=True)
+
+    return note
 
 
 def _start_periodic(args: argparse.Namespace, machine: Machine, checkpointer: Any,
@@ -714,10 +741,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     stop_signal = args.stop_signal = _StopSignal()
+    if threading.current_thread() is threading.main_thread():
+        # from here on Ctrl-C is KeyboardInterrupt, met by the clean stops below (python -m
+        # pyvmm ends the process with one line until here: see __main__)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with warnings.catch_warnings():
+        _show_checkpoint_warnings(quiet=args.command == "checkpoint" and args.verb == "verify")
+        return _dispatch(parser, args, stop_signal)
+
+
+def _show_checkpoint_warnings(*, quiet: bool) -> None:
+    """A damaged part of a checkpoint file that a reader worked around (a header slot passed
+    over: one increment fewer) is said on stderr, once per message, every time the file is
+    read.  ``quiet``: the command reports it itself (verify)."""
+    from .errors import CheckpointWarning
+
+    warnings.simplefilter("ignore" if quiet else "always", CheckpointWarning)
+    shown: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if not issubclass(category, CheckpointWarning):
+            default(message, category, filename, lineno, file, line)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            print(f"pyvmm: warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace,
+              stop_signal: _StopSignal) -> int:
     try:
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM takes Ctrl-C's path in every command: work in flight is finished or
+            # discarded cleanly (a squash's new file removed), one line, exit 143
+            signal.signal(signal.SIGTERM, stop_signal.on_sigterm)
         if args.command == "run":
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, stop_signal.on_sigterm)
             return _cmd_run(args)
         if args.command == "checkpoint":
             return _cmd_checkpoint(args)

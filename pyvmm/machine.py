@@ -66,6 +66,7 @@ from .errors import (
     RunStateError,
     UnsupportedInstruction,
 )
+from .interrupts import signals_held
 from .ram import PAGE_SIZE, RamBlock
 from .vcpu_gate import StopGate
 
@@ -568,12 +569,24 @@ class Machine:
         try:
             return self.wait()
         except KeyboardInterrupt:
-            self.pause(reason=StopReason.INTERRUPTED)
-            return self.wait()
+            # a second Ctrl-C (or SIGTERM) while this one's pause lands asks for the same stop:
+            # it must neither leave the pause half taken nor, landing just before it, skip it
+            # (pause() again is harmless: a stopped machine stays as it is)
+            while True:
+                try:
+                    with signals_held():
+                        self.pause(reason=StopReason.INTERRUPTED)
+                except KeyboardInterrupt:
+                    continue
+                return self.wait()
 
     def close(self) -> None:
-        """Stop the vCPU thread and release RAM.  The machine cannot be used afterwards."""
-        if self._state is RunState.RUNNING:
+        """Stop the vCPU thread and release RAM.  The machine cannot be used afterwards.
+
+        A guest that another thread holds stopped (a checkpoint in save-vm) is stopped once that
+        thread lets it go: it would run on otherwise, and the vCPU thread with it."""
+        held_elsewhere = self._state in _HELD and self._holder is not threading.current_thread()
+        if self._state is RunState.RUNNING or held_elsewhere:
             self.pause()
         with self._cond:
             self._closing = True
