@@ -332,9 +332,9 @@ class Checkpointer:
             runs: Sequence[PageRun]
             if self.cow:
                 cow = self._save_cow(f, selection, device_bytes, devices)
-                downtime_end = time.perf_counter()
                 self._unpause(was_running, before)
                 paused = False
+                downtime_end = time.perf_counter()
                 result_cow = cow.wait()
                 fork_ms = result_cow.fork_ms
                 # the index in RAM order (the child writes block by block; a live saver sorts
@@ -374,8 +374,16 @@ class Checkpointer:
                 shadows = wp.shadow_copies - armed_stats.shadow_copies
                 if live is self._tracker:  # a live-only session tracks nothing further
                     carried = sum(b.count() for b in session.dirty.values())
+            if paused:
+                # stop-and-copy: the guest's state is all in the file (and its CRCs taken from
+                # RAM): it runs on while the stream reaches the disk, only the header's
+                # publication waits for that
+                self._unpause(was_running, before)
+                paused = False
+                downtime_end = time.perf_counter()
+            writer.sync()  # the bulk of a durable commit's sync, inside total_ms
             elapsed = time.perf_counter() - started
-            downtime = (downtime_end - started) if self.live or self.cow else elapsed
+            downtime = downtime_end - started
             stats = CheckpointStats(
                 increment=writer.index, kind=kind, pages=data_pages, zero_pages=zero_pages,
                 bytes_written=stream_length, total_ms=elapsed * 1e3,

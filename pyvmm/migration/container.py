@@ -723,6 +723,13 @@ class CheckpointFile:
             header.page_size, info.stream_offset, info.stream_offset + info.stream_length)
         return counts == (info.pages, info.zero_pages)
 
+    def _sync_increment(self, writer: IncrementWriter) -> None:
+        self._require(_State.WRITING)
+        if writer is not self._writer:
+            raise PyvmmError("this increment writer is no longer active")
+        if self.durable:
+            os.fsync(self._fd)
+
     def _abort(self, writer: IncrementWriter) -> None:
         if writer is not self._writer:
             return
@@ -858,6 +865,12 @@ class IncrementWriter:
             stream_crc=stream_crc,
             checksums=checksums,
         )
+
+    def sync(self) -> None:
+        """Make what was written of the increment durable now (a no-op unless the file is
+        :attr:`~CheckpointFile.durable`), so that :meth:`commit`'s own sync is short: a caller
+        whose guest runs again once its pages are written syncs here, with the guest running."""
+        self._owner._sync_increment(self)
 
     def abort(self) -> None:
         """Discard the increment: the file is cut back to its committed data (idempotent; a
