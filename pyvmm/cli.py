@@ -467,11 +467,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise result.error
     if loader is not None and not args.quiet:
         lazy = loader.stats()
-        first = "-" if lazy.first_insn_ms is None else f"{lazy.first_insn_ms:.1f} ms"
+        first = "" if lazy.first_insn_ms is None else \
+            f"first guest instruction after {lazy.first_insn_ms:.1f} ms, "
         filled = "-" if lazy.filled_ms is None else f"{lazy.filled_ms:.0f} ms"
-        print(f"pyvmm: lazy reload: first guest instruction after {first}, RAM filled after "
-              f"{filled} ({lazy.fault_pages} pages by {lazy.faults} faults, {lazy.fill_pages} "
-              f"by the fill)", file=sys.stderr)
+        print(f"pyvmm: lazy reload: {first}RAM filled after {filled} ({lazy.fault_pages} pages "
+              f"by {lazy.faults} faults, {lazy.fill_pages} by the fill)", file=sys.stderr)
     if not args.quiet:
         what = {
             StopReason.SHUTDOWN: f"guest exited with code {result.exit_code}",
@@ -480,10 +480,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
             StopReason.INTERRUPTED: f"interrupted ({args.stop_signal.name})",
             StopReason.PAUSED: "paused",
         }.get(result.reason, result.reason.value)
-        print(f"pyvmm: {what}; {elapsed:.2f} s, RAM {format_size(ram_size)}", file=sys.stderr)
+        insns = machine.executed_insns
+        rate = f" ({_count_text(insns / elapsed)}/s)" if elapsed > 0 and insns else ""
+        print(f"pyvmm: {what}; {elapsed:.2f} s, RAM {format_size(ram_size)}, "
+              f"{_count_text(insns)} guest instructions{rate}", file=sys.stderr)
     if result.reason is StopReason.SHUTDOWN:
         return result.exit_code or 0
     return 128 + args.stop_signal.signum if result.reason is StopReason.INTERRUPTED else 0
+
+
+def _count_text(count: float) -> str:
+    """123, 45.6K, 7.89M, 1.23G: a count as the run options take it."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:.0f}"
 
 
 class _StopSignal:

@@ -324,6 +324,13 @@ class Machine:
         return self._gate.requested or self._pending_pause is not None
 
     @property
+    def executed_insns(self) -> int:
+        """About how many guest instructions this machine has run in this process (the
+        instructions of every translated block entered: a block an exception leaves early
+        counts whole).  Cheap at any time; exact counts need a counted run (``max_insns``)."""
+        return self._gate.insns
+
+    @property
     def pause_fd(self) -> int:
         """A file descriptor that polls readable while a pause waits for the vCPU: a hook that
         blocks on host input polls it too, and gives way (:attr:`pause_requested`)."""

@@ -91,6 +91,12 @@ class StopGate:
         return int(self._gate.stops)
 
     @property
+    def insns(self) -> int:
+        """Guest instructions in the blocks the vCPU has entered (read while it is parked; a
+        block an exception leaves early counts whole)."""
+        return int(self._gate.insns)
+
+    @property
     def stopped_at(self) -> int:
         """Guest address of the block before which the last served request stopped the vCPU."""
         return int(self._gate.stopped_at)

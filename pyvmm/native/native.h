@@ -555,5 +555,6 @@ struct pyvmm_vcpu_gate {
     int (*emu_stop)(void *uc);
     pyvmm_u64 stopped_at;
     pyvmm_u64 stops;
+    pyvmm_u64 insns; /* instructions of the blocks entered (A64: 4 bytes each) */
 };
 void pyvmm_vcpu_block_hook(void *uc, pyvmm_u64 address, unsigned int size, void *user_data);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,21 @@ def test_output_onto_a_checkpoint_file_is_refused(tmp_path: pytest.TempPathFacto
         assert proc.returncode == 1 and b"checkpoint file" in proc.stderr, proc.stderr
     with open(path, "rb") as f:
         assert f.read() == before
+
+
+def test_the_run_summary_counts_guest_instructions(tmp_path: Path) -> None:
+    """An exact budget shows as itself; an uncounted run as the blocks the vCPU entered."""
+    proc = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--max-insns", "3M"],
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert b", 3M guest instructions (" in proc.stderr.splitlines()[-1], proc.stderr
+    path = tmp_path / "done.bin"
+    assert subprocess.run([sys.executable, "-m", "pyvmm", "run", "-q", "--workload", "passes=1",
+                           "--checkpoint", f"chpt:{path}"], check=False,
+                          timeout=120).returncode == 0
+    lazy = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--incoming", f"chpt:{path}",
+                           "--lazy"], capture_output=True, timeout=120, check=False)
+    assert lazy.returncode == 0, lazy.stderr
+    # the guest had ended: no "first guest instruction after -", and none ran
+    assert b"first guest instruction" not in lazy.stderr, lazy.stderr
+    assert b"already powered off" in lazy.stderr
