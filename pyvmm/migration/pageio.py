@@ -16,11 +16,9 @@ with the GIL released.
 
 from __future__ import annotations
 
-import array
 import mmap
 import os
 import struct
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -312,7 +310,6 @@ def sort_index_records(records: bytes) -> bytes:
 
 _INDEX_RECORD = struct.Struct(">HBBIQQ")  # block, flags, reserved, npages, first page, offset
 _INDEX_ZERO = 0x01
-_HEADERS_CHUNK = 1 << 16  # pages of one run compared at a time: bounded scratch memory
 
 
 def check_data_record_headers(fd: int, records: bytes | memoryview, block_names: Sequence[str],
@@ -338,52 +335,19 @@ def check_data_record_headers(fd: int, records: bytes | memoryview, block_names:
         raise FormatError(f"the stream ends at byte {stream_end} but the file has {size}",
                           offset=size)
     base = stream_start - stream_start % mmap.ALLOCATIONGRANULARITY
+    names = [name.encode() for name in block_names]
+    keep = [ffi.new("unsigned char[]", name) for name in names]
+    name_ptrs = ffi.new("const unsigned char *[]", keep)
+    name_lens = ffi.new("unsigned char[]", [len(name) for name in names])
+    err = ffi.new("struct pyvmm_header_error *")
     with mmap.mmap(fd, stream_end - base, mmap.MAP_SHARED, mmap.PROT_READ,
-                   offset=base) as mapped, memoryview(mapped) as view:
-        for number, (block, flags, _, npages, first, data) in enumerate(
-                _INDEX_RECORD.iter_unpack(records)):
-            if flags & _INDEX_ZERO:
-                continue
-            _check_first_header(view, base, stream_start, number, block_names[block], first,
-                                data)
-            for done in range(1, npages, _HEADERS_CHUNK):
-                count = min(_HEADERS_CHUNK, npages - done)
-                at = data - base + done * PAGE_RECORD_SIZE - RECORD_HEADER_SIZE
-                found = view[at:at + count * PAGE_RECORD_SIZE].cast("Q")[
-                    ::PAGE_RECORD_SIZE // RECORD_HEADER_SIZE].tobytes()
-                page = first + done
-                want = array.array("Q", range(
-                    page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE,
-                    (page + count) * PAGE_SIZE, PAGE_SIZE))
-                if sys.byteorder == "little":
-                    want.byteswap()
-                if found != want.tobytes():
-                    k = next(k for k in range(count) if found[8 * k:8 * k + 8] !=
-                             want.tobytes()[8 * k:8 * k + 8])
-                    _bad_record_header(number, page + k, int.from_bytes(found[8 * k:8 * k + 8],
-                                                                        "big"),
-                                       base + at + k * PAGE_RECORD_SIZE)
-
-
-def _check_first_header(view: memoryview, base: int, stream_start: int, number: int,
-                        name: str, page: int, data: int) -> None:
-    """The header in front of a data run's first page: CONTINUE, or PAGE + u8 len + name."""
-    at = data - base - RECORD_HEADER_SIZE
-    continued = page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
-    if data - RECORD_HEADER_SIZE >= stream_start and \
-            int.from_bytes(view[at:at + RECORD_HEADER_SIZE], "big") == continued:
-        return
-    idstr = name.encode()
-    named = bytes([len(idstr)]) + idstr
-    at -= len(named)
-    if data - RECORD_HEADER_SIZE - len(named) >= stream_start:
-        header = int.from_bytes(view[at:at + RECORD_HEADER_SIZE], "big")
-        if header == page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE and \
-                view[at + RECORD_HEADER_SIZE:at + RECORD_HEADER_SIZE + len(named)] == named:
-            return
-    at = data - base - RECORD_HEADER_SIZE
-    found = int.from_bytes(view[at:at + RECORD_HEADER_SIZE], "big") if at >= 0 else 0
-    _bad_record_header(number, page, found, base + at)
+                   offset=base) as mapped:
+        bad = lib.pyvmm_check_record_headers(
+            ffi.from_buffer(mapped), base, stream_end - base, stream_start,
+            ffi.from_buffer(records), len(records) // _INDEX_RECORD.size, name_ptrs, name_lens,
+            len(names), PAGE_SIZE, err)
+    if bad:
+        _bad_record_header(int(err.record), int(err.page), int(err.found), int(err.offset))
 
 
 def _bad_record_header(run: int, page: int, found: int, offset: int) -> None:

@@ -221,11 +221,13 @@ class RamHandler:
             if flags & RAM_SAVE_FLAG_ZERO:
                 fill = f.get_u8()
                 f.check()
+                if fill and (self.skip_pages or self._index_records):
+                    # the page index lists the page as zero, and the index-driven reloads take
+                    # it so: every reader of a checkpoint file refuses what says otherwise
+                    raise FormatError(f"RAM page at 0x{addr:x} filled with 0x{fill:02x}, but "
+                                      f"the page index lists it as a zero page", offset=at)
                 if not self.skip_pages:
                     self._fill_page(block, page, fill)
-                elif fill:  # the page index (what a lazy reload loads) only knows zero pages
-                    raise FormatError(f"RAM page at 0x{addr:x} filled with 0x{fill:02x}: only "
-                                      f"zero-filled pages can be skipped", offset=at)
             elif self.skip_pages:
                 self._skip_page(f, number, page)
             else:

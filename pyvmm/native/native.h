@@ -557,4 +557,15 @@ struct pyvmm_vcpu_gate {
     pyvmm_u64 stops;
     pyvmm_u64 insns; /* instructions of the blocks entered (A64: 4 bytes each) */
 };
+struct pyvmm_header_error {
+    pyvmm_u64 record; /* the page index record whose run holds the wrong header */
+    pyvmm_u64 page;   /* the page it is in front of */
+    pyvmm_u64 offset; /* file offset of the header */
+    pyvmm_u64 found;  /* what is there */
+};
+int pyvmm_check_record_headers(const unsigned char *map, pyvmm_u64 map_base, pyvmm_u64 map_len,
+                               pyvmm_u64 stream_start, const unsigned char *records,
+                               pyvmm_u64 nrecords, const unsigned char *const *names,
+                               const unsigned char *name_lens, unsigned nblocks,
+                               pyvmm_u64 page_size, struct pyvmm_header_error *err);
 void pyvmm_vcpu_block_hook(void *uc, pyvmm_u64 address, unsigned int size, void *user_data);

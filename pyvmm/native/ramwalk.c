@@ -151,7 +151,7 @@ static int walk_records(int fd, struct reader *r, unsigned nblocks,
                         const unsigned char *const *names, void *const *bases,
                         const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
                         const struct data_run *runs, pyvmm_u64 nruns, int skip,
-                        struct pyvmm_ram_walk *w) {
+                        int zero_only, struct pyvmm_ram_walk *w) {
     pyvmm_u64 cursor = 0;
     const pyvmm_u64 stride = HEADER + page_size;
     int rc = 0;
@@ -205,9 +205,12 @@ static int walk_records(int fd, struct reader *r, unsigned nblocks,
             const unsigned char *f = need(r, pos, 1, &rc);
             if (f == NULL)
                 break;
-            if (skip) {
-                if (*f)
-                    break; /* only zero pages can be left to the index */
+            if (*f && (skip || zero_only)) {
+                /* a page index lists every page of a ZERO record as zero, which the index-driven
+                 * readers take for it: all readers refuse a record that says otherwise */
+                break;
+            } else if (skip) {
+                /* RAM comes from the index: nothing to do here */
             } else if (*f) {
                 memset(dst, *f, page_size);
             } else if (!is_zero(dst, page_size)) {
@@ -290,7 +293,7 @@ int pyvmm_ram_walk(int fd, unsigned nblocks, const unsigned char *const *names,
         }
     }
     int rc = walk_records(fd, &r, nblocks, names, bases, block_pages, page_size, runs, nruns,
-                          skip, w);
+                          skip, nindex > 0, w);
     if (map != MAP_FAILED) {
         pyvmm_map_guard = NULL;
         munmap(map, (size_t)map_len);

@@ -525,3 +525,22 @@ def test_negative_a_sparse_file_whose_page_index_claims_a_gibibyte(
         code, err, peak = peak_of_cli(*args)
         assert code == 1 and "Traceback" not in err.decode(), (args, err)
         assert peak < CLI_PEAK_BOUND, (args, peak >> 20)
+
+
+def test_negative_a_zero_page_record_with_a_fill_byte_is_refused_by_every_reader(
+        originals: dict[str, Original], tmp_path: Path) -> None:
+    """The page index lists a ZERO record's page as zero, and the index-driven reloads take it
+    so; the sequential and partial reloads filled it with the record's byte instead (found by
+    the slow campaign). Every reader refuses the record now."""
+    good = originals["full"]
+    start, end = good.streams[0]
+    data = bytearray(good.data)
+    at = next(p for p in range(start, end - 9)
+              if data[p + 7] == 0x22 and data[p + 8] == 0 and data[p] == 0 and
+              int.from_bytes(data[p:p + 8], "big") >> 12 < (1 << 20))  # ZERO | CONTINUE, fill 0
+    data[at + 8] = 0x01
+    path = tmp_path / "filled.chpt"
+    path.write_bytes(data)
+    for name, verdict in verdicts(path).items():
+        assert verdict.error is not None and "lists it as a zero page" in verdict.error, name
+    assert not verify_file(path).ok
