@@ -25,6 +25,8 @@ from pyvmm._native import ffi, lib
 
 from ..errors import FormatError, StreamError
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
+from .container_format import IndexRecords
+from .container_format import PageRun as IndexRecordRun
 from .pageio import (
     PAGE_RECORD_SIZE,
     RAM_SAVE_FLAG_CONTINUE,
@@ -34,8 +36,6 @@ from .pageio import (
     read_page_runs,
     write_page_records,
 )
-from .container_format import IndexRecords
-from .container_format import PageRun as IndexRecordRun
 from .stream import QEMUFile
 
 RAM_SAVE_FLAG_MEM_SIZE = 0x04
