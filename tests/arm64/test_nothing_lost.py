@@ -405,3 +405,32 @@ def test_dash_o_onto_a_regular_file_replaces_it_only_when_complete(tmp_path: Pat
     assert proc.returncode == 1, proc.stderr
     assert out.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _file_size_limit(limit: int) -> None:
+    """In the child: writes past ``limit`` bytes fail with EFBIG, as on a full disk (ENOSPC
+    takes a file system of its own to make)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_write_failure_in_the_first_checkpoint_leaves_the_old_file(tmp_path: Path) -> None:
+    """A full disk during the first checkpoint onto an existing file: one error line, the old
+    file byte for byte, no aside left."""
+    target = tmp_path / "old.bin"
+    made = pyvmm("run", "-q", "--checkpoint-at", "100K", "--checkpoint", f"chpt:{target}",
+                 *SHORT_GUEST)
+    assert made.returncode == 0, made.stderr
+    before = target.read_bytes()
+    limit = 256 << 10  # past the 128 KiB header, inside the first increment (1 MiB dirty)
+    proc = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--checkpoint",
+                           f"chpt:{target}", *SHORT_GUEST], capture_output=True, timeout=120,
+                          check=False, preexec_fn=lambda: _file_size_limit(limit))
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("pyvmm: error: "), err
+    assert "File too large" in err.splitlines()[-1], err
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["old.bin"]
