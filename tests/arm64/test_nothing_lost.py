@@ -434,3 +434,32 @@ def test_a_write_failure_in_the_first_checkpoint_leaves_the_old_file(tmp_path: P
     assert "File too large" in err.splitlines()[-1], err
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["old.bin"]
+
+
+# ----- item 6: a slot passed over is said on stderr, every time ------------------------------------
+
+
+def test_a_header_slot_passed_over_is_said_by_every_command(tmp_path: Path) -> None:
+    """A file cut inside its newest increment (a writer stopped between publishing its header
+    and finishing the file): info, run --incoming, --lazy and squash load the increment before
+    it and say so in one warning line; verify reports it as a problem (exit 1)."""
+    path = tmp_path / "c.bin"
+    made = pyvmm("run", "-q", "--incremental", "--checkpoint-at", "100K", "--checkpoint",
+                  f"chpt:{path}", *SHORT_GUEST)
+    assert made.returncode == 0, made.stderr
+    with CheckpointFile.open(path) as container:
+        first_end = container.header.increments[0].end
+    os.truncate(path, first_end + 4096)
+    for args in (("checkpoint", "info", path), ("run", "-q", "--incoming", f"chpt:{path}"),
+                 ("run", "-q", "--incoming", f"chpt:{path}", "--lazy"),
+                 ("checkpoint", "squash", "-q", path, "-o", tmp_path / "s.bin")):
+        proc = pyvmm(*args)
+        err = proc.stderr.decode()
+        assert proc.returncode == 0, (args, err)
+        warned = [line for line in err.splitlines() if line.startswith("pyvmm: warning: ")]
+        assert len(warned) == 1 and "points past the end of the file" in warned[0], (args, err)
+        assert "using slot" in warned[0] and "(sequence" in warned[0], err
+    verify = pyvmm("checkpoint", "verify", path)
+    assert verify.returncode == 1
+    assert b"points past the end of the file" in verify.stdout
+    assert b"pyvmm: warning" not in verify.stderr  # verify reports it itself, once
