@@ -8,9 +8,6 @@ the guest cannot show in one single-process run, and a model test of the sparse 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +29,12 @@ RSS_BOUND = 400 << 20
 
 
 def pyvmm(*args: str | Path, tmp_path: Path) -> tuple[int, bytes, bytes, int]:
-    """Run ``python -m pyvmm ARGS``: (exit status, stdout, stderr, peak RSS in bytes of that
-    process alone, from wait4)."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "pyvmm", *map(str, args)],
-                                stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not reap it again
-    return proc.returncode, out.read_bytes(), err.read_bytes(), usage.ru_maxrss * 1024
+    """Run ``pyvmm ARGS``: (exit status, stdout, stderr, peak RSS in bytes of that process
+    alone, from its own VmHWM: see tests/peak_memory.py)."""
+    from tests.peak_memory import run_measured
+
+    del tmp_path  # the output is captured in memory
+    return run_measured(args)
 
 
 # ------------------------------------------------------------------------------ the CLI

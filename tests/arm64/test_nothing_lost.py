@@ -254,8 +254,8 @@ def test_a_second_writer_is_refused_before_its_guest_runs(tmp_path: Path) -> Non
         assert second.stdout == b"", "the second writer's guest ran"
     finally:
         first.send_signal(signal.SIGINT)
-        finish(first)
-    assert first.returncode == 130
+        first_err = finish(first)
+    assert first.returncode == 130, first_err
     assert assert_whole(target) >= 2
 
 

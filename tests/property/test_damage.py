@@ -452,17 +452,11 @@ def rewrite_header(data: bytearray, change: Callable[[Any], Any]) -> None:
 
 
 def peak_of_cli(*args: str) -> tuple[int, bytes, int]:
-    """(exit code, stderr, peak RSS in bytes) of ``python -m pyvmm ARGS`` in a child."""
-    import subprocess
-    import sys
+    """(exit code, stderr, peak RSS in bytes) of ``pyvmm ARGS``, measured in its own process."""
+    from tests.peak_memory import run_measured
 
-    child = subprocess.Popen([sys.executable, "-m", "pyvmm", *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    assert child.stderr is not None
-    err = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, err, usage.ru_maxrss << 10
+    code, _, err, peak = run_measured(args)
+    return code, err, peak
 
 
 #: Peak RSS of a pyvmm command that refuses a crafted file: the interpreter, unicorn and pyvmm
