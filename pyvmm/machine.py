@@ -528,6 +528,11 @@ class Machine:
             # it would leave a request behind that stops the next run at its first block.
             if not self._parked:
                 self._gate.request()
+            else:
+                # resumed but not woken yet: the vCPU stays parked and records no stop, so the
+                # stop's reason is recorded here (else wait() returned the reason of the stop
+                # before the resume: a Ctrl-C during periodic checkpoints ended as "paused")
+                self._result = RunResult(reason, self._state, insns=self._icount)
             while not self._parked:
                 self._cond.wait(0.2)  # bounded: the calling thread stays responsive to Ctrl-C
             # The guest may have powered off (or failed) in the instructions before the stop:

@@ -153,6 +153,23 @@ def test_many_pauses_never_lose_a_stop_request() -> None:
         assert values == sorted(values)
 
 
+def test_a_stop_records_its_own_reason_even_before_the_vcpu_woke() -> None:
+    """A checkpoint's stop (reason PAUSED), resume, then at once a Ctrl-C's pause (reason
+    INTERRUPTED): when the vCPU had not woken from the resume, it stayed parked and recorded
+    nothing, and wait() gave the checkpoint's reason: the run ended as "paused", exit 0 (issue
+    14, found under load). Each pause's reason is the one waited for now."""
+    with machine_with(COUNT_FOREVER) as machine:
+        machine.start()
+        for n in range(300):
+            reason = (StopReason.INTERRUPTED, StopReason.TIME_LIMIT)[n % 2]
+            assert machine.pause(RunState.SAVE_VM)
+            machine.set_state(RunState.PAUSED)
+            machine.resume()
+            machine.pause(reason=reason)
+            assert machine.wait().reason is reason, n
+            machine.resume()
+
+
 def test_pause_from_a_thread_while_main_thread_waits() -> None:
     with machine_with(COUNT_FOREVER) as machine:
         threading.Timer(0.05, machine.pause).start()
