@@ -383,6 +383,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     save_target = parse_target(args.checkpoint) if args.checkpoint else None
     if save_target is not None and (save_target.count is not None or save_target.squash):
         raise ConfigError(f"--checkpoint takes chpt:FILE, not {args.checkpoint}")
+    if save_target is not None:
+        save_target = save_target.resolved()
     if args.period is not None:
         from .migration.periodic import check_period
 
@@ -395,7 +397,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-checkpoints must be at least 1, not {args.max_checkpoints}")
     if args.max_increments is not None and (args.max_increments < 1 or not args.checkpoint):
         raise ConfigError("--max-increments needs --checkpoint chpt:FILE and a count >= 1")
-    incoming = parse_target(args.incoming) if args.incoming else None
+    incoming = parse_target(args.incoming).resolved() if args.incoming else None
     if incoming is not None and incoming.squash:
         return _squash_incoming(args, incoming)
     if args.lazy and incoming is None:

@@ -67,6 +67,7 @@ from .errors import (
     UnsupportedInstruction,
 )
 from .interrupts import signals_held
+from .threads import NamedThread
 from .ram import PAGE_SIZE, RamBlock
 from .vcpu_gate import StopGate
 
@@ -645,7 +646,7 @@ class Machine:
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._vcpu_main, name=f"vcpu-{self.name}",
+            self._thread = NamedThread(target=self._vcpu_main, name=f"vcpu-{self.name}",
                                             daemon=True)
             self._thread.start()
 

@@ -57,7 +57,7 @@ OutputSink = Callable[[bytes], None]
 # pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
 # that its runs keep transparent huge pages whole (uffd.c)
 _LIVE_FAULT_AROUND = 512
-_TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.+)$")
+_TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.*)$")
 
 
 class SanityError(PyvmmError):
@@ -68,9 +68,18 @@ class SanityError(PyvmmError):
 class CheckpointTarget:
     """A parsed ``chpt:`` URI."""
 
-    path: str
+    path: str  # "" until resolved: the VM's default destination (pyvmm.identity)
     count: int | None = None  # reload only the first N increments
     squash: bool = False
+
+    def resolved(self) -> CheckpointTarget:
+        """This target with its path, ``chpt:`` alone meaning this VM's default destination
+        (its directory made and checked: see :func:`pyvmm.identity.default_checkpoint_path`)."""
+        if self.path:
+            return self
+        from ..identity import default_checkpoint_path
+
+        return dataclasses.replace(self, path=str(default_checkpoint_path()))
 
     def __str__(self) -> str:
         if self.squash:
@@ -79,13 +88,15 @@ class CheckpointTarget:
 
 
 def parse_target(uri: str) -> CheckpointTarget:
-    """Parse ``chpt:[N:]FILE`` or ``chpt:squash[:N]:FILE``; ConfigError naming what is wrong."""
+    """Parse ``chpt:[N:]FILE`` or ``chpt:squash[:N]:FILE``; ConfigError naming what is wrong.
+    No FILE (``chpt:``, ``chpt:2:``) is the VM's default destination: see
+    :meth:`CheckpointTarget.resolved`."""
     if not uri.startswith("chpt:"):
         raise ConfigError(f"invalid checkpoint target {uri!r}: expected chpt:FILE, chpt:N:FILE "
                           f"or chpt:squash[:N]:FILE")
     match = _TARGET_RE.match(uri)
     if match is None:
-        raise ConfigError(f"invalid checkpoint target {uri!r}: no file name")
+        raise ConfigError(f"invalid checkpoint target {uri!r}")
     count_text = match.group("n") or match.group("sn")
     count = int(count_text) if count_text is not None else None
     if count is not None and count < 1:
@@ -121,6 +132,7 @@ class CheckpointStats:
     shadow_copies: int = 0
     pages_carried: int = 0
     fork_ms: float = 0.0
+    vm_name: str = ""  # the VM id of the machine saved (pyvmm.identity)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,7 +161,8 @@ class Checkpointer:
                  tracker: str = "async", shadow_pages: int = 4096,
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
                  max_increments: int | None = None, sanity_checks: bool = True,
-                 fault_mode: str = "thread", saver_nice: int = SAVER_NICE) -> None:
+                 fault_mode: str = "thread", saver_nice: int = SAVER_NICE,
+                 vm_name: str | None = None) -> None:
         """``path`` is claimed here, before the guest runs: checked (ConfigError for a
         directory, FIFO, device, missing directory, no permission, or a file another writer
         holds) and locked until :meth:`close`.  An existing file is replaced by the new chain
@@ -166,6 +179,8 @@ class Checkpointer:
         ``"thread"`` or ``"signal"`` (~1.7x the faults per second when faults are all a writer
         does, no better guest speed in bench_live; kernel-side writes into guest RAM then fail
         with EFAULT: see :class:`~pyvmm.migration.postcopy_uffd.WriteProtectSession`).
+        ``vm_name``: the VM id recorded with each increment (default: this process's,
+        :func:`pyvmm.identity.vm_id`).
         ``saver_nice``: nice value (0..19) of the thread that saves a live checkpoint's RAM
         while the guest runs; above 0 the vCPU wins when both want the same CPU (the guest runs
         faster during the checkpoint, which takes longer on a busy host)."""
@@ -182,6 +197,9 @@ class Checkpointer:
         if tracker not in TRACKERS:
             raise ConfigError(f"unknown dirty tracker {tracker!r} (choose from "
                               f"{', '.join(TRACKERS)})")
+        from ..identity import vm_id
+
+        self.vm_name = vm_id() if vm_name is None else vm_name
         self.machine = machine
         self.path = Path(path)
         self.capabilities = caps
@@ -395,7 +413,7 @@ class Checkpointer:
                 tracker=(self._tracker.kind if self._tracker is not None else
                          self.tracker_kind) if self.incremental else "",
                 write_faults=faults, shadow_copies=shadows, pages_carried=carried,
-                fork_ms=fork_ms)
+                fork_ms=fork_ms, vm_name=self.vm_name)
             # a Ctrl-C after the commit must not make a committed increment look failed
             with signals_held():
                 writer.commit(stream_length=stream_length, page_runs=page_runs,
@@ -579,6 +597,7 @@ def reload(target: CheckpointTarget | str, *, strategy: str = DEFAULT_STRATEGY,
     """
     if isinstance(target, str):
         target = parse_target(target)
+    target = target.resolved()
     if target.squash:
         raise ConfigError(f"{target} squashes a chain into a new file; it does not reload "
                           f"(use squash() or 'pyvmm checkpoint squash')")

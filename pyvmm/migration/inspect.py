@@ -60,6 +60,9 @@ def format_info(info: dict[str, Any]) -> str:
         "  RAM blocks    " + ", ".join(f"{b['name']} {format_size(b['size'])} at 0x{b['gpa']:x}"
                                        for b in info["ram_blocks"]),
         f"  capabilities  {', '.join(info['capabilities']) or '(none)'}",
+        *([f"  VM id         {names[-1]}"] if (names := [
+            str(inc["stats"]["vm_name"]) for inc in info["increments"]
+            if inc["stats"].get("vm_name")]) else []),
         f"  increments    {len(info['increments'])}",
     ]
     for inc in info["increments"]:

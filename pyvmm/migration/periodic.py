@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import ConfigError, PyvmmError
+from ..threads import NamedThread
 from .checkpoint import Checkpointer, CheckpointStats
 
 
@@ -38,7 +39,7 @@ class PeriodicCheckpointer:
         self._period = period
         self._changed = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="pyvmm-periodic", daemon=True)
+        self._thread = NamedThread(target=self._loop, name="pyvmm-periodic", daemon=True)
 
     @property
     def period(self) -> float:

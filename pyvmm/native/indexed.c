@@ -7,6 +7,7 @@
  * right after its batch is read (small batches then, so the pages are still in the cache), and
  * every page left zero (zero runs, pages no increment holds) must expect a zero page: the
  * reloaded RAM is checked without a second pass over it. */
+#define _GNU_SOURCE
 #include <endian.h>
 #include <errno.h>
 #include <pthread.h>
@@ -86,8 +87,10 @@ static int helper_start(struct helper *t, void *(*run)(void *), void *arg) {
     pthread_cond_init(&t->wake, NULL);
     pthread_cond_init(&t->done, NULL);
     t->stop = 0;
-    if (pthread_create(&t->thread, NULL, run, arg) == 0)
+    if (pthread_create(&t->thread, NULL, run, arg) == 0) {
+        pthread_setname_np(t->thread, "pyvmm-reader");
         return 0;
+    }
     pthread_cond_destroy(&t->done);
     pthread_cond_destroy(&t->wake);
     pthread_mutex_destroy(&t->lock);

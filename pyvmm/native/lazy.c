@@ -311,6 +311,7 @@ static void serve_fault(struct lazy *l, u64 addr) {
 
 static void *handler_main(void *arg) {
     struct lazy *l = arg;
+    pthread_setname_np(pthread_self(), "pyvmm-lazy-flt");
     struct uffd_msg msgs[16];
     struct pollfd fds[2] = {{.fd = l->uffd, .events = POLLIN}, {.fd = l->stopfd, .events = POLLIN}};
     for (;;) {
@@ -345,6 +346,7 @@ static void *handler_main(void *arg) {
 
 static void *filler_main(void *arg) {
     struct lazy *l = arg;
+    pthread_setname_np(pthread_self(), "pyvmm-lazy-fill");
     if (l->fill_nice)
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), l->fill_nice);
     for (unsigned bi = 0; bi < l->nblocks; bi++) {

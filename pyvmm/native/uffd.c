@@ -438,6 +438,7 @@ static void handle_fault(struct wp_session *s, u64 addr) {
  * fault: measured ~10 % of the round trip); the doorbell's fault ends the loop. */
 static void *handler_main(void *arg) {
     struct wp_session *s = arg;
+    pthread_setname_np(pthread_self(), "pyvmm-wp"); /* ps -L, top -H, gdb */
     struct uffd_msg msgs[16];
     u64 bell = (u64)(uintptr_t)s->doorbell;
     int done = 0;
@@ -1241,6 +1242,7 @@ struct save_call {
 
 static void *save_thread(void *arg) {
     struct save_call *c = arg;
+    pthread_setname_np(pthread_self(), "pyvmm-saver");
     setpriority(PRIO_PROCESS, 0, c->nice); /* Linux: this thread's nice value only */
     c->rc = save_body(c->s, c->fd, c->offset, c->blocks, c->runs, c->max_runs, c->open_saved,
                       c->stats);

@@ -58,6 +58,7 @@ struct handler {
 
 static void *handler_main(void *arg) {
     struct handler *h = arg;
+    pthread_setname_np(pthread_self(), "pyvmm-wp");
     struct uffd_msg msgs[16];
     pin(h->cpu);
     for (;;) {
