@@ -43,3 +43,12 @@ def run_measured(args: Sequence[str | Path], *, timeout: float = 300,
         out, err = proc.communicate(timeout=timeout)
         peak_kib = report.read()
     return proc.returncode, out, err, int(peak_kib or 0) << 10
+
+
+def vm_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field of this process (VmRSS, VmHWM...), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"/proc/self/status has no {field}")

@@ -47,6 +47,7 @@ from pyvmm.migration.reload import reload_file
 from pyvmm.migration.verify import verify_file
 from pyvmm.ram import PAGE_SIZE
 from pyvmm.testing.digest import ram_digest
+from tests.peak_memory import vm_kib
 
 RAM = 8 << 20
 SPEC = load_spec()
@@ -286,15 +287,7 @@ def promised_increments(path: Path) -> int | None:
 def _reset_peak() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    return _vm_kib("VmRSS")
-
-
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field)
+    return vm_kib("VmRSS")
 
 
 def _note(text: str) -> None:
@@ -324,7 +317,7 @@ def check_mutant(good: Original, path: Path) -> None:
     except PyvmmError as err:
         one_line(err)
         info_ok = False
-    peak = _vm_kib("VmHWM")
+    peak = vm_kib("VmHWM")
     _note(str({name: v.error or "loads" for name, v in seen.items()}))
     _note(f"verify: {verify_text or 'OK'}; info: {'OK' if info_ok else 'refused'}")
     loaded = [name for name, v in seen.items() if v.error is None]

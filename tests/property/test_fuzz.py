@@ -21,6 +21,7 @@ from pyvmm.machine import Machine
 from pyvmm.migration.container import CheckpointFile, load_spec
 from pyvmm.migration.machine_state import machine_save_state
 from pyvmm.migration.stream import QEMUFile
+from tests.peak_memory import vm_kib
 
 SPEC = load_spec()
 #: Work and memory one input may take (a parser that sized anything by a length it read, or
@@ -61,22 +62,14 @@ def stream_target(data: bytes, machine: Machine) -> None:
             pass
 
 
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field)
-
-
 def _bounded(run: object) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM back to the current RSS
-    before = _vm_kib("VmRSS")
+    before = vm_kib("VmRSS")
     started = time.monotonic()
     run()  # type: ignore[operator]
     assert time.monotonic() - started < TIME_BOUND
-    assert (_vm_kib("VmHWM") - before) << 10 < PEAK_BOUND
+    assert (vm_kib("VmHWM") - before) << 10 < PEAK_BOUND
 
 
 def _slot(body: bytes, version: int, sequence: int) -> bytes:
