@@ -146,6 +146,7 @@ class StopReason(enum.Enum):
     TIME_LIMIT = "time-limit"
     PAUSED = "paused"  # another thread paused the machine
     INTERRUPTED = "interrupted"  # Ctrl-C in :meth:`Machine.run`
+    QUIT = "quit"  # a monitor's quit (or a limit of the run's own) ended the run
     ERROR = "error"  # guest error or internal error; see ``RunResult.error``
 
 
@@ -579,6 +580,11 @@ class Machine:
     def run(self, *, max_insns: int | None = None, seconds: float | None = None) -> RunResult:
         """Start and wait: run until shutdown, an error, or a limit.  Ctrl-C pauses cleanly."""
         self.start(max_insns=max_insns, seconds=seconds)
+        return self.wait_interruptible()
+
+    def wait_interruptible(self) -> RunResult:
+        """:meth:`wait` on the main thread: a Ctrl-C (or SIGTERM) meanwhile pauses the guest
+        cleanly (reason INTERRUPTED) and returns once it is stopped."""
         try:
             return self.wait()
         except KeyboardInterrupt:

@@ -38,7 +38,7 @@ from .container import (
     RamBlockInfo,
 )
 from .cow import CowSnapshot, start_cow_snapshot
-from .defaults import DEFAULT_STRATEGY, SAVER_NICE
+from .defaults import CAPABILITIES, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE
 from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
 from .machine_state import (
@@ -47,7 +47,7 @@ from .machine_state import (
     machine_save_state,
 )
 from .pageio import sort_index_records
-from .postcopy_uffd import FAULT_MODES, WriteProtectSession
+from .postcopy_uffd import WriteProtectSession
 from .ram_handler import RAM_SAVE_FLAG_EOS
 from .reload import Progress, reload_file
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
@@ -62,6 +62,11 @@ _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d
 
 class SanityError(PyvmmError):
     """A checkpoint's own consistency check failed (a bug, not bad input); nothing committed."""
+
+
+class CheckpointCancelled(PyvmmError):
+    """A checkpoint was cancelled (a monitor's ``migrate_cancel``) before its commit: nothing
+    of it is in the file, and its pages are still dirty for the next checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +110,6 @@ def parse_target(uri: str) -> CheckpointTarget:
                             squash=match.group("squash") is not None)
 
 
-CAPABILITIES = ("incremental", "live", "cow", "checksum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,12 +298,15 @@ class Checkpointer:
         self.machine.release(before)
 
     # ------------------------------------------------------------------------- checkpoint
-    def checkpoint(self) -> CheckpointStats:
-        """Take one checkpoint (full, incremental, live: as the capabilities say)."""
-        with self._lock:
-            return self._checkpoint()
+    def checkpoint(self, cancel: threading.Event | None = None) -> CheckpointStats:
+        """Take one checkpoint (full, incremental, live: as the capabilities say).
 
-    def _checkpoint(self) -> CheckpointStats:
+        ``cancel``: when it is set before the commit, the checkpoint ends with
+        :class:`CheckpointCancelled` and commits nothing (the guest runs on)."""
+        with self._lock:
+            return self._checkpoint(cancel)
+
+    def _checkpoint(self, cancel: threading.Event | None = None) -> CheckpointStats:
         machine = self.machine
         # creating a file (truncate, fsync) is no pause work
         container = self._chain.container(self._max_increments)
@@ -399,6 +406,8 @@ class Checkpointer:
                 self._unpause(was_running, before)
                 paused = False
                 downtime_end = time.perf_counter()
+            if cancel is not None and cancel.is_set():
+                raise CheckpointCancelled(f"checkpoint {writer.index} cancelled")
             writer.sync()  # the bulk of a durable commit's sync, inside total_ms
             elapsed = time.perf_counter() - started
             downtime = downtime_end - started

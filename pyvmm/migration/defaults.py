@@ -19,3 +19,9 @@ SAVER_NICE = 10
 #: How a chain of increments is reloaded (see :func:`pyvmm.migration.reload.reload_file`).
 STRATEGIES = ("indexed", "partial", "sequential")
 DEFAULT_STRATEGY = "indexed"
+
+#: Migration capabilities of a checkpoint (QEMU's ``migrate-set-capabilities``), dirty trackers
+#: of incremental checkpoints and who resolves write-protect faults (see Checkpointer).
+CAPABILITIES = ("incremental", "live", "cow", "checksum")
+TRACKERS = ("async", "wp")
+FAULT_MODES = ("thread", "signal")

@@ -29,10 +29,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from .defaults import TRACKERS
 from ..ram import PageBitmap, RamBlock
 from .postcopy_uffd import AsyncDirtyTracker, WriteProtectSession
 
-TRACKERS = ("async", "wp")
 
 
 class DirtyTracker(Protocol):

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import ConfigError, PyvmmError
 from ..threads import NamedThread
-from .checkpoint import Checkpointer, CheckpointStats
+from .checkpoint import CheckpointStats
+
+
+class SupportsCheckpoint(Protocol):
+    """What the timer drives: a Checkpointer, or a VM controller's checkpoint into one file."""
+
+    def checkpoint(self) -> CheckpointStats: ...
 
 
 class PeriodicCheckpointer:
     """Drives ``checkpointer`` from its own thread; see the module docstring."""
 
-    def __init__(self, checkpointer: Checkpointer, period: float, *,
+    def __init__(self, checkpointer: SupportsCheckpoint, period: float, *,
                  max_checkpoints: int | None = None,
                  on_checkpoint: Callable[[CheckpointStats], None] | None = None,
                  on_limit: Callable[[], None] | None = None,

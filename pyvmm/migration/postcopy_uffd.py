@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import UffdError
+from pyvmm.migration.defaults import FAULT_MODES
 from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
 
 # uapi values (include/uapi/linux/userfaultfd.h)
@@ -58,9 +59,6 @@ LIVE = "live"
 
 INJECT_OPEN_ERRNO_ENV = "PYVMM_UFFD_INJECT_OPEN_ERRNO"
 """Tests set this to an errno number to make every userfaultfd open fail with it."""
-
-FAULT_MODES = ("thread", "signal")
-"""How a :class:`WriteProtectSession` resolves write faults (see its ``fault_mode``)."""
 
 _PAGEMAP_SCAN_VEC = 512  # regions per PAGEMAP_SCAN ioctl: 12 KiB of vector
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..output_file import is_stream, output_fd
 from .chain_file import check_target
-from .checkpoint import CAPABILITIES, Checkpointer, CheckpointStats
+from .checkpoint import Checkpointer, CheckpointStats
 from .container import CheckpointFile
-from .defaults import DEFAULT_STRATEGY
+from .defaults import CAPABILITIES, DEFAULT_STRATEGY
 from .reload import Progress, ReloadReport, reload_file
 
 

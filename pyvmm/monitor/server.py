@@ -1,0 +1,347 @@
+"""The monitor's sockets: QMP (``--qmp``) and HMP text (``--monitor unix:PATH``) servers.
+
+Both run on one asyncio loop in one host thread (``pyvmm-monitor``), so a client never holds
+the guest: the vCPU runs on its own thread, and commands that may wait (stop, cont, migrate,
+reloads, HMP) run on a small pool of worker threads while the loop goes on serving the others.
+Queries answer on the loop itself (well under a millisecond).
+
+What a client can cost is bounded: at most :data:`MAX_CLIENTS` connections (more are closed at
+once), a message of at most :data:`~.json_stream.MAX_MESSAGE` bytes, and at most
+:data:`MAX_PENDING` bytes of replies and events waiting for a client that does not read (past
+it the client is dropped; the guest and the other clients go on).  Unix sockets are made mode
+0600 before they listen; TCP only when asked, bound to the address given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import os
+import socket
+import stat
+import threading
+from typing import Any
+
+from ..errors import ConfigError
+from ..threads import NamedThread, name_this_thread
+from .controller import CommandError, VmController
+from .events import Event
+from .json_stream import JsonSplitter, SplitError
+from .qmp_commands import COMMANDS, execute, lookup, qemu_version
+
+MAX_CLIENTS = 100
+MAX_PENDING = 4 << 20
+MAX_HMP_LINE = 64 << 10
+_WORKERS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SocketAddress:
+    """``unix:PATH`` or ``tcp:HOST:PORT`` (QEMU's ``,server=on,wait=off`` options ignored)."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+
+def parse_address(text: str, option: str) -> SocketAddress:
+    """ConfigError naming ``option`` for anything but ``unix:PATH`` / ``tcp:HOST:PORT``."""
+    spec = text.split(",", 1)[0]
+    if spec.startswith("unix:") and len(spec) > 5:
+        return SocketAddress("unix", path=os.path.abspath(spec[5:]))
+    if spec.startswith("tcp:"):
+        host, sep, port = spec[4:].rpartition(":")
+        if sep and port.isdigit() and 0 < int(port) < 65536:
+            return SocketAddress("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
+    raise ConfigError(f"{option} {text}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def listen(address: SocketAddress, option: str) -> socket.socket:
+    """A listening socket at ``address``: a unix socket made 0600 before it listens (a stale
+    one left by a killed pyvmm is replaced; a live one or any other file is refused)."""
+    if address.kind == "tcp":
+        try:
+            sock = socket.create_server((address.host, address.port), reuse_port=False)
+        except OSError as err:
+            raise ConfigError(f"{option} {address}: {err.strerror}") from err
+        return sock
+    path = address.path
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ConfigError(f"{option} {address}: the path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            raise ConfigError(f"{option} {address}: another process is listening there")
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)  # before listen(): nobody could connect in between
+        sock.listen(64)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"{option} {address}: {err.strerror}") from err
+    return sock
+
+
+class _Client:
+    """One connection's output: written without waiting; a client that lets more than
+    MAX_PENDING bytes pile up is dropped."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.negotiated = False
+        self.closed = False
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            return
+        transport = self.writer.transport
+        if transport.is_closing():
+            self.closed = True
+            return
+        if transport.get_write_buffer_size() + len(data) > MAX_PENDING:
+            self.close()  # it does not read: dropping it bounds our memory
+            return
+        self.writer.write(data)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_bytes(json.dumps(message).encode() + b"\r\n")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.writer.transport.get_write_buffer_size() > MAX_PENDING // 2:
+                self.writer.transport.abort()  # not reading: what it is owed is dropped
+            else:
+                self.writer.close()  # what it is owed (a quit's reply) is flushed first
+
+
+def _error(error_class: str, desc: str, msg_id: Any = None) -> dict[str, Any]:
+    reply: dict[str, Any] = {"error": {"class": error_class, "desc": desc}}
+    if msg_id is not None:
+        reply["id"] = msg_id
+    return reply
+
+
+class MonitorServer:
+    """QMP and HMP sockets over one controller, served from their own thread."""
+
+    def __init__(self, vm: VmController) -> None:
+        self.vm = vm
+        self._loop = asyncio.new_event_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            _WORKERS, thread_name_prefix="pyvmm-qmp-worker",
+            initializer=name_this_thread, initargs=("pyvmm-qmp-work",))
+        self._sockets: list[tuple[socket.socket, str, SocketAddress]] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._clients: set[_Client] = set()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    def add(self, address: SocketAddress, kind: str, option: str) -> None:
+        """Listen at ``address`` for ``kind`` ("qmp" or "hmp") clients (before :meth:`start`)."""
+        self._sockets.append((listen(address, option), kind, address))
+
+    def start(self) -> MonitorServer:
+        self.vm.events.subscribe(self._on_event)
+        self._thread = NamedThread(target=self._main, name="pyvmm-monitor", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def serve() -> None:
+            for sock, kind, _address in self._sockets:
+                handler = self._serve_qmp if kind == "qmp" else self._serve_hmp
+                if sock.family == socket.AF_UNIX:
+                    server = await asyncio.start_unix_server(handler, sock=sock, limit=1 << 16)
+                else:
+                    server = await asyncio.start_server(handler, sock=sock, limit=1 << 16)
+                self._servers.append(server)
+            self._ready.set()
+
+        self._loop.run_until_complete(serve())
+        self._loop.run_forever()
+
+    def close(self) -> None:
+        """Stop serving: flush what clients are owed (a quit's reply), close them, remove
+        the unix sockets."""
+        self.vm.events.unsubscribe(self._on_event)
+        if self._thread is not None and self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            try:
+                future.result(timeout=5)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for sock, _kind, address in self._sockets:
+            if address.kind == "unix":
+                try:
+                    os.unlink(address.path)
+                except OSError:
+                    pass
+            sock.close()
+
+    async def _shutdown(self) -> None:
+        for server in self._servers:
+            server.close()
+        for client in list(self._clients):
+            client.close()
+        await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ events
+    def _on_event(self, event: Event) -> None:
+        """Any thread: hand the event to the loop (never blocks)."""
+        try:
+            self._loop.call_soon_threadsafe(self._broadcast, event)
+        except RuntimeError:
+            pass  # the loop is closed: the run is ending
+
+    def _broadcast(self, event: Event) -> None:
+        data = json.dumps(event.as_qmp()).encode() + b"\r\n"
+        for client in list(self._clients):
+            if client.negotiated:
+                client.send_bytes(data)
+
+    # ------------------------------------------------------------------ QMP
+    async def _serve_qmp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        client = _Client(writer)
+        if len(self._clients) >= MAX_CLIENTS:
+            client.close()
+            return
+        self._clients.add(client)
+        client.send({"QMP": {"version": qemu_version(), "capabilities": []}})
+        splitter = JsonSplitter()
+        try:
+            while not client.closed:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                for item in splitter.feed(data):
+                    if isinstance(item, SplitError):
+                        client.send(_error("GenericError", item.message))
+                        continue
+                    reply = await self._handle(client, item)
+                    client.send(reply)
+                    if client.closed:
+                        break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._clients.discard(client)
+            client.close()
+
+    async def _handle(self, client: _Client, raw: bytes) -> dict[str, Any]:
+        try:
+            message = json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            return _error("GenericError", f"JSON parse error, {err}")
+        if not isinstance(message, dict):
+            return _error("GenericError", "QMP input must be a JSON object")
+        msg_id = message.get("id")
+        for key in message:
+            if key not in ("execute", "arguments", "id"):
+                return _error("GenericError", f"QMP input member '{key}' is unexpected", msg_id)
+        name = message.get("execute")
+        if not isinstance(name, str):
+            return _error("GenericError", "QMP input member 'execute' must be a string"
+                          if name is not None else "QMP input lacks member 'execute'", msg_id)
+        arguments = message.get("arguments", {})
+        if not isinstance(arguments, dict):
+            return _error("GenericError", "QMP input member 'arguments' must be an object",
+                          msg_id)
+        if not client.negotiated and name != "qmp_capabilities":
+            return _error("CommandNotFound", "Expecting capabilities negotiation with "
+                                             "'qmp_capabilities'", msg_id)
+        if client.negotiated and name == "qmp_capabilities":
+            return _error("CommandNotFound", "Capabilities negotiation is already complete, "
+                                             "command ignored", msg_id)
+        try:
+            command = lookup(name)
+            if name == "qmp_capabilities":
+                execute(self.vm, command, arguments)
+                if arguments.get("enable"):
+                    raise CommandError(f"Capability '{arguments['enable'][0]}' not available")
+                client.negotiated = True
+                result: Any = {}
+            elif command.blocking:
+                result = await self._loop.run_in_executor(self._pool, execute, self.vm,
+                                                          command, arguments)
+            else:
+                result = execute(self.vm, command, arguments)
+        except CommandError as err:
+            return _error(err.error_class, str(err), msg_id)
+        except Exception as err:  # noqa: BLE001 - a bug must cost one reply, not the server
+            return _error("GenericError", f"internal error: {err!r}", msg_id)
+        reply: dict[str, Any] = {"return": result}
+        if msg_id is not None:
+            reply["id"] = msg_id
+        return reply
+
+    # ------------------------------------------------------------------ HMP
+    async def _serve_hmp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        from .. import __version__
+        from .hmp import execute_line
+
+        client = _Client(writer)
+        if len(self._clients) >= MAX_CLIENTS:
+            client.close()
+            return
+        self._clients.add(client)
+        prompt = b"(pyvmm) "
+        client.send_bytes(f"pyvmm {__version__} monitor - type 'help' for more "
+                          f"information\r\n".encode() + prompt)
+        pending = bytearray()
+        skipping = False  # dropping the rest of an over-long line
+        try:
+            while not client.closed:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                pending += data
+                while b"\n" in pending:
+                    line, _, rest = bytes(pending).partition(b"\n")
+                    pending = bytearray(rest)
+                    if skipping:
+                        skipping = False
+                        continue
+                    text = line.decode("utf-8", "replace").strip()
+                    if text:
+                        output = await self._loop.run_in_executor(self._pool, execute_line,
+                                                                  self.vm, text)
+                        client.send_bytes(output.encode())
+                    client.send_bytes(prompt)
+                if len(pending) > MAX_HMP_LINE:
+                    pending.clear()
+                    skipping = True
+                    client.send_bytes(f"Error: line longer than {MAX_HMP_LINE} bytes\r\n"
+                                      .encode() + prompt)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._clients.discard(client)
+            client.close()
+
+
+__all__ = ["COMMANDS", "MonitorServer", "SocketAddress", "listen", "parse_address"]
