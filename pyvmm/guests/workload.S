@@ -16,6 +16,8 @@
 //   x6  hot-set size in percent of the working set (1..100), hotcold only
 //   x7  print a progress line every N passes (0 = no progress lines)
 //   x8  chance in percent (0..100) that a hotcold touch goes to the hot set
+//   x9  ask the host for a checkpoint after every N passes (0 = never), through the guest-inform
+//       device (pyvmm/devices/guest_inform.py): write the request, poll until it is answered
 //
 // A touch of page i in pass p (0-based) stores touch/8 words at the start of the page; word at byte
 // offset o holds ((p + 1) << 48) | (i << 12) | o, so every pass writes new content.
@@ -25,14 +27,18 @@
 // UART output (PL011 data register), one line each:
 //   pyvmm-workload: start pattern=NAME pages=N passes=P touch=T
 //   pyvmm-workload: pass K/P pattern=NAME pages=N        (P printed as "forever" when passes=0)
+//   pyvmm-workload: checkpoint after pass K              (then the request; after any pass line)
 //   pyvmm-workload: done passes=P checksum=0x%016x
 // The checksum is, for "loop", the sum of the PRNG states; otherwise a polynomial hash over every
 // 64-bit word of the working set, h = h * 0x100000001b3 + word (mod 2**64), from h = 0.
 // Then PSCI SYSTEM_OFF through `hvc #0`. Bad entry registers print "pyvmm-workload: bad parameters".
+// A checkpoint request changes nothing else: whether the host answers done or failed, and after
+// however many polls, the run goes on the same (only its instruction count differs).
 //
 // Registers held for the whole run:
 //   x19 base, x20 pages, x21 pattern, x22 passes, x23 PRNG state, x24 touch bytes,
 //   x25 hot pages, x26 report interval, x27 passes completed, x28 hot chance,
+//   x29 checkpoint interval (print_dec saves and restores it with x30),
 //   x18 loop accumulator / checksum (bare metal: no platform ABI claims x18).
 // Print routines clobber x0-x7 only; pass routines clobber x8-x17 only.
 
@@ -44,6 +50,12 @@
 .equ PATTERN_RANDOM, 2
 .equ PATTERN_HOTCOLD, 3
 .equ PATTERN_INCREMENT, 4
+.equ INFORM_BASE_HI, 0x090f        // guest-inform device at 0x090f0000
+.equ INFORM_REQUEST, 0x14
+.equ INFORM_REQUEST_STATUS, 0x20
+.equ REQUEST_CHECKPOINT, 1
+.equ STATUS_PENDING, 1
+.equ POLL_DELAY, 16384             // loop steps between two polls: each poll is a host call
 
 // One xorshift64* state step on \s (the multiply that makes the output is left to the caller, since
 // the loop pattern wants the state itself). Open-coded as a macro: it sits in the hottest loops.
@@ -62,6 +74,7 @@ _start:
     mov x24, x5
     mov x26, x7
     mov x28, x8
+    mov x29, x9
     mov x27, #0
     mov x18, #0
 
@@ -143,10 +156,10 @@ run_increment:
     bl pass_increment
 pass_done:
     add x27, x27, #1
-    cbz x26, pass_loop
+    cbz x26, pass_checkpoint
     udiv x9, x27, x26
     msub x9, x9, x26, x27          // passes completed mod report interval
-    cbnz x9, pass_loop
+    cbnz x9, pass_checkpoint
     adr x0, msg_pass
     bl puts
     mov x0, x27
@@ -163,6 +176,12 @@ pass_done:
     bl print_dec
     mov x0, #10
     bl putc
+pass_checkpoint:
+    cbz x29, pass_loop
+    udiv x9, x27, x29
+    msub x9, x9, x29, x27          // passes completed mod checkpoint interval
+    cbnz x9, pass_loop
+    bl request_checkpoint
     b pass_loop
 
 finish:
@@ -307,6 +326,33 @@ touch_word:
     b.lo touch_word
     ret
 
+// request_checkpoint: print "checkpoint after pass K", ask the guest-inform device for a
+// checkpoint and wait till the host has answered (done or failed: the run goes on the same).
+// Between polls a delay loop, so a slow checkpoint costs few host calls. Clobbers x0-x7.
+request_checkpoint:
+    str x30, [sp, #-16]!
+    adr x0, msg_checkpoint
+    bl puts
+    mov x0, x27
+    bl print_dec
+    mov x0, #10
+    bl putc
+    movz x1, #INFORM_BASE_HI, lsl #16
+    mov w2, #REQUEST_CHECKPOINT
+    str w2, [x1, #INFORM_REQUEST]
+request_wait:
+    mov x3, #POLL_DELAY
+request_delay:
+    subs x3, x3, #1
+    b.ne request_delay
+    ldr w2, [x1, #INFORM_REQUEST_STATUS]
+    cmp w2, #STATUS_PENDING
+    b.eq request_wait
+    mov x2, #0                     // the answer (done or failed) leaves no trace in the
+    cmp x2, #0                     // registers, nor in the flags
+    ldr x30, [sp], #16
+    ret
+
 // putc: write the byte in w0 to the UART, waiting while its FIFO is full. Clobbers x1, x2.
 putc:
     movz x1, #UART_BASE_HI, lsl #16
@@ -412,6 +458,7 @@ msg_touch:     .asciz " touch="
 msg_done:      .asciz "pyvmm-workload: done passes="
 msg_checksum:  .asciz " checksum="
 msg_forever:   .asciz "forever"
+msg_checkpoint: .asciz "pyvmm-workload: checkpoint after pass "
 msg_bad:       .asciz "pyvmm-workload: bad parameters\n"
 name_loop:       .asciz "loop"
 name_sequential: .asciz "sequential"

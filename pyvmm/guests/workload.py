@@ -19,10 +19,14 @@ x5    bytes written per page touch (multiple of 8, 8..4096)
 x6    hot-set size, percent of the working set (hotcold)
 x7    print a progress line every N passes (0 = none)
 x8    chance in percent that a hotcold touch goes to the hot set
+x9    ask the host for a checkpoint after every N passes (0 = never)
 ====  ========================================================================================
 
 The run is a pure function of these registers (no counters are read), so :func:`expected_output`
-and :func:`expected_checksum` can predict the UART bytes and the final checksum exactly.
+and :func:`expected_checksum` can predict the UART bytes and the final checksum exactly.  With
+``checkpoint_every`` the guest asks for its own checkpoints through the guest-inform device and
+polls until the host has answered; done or failed, after one poll or many, it goes on the same,
+so only its instruction count depends on the host.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ _KEY_FIELDS: Mapping[str, str] = MappingProxyType({
     "chance": "hot_chance",
     "report": "report_every",
     "seed": "seed",
+    "checkpoint_every": "checkpoint_every",
 })
 _FIELD_KEYS: Mapping[str, str] = MappingProxyType({field: key for key, field in _KEY_FIELDS.items()})
 _SIZE_KEYS = frozenset({"working_set", "touch"})
@@ -92,6 +97,7 @@ class WorkloadOptions:
     report_every: int = 16
     seed: int = 0
     hot_chance: int = 90
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -112,6 +118,8 @@ class WorkloadOptions:
         _check_range("chance", self.hot_chance, 0, 100, "percent of hotcold touches that go hot")
         _check_range("report", self.report_every, 0, _MASK64, "0 = no progress lines")
         _check_range("seed", self.seed, 0, _MASK64, "an unsigned 64-bit integer")
+        _check_range("checkpoint_every", self.checkpoint_every, 0, _MASK64,
+                     "passes between the guest's own checkpoint requests, 0 = none")
 
     @classmethod
     def parse(cls, text: str, base: WorkloadOptions | None = None) -> WorkloadOptions:
@@ -188,6 +196,8 @@ Built-in workload options: --workload KEY=VALUE[,KEY=VALUE...]
   chance=PERCENT    share of hotcold touches that hit the hot set, 0..100 (default 90)
   report=N          print a progress line every N passes, 0 = never (default 16)
   seed=N            PRNG seed (default: the machine's --seed)
+  checkpoint_every=N  ask the host for a checkpoint after every N passes, through the
+                    guest-inform device, and wait for its answer; 0 = never (default 0)
 The guest prints "pyvmm-workload: done passes=N checksum=0x..." and powers off when done.
 """
 
@@ -210,7 +220,7 @@ def workload_source() -> str:
     return importlib.resources.files("pyvmm.guests").joinpath("workload.S").read_text("utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def assemble_workload(load_gpa: int = RAM_BASE) -> bytes:
     """Machine code of workload.S assembled for ``load_gpa``; cached, since it never changes in a process.
 
@@ -252,6 +262,7 @@ def build_workload(
         "x6": options.hot_percent,
         "x7": options.report_every,
         "x8": options.hot_chance,
+        "x9": options.checkpoint_every,
     }
     return GuestImage(code=code, load_gpa=ram_base, entry=ram_base, registers=registers)
 
@@ -261,13 +272,23 @@ def expected_output(options: WorkloadOptions) -> bytes:
     checksum = expected_checksum(options)
     name, pages, passes = options.pattern, options.pages, options.passes
     lines = [f"start pattern={name} pages={pages} passes={passes} touch={options.touch_bytes}"]
-    if options.report_every:
-        lines += [
-            f"pass {done}/{passes} pattern={name} pages={pages}"
-            for done in range(options.report_every, passes + 1, options.report_every)
-        ]
+    report, every = options.report_every, options.checkpoint_every
+    for done in _passes_with_lines(options):
+        if report and done % report == 0:
+            lines.append(f"pass {done}/{passes} pattern={name} pages={pages}")
+        if every and done % every == 0:
+            lines.append(f"checkpoint after pass {done}")
     lines.append(f"done passes={passes} checksum=0x{checksum:016x}")
     return b"".join(_LINE_PREFIX + line.encode() + b"\n" for line in lines)
+
+
+def _passes_with_lines(options: WorkloadOptions) -> list[int]:
+    """The pass numbers after which the guest prints a progress or checkpoint line, in order."""
+    done: set[int] = set()
+    for interval in (options.report_every, options.checkpoint_every):
+        if interval:
+            done.update(range(interval, options.passes + 1, interval))
+    return sorted(done)
 
 
 def expected_checksum(options: WorkloadOptions) -> int:

@@ -9,6 +9,7 @@ import time
 import pytest
 from keystone import KS_ARCH_ARM64, KS_MODE_LITTLE_ENDIAN, Ks
 
+from pyvmm.devices.guest_inform import GuestRequest, RequestCode, RequestStatus
 from pyvmm.errors import (
     ConfigError,
     GuestError,
@@ -302,19 +303,21 @@ def test_guest_inform_registers_are_visible_to_the_guest() -> None:
         movz x1, #0x090f, lsl #16
         ldr w2, [x1]
         ldr w3, [x1, #8]
-        mov w4, #5
+        mov w4, #1
         str w4, [x1, #0x14]
         ldr w5, [x1, #0x18]
+        ldr w6, [x1, #0x20]
     """ + SYSTEM_OFF
     with machine_with(source) as machine:
         machine.guest_inform.checkpoint_started()
         machine.guest_inform.checkpoint_finished(ok=True)
-        requests: list[int] = []
+        requests: list[GuestRequest] = []
         machine.guest_inform.on_request = requests.append
         machine.run()
         x = machine.cpu_state().x
     assert x[2] == 0x50564749 and x[3] == 1 and x[5] == 1
-    assert requests == [5]
+    assert x[6] == RequestStatus.PENDING  # a checkpoint request, handed to the host
+    assert requests == [GuestRequest(RequestCode.CHECKPOINT, argument=0, sequence=1)]
 
 
 def test_counted_run_after_a_free_run_stops_exactly() -> None:

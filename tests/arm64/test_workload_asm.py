@@ -1,7 +1,8 @@
 """The built-in workload (pyvmm/guests/workload.S) run under raw unicorn, checked against its Python model.
 
 The harness here is deliberately minimal and independent of pyvmm.machine: RAM at 0x40000000, the
-PL011 data register collected through mmio_map, and `hvc #0` (delivered by unicorn as interrupt 1,
+PL011 data register collected through mmio_map, a stand-in for the guest-inform device's request
+registers (answering after a chosen number of polls), and `hvc #0` (delivered by unicorn as interrupt 1,
 EXCP_UDEF, with PC at the hvc) taken as PSCI SYSTEM_OFF when x0 = 0x84000008.
 """
 
@@ -30,6 +31,9 @@ from pyvmm.guests.workload import (
 )
 
 UART_BASE = 0x0900_0000
+INFORM_BASE = 0x090F_0000
+REQUEST, REQUEST_STATUS = 0x14, 0x20
+PENDING, DONE, FAILED = 1, 2, 3
 HVC_0 = 0xD4000002
 PSCI_SYSTEM_OFF = 0x84000008
 FNV_PRIME = 0x100000001B3
@@ -45,12 +49,20 @@ class Run:
     uart: bytearray = field(default_factory=bytearray)
     powered_off: bool = False
     bad_interrupt: str | None = None
+    #: the stand-in guest-inform device answers a request after this many status polls with this
+    inform_polls: int = 0
+    inform_answer: int = DONE
+    #: (pass lines printed so far, polls) at each request
+    requests: list[tuple[int, int]] = field(default_factory=list)
+    polls: int = 0
+    _left: int = 0
 
     def __post_init__(self) -> None:
         self.uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
         self.uc.mem_map(RAM_BASE, self.ram_size)
         self.uc.mem_write(self.image.load_gpa, self.image.code)
         self.uc.mmio_map(UART_BASE, 0x1000, self._uart_read, None, self._uart_write, None)
+        self.uc.mmio_map(INFORM_BASE, 0x1000, self._inform_read, None, self._inform_write, None)
         self.uc.hook_add(UC_HOOK_INTR, self._interrupt)
         for name, value in self.image.registers.items():
             self.uc.reg_write(getattr(arm64_const, f"UC_ARM64_REG_{name.upper()}"), value)
@@ -62,6 +74,19 @@ class Run:
     def _uart_write(self, uc: Uc, offset: int, size: int, value: int, user: object) -> None:
         if offset == 0:
             self.uart.append(value & 0xFF)
+
+    def _inform_read(self, uc: Uc, offset: int, size: int, user: object) -> int:
+        assert offset == REQUEST_STATUS, hex(offset)
+        self.polls += 1
+        if self._left:
+            self._left -= 1
+            return PENDING
+        return self.inform_answer
+
+    def _inform_write(self, uc: Uc, offset: int, size: int, value: int, user: object) -> None:
+        assert (offset, value) == (REQUEST, 1), (hex(offset), value)  # 1: a checkpoint
+        self.requests.append((self.uart.count(b"\n"), self.polls))
+        self._left = self.inform_polls
 
     def _interrupt(self, uc: Uc, intno: int, user: object) -> None:
         pc = uc.reg_read(arm64_const.UC_ARM64_REG_PC)
@@ -83,13 +108,13 @@ class Run:
         return bytes(self.uc.mem_read(base, self.image.registers["x1"] * PAGE_SIZE))
 
 
-def start(options: WorkloadOptions) -> Run:
+def start(options: WorkloadOptions, **inform: int) -> Run:
     ram_size = WORKING_SET_OFFSET + options.working_set
-    return Run(build_workload(options, RAM_BASE, ram_size), ram_size)
+    return Run(build_workload(options, RAM_BASE, ram_size), ram_size, **inform)
 
 
-def run_to_end(options: WorkloadOptions) -> Run:
-    run = start(options)
+def run_to_end(options: WorkloadOptions, **inform: int) -> Run:
+    run = start(options, **inform)
     run.resume()
     assert run.powered_off, run.uart.decode()
     return run
@@ -129,6 +154,37 @@ def test_each_pattern_prints_its_lines_powers_off_and_matches_the_model(pattern:
     assert run.working_set() == model_memory(options)
     if pattern != "loop":
         assert printed == hash_working_set(run.working_set())
+
+
+@pytest.mark.parametrize(("polls", "answer"), [(0, DONE), (0, FAILED), (3, DONE), (40, FAILED)])
+def test_checkpoint_requests_leave_output_and_memory_to_the_options(polls: int, answer: int
+                                                                    ) -> None:
+    """However long the host takes and whatever it answers, the guest asks after every
+    `checkpoint_every` passes, waits, and goes on to the output and RAM its model predicts."""
+    options = small("random", passes=7, report_every=2, checkpoint_every=3)
+    run = run_to_end(options, inform_polls=polls, inform_answer=answer)
+    assert bytes(run.uart) == expected_output(options)
+    lines = run.uart.decode().splitlines()
+    assert lines[3:6] == ["pyvmm-workload: pass 4/7 pattern=random pages=48",
+                          "pyvmm-workload: pass 6/7 pattern=random pages=48",
+                          "pyvmm-workload: checkpoint after pass 6"]
+    assert lines[2] == "pyvmm-workload: checkpoint after pass 3"
+    # asked right after each checkpoint line, and polled polls+1 times each
+    assert run.requests == [(3, 0), (6, polls + 1)]
+    assert run.polls == 2 * (polls + 1)
+    assert run.working_set() == model_memory(options)
+    assert expected_checksum(options) == expected_checksum(replace(options, checkpoint_every=0))
+
+
+def test_no_checkpoint_requests_by_default_and_forever_keeps_asking() -> None:
+    run = run_to_end(small("sequential"))
+    assert run.requests == [] and run.polls == 0
+    assert b"checkpoint" not in run.uart
+    run = start(small("sequential", passes=0, report_every=0, checkpoint_every=2))
+    run.resume(count=60_000)
+    assert [line for line in run.uart.decode().splitlines()[1:]] == [
+        f"pyvmm-workload: checkpoint after pass {k}" for k in range(2, 2 * len(run.requests) + 1, 2)]
+    assert len(run.requests) >= 2
 
 
 def test_loop_touches_no_memory() -> None:
@@ -232,16 +288,17 @@ def test_image_layout_and_registers() -> None:
     assert assemble_workload() is assemble_workload()  # assembled once per process
     assert image.registers == {
         "x0": RAM_BASE + WORKING_SET_OFFSET, "x1": 64 * 256, "x2": PATTERNS.index("hotcold"),
-        "x3": 128, "x4": 2**64 - 1, "x5": 64, "x6": 5, "x7": 16, "x8": 80,
+        "x3": 128, "x4": 2**64 - 1, "x5": 64, "x6": 5, "x7": 16, "x8": 80, "x9": 0,
     }
 
 
 def test_parse_reads_keys_sizes_and_overrides_a_base() -> None:
     base = WorkloadOptions(seed=99)
-    options = WorkloadOptions.parse("pattern=random, working_set=16M,passes=4,touch=4K,hot=5,report=2", base)
+    options = WorkloadOptions.parse(
+        "pattern=random, working_set=16M,passes=4,touch=4K,hot=5,report=2,checkpoint_every=2", base)
     assert options == WorkloadOptions(
         pattern="random", working_set=16 << 20, passes=4, touch_bytes=4096, hot_percent=5,
-        report_every=2, seed=99,
+        report_every=2, seed=99, checkpoint_every=2,
     )
     assert WorkloadOptions.parse("working_set=1GiB,touch_bytes=0x100,chance=50").working_set == 1 << 30
     assert WorkloadOptions.parse("") == WorkloadOptions()
@@ -265,6 +322,7 @@ def test_parse_reads_keys_sizes_and_overrides_a_base() -> None:
         ("seed=lots", "seed"),
         ("seed=0x10000000000000000", "seed"),
         ("report", "report"),
+        ("checkpoint_every=-2", "checkpoint_every"),
     ],
 )
 def test_negative_bad_option_names_its_key(text: str, named: str) -> None:

@@ -503,7 +503,9 @@ def machine_states(draw: st.DrawFn) -> dict[str, Any]:
                                                                          max_size=10)))),
                             rx_fifo=draw(st.binary(max_size=40)), tx_count=draw(u64s)),
         "counter": draw(st.lists(u64s, min_size=5, max_size=5)),
-        "inform": draw(st.lists(u32s, min_size=5, max_size=5)),
+        # the five v1 registers, then the request subsection's argument, status (0..3), result
+        "inform": [*draw(st.lists(u32s, min_size=5, max_size=5)), draw(u32s),
+                   draw(st.integers(0, 3)), draw(u32s)],
         "machine": (draw(st.booleans()), draw(st.integers(-(1 << 31), (1 << 31) - 1)),
                     draw(u64s)),
     }
