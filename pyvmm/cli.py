@@ -228,13 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m pyvmm monitor unix:/tmp/vm.qmp --qmp migrate '{\"uri\": "
                "\"chpt:out.bin\"}'\n"
                "  echo 'info migrate' | python -m pyvmm monitor unix:/tmp/vm.qmp",
+        usage="pyvmm monitor [-h] unix:PATH [--qmp CMD [JSON]]",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     monitor_cmd.add_argument("address", metavar="unix:PATH",
                          help="the monitor socket (unix:PATH or tcp:HOST:PORT)")
-    monitor_cmd.add_argument("--qmp", metavar="CMD", help="run this one QMP command and print its "
-                                                       "reply (exit 1 on an error reply)")
-    monitor_cmd.add_argument("arguments", metavar="JSON", nargs="?",
-                         help="the QMP command's arguments, a JSON object")
+    monitor_cmd.add_argument("--qmp", metavar="CMD", nargs="+",
+                             help="CMD [JSON]: run this one QMP command with these arguments "
+                                  "(a JSON object) and print its reply (exit 1 on an error "
+                                  "reply)")
     return parser
 
 
@@ -411,7 +412,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if args.command == "monitor":
             from .monitor.client import main as monitor_main
 
-            return monitor_main(args.address, args.qmp, args.arguments)
+            qmp = args.qmp or [None]
+            if len(qmp) > 2:
+                parser.error(f"--qmp takes CMD and at most one JSON object, not {qmp[2:]}")
+            return monitor_main(args.address, qmp[0], qmp[1] if len(qmp) > 1 else None)
         if args.command == "checkpoint":
             return _cmd_checkpoint(args)
         parser.error(f"unknown command {args.command}")

@@ -152,10 +152,10 @@ def _checkpoint_points(args: argparse.Namespace) -> _CheckpointPoints:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``pyvmm run``: boot (or reload) a machine, run it, checkpoint it; serve its monitors."""
+    monitors = _MonitorOptions.parse(args, defer=args.incoming == "defer")
     options = _check_run_options(args)
     if options.incoming is not None and options.incoming.squash:
         return _squash_incoming(args, options.incoming)
-    monitors = _MonitorOptions.parse(args, defer=options.defer)
     out_stream: BinaryIO = sys.stdout.buffer
     if args.output:
         for option, target in (("--incoming", options.incoming),

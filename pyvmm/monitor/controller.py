@@ -222,8 +222,13 @@ class VmController:
         machine = self._machine
         with self._cond:
             if not self._started:
-                self._started = True  # the run (or the incoming reload) starts the guest
-                self._cond.notify_all()
+                self._started = True  # the run (or the incoming reload) starts the guest:
+                self._cond.notify_all()  # cont returns once it runs, as QEMU's does
+                deadline = time.monotonic() + 10
+                while machine is not None and not self._quit and \
+                        machine.state in (RunState.PRELAUNCH, RunState.PAUSED) and \
+                        time.monotonic() < deadline:
+                    self._cond.wait(0.05)
                 return
         if machine is None:
             return
@@ -281,7 +286,8 @@ class VmController:
                 return self._quit_result(machine.last_result)
             if machine.state in _ENDED:
                 return machine.last_result
-            result = machine.run(max_insns=max_insns, seconds=seconds)
+            machine.start(max_insns=max_insns, seconds=seconds)
+            result = machine.wait_interruptible()
             while not self._quit and result.reason is StopReason.PAUSED:
                 result = self._next_result()
         except KeyboardInterrupt:
@@ -350,11 +356,13 @@ class VmController:
     def checkpointer(self) -> Checkpointer | None:
         return self._checkpointer
 
-    def checkpoint(self, path: str | None = None, *,
-                   cancel: threading.Event | None = None) -> CheckpointStats:
+    def checkpoint(self, path: str | None = None, *, cancel: threading.Event | None = None,
+                   ending: Callable[[str], None] | None = None) -> CheckpointStats:
         """Take one checkpoint into ``path`` (None: the file of the last one, else the VM's
         default destination) with the current settings; blocks until it is committed.
-        MIGRATION events tell its status, a CHECKPOINT event its statistics."""
+        MIGRATION events tell its status, a CHECKPOINT event its statistics.  ``ending`` is
+        called with the final status (completed, failed, cancelled) just before it is
+        announced: a client that reacts to it must find the migration over."""
         from ..migration.checkpoint import CheckpointCancelled
 
         with self._work:
@@ -367,23 +375,28 @@ class VmController:
             where = str(checkpointer.path)
             self._set_status("setup", path=where, started=time.monotonic())
             self._set_status("active")
+            def end(status: str, error: str | None = None) -> None:
+                if ending is not None:
+                    ending(status)
+                self._set_status(status, error=error)
+
             try:
                 stats = checkpointer.checkpoint(cancel=cancel)
             except CheckpointCancelled:
-                self._set_status("cancelled")
+                end("cancelled")
                 raise
             except PyvmmError as err:
-                self._set_status("failed", error=str(err))
+                end("failed", str(err))
                 raise
             except OSError as err:
-                self._set_status("failed", error=str(err))
+                end("failed", str(err))
                 raise PyvmmError(f"checkpoint into {where} failed: {err}") from err
             self._own_chains.add(os.path.realpath(where))
             with self._cond:
                 self._status.stats = stats
                 self._status.completed += 1
-            self._set_status("completed")
             self.events.emit("CHECKPOINT", {"file": where, **_stats_data(stats)})
+            end("completed")
             if self._on_checkpoint is not None:
                 self._on_checkpoint(where, stats)
             return stats
@@ -471,20 +484,28 @@ class VmController:
 
     def _migrate_loop(self, path: str, period: float | None, cancel: threading.Event,
                       wake: threading.Event) -> None:
+        def ending(status: str) -> None:
+            if status != "completed" or period is None:
+                self._migration_over()
+
         try:
             while True:
                 try:
-                    self.checkpoint(path, cancel=cancel)
+                    self.checkpoint(path, cancel=cancel, ending=ending)
                 except PyvmmError:
                     return  # its status (failed, cancelled) is on record and announced
                 if period is None or wake.wait(period) or self._quit:
                     if cancel.is_set():
+                        self._migration_over()
                         self._set_status("cancelled")
                     return
         finally:
-            with self._cond:
-                self._migrating = False
-                self._cond.notify_all()
+            self._migration_over()
+
+    def _migration_over(self) -> None:
+        with self._cond:
+            self._migrating = False
+            self._cond.notify_all()
 
     def migrate_cancel(self) -> None:
         """QMP ``migrate_cancel``: a checkpoint in flight commits nothing (its pages stay
