@@ -44,6 +44,7 @@ from collections.abc import Callable
 
 from ..devices.guest_inform import (
     ERR_FAILED,
+    ERR_INTERRUPTED,
     ERR_NO_FILE,
     ERR_NO_HOST,
     GuestInform,
@@ -195,6 +196,12 @@ class GuestInformService:
 
     def _serve_guest(self, device: GuestInform, request: GuestRequest) -> None:
         vm = self.vm
+        machine = vm.machine
+        if machine is None or machine.guest_inform is not device:
+            # its machine was replaced (a reload) before we came to it: acting now would act
+            # on another guest
+            device.answer(request, False, ERR_INTERRUPTED)
+            return
         if request.code is RequestCode.CHECKPOINT:
             if not device.is_pending(request):
                 return  # a checkpoint taken meanwhile answered it

@@ -24,7 +24,11 @@ from pyvmm.cpu import SYSTEM_REGISTERS
 from pyvmm.devices.pl011 import Pl011State
 from pyvmm.errors import FormatError
 from pyvmm.machine import Machine
-from pyvmm.migration.machine_state import MACHINE_TYPE, MachineStateEntries, machine_save_state
+from pyvmm.migration.machine_state import (
+    MACHINE_TYPE,
+    MachineStateEntries,
+    machine_save_state,
+)
 from pyvmm.migration.ram_handler import RAM_SECTION_VERSION, RamHandler
 from pyvmm.migration.savevm import LoadResult, SaveState, SaveStateEntry
 from pyvmm.migration.stream import QEMUFile
@@ -493,10 +497,10 @@ def machine_states(draw: st.DrawFn) -> dict[str, Any]:
         "pages": draw(st.dictionaries(st.integers(0, RAM_PAGES - 1),
                                       st.one_of(st.binary(min_size=1, max_size=64),
                                                 st.integers(0, 255)), max_size=8)),
-        "cpu": dict(x=draw(st.lists(u64s, min_size=31, max_size=31)), sp=draw(u64s),
-                    pc=draw(u64s), v=draw(st.lists(st.integers(0, (1 << 128) - 1),
-                                                   min_size=32, max_size=32)),
-                    insns=draw(u64s), has_insns=draw(st.booleans())),
+        "cpu": {"x": draw(st.lists(u64s, min_size=31, max_size=31)), "sp": draw(u64s),
+                "pc": draw(u64s), "v": draw(st.lists(st.integers(0, (1 << 128) - 1),
+                                                     min_size=32, max_size=32)),
+                "insns": draw(u64s), "has_insns": draw(st.booleans())},
         "sysregs": draw(st.lists(u64s, min_size=len(SYSTEM_REGISTERS),
                                  max_size=len(SYSTEM_REGISTERS))),
         "pl011": Pl011State(**dict(zip(PL011_REGISTERS, draw(st.lists(u32s, min_size=10,
@@ -778,6 +782,6 @@ def test_negative_altered_bytes_raise_format_error_only(small_stream: bytes,
     note(f"changed: {[(i, b) for i, (a, b) in enumerate(zip(small_stream, stream)) if a != b]}")
     try:
         load_both_ways(bytes(stream))
-    except Exception as err:  # noqa: BLE001 - the property is: nothing but FormatError
+    except Exception as err:  # the property is: nothing but FormatError
         raise AssertionError(f"{type(err).__name__}: {err}") from err
 
