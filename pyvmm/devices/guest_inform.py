@@ -9,8 +9,9 @@ read 0 and ignore writes):
   0x0c CHECKPOINT_STATE RO  0 none yet, 1 in progress, 2 completed, 3 failed
   0x10 RESTORE_COUNT    RO  how many times this machine's state was reloaded from a checkpoint
   0x14 REQUEST          RW  writing a request code asks the host for it: 1 checkpoint, 2 reload,
-                            3 quit.  Accepted when no request is pending (a write while one is
-                            pending is ignored); reads return the last request accepted
+                            3 quit (any other value fails at once, ERR_UNKNOWN_REQUEST).  A write
+                            while a request is pending is ignored; reads return the last value
+                            written while none was
   0x18 REQUEST_COUNT    RO  number of writes to REQUEST (ignored ones too)
   0x1c REQUEST_ARG      RW  the argument of the next request: for a reload, how many increments
                             of the current checkpoint file to load (0: all of them)
@@ -30,9 +31,14 @@ poll; the running guest sees *done* only once the increment is committed (*faile
 A request still pending in a saved state (a reload or quit caught by another checkpoint) fails
 with ERR_INTERRUPTED when that state is reloaded: nobody carries it out any more.
 
-Threads: ``read``/``write`` run on the vCPU thread; the ``checkpoint_*`` hooks and the vmstate
-hooks on the checkpointing thread while the vCPU is paused; :meth:`GuestInform.answer` on the
-host's worker thread.  A lock keeps a request's answer whole against them.
+State: vmstate ``guest-inform`` version 1, as before the request registers; those travel in
+the subsection ``guest-inform/request``, sent only once a request was made, so older files load
+(their request registers idle) and a guest that never asks saves the bytes it always did.
+
+Threads: ``read``/``write`` run on the vCPU thread; :meth:`GuestInform.checkpoint_started` and
+the vmstate hooks on the checkpointing thread while the vCPU is paused;
+:meth:`~GuestInform.checkpoint_finished` and :meth:`~GuestInform.answer` on host threads while it
+may run.  A lock keeps a request's answer whole against them.
 """
 
 from __future__ import annotations

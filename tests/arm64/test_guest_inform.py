@@ -9,6 +9,7 @@ with a generous deadline.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
 import stat
@@ -559,3 +560,29 @@ def test_cli_workload_checkpoint_every_and_a_reload_of_one_of_them(tmp_path: Pat
     code, out, err = finish(pyvmm("run", "--incoming", f"chpt:2:{chpt}", "-q"))
     assert code == 0, err
     assert out == expected[expected.index(b"checkpoint after pass 4\n") + 24:]
+
+
+def test_qemu_analyzer_reads_the_request_subsection(tmp_path: Path) -> None:
+    """QEMU's own analyze-migration.py walks a checkpoint the guest asked for with nothing but
+    its VMDESCRIPTION: the subsection is QEMU's format, and says done."""
+    analyzer = Path(os.environ.get("PYVMM_QEMU_ANALYZER") or
+                    Path(__file__).resolve().parents[2] / "tests/data/qemu/analyze-migration.py")
+    if not analyzer.is_file():
+        pytest.fail(f"QEMU's analyzer is missing ({analyzer}): run scripts/fetch-qemu-analyzer")
+    chpt, stream = tmp_path / "asked.chpt", tmp_path / "asked.qemu"
+    text = "pattern=sequential,working_set=64K,passes=2,report=0,checkpoint_every=1"
+    code, _out, err = finish(pyvmm("run", "--checkpoint", f"chpt:{chpt}", "--no-fsync", "-q",
+                                   "--workload", text))
+    assert code == 0, err
+    states = []
+    for increment in (0, 2):  # the guest's first checkpoint; the run's end (nothing pending)
+        code, _out, err = finish(pyvmm("checkpoint", "export", "--increment", str(increment),
+                                       "-o", stream, chpt))
+        assert code == 0, err
+        dump = subprocess.run([sys.executable, str(analyzer), "-f", str(stream), "-d", "state"],
+                              capture_output=True, text=True, timeout=DEADLINE, check=True)
+        states.append(json.loads(dump.stdout)["guest-inform (4)"])
+    asked, ended = states
+    assert asked["request"] == "0x00000001"  # a checkpoint
+    assert asked["guest-inform/request"]["request_status"] == "0x00000002"  # done
+    assert ended["guest-inform/request"]["request_status"] == "0x00000002"  # the 2nd, done
