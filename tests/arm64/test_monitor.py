@@ -27,8 +27,8 @@ from qemu.qmp import QMPClient
 from pyvmm.guests.workload import WorkloadOptions, expected_output
 from pyvmm.migration.container import CheckpointFile
 
-# ~50M guest instructions: far longer than the checkpoints taken while it runs, on any host
-WORKLOAD = "pattern=sequential,working_set=64K,passes=100000,report=0"
+# ~1G guest instructions (8 s at 123M/s): far longer than the checkpoints taken while it runs
+WORKLOAD = "pattern=sequential,working_set=64K,passes=1500000,report=0"
 DEADLINE = 120.0
 
 
@@ -46,6 +46,17 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
             raise AssertionError(f"pyvmm ended ({proc.returncode}): {proc.stderr.read()!r}")
         assert time.monotonic() < deadline, "the monitor socket never appeared"
         time.sleep(0.01)
+
+
+def drive(proc: subprocess.Popen[bytes], session: Any) -> Any:
+    """Run the coroutine ``session`` against ``proc``; if it fails, say what pyvmm said."""
+    try:
+        return asyncio.run(session)
+    except Exception as err:
+        proc.kill()
+        _out, stderr = proc.communicate()
+        raise AssertionError(f"{err!r}; pyvmm ended {proc.returncode}: "
+                             f"{stderr.decode(errors='replace')[-3000:]}") from err
 
 
 def finish(proc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
@@ -118,7 +129,7 @@ def test_qmp_client_drives_live_incremental_checkpoints_and_a_deferred_reload(
                  "--workload", WORKLOAD) as proc:
         wait_for_socket(sock, proc)
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
-        saved = asyncio.run(save())
+        saved = drive(proc, save())
         code, first_out, err = finish(proc)
     assert code == 0, err
     reply = saved["migrate"]
@@ -142,7 +153,7 @@ def test_qmp_client_drives_live_incremental_checkpoints_and_a_deferred_reload(
 
     with running("--qmp", f"unix:{sock}", "--incoming", "defer", "-q") as proc:
         wait_for_socket(sock, proc)
-        asyncio.run(reload())
+        drive(proc, reload())
         code, rest_out, err = finish(proc)
     assert code == 0, err
     assert first_out + rest_out == expected_output(options)
@@ -194,7 +205,7 @@ def test_pyvmm_monitor_client_runs_an_hmp_session(tmp_path: Path, kind: str) -> 
     sock, chpt = tmp_path / "vm.sock", tmp_path / "vm.chpt"
     option = "--qmp" if kind == "qmp" else "--monitor"
     with running(option, f"unix:{sock}", "--no-fsync", "-q", "--workload",
-                 WORKLOAD.replace("passes=100000", "passes=0")) as proc:
+                 WORKLOAD.replace("passes=1500000", "passes=0")) as proc:
         wait_for_socket(sock, proc)
         session = hmp_client(f"unix:{sock}", "\n".join([
             "info migrate",
