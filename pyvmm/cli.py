@@ -61,6 +61,14 @@ checkpoints:
   --incoming chpt:squash[:N]:FILE folds N increments into FILE_squashed and
   exits.  Inspect, verify and squash files with "pyvmm checkpoint ...".
 
+monitor:
+  --qmp and --monitor serve QEMU's monitor protocols while the guest runs:
+  stop pauses (the run goes on), cont resumes, quit ends the run (with the
+  --checkpoint end-of-run checkpoint), migrate chpt:FILE checkpoints now (or
+  every period seconds) with the capabilities set by
+  migrate-set-capabilities, migrate_cancel commits nothing; MIGRATION,
+  CHECKPOINT, STOP, RESUME and SHUTDOWN events tell QMP clients what happens.
+
 examples:
   python -m pyvmm run
   python -m pyvmm run --checkpoint chpt:out.bin
@@ -74,6 +82,9 @@ examples:
   python -m pyvmm run --workload pattern=random,working_set=128M,passes=8
   python -m pyvmm run --ram 512M --max-insns 50M
   python -m pyvmm run --files data.bin --guest ./busybox sha256sum data.bin
+  python -m pyvmm run --qmp unix:vm.qmp --workload passes=0   (then: pyvmm monitor unix:vm.qmp)
+  python -m pyvmm run --monitor stdio --paused                (HMP here: cont, migrate chpt:x, quit)
+  python -m pyvmm run --qmp unix:vm.qmp --incoming defer      (QMP migrate-incoming loads it)
 
 exit status: the guest's exit code; 0 when a limit (--max-insns, --seconds)
 ends the run; 1 on an error, a bad option value included (one line on stderr

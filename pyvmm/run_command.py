@@ -265,7 +265,7 @@ class _MonitorOptions:
                 raise ConfigError("--paused waits for a monitor's cont: add --qmp unix:PATH "
                                   "or --monitor stdio|unix:PATH")
             return cls()
-        from .monitor.server import parse_address
+        from .monitor.sockets import parse_address
 
         qmp = tuple(parse_address(text, "--qmp") for text in args.qmp)
         stdio = "stdio" in args.monitor
@@ -421,12 +421,9 @@ def _start_monitors(vm: Any, monitors: _MonitorOptions) -> list[Any]:
             from .monitor.console import StdioMonitor
 
             services.append(StdioMonitor(vm).start())
-        try:  # TEMPORARY until inform.py lands
-            from .monitor.inform import start_guest_inform
-        except ImportError:
-            start_guest_inform = None
-        if start_guest_inform is not None:
-            services.append(start_guest_inform(vm, monitors.inform))
+        from .monitor.inform import start_guest_inform
+
+        services.append(start_guest_inform(vm, monitors.inform))
     except BaseException:
         for service in reversed(services):
             service.close()

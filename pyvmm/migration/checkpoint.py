@@ -38,8 +38,8 @@ from .container import (
     RamBlockInfo,
 )
 from .cow import CowSnapshot, start_cow_snapshot
-from .defaults import CAPABILITIES, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE
-from .dirty import TRACKERS, AsyncTracker, WpFaultTracker, make_tracker
+from .defaults import CAPABILITIES, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE, TRACKERS
+from .dirty import AsyncTracker, WpFaultTracker, make_tracker
 from .live import LiveSaveResult, save_pages_live
 from .machine_state import (
     MachineStateEntries,
@@ -325,7 +325,7 @@ class Checkpointer:
         session: WriteProtectSession | None = None
         ahead: RamCrcsAhead | None = None
         try:
-            machine.guest_inform.checkpoint_started()
+            machine.guest_inform.checkpoint_started(len(container.header.increments))
             capture(machine, self.entries, ended=before is RunState.SHUTDOWN)
             selection = self._select(kind, live, populated)
             if self.on_pause is not None:

@@ -18,8 +18,8 @@ import socket
 import sys
 from typing import Any
 
-from ..errors import ConfigError, PyvmmError
-from .server import SocketAddress, parse_address
+from ..errors import ConfigError
+from .sockets import SocketAddress, parse_address
 
 TIMEOUT = 30.0  # seconds to wait for the server's greeting and for each reply
 _HMP_PROMPT = b"(pyvmm) "
@@ -209,9 +209,6 @@ def main(address: str, qmp_command: str | None, arguments: str | None) -> int:
     """``pyvmm monitor``; the exit status."""
     if arguments is not None and qmp_command is None:
         raise ConfigError("JSON arguments go with --qmp CMD")
-    try:
-        if qmp_command is not None:
-            return run_qmp(address, qmp_command, arguments)
-        return run_hmp(address)
-    except PyvmmError:
-        raise
+    if qmp_command is not None:
+        return run_qmp(address, qmp_command, arguments)
+    return run_hmp(address)

@@ -286,7 +286,8 @@ class VmController:
                 return self._quit_result(machine.last_result)
             if machine.state in _ENDED:
                 return machine.last_result
-            machine.start(max_insns=max_insns, seconds=seconds)
+            if machine.state is not RunState.RUNNING:  # (a reload may have started it)
+                machine.start(max_insns=max_insns, seconds=seconds)
             result = machine.wait_interruptible()
             while not self._quit and result.reason is StopReason.PAUSED:
                 result = self._next_result()
@@ -642,9 +643,8 @@ class VmController:
             else:
                 self._set_status("completed")
             self.events.emit("RELOAD", {"file": target.path, "increments": report.increments})
-            if (was_running or old is None) and self._started and \
-                    machine.state is RunState.PAUSED:
-                machine.resume()
+            if was_running and machine.state is RunState.PAUSED:
+                machine.resume()  # (a first machine, --incoming defer, is started by run())
             with self._cond:
                 self._cond.notify_all()
             return report.increments

@@ -56,7 +56,7 @@ from ..machine import Machine
 from ..threads import NamedThread
 from .controller import VmController
 from .events import Event
-from .server import SocketAddress, listen
+from .sockets import SocketAddress, listen
 
 MAX_LISTENERS = 64
 MAX_PENDING = 64 << 10  # bytes owed to one listener before it counts as not reading

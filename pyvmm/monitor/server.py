@@ -16,86 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import json
 import os
 import socket
-import stat
 import threading
 from typing import Any
 
-from ..errors import ConfigError
 from ..threads import NamedThread, name_this_thread
 from .controller import CommandError, VmController
 from .events import Event
 from .json_stream import JsonSplitter, SplitError
 from .qmp_commands import COMMANDS, execute, lookup, qemu_version
+from .sockets import SocketAddress, listen, parse_address
 
 MAX_CLIENTS = 100
 MAX_PENDING = 4 << 20
 MAX_HMP_LINE = 64 << 10
 _WORKERS = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class SocketAddress:
-    """``unix:PATH`` or ``tcp:HOST:PORT`` (QEMU's ``,server=on,wait=off`` options ignored)."""
-
-    kind: str
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
-
-
-def parse_address(text: str, option: str) -> SocketAddress:
-    """ConfigError naming ``option`` for anything but ``unix:PATH`` / ``tcp:HOST:PORT``."""
-    spec = text.split(",", 1)[0]
-    if spec.startswith("unix:") and len(spec) > 5:
-        return SocketAddress("unix", path=os.path.abspath(spec[5:]))
-    if spec.startswith("tcp:"):
-        host, sep, port = spec[4:].rpartition(":")
-        if sep and port.isdigit() and 0 < int(port) < 65536:
-            return SocketAddress("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
-    raise ConfigError(f"{option} {text}: expected unix:PATH or tcp:HOST:PORT")
-
-
-def listen(address: SocketAddress, option: str) -> socket.socket:
-    """A listening socket at ``address``: a unix socket made 0600 before it listens (a stale
-    one left by a killed pyvmm is replaced; a live one or any other file is refused)."""
-    if address.kind == "tcp":
-        try:
-            sock = socket.create_server((address.host, address.port), reuse_port=False)
-        except OSError as err:
-            raise ConfigError(f"{option} {address}: {err.strerror}") from err
-        return sock
-    path = address.path
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        info = None
-    if info is not None:
-        if not stat.S_ISSOCK(info.st_mode):
-            raise ConfigError(f"{option} {address}: the path exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-            raise ConfigError(f"{option} {address}: another process is listening there")
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)  # before listen(): nobody could connect in between
-        sock.listen(64)
-    except OSError as err:
-        sock.close()
-        raise ConfigError(f"{option} {address}: {err.strerror}") from err
-    return sock
 
 
 class _Client:

@@ -30,7 +30,6 @@ from pyvmm.devices.guest_inform import (
     ERR_NO_FILE,
     ERR_NO_HOST,
     ERR_UNKNOWN_REQUEST,
-    RESULT_UNKNOWN,
     VMSTATE_GUEST_INFORM,
     GuestInform,
     GuestInformState,
@@ -253,8 +252,7 @@ def test_guest_checkpoint_request_is_taken_and_a_reload_of_it_goes_on_from_the_p
         assert served.run().reason is StopReason.SHUTDOWN
         x = served.x()
     assert (x[3], x[5]) == (RequestStatus.DONE, 0)  # never restored
-    # increment 0 (exact once Checkpointer tells the device the index: see the xfail below)
-    assert x[4] in (0, RESULT_UNKNOWN)
+    assert x[4] == 0  # increment 0
     assert increments(chpt) == 1
     machine, _ = reload_file(str(chpt))
     with machine:
@@ -263,12 +261,9 @@ def test_guest_checkpoint_request_is_taken_and_a_reload_of_it_goes_on_from_the_p
         assert machine.run().reason is StopReason.SHUTDOWN
         again = machine.cpu_state().x
     assert (again[3], again[5]) == (RequestStatus.DONE, 1)
-    assert again[4] in (0, RESULT_UNKNOWN)
+    assert again[4] == 0
 
 
-@pytest.mark.xfail(reason="needs Checkpointer to pass the increment's index to "
-                          "guest_inform.checkpoint_started (pyvmm/migration/checkpoint.py)",
-                   strict=False)
 def test_guest_checkpoint_request_saved_state_holds_the_increment_index(tmp_path: Path) -> None:
     chpt = tmp_path / "guest.chpt"
     twice = INFORM + ask(1) + poll("first") + ask(1) + poll("second") + SYSTEM_OFF
