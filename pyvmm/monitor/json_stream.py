@@ -26,6 +26,10 @@ _STRUCTURE = re.compile(rb'["{}\[\]]')
 _IN_STRING = re.compile(rb'["\\]')
 _NOT_SPACE = re.compile(rb"[^ \t\r\n]")
 _TOKEN_END = re.compile(rb"[ \t\r\n{\[]")
+# a JSON value that is not an object or array, followed by a separator: passed on whole, so that
+# the server can say what QEMU says of it (input must be an object), not "invalid token"
+_SCALAR = re.compile(rb'(?:-?[0-9][0-9.eE+-]*|true|false|null|"(?:[^"\\]|\\.)*")'
+                     rb'(?=[ \t\r\n{\[]|$)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,10 @@ class JsonSplitter:
             self._depth = 1
             self._buf = bytearray(data[start:start + 1])
             return start + 1
+        scalar = _SCALAR.match(data, start)
+        if scalar is not None and scalar.end() < len(data):
+            out.append(scalar.group())
+            return scalar.end()
         self._junk = True
         stop = _TOKEN_END.search(data, start)
         word = data[start:stop.start() if stop else min(len(data), start + 32)][:32]

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
+import math
 import os
 import socket
 import threading
@@ -43,14 +45,21 @@ class _Client:
         self.writer = writer
         self.negotiated = False
         self.closed = False
+        # Input is read through a descriptor of our own, never by the transport: asyncio drops
+        # a transport's input when a write to it fails (the peer hung up), but what a client
+        # sent before it went is still run, as QEMU does (its quit included)
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        self.input = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        self.input.setblocking(False)
 
     def send_bytes(self, data: bytes) -> None:
         if self.closed:
             return
         transport = self.writer.transport
         if transport.is_closing():
-            self.closed = True
-            return
+            return  # the peer hung up: its input is still read and run (see __init__)
         if transport.get_write_buffer_size() + len(data) > MAX_PENDING:
             self.close()  # it does not read: dropping it bounds our memory
             return
@@ -62,10 +71,25 @@ class _Client:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            with contextlib.suppress(OSError):  # wakes its reader; the peer sees the end
+                self.input.shutdown(socket.SHUT_RD)
             if self.writer.transport.get_write_buffer_size() > MAX_PENDING // 2:
                 self.writer.transport.abort()  # not reading: what it is owed is dropped
             else:
                 self.writer.close()  # what it is owed (a quit's reply) is flushed first
+
+
+def _not_json(name: str) -> Any:
+    """NaN and Infinity are Python's, not JSON: refused as QEMU's parser does (a reply echoing
+    them would be no JSON either)."""
+    raise ValueError(f"invalid token '{name}'")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range '{text}'")
+    return value
 
 
 def _error(error_class: str, desc: str, msg_id: Any = None) -> dict[str, Any]:
@@ -165,13 +189,14 @@ class MonitorServer:
         client = _Client(writer)
         if len(self._clients) >= MAX_CLIENTS:
             client.close()
+            client.input.close()
             return
         self._clients.add(client)
         client.send({"QMP": {"version": qemu_version(), "capabilities": []}})
         splitter = JsonSplitter()
         try:
             while not client.closed:
-                data = await reader.read(1 << 16)
+                data = await self._loop.sock_recv(client.input, 1 << 16)
                 if not data:
                     break
                 for item in splitter.feed(data):
@@ -187,10 +212,11 @@ class MonitorServer:
         finally:
             self._clients.discard(client)
             client.close()
+            client.input.close()
 
     async def _handle(self, client: _Client, raw: bytes) -> dict[str, Any]:
         try:
-            message = json.loads(raw)
+            message = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
         except (ValueError, RecursionError) as err:
             return _error("GenericError", f"JSON parse error, {err}")
         if not isinstance(message, dict):
@@ -244,6 +270,7 @@ class MonitorServer:
         client = _Client(writer)
         if len(self._clients) >= MAX_CLIENTS:
             client.close()
+            client.input.close()
             return
         self._clients.add(client)
         prompt = b"(pyvmm) "
@@ -253,7 +280,7 @@ class MonitorServer:
         skipping = False  # dropping the rest of an over-long line
         try:
             while not client.closed:
-                data = await reader.read(1 << 16)
+                data = await self._loop.sock_recv(client.input, 1 << 16)
                 if not data:
                     break
                 pending += data
@@ -279,6 +306,7 @@ class MonitorServer:
         finally:
             self._clients.discard(client)
             client.close()
+            client.input.close()
 
 
 __all__ = ["COMMANDS", "MonitorServer", "SocketAddress", "listen", "parse_address"]

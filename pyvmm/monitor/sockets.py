@@ -6,6 +6,7 @@ that serves no socket must start fast (benchmarks/bench_startup.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -64,12 +65,20 @@ def listen(address: SocketAddress, option: str) -> socket.socket:
             os.unlink(path)  # stale: nobody listens
         finally:
             probe.close()
+    # made under a temporary name, 0600 and listening, then renamed into place: nobody can
+    # connect before the mode is set, and whoever sees the path can connect at once
+    aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX)
     try:
-        sock.bind(path)
-        os.chmod(path, 0o600)  # before listen(): nobody could connect in between
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+        sock.bind(aside)
+        os.chmod(aside, 0o600)
         sock.listen(64)
+        os.rename(aside, path)
     except OSError as err:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
         raise ConfigError(f"{option} {address}: {err.strerror}") from err
     return sock
