@@ -291,6 +291,18 @@ class _MonitorOptions:
         return monitors
 
 
+def _seed(args: argparse.Namespace, spec: GuestSpec) -> int:
+    """The machine's seed: --seed, or the workload's own ``seed=`` (they must agree)."""
+    given = any(item.partition("=")[0].strip().replace("-", "_") == "seed"
+                for text in args.workload for item in text.split(","))
+    if not given:
+        return int(args.seed or 0)
+    if args.seed is not None and args.seed != spec.workload.seed:
+        raise ConfigError(f"--seed {args.seed} and --workload seed={spec.workload.seed} "
+                          f"disagree: give one of them")
+    return spec.workload.seed
+
+
 def _run_machine(args: argparse.Namespace, options: _RunOptions, monitors: _MonitorOptions,
                  sink: _LineSink, err_sink: _LineSink) -> int:
     from .monitor.controller import MachineSinks, VmController
@@ -309,7 +321,7 @@ def _run_machine(args: argparse.Namespace, options: _RunOptions, monitors: _Moni
                          stdout=sink, stderr=err_sink)
     elif not options.defer:
         assert options.spec is not None
-        machine = boot(options.spec, ram_size=options.ram_size, seed=args.seed or 0,
+        machine = boot(options.spec, ram_size=options.ram_size, seed=_seed(args, options.spec),
                        uart_sink=sink, stdout=sink, stderr=err_sink)
 
     def before_ram_use() -> None:

@@ -147,3 +147,19 @@ def test_the_run_summary_counts_guest_instructions(tmp_path: Path) -> None:
     # the guest had ended: no "first guest instruction after -", and none ran
     assert b"first guest instruction" not in lazy.stderr, lazy.stderr
     assert b"already powered off" in lazy.stderr
+
+
+def test_workload_seed_option_seeds_the_guest_as_seed_does() -> None:
+    """``--workload seed=N`` is the machine's seed when --seed is not given (it was silently
+    replaced by --seed's default), and the two may not disagree."""
+    def checksum(*args: str) -> bytes:
+        proc = pyvmm("run", "-q", "--workload", "pattern=random,passes=2", *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()[-1]
+
+    by_option = checksum("--workload", "seed=5")
+    assert by_option == checksum("--seed", "5") != checksum()
+    clash = pyvmm("run", "--workload", "seed=5", "--seed", "4")
+    assert clash.returncode == 1
+    assert clash.stderr == b"pyvmm: error: --seed 4 and --workload seed=5 disagree: give one " \
+                           b"of them\n"
