@@ -183,15 +183,22 @@ class MonitorServer:
             if client.negotiated:
                 client.send_bytes(data)
 
-    # ------------------------------------------------------------------ QMP
-    async def _serve_qmp(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    def _admit(self, writer: asyncio.StreamWriter) -> _Client | None:
+        """A new connection's client, or None (closed at once) past MAX_CLIENTS."""
         client = _Client(writer)
         if len(self._clients) >= MAX_CLIENTS:
             client.close()
             client.input.close()
-            return
+            return None
         self._clients.add(client)
+        return client
+
+    # ------------------------------------------------------------------ QMP
+    async def _serve_qmp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        client = self._admit(writer)
+        if client is None:
+            return
         client.send({"QMP": {"version": qemu_version(), "capabilities": []}})
         splitter = JsonSplitter()
         try:
@@ -267,12 +274,9 @@ class MonitorServer:
         from .. import __version__
         from .hmp import execute_line
 
-        client = _Client(writer)
-        if len(self._clients) >= MAX_CLIENTS:
-            client.close()
-            client.input.close()
+        client = self._admit(writer)
+        if client is None:
             return
-        self._clients.add(client)
         prompt = b"(pyvmm) "
         client.send_bytes(f"pyvmm {__version__} monitor - type 'help' for more "
                           f"information\r\n".encode() + prompt)

@@ -63,7 +63,7 @@ def test_stop_does_not_end_the_run_cont_goes_on_and_quit_ends_it() -> None:
         vm.close()
         machine.close()
     result = outcome[0]
-    assert getattr(result, "reason") is StopReason.QUIT
+    assert result.reason is StopReason.QUIT
     assert events[:2] == ["RESUME", "STOP"] and "SHUTDOWN" in events
 
 

@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Self
 
 import pytest
 from keystone import KS_ARCH_ARM64, KS_MODE_LITTLE_ENDIAN, Ks
+from pyvmm_process import finish, start, wait_for_socket
 
 from pyvmm.devices.guest_inform import (
     ERR_FAILED,
@@ -51,7 +51,7 @@ from pyvmm.monitor.inform import (
     GuestInformService,
     start_guest_inform,
 )
-from pyvmm.monitor.server import SocketAddress
+from pyvmm.monitor.sockets import SocketAddress
 
 DEADLINE = 60.0
 RAM = 16 << 20
@@ -494,34 +494,9 @@ def test_after_the_channel_closes_guest_requests_fail_at_once() -> None:
 
 # -- through python -m pyvmm run ----------------------------------------------------------------
 
-def pyvmm(*args: str | Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pyvmm", *map(str, args)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-
-
-def finish(proc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
-    try:
-        out, err = proc.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"pyvmm did not end: {err[-2000:]!r}") from None
-    return proc.returncode, out, err
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"pyvmm ended ({proc.returncode}): {proc.communicate()[1]!r}")
-        assert time.monotonic() < deadline, "the guest-inform socket never appeared"
-        time.sleep(0.01)
-
-
 def test_cli_listener_checkpoints_reloads_and_quits_a_running_pyvmm(tmp_path: Path) -> None:
     path, chpt = tmp_path / "inform.sock", tmp_path / "vm.chpt"
-    proc = pyvmm("run", "--guest-inform", f"unix:{path}", "--checkpoint", f"chpt:{chpt}",
+    proc = start("run", "--guest-inform", f"unix:{path}", "--checkpoint", f"chpt:{chpt}",
                  "--no-fsync", "-q", "--workload", FOREVER)
     try:
         wait_for_socket(path, proc)
@@ -549,12 +524,12 @@ def test_cli_workload_checkpoint_every_and_a_reload_of_one_of_them(tmp_path: Pat
     text = "pattern=sequential,working_set=64K,passes=6,report=0,checkpoint_every=2"
     expected = expected_output(WorkloadOptions.parse(text))
     chpt = tmp_path / "self.chpt"
-    code, out, err = finish(pyvmm("run", "--checkpoint", f"chpt:{chpt}", "--no-fsync", "-q",
+    code, out, err = finish(start("run", "--checkpoint", f"chpt:{chpt}", "--no-fsync", "-q",
                                   "--workload", text))
     assert code == 0, err
     assert out == expected
     assert increments(chpt) == 4  # after passes 2, 4, 6, and the end of the run
-    code, out, err = finish(pyvmm("run", "--incoming", f"chpt:2:{chpt}", "-q"))
+    code, out, err = finish(start("run", "--incoming", f"chpt:2:{chpt}", "-q"))
     assert code == 0, err
     assert out == expected[expected.index(b"checkpoint after pass 4\n") + 24:]
 
@@ -568,12 +543,12 @@ def test_qemu_analyzer_reads_the_request_subsection(tmp_path: Path) -> None:
         pytest.fail(f"QEMU's analyzer is missing ({analyzer}): run scripts/fetch-qemu-analyzer")
     chpt, stream = tmp_path / "asked.chpt", tmp_path / "asked.qemu"
     text = "pattern=sequential,working_set=64K,passes=2,report=0,checkpoint_every=1"
-    code, _out, err = finish(pyvmm("run", "--checkpoint", f"chpt:{chpt}", "--no-fsync", "-q",
+    code, _out, err = finish(start("run", "--checkpoint", f"chpt:{chpt}", "--no-fsync", "-q",
                                    "--workload", text))
     assert code == 0, err
     states = []
     for increment in (0, 2):  # the guest's first checkpoint; the run's end (nothing pending)
-        code, _out, err = finish(pyvmm("checkpoint", "export", "--increment", str(increment),
+        code, _out, err = finish(start("checkpoint", "export", "--increment", str(increment),
                                        "-o", stream, chpt))
         assert code == 0, err
         dump = subprocess.run([sys.executable, str(analyzer), "-f", str(stream), "-d", "state"],

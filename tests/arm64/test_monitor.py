@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pyvmm_process
+from pyvmm_process import DEADLINE, finish, wait_for_socket
 from qemu.qmp import QMPClient
 
 from pyvmm.guests.workload import WorkloadOptions, expected_output
@@ -29,23 +31,11 @@ from pyvmm.migration.container import CheckpointFile
 
 # ~1G guest instructions (8 s at 123M/s): far longer than the checkpoints taken while it runs
 WORKLOAD = "pattern=sequential,working_set=64K,passes=1500000,report=0"
-DEADLINE = 120.0
 
 
 def start(*args: str | Path, env: dict[str, str] | None = None,
           stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pyvmm", "run", *map(str, args)],
-                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"pyvmm ended ({proc.returncode}): {proc.stderr.read()!r}")
-        assert time.monotonic() < deadline, "the monitor socket never appeared"
-        time.sleep(0.01)
+    return pyvmm_process.start("run", *args, env=env, stdin=stdin)
 
 
 def drive(proc: subprocess.Popen[bytes], session: Any) -> Any:
@@ -57,16 +47,6 @@ def drive(proc: subprocess.Popen[bytes], session: Any) -> Any:
         _out, stderr = proc.communicate()
         raise AssertionError(f"{err!r}; pyvmm ended {proc.returncode}: "
                              f"{stderr.decode(errors='replace')[-3000:]}") from err
-
-
-def finish(proc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
-    try:
-        out, err = proc.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"pyvmm did not end: {err[-2000:]!r}") from None
-    return proc.returncode, out, err
 
 
 @contextmanager
@@ -168,11 +148,11 @@ def test_qmp_shell_and_its_hmp_mode_drive_pyvmm(tmp_path: Path) -> None:
                  "--workload", WORKLOAD) as proc:
         wait_for_socket(sock, proc)
         qmp = subprocess.run([shell, str(sock)], input=(
-            "query-status\n"
-            "migrate-set-capabilities capabilities=[{\"capability\":\"incremental\","
-            "\"state\":true}]\n"
-            "query-migrate-capabilities\n"
-            "no-such-command\n").encode(), capture_output=True, timeout=DEADLINE, check=False)
+            b"query-status\n"
+            b"migrate-set-capabilities capabilities=[{\"capability\":\"incremental\","
+            b"\"state\":true}]\n"
+            b"query-migrate-capabilities\n"
+            b"no-such-command\n"), capture_output=True, timeout=DEADLINE, check=False)
         text = qmp.stdout.decode()
         assert '"status": "prelaunch"' in text, text
         assert '{"capability": "incremental", "state": true}' in text, text
