@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,12 @@ def test_host_threads_are_named_for_ps_and_gdb(tmp_path: Path) -> None:
         periodic = PeriodicCheckpointer(checkpointer, 30.0).start()
         try:
             stats = checkpointer.checkpoint()  # the wp tracker's handler thread runs from here
+            wanted = {"vcpu-workload", "pyvmm-periodic", "pyvmm-wp"}
+            deadline = time.monotonic() + 60  # a thread names itself once it is scheduled
             names = _thread_names()
+            while not wanted <= names and time.monotonic() < deadline:
+                time.sleep(0.01)
+                names = _thread_names()
         finally:
             periodic.stop()
             checkpointer.close()
