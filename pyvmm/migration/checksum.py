@@ -28,20 +28,62 @@ from pyvmm._native import ffi, lib
 from pyvmm.errors import ChecksumError, FormatError, StreamError
 from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
 
-from .container import PAGE_RECORD_HEADER, CheckpointFile, ChecksumBlock, IncrementInfo, PageRun
 from .checksum_format import DeviceSectionCrc, check_checksum_counts, decode_checksums
-from .checksum_table import (IMPLEMENTATIONS, MAX_TABLE_PAGES, RECORD_SIZE, RamCrcTable,
-                             available_implementations, crc32c, hardware, implementation,
-                             portable_only, ram_page_crcs, ram_run_crcs, u32_array, u64_array,
-                             using, zero_page_crc)
-from .container_format import IndexRecords, RamBlockInfo, page_index_records
+from .checksum_table import (
+    IMPLEMENTATIONS,
+    MAX_TABLE_PAGES,
+    RECORD_SIZE,
+    RamCrcTable,
+    available_implementations,
+    crc32c,
+    hardware,
+    implementation,
+    portable_only,
+    ram_page_crcs,
+    ram_run_crcs,
+    u32_array,
+    u64_array,
+    using,
+    zero_page_crc,
+)
+from .container import (
+    PAGE_RECORD_HEADER,
+    CheckpointFile,
+    ChecksumBlock,
+    IncrementInfo,
+    PageRun,
+)
+from .container_format import IndexRecords, RamBlockInfo
+from .page_index_format import page_index_records
 
-__all__ = ["ALGORITHM", "CAPABILITY", "ChecksumBlock", "DeviceSectionCrc", "IMPLEMENTATIONS",
-           "MAX_TABLE_PAGES", "device_sections", "RamBlockInfo", "RamCrcTable",
-           "StreamCrcs", "available_implementations", "check_before_load", "check_reloaded_ram",
-           "compare_stream", "crc32c", "hardware", "implementation", "increment_checksums",
-           "page_location", "portable_only", "ram_page_crcs", "reload_blocks", "stream_crcs",
-           "table_from_file", "using", "zero_page_crc"]
+__all__ = [
+    "ALGORITHM",
+    "CAPABILITY",
+    "IMPLEMENTATIONS",
+    "MAX_TABLE_PAGES",
+    "ChecksumBlock",
+    "DeviceSectionCrc",
+    "RamBlockInfo",
+    "RamCrcTable",
+    "StreamCrcs",
+    "available_implementations",
+    "check_before_load",
+    "check_reloaded_ram",
+    "compare_stream",
+    "crc32c",
+    "device_sections",
+    "hardware",
+    "implementation",
+    "increment_checksums",
+    "page_location",
+    "portable_only",
+    "ram_page_crcs",
+    "reload_blocks",
+    "stream_crcs",
+    "table_from_file",
+    "using",
+    "zero_page_crc",
+]
 
 ALGORITHM = "crc32c"
 CAPABILITY = "checksum"

@@ -18,16 +18,29 @@ from pyvmm._native import ffi, lib
 from pyvmm.errors import ConfigError, FormatError
 from pyvmm.ram import PAGE_SIZE, RamBlock
 
-from .container_format import PageRun, RamBlockInfo, decode_page_index
+from .container_format import PageRun, RamBlockInfo
+from .page_index_format import decode_page_index
 
-__all__ = ["MAX_TABLE_PAGES", "PARALLEL_PAGES", "PendingCheck", "RECORD_SIZE", "RamCrcTable",
-           "crc32c", "hardware", "portable_only", "ram_page_crcs", "ram_run_crcs", "u32_array",
-           "u64_array", "zero_page_crc"]
+__all__ = [
+    "MAX_TABLE_PAGES",
+    "PARALLEL_PAGES",
+    "RECORD_SIZE",
+    "PendingCheck",
+    "RamCrcTable",
+    "crc32c",
+    "hardware",
+    "portable_only",
+    "ram_page_crcs",
+    "ram_run_crcs",
+    "u32_array",
+    "u64_array",
+    "zero_page_crc",
+]
 
 PARALLEL_PAGES = 16384
 """RAM ranges with at least this many pages are CRC'd by two threads (two cores halve it)."""
 RECORD_SIZE = 24
-"""Bytes of one raw page index record (see ``container_format.page_index_records``)."""
+"""Bytes of one raw page index record (see ``page_index_format.page_index_records``)."""
 
 
 class PendingCheck(Protocol):

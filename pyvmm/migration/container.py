@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pyvmm.errors import CheckpointWarning, ConfigError, FormatError, PyvmmError
 from pyvmm.interrupts import signals_held
@@ -56,22 +56,25 @@ from pyvmm.migration.container_format import (
     IndexRecords,
     PageRun,
     RamBlockInfo,
+    load_spec,
+)
+from pyvmm.migration.header_format import (
     check_capabilities,
     check_header,
-    check_page_runs,
     decode_header_body,
     decode_header_slot,
-    decode_page_index,
     decode_slot_frame,
-    decode_stats,
     encode_header_slot,
+)
+from pyvmm.migration.page_index_format import (
+    check_page_runs,
+    decode_page_index,
     encode_page_index,
-    encode_stats,
-    load_spec,
     page_index_head_problem,
     page_index_head_size,
 )
 from pyvmm.migration.pageio import index_record_counts
+from pyvmm.migration.stats_format import decode_stats, encode_stats
 
 __all__ = [
     "PAGE_RECORD_HEADER",
@@ -533,7 +536,7 @@ class CheckpointFile:
 
     def page_index_blob(self, increment: int) -> bytes:
         """The raw page index blob of increment ``increment`` (bounded by the header, not
-        decoded: see ``container_format.page_index_records``)."""
+        decoded: see ``page_index_format.page_index_records``)."""
         return self._read_page_index(self._increment(increment))
 
     def stats(self, increment: int) -> dict[str, Any]:
@@ -792,7 +795,7 @@ class CheckpointFile:
             self._state = _State.CLOSED
             os.close(self._fd)  # releases the flock too
 
-    def __enter__(self) -> CheckpointFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -877,7 +880,7 @@ class IncrementWriter:
         no-op after a commit)."""
         self._owner._abort(self)
 
-    def __enter__(self) -> IncrementWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -64,8 +64,8 @@ from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
 from .checksum import RamCrcTable, check_before_load
 from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, RamBlockInfo
-from .container_format import page_index_records
 from .machine_state import machine_save_state
+from .page_index_format import page_index_records
 from .postcopy_uffd import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
 from .reload import (
     check_chain,

@@ -50,7 +50,7 @@ from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
 from .checksum import RamCrcTable, check_before_load, check_reloaded_ram, reload_blocks
 from .container import CheckpointFile, IncrementInfo, RamBlockInfo
-from .container_format import MAX_MAIN_RAM, ContainerHeader, page_index_records
+from .container_format import MAX_MAIN_RAM, ContainerHeader
 from .defaults import DEFAULT_STRATEGY, STRATEGIES
 from .machine_state import (
     MachineStateEntries,
@@ -58,6 +58,7 @@ from .machine_state import (
     linux_state_from,
     machine_save_state,
 )
+from .page_index_format import page_index_records
 from .pageio import check_data_record_headers
 from .savevm import SaveStateEntry
 from .stream import QEMUFile

@@ -27,8 +27,8 @@ from ..errors import ConfigError, FormatError, PyvmmError
 from ..machine import Machine
 from .checksum import RamCrcTable, compare_stream, stream_crcs
 from .container import CheckpointFile, IncrementInfo
-from .container_format import page_index_records
 from .machine_state import MachineStateEntries
+from .page_index_format import page_index_records
 from .reload import check_increment_structure, new_machine, scratch_entries
 
 Progress = Callable[[int, int, int], None]

@@ -15,7 +15,8 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from ..migration.container import CheckpointFile
-from ..migration.container_format import PageRun, encode_page_index
+from ..migration.container_format import PageRun
+from ..migration.page_index_format import encode_page_index
 
 FIELDS = ("block", "first_page", "npages", "data_offset", "zero", "swap")
 

@@ -3,6 +3,7 @@ structure, appends and reopening, truncation and corruption, crash safety, limit
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -28,7 +29,13 @@ from pyvmm.errors import (
     PyvmmError,
     VersionError,
 )
-from pyvmm.migration import checksum_format, container, container_format
+from pyvmm.migration import (
+    checksum_format,
+    container,
+    container_format,
+    header_format,
+    page_index_format,
+)
 from pyvmm.migration.container import (
     PAGE_RECORD_HEADER,
     CheckpointFile,
@@ -156,7 +163,7 @@ def test_header_slot_round_trip(header: ContainerHeader) -> None:
 
 def _reference_slot(header: ContainerHeader) -> bytes:
     """A header slot built by the format declaration alone."""
-    body = container_format._encode_header_body_construct(header)
+    body = header_format._encode_header_body_construct(header)
     frame = {"format_version": header.format_version, "sequence": header.sequence, "body": body}
     return bytes(container_format.construct_call(
         lambda: SPEC.HeaderSlot.build({"frame": {"value": frame}}), "header"))
@@ -216,13 +223,13 @@ def test_header_body_fast_decoder_matches_the_declaration(
         increments = tuple(replace(i, checksum_offset=i.end, checksum_length=64)
                            for i in increments)
     header = replace(header, format_version=version, increments=increments)
-    body = container_format._encode_header_body_construct(header)
+    body = header_format._encode_header_body_construct(header)
 
     def reference(raw: bytes) -> Any:
-        return _outcome(lambda raw: container_format._decode_header_body_construct(
+        return _outcome(lambda raw: header_format._decode_header_body_construct(
             version, header.sequence, raw, offset=0), raw)
 
-    fast = container_format._decode_header_body_fast
+    fast = header_format._decode_header_body_fast
     assert fast(version, header.sequence, body) == header == reference(body)
     damaged = bytearray(body)
     at = data.draw(st.integers(0, len(body) - 1))
@@ -262,15 +269,15 @@ def test_page_index_fast_path_matches_the_declaration(
     accepts, with the same runs, and leaves every rejection (and its message) to the latter:
     for sound blobs, blobs of another increment, and blobs with one byte flipped or cut."""
     blob = encode_page_index(increment, runs)
-    assert container_format._decode_page_index_fast(blob, increment) == runs
+    assert page_index_format._decode_page_index_fast(blob, increment) == runs
     flip = data.draw(st.integers(0, len(blob) - 1))
     bit = data.draw(st.integers(0, 7))
     damaged = bytearray(blob)
     damaged[flip] ^= 1 << bit
     for candidate, owner in ((blob, increment), (blob, asked), (bytes(damaged), increment),
                              (blob[:-1], increment), (blob + b"\0", increment)):
-        fast = container_format._decode_page_index_fast(candidate, owner)
-        reference = _decode_or_error(container_format._decode_page_index_construct, candidate,
+        fast = page_index_format._decode_page_index_fast(candidate, owner)
+        reference = _decode_or_error(page_index_format._decode_page_index_construct, candidate,
                                      owner)
         if fast is not None:
             assert fast == reference
@@ -279,7 +286,7 @@ def test_page_index_fast_path_matches_the_declaration(
         # the reserved byte of a run, with the CRC made to match: refused, by both
         body = bytes(damaged[:-4])
         forged = body + struct.pack(">I", SPEC.crc32(body))
-        assert container_format._decode_page_index_fast(forged, increment) is None
+        assert page_index_format._decode_page_index_fast(forged, increment) is None
         with pytest.raises(FormatError):
             decode_page_index(forged, increment=increment)
 
@@ -290,8 +297,8 @@ def test_page_index_fast_encoder_matches_the_declaration(increment: int, runs: l
                                                          data: st.DataObject) -> None:
     """encode_page_index's struct path builds the construct declaration's bytes, and leaves a
     value no field can hold to the declaration, which refuses it with its own error."""
-    assert container_format._encode_page_index_fast(increment, runs) == \
-        container_format._encode_page_index_construct(increment, runs)
+    assert page_index_format._encode_page_index_fast(increment, runs) == \
+        page_index_format._encode_page_index_construct(increment, runs)
     if not runs:
         return
     field, bad = data.draw(st.sampled_from([("block", 1 << 16), ("npages", 1 << 32),
@@ -299,11 +306,11 @@ def test_page_index_fast_encoder_matches_the_declaration(increment: int, runs: l
     victim = data.draw(st.integers(0, len(runs) - 1))
     broken = list(runs)
     broken[victim] = runs[victim]._replace(**{field: bad})
-    assert container_format._encode_page_index_fast(increment, broken) is None
+    assert page_index_format._encode_page_index_fast(increment, broken) is None
     with pytest.raises(Exception) as fast_way:
         encode_page_index(increment, broken)
     with pytest.raises(Exception) as reference:
-        container_format._encode_page_index_construct(increment, broken)
+        page_index_format._encode_page_index_construct(increment, broken)
     assert (type(fast_way.value), str(fast_way.value)) == \
         (type(reference.value), str(reference.value))
 
@@ -353,14 +360,14 @@ def test_commit_check_in_c_agrees_with_check_page_runs(runs: list[PageRun], in_o
     counts = (sum(r.npages for r in runs if not r.zero), sum(r.npages for r in runs if r.zero))
     info = IncrementInfo(0, "full", -1, 0, 32000, 5 * (PAGE + 8), *counts, 0, 0, 0, 0, 0)
     try:
-        container_format.check_page_runs(header, info, runs)
+        page_index_format.check_page_runs(header, info, runs)
         python_ok = True
     except FormatError:
         python_ok = False
     records = container_format.IndexRecords(encode_page_index(0, runs)[12:-4])
     c_ok = CheckpointFile._records_sound(header, info, records)
     ram_order = all((a.block, a.first_page + a.npages) <= (b.block, b.first_page)
-                    for a, b in zip(runs, runs[1:]))
+                    for a, b in itertools.pairwise(runs))
     assert c_ok == (python_ok and ram_order)
     assert not CheckpointFile._records_sound(header, info, runs)  # a list: Python decides
     wrong = replace(info, pages=info.pages + 1)
@@ -443,7 +450,7 @@ def test_negative_hostile_index_and_stats_with_valid_crc(
     increment: int, raw_runs: list[tuple[int, int, int, int, int]], text: bytes
 ) -> None:
     runs = [
-        dict(block=b, flags=f, npages=n, first_page=p, data_offset=o) for b, f, n, p, o in raw_runs
+        {"block": b, "flags": f, "npages": n, "first_page": p, "data_offset": o} for b, f, n, p, o in raw_runs
     ]
     blob = SPEC.PageIndex.build({"fields": {"value": {"increment": increment, "runs": runs}}})
     try:
@@ -647,7 +654,7 @@ def test_abort_leaves_file_as_it_was(tmp_path: Path) -> None:
 def test_commit_checks_runs(tmp_path: Path) -> None:
     with new_file(tmp_path / "runs.chpt", 0) as cf, cf.begin_increment("full") as writer:
         os.pwrite(cf.fd, bytes(3 * (PAGE + 8)), writer.stream_offset)
-        base: dict[str, Any] = dict(stream_length=3 * (PAGE + 8), pages=0, zero_pages=2)
+        base: dict[str, Any] = {"stream_length": 3 * (PAGE + 8), "pages": 0, "zero_pages": 2}
         bad = [
             ([PageRun(2, 0, 2, 0, True)], "does not exist"),
             ([PageRun(1, 7, 2, 0, True)], "outside RAM block"),
@@ -701,7 +708,7 @@ def test_misuse_and_open_errors(tmp_path: Path) -> None:
 def test_newer_version_is_refused(small_file: tuple[Path, ContainerHeader]) -> None:
     path, header = small_file
     newer = SPEC.FORMAT_VERSION + 1
-    body = SPEC.HEADER_BODIES[SPEC.FORMAT_VERSION].build(container_format._body_value(header))
+    body = SPEC.HEADER_BODIES[SPEC.FORMAT_VERSION].build(header_format._body_value(header))
     frame = {"format_version": newer, "sequence": header.sequence + 1, "body": body}
     slot = SPEC.HeaderSlot.build({"frame": {"value": frame}})
     with open(path, "r+b") as f:

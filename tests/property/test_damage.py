@@ -429,7 +429,7 @@ def rewrite_header(data: bytearray, change: Callable[[Any], Any]) -> None:
     """Both header slots of ``data`` replaced by ``change(header)``, with valid CRCs: the
     lies a CRC cannot catch."""
     from pyvmm.migration.container import encode_header_slot
-    from pyvmm.migration.container_format import (
+    from pyvmm.migration.header_format import (
         _decode_header_body_fast,
         decode_slot_frame,
     )
