@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 from ..errors import FormatError, PyvmmError
 from .stream import QEMUFile
-from .vmstate import VMStateDescription, describe_device, load_state, save_state
+from .vmstate import VMStateDescription
+from .vmstate_interpreter import describe_device, load_state, save_state
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION = 3

@@ -43,7 +43,7 @@ from pyvmm.machine import RAM_BASE, Machine, RunResult, StopReason
 from pyvmm.migration.container import CheckpointFile
 from pyvmm.migration.reload import reload_file
 from pyvmm.migration.stream import QEMUFile
-from pyvmm.migration.vmstate import load_state, save_state
+from pyvmm.migration.vmstate_interpreter import load_state, save_state
 from pyvmm.monitor.controller import MigrationSettings, VmController
 from pyvmm.monitor.inform import (
     HELP,

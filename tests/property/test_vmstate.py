@@ -23,14 +23,10 @@ from pyvmm.migration.vmstate import (
     array,
     boolean,
     buffer,
-    describe,
-    describe_device,
     int8,
     int16,
     int32,
     int64,
-    load_state,
-    save_state,
     struct,
     uint8,
     uint16,
@@ -39,6 +35,12 @@ from pyvmm.migration.vmstate import (
     uint128,
     unused,
     vbuffer,
+)
+from pyvmm.migration.vmstate_interpreter import (
+    describe,
+    describe_device,
+    load_state,
+    save_state,
 )
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -74,7 +76,7 @@ def walk(desc: Mapping[str, Any], data: bytes, pos: int = 0) -> int:
     assert isinstance(desc["fields"], list)
     for entry in desc["fields"]:
         assert entry["type"] in ANALYZER_TYPES, entry
-        assert list(entry)[0] == "name" and list(entry)[-1] == "size"
+        assert next(iter(entry)) == "name" and list(entry)[-1] == "size"
         for _ in range(entry.get("array_len", 1)):
             if entry["type"] == "struct":
                 start = pos
