@@ -24,7 +24,7 @@ the page records its index lists, and each listed data page has its own record h
 file the other reloads refuse is refused here too, before anything runs on it.
 
 With the ``checksum`` capability, everything but page data is checked before the guest starts
-(:func:`~pyvmm.migration.checksum.check_before_load`), and each page read is compared with its
+(:func:`~pyvmm.migration.checksum_reload.check_before_load`), and each page read is compared with its
 CRC-32C by the C thread before it is installed.
 
 If the file cannot be read (an I/O error, the file cut short, a page record header that is not
@@ -62,7 +62,8 @@ from ..errors import (
 from ..machine import Machine, RunState, StopReason
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checkpoint import CheckpointTarget, parse_target
-from .checksum import RamCrcTable, check_before_load
+from .checksum_reload import check_before_load
+from .checksum_table import RamCrcTable
 from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, RamBlockInfo
 from .machine_state import machine_save_state
 from .page_index_format import page_index_records

@@ -48,7 +48,8 @@ from ..devices.pl011 import UartSink
 from ..errors import ChecksumError, ConfigError, FormatError, PyvmmError, StreamError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
-from .checksum import RamCrcTable, check_before_load, check_reloaded_ram, reload_blocks
+from .checksum_reload import check_before_load, check_reloaded_ram, reload_blocks
+from .checksum_table import RamCrcTable
 from .container import CheckpointFile, IncrementInfo, RamBlockInfo
 from .container_format import MAX_MAIN_RAM, ContainerHeader
 from .defaults import DEFAULT_STRATEGY, STRATEGIES

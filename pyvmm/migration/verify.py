@@ -25,7 +25,8 @@ from typing import Any
 
 from ..errors import ConfigError, FormatError, PyvmmError
 from ..machine import Machine
-from .checksum import RamCrcTable, compare_stream, stream_crcs
+from .checksum_stream import compare_stream, stream_crcs
+from .checksum_table import RamCrcTable
 from .container import CheckpointFile, IncrementInfo
 from .machine_state import MachineStateEntries
 from .page_index_format import page_index_records

@@ -27,17 +27,17 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
-
 from pyvmm._native import ffi, lib
+
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.errors import ChecksumError, ConfigError, FormatError, PyvmmError
 from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import Machine, StopReason
-from pyvmm.migration import checksum
+from pyvmm.migration import checksum, checksum_reload, checksum_stream
 from pyvmm.migration import reload as reload_module
 from pyvmm.migration.checkpoint import Checkpointer, reload
-from pyvmm.migration.container import CheckpointFile, encode_header_slot, load_spec
 from pyvmm.migration.checksum_format import decode_checksums, encode_checksums
+from pyvmm.migration.container import CheckpointFile, encode_header_slot, load_spec
 from pyvmm.migration.inspect import file_info
 from pyvmm.migration.lazy import lazy_reload
 from pyvmm.migration.verify import verify_file
@@ -82,9 +82,9 @@ def test_check_value_on_both_paths() -> None:
 
 
 def test_an_implementation_the_cpu_lacks_is_refused() -> None:
-    with pytest.raises(ConfigError, match="'sse5' is not available here"):
-        with checksum.using("sse5"):
-            pass
+    with pytest.raises(ConfigError, match="'sse5' is not available here"), \
+            checksum.using("sse5"):
+        pass
 
 
 @settings(max_examples=60, deadline=None)
@@ -381,7 +381,7 @@ def page_header_gap(chain: Chain, kind: str, pick: float) -> int | None:
     while an indexed reload loads RAM leave those to the loader); else None."""
     if kind != "stream outside page data":
         return None
-    start, length, increment = (regions := _regions(chain.data)[kind])[int(pick * len(regions))]
+    _start, length, increment = (regions := _regions(chain.data)[kind])[int(pick * len(regions))]
     return increment if length == 8 else None
 
 
@@ -457,9 +457,9 @@ def test_reload_raises_checksum_error_for_loaded_page_damage(chain: Chain, tmp_p
     with pytest.raises(ChecksumError, match=rf"page {run.first_page} \(GPA 0x{gpa:x}\).*"
                                             rf"increment 2"):
         reload(f"chpt:{path}")
-    with pytest.raises(ChecksumError, match="page data of RAM block"):
-        with CheckpointFile.open(path) as container:
-            checksum.check_before_load(container, container.header.increments, pages=True)
+    with pytest.raises(ChecksumError, match="page data of RAM block"), \
+            CheckpointFile.open(path) as container:
+        checksum_reload.check_before_load(container, container.header.increments, pages=True)
 
 
 @pytest.fixture(scope="module")
@@ -471,7 +471,7 @@ def host_chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with Machine(16 << 20) as machine:
         checkpointer = Checkpointer(machine, path,
                                     capabilities=["incremental", "live", "checksum"])
-        for k, pages in enumerate([range(0, 3000), range(500, 1500), range(1000, 1200)]):
+        for k, pages in enumerate([range(3000), range(500, 1500), range(1000, 1200)]):
             for page in pages:
                 machine.ram.write(page * PAGE_SIZE + 64 * k, bytes([k + 1]) * 64)
             checkpointer.checkpoint()
@@ -554,7 +554,7 @@ def test_indexed_reload_checks_each_page_as_it_reads_it(chain: Chain, which: str
             checkpointer.checkpoint()
             checkpointer.close()
     with CheckpointFile.open(path) as container:
-        expected = checksum.check_before_load(container, container.header.increments)
+        expected = checksum_reload.check_before_load(container, container.header.increments)
         assert expected is not None
         layout = container.header.ram_blocks
         increments = container.header.increments
@@ -573,7 +573,7 @@ def test_indexed_reload_checks_each_page_as_it_reads_it(chain: Chain, which: str
         page = next(p for p in range(len(expected.blocks[0]) - 1, -1, -1)
                     if (0, p) not in held)
     gpa = layout[block].gpa + page * PAGE_SIZE
-    real = checksum.check_before_load
+    real = checksum_reload.check_before_load
 
     def lying(*args: object, **kwargs: object) -> checksum.RamCrcTable | None:
         table = real(*args, **kwargs)  # type: ignore[arg-type]
@@ -657,7 +657,7 @@ def test_append_rebuilds_the_table_from_the_file(chain: Chain, tmp_path: Path) -
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pyvmm", "checkpoint", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_cli_verify(chain: Chain, tmp_path: Path) -> None:
@@ -713,13 +713,13 @@ def test_cli_run_with_checksum_capability(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-q", "--max-insns", "300K",
                           "--workload", "working_set=1M,passes=0",
                           "--checkpoint", f"chpt:{path}", "--checksum"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     info = json.loads(run_cli("info", "--json", str(path)).stdout)
     assert "checksum" in info["capabilities"] and info["increments"][0]["ram_digest"]
     assert run_cli("verify", "-q", str(path)).returncode == 0
     refused = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--checksum"],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, check=False)
     assert refused.returncode == 1 and "capabilities of --checkpoint" in refused.stderr
 
 
@@ -741,11 +741,11 @@ def test_two_thread_read_back_equals_one_pass(chain: Chain, monkeypatch: pytest.
         with CheckpointFile.open(path) as container:
             info = container.header.increments[increment]
             runs = container.page_index(increment)
-            monkeypatch.setattr(checksum, "PARALLEL_PAGES", 1 << 30)
-            one = checksum.stream_crcs(container.fd, info, runs)
+            monkeypatch.setattr(checksum_stream, "PARALLEL_PAGES", 1 << 30)
+            one = checksum_stream.stream_crcs(container.fd, info, runs)
             assert one.page_crcs is not None and len(one.page_crcs) >= 2
-            monkeypatch.setattr(checksum, "PARALLEL_PAGES", 2)
-            two = checksum.stream_crcs(container.fd, info, runs)
+            monkeypatch.setattr(checksum_stream, "PARALLEL_PAGES", 2)
+            two = checksum_stream.stream_crcs(container.fd, info, runs)
             assert (two.page_crcs, two.gap_crcs, two.gaps) == (one.page_crcs, one.gap_crcs,
                                                                one.gaps)
             # where the cut falls: half of the data pages, in file order
@@ -763,7 +763,7 @@ def test_two_thread_read_back_equals_one_pass(chain: Chain, monkeypatch: pytest.
                 f.seek(header_at)
                 f.write(b"\xff")
             with pytest.raises(FormatError, match=f"record header of page {first + left} "):
-                checksum.stream_crcs(container.fd, info, runs)
+                checksum_stream.stream_crcs(container.fd, info, runs)
     assert cuts_inside_a_run  # the chain's runs are short: at least one cut lands inside one
 
 
@@ -778,11 +778,11 @@ def _before_load(path: Path, k: int, header_gap: int | None = None) -> tuple[str
     with CheckpointFile.open(path) as container:
         increments = container.header.increments[:k]
         try:
-            table = checksum._checked_in_python(container, increments, pages=False)
+            table = checksum_reload._checked_in_python(container, increments, pages=False)
             python: tuple[str, object] = ("ok", [t.tobytes() for t in table.blocks])
         except PyvmmError as err:
             python = (type(err).__name__, str(err))
-        fast = checksum._checked_in_c(container, increments)
+        fast = checksum_reload._checked_in_c(container, increments)
         event(f"Python: {python[0]}")
         note(f"python: {python[0]} {python[1] if python[0] != 'ok' else ''}; "
              f"C: {'rejected' if fast is None else 'accepted'}")
@@ -793,7 +793,7 @@ def _before_load(path: Path, k: int, header_gap: int | None = None) -> tuple[str
             assert [t.tobytes() for t in fast.blocks] == python[1]
             assert [i for i, _ in fast.sources] == [i for i, _ in table.sources]
         try:
-            checked = checksum.check_before_load(container, increments)
+            checked = checksum_reload.check_before_load(container, increments)
             assert checked is not None and python[0] == "ok"
         except PyvmmError as err:
             assert (type(err).__name__, str(err)) == python
@@ -801,7 +801,7 @@ def _before_load(path: Path, k: int, header_gap: int | None = None) -> tuple[str
         # reloaded RAM's check raises what the checks before would have raised
         left_to_loader = header_gap is not None and header_gap < k - 1
         try:
-            checked = checksum.check_before_load(container, increments, defer_gaps=True)
+            checked = checksum_reload.check_before_load(container, increments, defer_gaps=True)
             assert checked is not None
             assert checked.pending is not None
             if checked.pending is not None:
@@ -1059,20 +1059,20 @@ def test_deferred_gap_checks_fail_the_reloaded_ram_check(chain: Chain, tmp_path:
         path = tmp_path / "older.chpt"
         path.write_bytes(damaged)
         with reload(f"chpt:{chain.path}") as copy:
-            blocks = checksum.reload_blocks(copy.ram_blocks, layout)
+            blocks = checksum_reload.reload_blocks(copy.ram_blocks, layout)
             with CheckpointFile.open(path) as container:
                 with pytest.raises(ChecksumError) as before:
-                    checksum.check_before_load(container, container.header.increments)
+                    checksum_reload.check_before_load(container, container.header.increments)
                 assert before.value.increment == increment
-                expected = checksum.check_before_load(container, container.header.increments,
+                expected = checksum_reload.check_before_load(container, container.header.increments,
                                                       defer_gaps=True)
                 assert expected is not None and expected.pending is not None
                 if deferred_raises:
                     with pytest.raises(ChecksumError) as after:
-                        checksum.check_reloaded_ram(blocks, expected, 2)
+                        checksum_reload.check_reloaded_ram(blocks, expected, 2)
                     assert str(after.value) == str(before.value)
                 else:
-                    checksum.check_reloaded_ram(blocks, expected, 2)
+                    checksum_reload.check_reloaded_ram(blocks, expected, 2)
         # the indexed reload: refused, or (the damaged header's page not read) the clean state
         try:
             with reload(f"chpt:{path}") as copy:
@@ -1084,7 +1084,7 @@ def test_deferred_gap_checks_fail_the_reloaded_ram_check(chain: Chain, tmp_path:
             thread.join()
     fds = len(os.listdir("/proc/self/fd"))
     with CheckpointFile.open(chain.path) as container:
-        expected = checksum.check_before_load(container, container.header.increments,
+        expected = checksum_reload.check_before_load(container, container.header.increments,
                                               defer_gaps=True)
         assert expected is not None and expected.pending is not None
         expected.pending._thread.join()  # a loader that failed never waits
@@ -1111,9 +1111,8 @@ def test_the_last_streams_gaps_are_checked_before_it_is_parsed(
         damaged[start + size // 2] ^= 0x04
         path = tmp_path / "last.chpt"
         path.write_bytes(damaged)
-        with CheckpointFile.open(path) as container:
-            with pytest.raises(ChecksumError) as before:
-                checksum.check_before_load(container, container.header.increments)
+        with CheckpointFile.open(path) as container, pytest.raises(ChecksumError) as before:
+            checksum_reload.check_before_load(container, container.header.increments)
         parsed.clear()
         with pytest.raises(FormatError) as err:
             reload_module.reload_file(str(path))
