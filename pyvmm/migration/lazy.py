@@ -24,8 +24,8 @@ the page records its index lists, and each listed data page has its own record h
 file the other reloads refuse is refused here too, before anything runs on it.
 
 With the ``checksum`` capability, everything but page data is checked before the guest starts
-(:func:`~pyvmm.migration.checksum_reload.check_before_load`), and each page read is compared with its
-CRC-32C by the C thread before it is installed.
+(:func:`~pyvmm.migration.checksum_reload.check_before_load`), and each page read is compared
+with its CRC-32C by the C thread before it is installed.
 
 If the file cannot be read (an I/O error, the file cut short, a page record header that is not
 where the index says, page data that does not match its checksum), the failure is recorded; faults are then served with zero pages so that no
