@@ -142,9 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--checksum", action="store_true",
                       help="capability: record CRC-32C checksums of every page, the stream and "
                            "the RAM; reloads check them, 'checkpoint verify' finds damage")
-    chpt.add_argument("--tracker", choices=("async", "wp"), default="async",
+    chpt.add_argument("--tracker", metavar="NAME", default="async",
                       help="dirty tracker for --incremental: async (kernel WP_ASYNC + "
-                           "PAGEMAP_SCAN, default) or wp (write-protect faults)")
+                           "PAGEMAP_SCAN, default), wp (write-protect faults), hash (reference: "
+                           "compares page copies), a plug-in's name or module:attribute (see "
+                           "pyvmm algorithms)")
+    chpt.add_argument("--saver", metavar="NAME",
+                      help="page saver: stop-and-copy (default), live (= --live), cow (= --cow), "
+                           "a plug-in's name or module:attribute (see pyvmm algorithms)")
     chpt.add_argument("--unprotect-pages", metavar="N", type=int, default=1,
                       help="pages unprotected per write fault (1 = 4 KiB; larger runs fault "
                            "less and may over-count dirty pages)")
@@ -227,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"what to run: {' | '.join(BUILTIN_GUESTS)} (default) or a static "
                             f"ARM64 ELF and its arguments; must be the last option")
     _add_checkpoint_commands(sub)
+    sub.add_parser("algorithms", help="list the dirty trackers and page savers",
+                   description="List the checkpoint algorithms pyvmm can use by name: built-in "
+                               "ones and those installed plug-ins declare through the entry "
+                               "point groups pyvmm.trackers and pyvmm.savers.")
     monitor_cmd = sub.add_parser(
         "monitor", help="drive a running pyvmm through its monitor socket",
         description="Open an HMP session on a running pyvmm's monitor socket (its --qmp or "
@@ -420,6 +429,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace,
             from .run_command import cmd_run
 
             return cmd_run(args)
+        if args.command == "algorithms":
+            from .migration.algorithms import listing
+
+            print(listing())
+            return 0
         if args.command == "monitor":
             from .monitor.client import main as monitor_main
 

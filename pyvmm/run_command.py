@@ -409,7 +409,8 @@ def _settings(args: argparse.Namespace) -> Any:
     return MigrationSettings(
         capabilities={"incremental": args.incremental, "live": args.live, "cow": args.cow,
                       "checksum": args.checksum},
-        tracker=args.tracker, unprotect_pages=args.unprotect_pages, fault_mode=args.fault_mode,
+        tracker=args.tracker, saver=args.saver, unprotect_pages=args.unprotect_pages,
+        fault_mode=args.fault_mode,
         saver_nice=args.saver_nice, max_increments=args.max_increments,
         durable=not args.no_fsync, sanity_checks=not args.no_sanity_checks)
 

@@ -15,7 +15,6 @@ the file's RAM layout, loads the chosen increments in order and leaves it PAUSED
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import threading
 import time
@@ -25,9 +24,10 @@ from typing import Any
 
 from ..devices.pl011 import UartSink
 from ..errors import ConfigError, PyvmmError
+from ..interrupts import signals_held
 from ..machine import Machine, RunState
 from ..ram import PAGE_SIZE, PageBitmap
-from ..interrupts import signals_held
+from .algorithms import resolve
 from .chain_file import ChainFile
 from .checksum import RamCrcsAhead, RamCrcTable, increment_checksums, table_from_file
 from .container import (
@@ -37,31 +37,26 @@ from .container import (
     PageRun,
     RamBlockInfo,
 )
-from .cow import CowSnapshot, start_cow_snapshot
-from .defaults import CAPABILITIES, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE, TRACKERS
-from .dirty import AsyncTracker, WpFaultTracker, make_tracker
-from .live import LiveSaveResult, save_pages_live
+from .defaults import CAPABILITIES, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE
 from .machine_state import (
     MachineStateEntries,
     capture,
     machine_save_state,
 )
-from .pageio import sort_index_records
-from .postcopy_uffd import WriteProtectSession
-from .ram_handler import RAM_SAVE_FLAG_EOS
 from .reload import Progress, reload_file
-from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
+from .seams import (
+    DirtyTracker,
+    PageSaver,
+    SanityError,
+    SavedPages,
+    SaveJob,
+    SaverSetup,
+    TrackerOptions,
+)
 from .stream import QEMUFile
 
 OutputSink = Callable[[bytes], None]
-# pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
-# that its runs keep transparent huge pages whole (uffd.c)
-_LIVE_FAULT_AROUND = 512
 _TARGET_RE = re.compile(r"^chpt:(?:(?P<squash>squash)(?::(?P<sn>\d+))?:|(?P<n>\d+):)?(?P<file>.*)$")
-
-
-class SanityError(PyvmmError):
-    """A checkpoint's own consistency check failed (a bug, not bad input); nothing committed."""
 
 
 class CheckpointCancelled(PyvmmError):
@@ -137,6 +132,7 @@ class CheckpointStats:
     pages_carried: int = 0
     fork_ms: float = 0.0
     vm_name: str = ""  # the VM id of the machine saved (pyvmm.identity)
+    saver: str = ""  # the page saver's name (pyvmm.migration.algorithms)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,7 +162,7 @@ class Checkpointer:
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
                  max_increments: int | None = None, sanity_checks: bool = True,
                  fault_mode: str = "thread", saver_nice: int = SAVER_NICE,
-                 vm_name: str | None = None) -> None:
+                 vm_name: str | None = None, saver: str | None = None) -> None:
         """``path`` is claimed here, before the guest runs: checked (ConfigError for a
         directory, FIFO, device, missing directory, no permission, or a file another writer
         holds) and locked until :meth:`close`.  An existing file is replaced by the new chain
@@ -187,7 +183,11 @@ class Checkpointer:
         :func:`pyvmm.identity.vm_id`).
         ``saver_nice``: nice value (0..19) of the thread that saves a live checkpoint's RAM
         while the guest runs; above 0 the vCPU wins when both want the same CPU (the guest runs
-        faster during the checkpoint, which takes longer on a busy host)."""
+        faster during the checkpoint, which takes longer on a busy host).
+        ``tracker``, ``saver``: names in :mod:`pyvmm.migration.algorithms` (built-ins, plug-ins,
+        or ``module:attribute``); ``saver`` defaults to what the capabilities say (``live``,
+        ``cow``, else ``stop-and-copy``), and naming ``live`` or ``cow`` there is the same as
+        the capability."""
         caps = tuple(sorted(set(capabilities)))
         for cap in caps:
             if cap not in CAPABILITIES:
@@ -198,9 +198,11 @@ class Checkpointer:
                               "guest run while RAM is saved")
         if max_increments is not None and max_increments < 1:
             raise ConfigError(f"max_increments must be at least 1, not {max_increments}")
-        if tracker not in TRACKERS:
-            raise ConfigError(f"unknown dirty tracker {tracker!r} (choose from "
-                              f"{', '.join(TRACKERS)})")
+        saver = _saver_name(caps, saver)
+        if saver in ("live", "cow") and saver not in caps:
+            caps = tuple(sorted((*caps, saver)))  # the saver is the capability
+        tracker_factory = resolve("tracker", tracker)
+        saver_factory = resolve("saver", saver)
         from ..identity import vm_id
 
         self.vm_name = vm_id() if vm_name is None else vm_name
@@ -220,11 +222,19 @@ class Checkpointer:
         self._saver_nice = saver_nice
         self._max_increments = max_increments
         self.sanity_checks = sanity_checks
-        self._tracker: AsyncTracker | WpFaultTracker | None = None
+        self._tracker: DirtyTracker | None = None
+        self._tracker_factory = tracker_factory
+        self._tracker_options = TrackerOptions(unprotect_pages=unprotect_pages,
+                                               handler_cpu=self._handler_cpu,
+                                               fault_mode=fault_mode)
+        self.saver_name = saver
+        self._saver: PageSaver = saver_factory(SaverSetup(
+            machine=machine, incremental="incremental" in caps, tracker=tracker,
+            tracker_options=self._tracker_options, shadow_pages=shadow_pages,
+            saver_nice=saver_nice))
         #: Pages known dirty but not saved yet (a failed checkpoint leaves them here).
         self._pending: dict[str, PageBitmap] = {}
         self._lock = threading.Lock()
-        self._cow_blocks: list[str] = []
         self._crc_table: RamCrcTable | None = None  # per-page CRCs of RAM at the last checkpoint
         self.entries: MachineStateEntries = machine_save_state(machine)
         self.history: list[CheckpointStats] = []
@@ -286,17 +296,6 @@ class Checkpointer:
             raise ConfigError(f"{self.path} is in format {file.header.format_version}, which has "
                               f"no checksums; write the checkpoint to a new file")
 
-    # ------------------------------------------------------------------------- pausing
-    def _pause(self) -> tuple[bool, RunState]:
-        """Stop the vCPU into SAVE_VM (Machine.hold); returns (was running, state to go back
-        to)."""
-        before = self.machine.hold(RunState.SAVE_VM)
-        return before is RunState.RUNNING, before
-
-    def _unpause(self, was_running: bool, before: RunState) -> None:
-        # a pause asked for during the checkpoint (Ctrl-C, --seconds, stop) is taken here
-        self.machine.release(before)
-
     # ------------------------------------------------------------------------- checkpoint
     def checkpoint(self, cancel: threading.Event | None = None) -> CheckpointStats:
         """Take one checkpoint (full, incremental, live: as the capabilities say).
@@ -307,126 +306,69 @@ class Checkpointer:
             return self._checkpoint(cancel)
 
     def _checkpoint(self, cancel: threading.Event | None = None) -> CheckpointStats:
-        machine = self.machine
-        # creating a file (truncate, fsync) is no pause work
-        container = self._chain.container(self._max_increments)
-        kind = "incremental" if self.incremental and container.header.increments and \
-            self._tracker is not None else "full"
-        live: WpFaultTracker | None = None
-        populated: dict[str, PageBitmap] | None = None
-        if self.live:  # guest running: whatever can be done before the pause is done here
-            live, populated = self._prepare_live(kind)
+        """The checkpoint sequence (see :mod:`pyvmm.migration.seams`)."""
+        machine, saver = self.machine, self._saver
+        container = self._chain.container(self._max_increments)  # (no pause work)
+        full = not (self.incremental and container.header.increments and
+                    self._incremental_tracker() is not None)
+        kind = "full" if full else "incremental"
+        saver.before_pause(full)
         started = time.perf_counter()
-        was_running, before = self._pause()
-        paused = True
+        before = machine.hold(RunState.SAVE_VM)
+        pause = _Pause(machine, before, started)
         ok = False
         selection: dict[str, PageBitmap] = {}
         writer = None
-        session: WriteProtectSession | None = None
         ahead: RamCrcsAhead | None = None
         try:
             machine.guest_inform.checkpoint_started(len(container.header.increments))
             capture(machine, self.entries, ended=before is RunState.SHUTDOWN)
-            selection = self._select(kind, live, populated)
+            selection = self._select(full)
             if self.on_pause is not None:
                 self.on_pause(machine)
             devices_buffer = QEMUFile.memory()
             devices = self.entries.save_state.save_devices(devices_buffer)
             device_bytes = devices_buffer.getvalue()
-            if live is not None:
-                session = live.session
-                session.rearm(selection)
-                armed_stats = session.stats()  # a re-armed session's counters run on
-            elif self.incremental and self._tracker is None:
-                self._tracker = make_tracker(self.tracker_kind, machine.ram_blocks,
-                                             unprotect_pages=self._unprotect_pages,
-                                             handler_cpu=self._handler_cpu,
-                                             fault_mode=self._fault_mode)
+            saver.at_pause(selection, pause.release)
+            if self.incremental and self._incremental_tracker() is None:
+                self._tracker = self._tracker_factory(machine.ram_blocks, self._tracker_options)
             setup_done = time.perf_counter()
-            if self.live:
-                self._unpause(was_running, before)
-                paused = False
-            downtime_end = time.perf_counter()
             writer = container.begin_increment(kind)
             f = QEMUFile.for_writing(container.fd, writer.stream_offset)
             save_state = self.entries.save_state
-            ram = self.entries.ram
             save_state.save_header(f)
             save_state.save_setup(f)
-            fork_ms = 0.0
-            runs: Sequence[PageRun]
-            if self.cow:
-                cow = self._save_cow(f, selection, device_bytes, devices)
-                self._unpause(was_running, before)
-                paused = False
-                downtime_end = time.perf_counter()
-                result_cow = cow.wait()
-                fork_ms = result_cow.fork_ms
-                # the index in RAM order (the child writes block by block; a live saver sorts
-                # its own, a stop-and-copy save writes in RAM order): the indexed reload then
-                # takes the chain window by window
-                runs = IndexRecords(sort_index_records(b"".join(
-                    block_result.runs.index_records(self._block_number(job_block))
-                    for job_block, block_result in zip(self._cow_blocks, result_cow.blocks))))
-                data_pages, zero_pages = result_cow.data_pages, result_cow.zero_pages
-                stream_length = f.offset - writer.stream_offset + result_cow.bytes_written
-            elif session is not None:
-                result = self._save_live_part(f, session, selection,
-                                              open_saved=live is not self._tracker)
-                runs, data_pages, zero_pages = result.runs, result.data_pages, result.zero_pages
-            else:
-                if self.checksum:  # page CRCs from RAM on another core while pages are written
-                    ahead = RamCrcsAhead(machine.ram_blocks, selection)
-                ram.select(selection)
-                save_state.save_iterate(f)
-                runs = ram.runs
-                data_pages, zero_pages = ram.counters.data_pages, ram.counters.zero_pages
-            if not self.cow:
+            if self.checksum and saver.ram_unchanged_after_save:
+                ahead = RamCrcsAhead(machine.ram_blocks, selection)  # CRCs on another core
+            saved = saver.save(SaveJob(f=f, stream_offset=writer.stream_offset,
+                                       selection=selection, entries=self.entries,
+                                       device_bytes=device_bytes, devices=devices,
+                                       release=pause.release))
+            stream_length = saved.stream_length
+            if stream_length is None:
                 save_state.save_complete(f)
                 f.put_bytes(device_bytes)
                 save_state.save_trailer(f, devices, PAGE_SIZE)
                 f.flush()
                 stream_length = f.pos
-            page_runs = runs  # IndexedRun is PageRun
             if self.sanity_checks:
-                self._check_saved(selection, data_pages, zero_pages, page_runs, session)
+                self._check_saved(selection, saved)
+                saver.check()
             checksums = self._checksums(container, kind, writer.stream_offset, stream_length,
-                                        page_runs, device_bytes, devices, ahead)
-            faults = shadows = carried = 0
-            if session is not None:
-                wp = session.stats()
-                faults = wp.faults - armed_stats.faults
-                shadows = wp.shadow_copies - armed_stats.shadow_copies
-                if live is self._tracker:  # a live-only session tracks nothing further
-                    carried = sum(b.count() for b in session.dirty.values())
-            if paused:
-                # stop-and-copy: the guest's state is all in the file (and its CRCs taken from
-                # RAM): it runs on while the stream reaches the disk, only the header's
-                # publication waits for that
-                self._unpause(was_running, before)
-                paused = False
-                downtime_end = time.perf_counter()
+                                        saved.runs, device_bytes, devices, ahead)
+            # stop-and-copy: the guest's state is all in the file (and its CRCs taken from
+            # RAM): it runs on while the stream reaches the disk, only the header waits for it
+            pause.release()
             if cancel is not None and cancel.is_set():
                 raise CheckpointCancelled(f"checkpoint {writer.index} cancelled")
             writer.sync()  # the bulk of a durable commit's sync, inside total_ms
-            elapsed = time.perf_counter() - started
-            downtime = downtime_end - started
-            stats = CheckpointStats(
-                increment=writer.index, kind=kind, pages=data_pages, zero_pages=zero_pages,
-                bytes_written=stream_length, total_ms=elapsed * 1e3,
-                setup_ms=(setup_done - started) * 1e3, downtime_ms=downtime * 1e3,
-                throughput_mib_s=stream_length / max(elapsed, 1e-9) / (1 << 20),
-                devices=tuple(f"{d['name']}/{d['instance_id']} v{d['version']}"
-                              for d in devices),
-                capabilities=self.capabilities,
-                tracker=(self._tracker.kind if self._tracker is not None else
-                         self.tracker_kind) if self.incremental else "",
-                write_faults=faults, shadow_copies=shadows, pages_carried=carried,
-                fork_ms=fork_ms, vm_name=self.vm_name)
+            stats = self._stats(writer.index, kind, saved, stream_length, devices,
+                                started=started, setup_done=setup_done, pause=pause)
             # a Ctrl-C after the commit must not make a committed increment look failed
             with signals_held():
-                writer.commit(stream_length=stream_length, page_runs=page_runs,
-                              pages=data_pages, zero_pages=zero_pages, stats=stats.as_dict(),
+                writer.commit(stream_length=stream_length, page_runs=saved.runs,
+                              pages=saved.data_pages, zero_pages=saved.zero_pages,
+                              stats=stats.as_dict(),
                               checksums=None if checksums is None else checksums[0])
                 if checksums is not None:
                     self._crc_table = checksums[1]
@@ -443,55 +385,69 @@ class Checkpointer:
                 self._chain.failed()
             # Nothing was saved: whatever was selected is still dirty for the next checkpoint.
             self._remember(selection)
-            if live is not None:  # the handler must not wait for a saver that is gone
-                live.session.abandon_round()
+            saver.abandon()
             raise
         finally:
             machine.guest_inform.checkpoint_finished(ok)
-            if paused:
-                self._unpause(was_running, before)
-            if live is not None and live is not self._tracker:
-                live.stop()  # a live-only checkpointer tracks nothing between checkpoints
+            pause.release()
+            saver.after()
 
-    def _check_saved(self, selection: dict[str, PageBitmap], data_pages: int, zero_pages: int,
-                     runs: Sequence[PageRun], session: WriteProtectSession | None) -> None:
+    @property
+    def tracker(self) -> DirtyTracker | None:
+        """The dirty tracker of incremental checkpoints, once made (None before the first
+        checkpoint, and without the incremental capability)."""
+        return self._incremental_tracker()
+
+    def _incremental_tracker(self) -> DirtyTracker | None:
+        """The tracker of incremental checkpoints: the saver's own (live), else the named one
+        (made at the first checkpoint's pause)."""
+        return self._saver.tracker() or self._tracker
+
+    def _stats(self, index: int, kind: str, saved: SavedPages, stream_length: int,
+               devices: list[dict[str, Any]], *, started: float, setup_done: float,
+               pause: _Pause) -> CheckpointStats:
+        elapsed = time.perf_counter() - started
+        tracker = self._incremental_tracker()
+        return CheckpointStats(
+            increment=index, kind=kind, pages=saved.data_pages, zero_pages=saved.zero_pages,
+            bytes_written=stream_length, total_ms=elapsed * 1e3,
+            setup_ms=(setup_done - started) * 1e3, downtime_ms=pause.downtime * 1e3,
+            throughput_mib_s=stream_length / max(elapsed, 1e-9) / (1 << 20),
+            devices=tuple(f"{d['name']}/{d['instance_id']} v{d['version']}" for d in devices),
+            capabilities=self.capabilities,
+            tracker=(tracker.kind if tracker is not None else self.tracker_kind)
+            if self.incremental else "",
+            write_faults=saved.write_faults, shadow_copies=saved.shadow_copies,
+            pages_carried=saved.pages_carried, fork_ms=saved.fork_ms, vm_name=self.vm_name,
+            saver=self.saver_name)
+
+    def _check_saved(self, selection: dict[str, PageBitmap], saved: SavedPages) -> None:
         """Cheap end-of-save checks (a failure aborts the increment; no page is lost): as many
-        pages saved and indexed as were selected, and no page left under processing.  (That no
-        page is indexed twice, the container checks at commit.)"""
+        pages saved and indexed as were selected.  (That no page is indexed twice, the container
+        checks at commit; the saver checks its own state.)"""
         selected = sum(bitmap.count() for bitmap in selection.values())
-        if data_pages + zero_pages != selected:
-            raise SanityError(f"{data_pages} data + {zero_pages} zero pages saved, "
+        if saved.data_pages + saved.zero_pages != selected:
+            raise SanityError(f"{saved.data_pages} data + {saved.zero_pages} zero pages saved, "
                               f"{selected} selected")
+        runs = saved.runs
         listed = runs.pages() if isinstance(runs, IndexRecords) else sum(r.npages for r in runs)
         if listed != selected:
             raise SanityError(f"the page index lists {listed} pages, {selected} were selected")
-        if session is not None:
-            wp = session.stats()
-            if wp.queued or wp.handler_errno:
-                raise SanityError(f"live save ended with {wp.queued} shadow copies unsaved, "
-                                  f"handler errno {wp.handler_errno}")
 
-    def _select(self, kind: str, live: WpFaultTracker | None,
-                populated: dict[str, PageBitmap] | None) -> dict[str, PageBitmap]:
-        """Pages this checkpoint saves (guest paused): all populated ones for a full checkpoint,
-        else the tracker's dirty pages plus any left over by a failed checkpoint.
-
-        A live checkpoint found the populated pages before the pause, with ``live`` already
-        tracking: the pages written since are or-ed in (a page populated after the scan was
-        written, so ``live`` has it)."""
-        blocks = self.machine.ram_blocks
-        if kind == "full":
-            if live is not None and populated is not None:
-                selection = populated
-                for name, pages in live.collect().items():
-                    selection[name] |= pages
-            else:
-                selection = {b.name: b.populated_pages() for b in blocks}
-                if self._tracker is not None:  # restarted chain: the tracker's news are in it
-                    self._tracker.collect()
+    def _select(self, full: bool) -> dict[str, PageBitmap]:
+        """Pages this checkpoint saves (guest paused): all populated ones for a full checkpoint
+        (or the saver's own full selection), else the tracker's dirty pages; plus any left over
+        by a failed checkpoint."""
+        tracker = self._incremental_tracker()
+        if full:
+            selection = self._saver.full_selection()
+            if selection is None:
+                selection = {b.name: b.populated_pages() for b in self.machine.ram_blocks}
+                if tracker is not None:  # restarted chain: the tracker's news are in it
+                    tracker.collect()
         else:
-            assert self._tracker is not None
-            selection = self._tracker.collect()
+            assert tracker is not None
+            selection = tracker.collect()
         for name, pages in self._pending.items():
             if name in selection:
                 selection[name] |= pages
@@ -505,92 +461,44 @@ class Checkpointer:
             else:
                 self._pending[name] = pages.copy()
 
-    def _prepare_live(self, kind: str) -> tuple[WpFaultTracker, dict[str, PageBitmap] | None]:
-        """Before a live checkpoint's pause, guest running: the session that will save it,
-        tracking already (the incremental tracker's, or a new one for this checkpoint only), with
-        the pages written so far protected again; for a full checkpoint also the populated pages.
-        The pause is then left with the pages written after this."""
-        blocks = self.machine.ram_blocks
-        live = self._tracker if self.incremental else None
-        if live is None:
-            # A live-only session tracks nothing for later, so a sequential writer may have runs
-            # of up to 64 pages opened per fault; a tracker keeps its dirty pages exact.
-            live = make_tracker(self.tracker_kind, blocks, unprotect_pages=self._unprotect_pages,
-                                handler_cpu=self._handler_cpu, live=True,
-                                shadow_pages=self._shadow_pages,
-                                fault_around=None if self.incremental else
-                                max(_LIVE_FAULT_AROUND, self._unprotect_pages),
-                                fault_mode=self._fault_mode)
-            if self.incremental:
-                self._tracker = live
-        assert isinstance(live, WpFaultTracker)
-        try:
-            live.prepare()
-            populated = {b.name: b.populated_pages() for b in blocks} if kind == "full" else None
-            live.prepare()  # what was written during the scan
-        except BaseException:
-            if live is not self._tracker:
-                live.stop()
-            raise
-        return live, populated
-
-    def _block_number(self, name: str) -> int:
-        for number, block in enumerate(self.machine.ram_blocks):
-            if block.name == name:
-                return number
-        raise KeyError(name)
-
-    def _save_cow(self, f: QEMUFile, selection: dict[str, PageBitmap], device_bytes: bytes,
-                  devices: list[dict[str, Any]]) -> CowSnapshot:
-        """Fork a child that writes the RAM pages (as at the fork) and the rest of the stream.
-
-        ``f`` holds the stream's beginning; the PART header goes there, everything after the
-        pages is built here as the child's ``tail``.  The guest may run once this returns.
-        """
-        save_state = self.entries.save_state
-        entry = save_state.find("ram", 0)
-        assert entry is not None
-        f.put_u8(QEMU_VM_SECTION_PART)
-        f.put_be32(entry.section_id)
-        f.flush()
-        tail = QEMUFile.memory()
-        tail.put_be64(RAM_SAVE_FLAG_EOS)
-        tail.put_u8(QEMU_VM_SECTION_FOOTER)
-        tail.put_be32(entry.section_id)
-        self.entries.ram.select({})
-        save_state.save_complete(tail)
-        tail.put_bytes(device_bytes)
-        save_state.save_trailer(tail, devices, PAGE_SIZE)
-        jobs = [(block, selection[block.name], True) for block in self.machine.ram_blocks
-                if block.name in selection and selection[block.name].count()]
-        self._cow_blocks = [block.name for block, _, _ in jobs]
-        fd = f.fd
-        assert fd is not None
-        return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue())
-
-    def _save_live_part(self, f: QEMUFile, session: WriteProtectSession,
-                        selection: dict[str, PageBitmap], *, open_saved: bool) -> LiveSaveResult:
-        """The PART section of a live checkpoint, written while the guest runs."""
-        save_state = self.entries.save_state
-        entry = save_state.find("ram", 0)
-        assert entry is not None
-        f.put_u8(QEMU_VM_SECTION_PART)
-        f.put_be32(entry.section_id)
-        result = save_pages_live(f, session, self.machine.ram_blocks, selection,
-                                 open_saved=open_saved, nice=self._saver_nice)
-        f.put_be64(RAM_SAVE_FLAG_EOS)
-        f.put_u8(QEMU_VM_SECTION_FOOTER)
-        f.put_be32(entry.section_id)
-        self.entries.ram.select({})
-        return result
-
     def close(self) -> None:
         """Stop dirty tracking, close the file and release its lock (a new chain that got no
         increment is removed; the file it would have replaced stays as it was)."""
         if self._tracker is not None:
             self._tracker.stop()
             self._tracker = None
+        self._saver.close()
         self._chain.close()
+
+
+class _Pause:
+    """The checkpoint's hold on the guest (Machine.hold): released once, by whoever may let the
+    guest run first (the saver, or the checkpointer); the downtime runs till then."""
+
+    def __init__(self, machine: Machine, before: RunState, started: float) -> None:
+        self._machine = machine
+        self._before = before
+        self._started = started
+        self.downtime = 0.0
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            # a pause asked for during the checkpoint (Ctrl-C, --seconds, stop) is taken here
+            self._machine.release(self._before)
+            self.downtime = time.perf_counter() - self._started
+
+
+def _saver_name(capabilities: Sequence[str], saver: str | None) -> str:
+    """The saver: the one named, or the one the capabilities say."""
+    wanted = [cap for cap in ("live", "cow") if cap in capabilities]
+    if saver is None:
+        return wanted[0] if wanted else "stop-and-copy"
+    if wanted and saver != wanted[0]:
+        raise ConfigError(f"the {wanted[0]} capability is a saver of its own: it cannot be "
+                          f"combined with the saver {saver!r}")
+    return saver
 
 
 def reload(target: CheckpointTarget | str, *, strategy: str = DEFAULT_STRATEGY,

@@ -23,5 +23,5 @@ DEFAULT_STRATEGY = "indexed"
 #: Migration capabilities of a checkpoint (QEMU's ``migrate-set-capabilities``), dirty trackers
 #: of incremental checkpoints and who resolves write-protect faults (see Checkpointer).
 CAPABILITIES = ("incremental", "live", "cow", "checksum")
-TRACKERS = ("async", "wp")
+TRACKERS = ("async", "wp", "hash")
 FAULT_MODES = ("thread", "signal")

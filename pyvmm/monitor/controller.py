@@ -33,7 +33,6 @@ from ..migration.defaults import (
     DEFAULT_STRATEGY,
     FAULT_MODES,
     SAVER_NICE,
-    TRACKERS,
 )
 from ..ram import PAGE_SIZE
 
@@ -63,6 +62,7 @@ class MigrationSettings:
     capabilities: dict[str, bool] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(CAPABILITIES, False))
     tracker: str = "async"
+    saver: str | None = None  # None: as the capabilities say
     unprotect_pages: int = 1
     fault_mode: str = "thread"
     saver_nice: int = SAVER_NICE
@@ -77,9 +77,17 @@ class MigrationSettings:
         """ConfigError naming the first setting that cannot be used."""
         if self.capabilities.get("cow") and self.capabilities.get("live"):
             raise ConfigError("the cow and live capabilities exclude each other")
-        if self.tracker not in TRACKERS:
-            raise ConfigError(f"tracker must be one of {', '.join(TRACKERS)}, not "
-                              f"{self.tracker!r}")
+        for kind, name in (("tracker", self.tracker), ("saver", self.saver)):
+            if name is not None and ":" not in name:
+                from ..migration.algorithms import available
+
+                known = available(kind)
+                if name not in known:
+                    raise ConfigError(f"{kind} must be one of {', '.join(known)} (or "
+                                      f"module:attribute), not {name!r}")
+        if self.saver is not None and self.saver not in ("live", "cow") and \
+                (self.capabilities.get("live") or self.capabilities.get("cow")):
+            raise ConfigError(f"the saver {self.saver} excludes the live and cow capabilities")
         if self.fault_mode not in FAULT_MODES:
             raise ConfigError(f"fault-mode must be one of {', '.join(FAULT_MODES)}, not "
                               f"{self.fault_mode!r}")
@@ -92,16 +100,22 @@ class MigrationSettings:
             raise ConfigError(f"max-increments must be at least 1 (0: no limit), not "
                               f"{self.max_increments}")
 
+    def default_saver(self) -> str:
+        return "live" if self.capabilities.get("live") else \
+            "cow" if self.capabilities.get("cow") else "stop-and-copy"
+
     def parameters(self) -> dict[str, Any]:
         """QMP ``query-migrate-parameters``."""
-        return {"tracker": self.tracker, "unprotect-pages": self.unprotect_pages,
+        return {"tracker": self.tracker, "saver": self.saver or self.default_saver(),
+                "unprotect-pages": self.unprotect_pages,
                 "fault-mode": self.fault_mode, "saver-nice": self.saver_nice,
                 "max-increments": self.max_increments or 0}
 
 
 #: QMP parameter name -> (MigrationSettings field, type)
 PARAMETERS: dict[str, tuple[str, type]] = {
-    "tracker": ("tracker", str), "unprotect-pages": ("unprotect_pages", int),
+    "tracker": ("tracker", str), "saver": ("saver", str),
+    "unprotect-pages": ("unprotect_pages", int),
     "fault-mode": ("fault_mode", str), "saver-nice": ("saver_nice", int),
     "max-increments": ("max_increments", int),
 }
@@ -443,7 +457,7 @@ class VmController:
         append = real in self._own_chains and os.path.exists(path)
         checkpointer = Checkpointer(
             machine, path, append=append, durable=settings.durable,
-            capabilities=settings.enabled(), tracker=settings.tracker,
+            capabilities=settings.enabled(), tracker=settings.tracker, saver=settings.saver,
             unprotect_pages=settings.unprotect_pages, max_increments=settings.max_increments,
             sanity_checks=settings.sanity_checks, fault_mode=settings.fault_mode,
             saver_nice=settings.saver_nice)

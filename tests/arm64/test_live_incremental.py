@@ -253,7 +253,7 @@ def test_live_incremental_keeps_one_userfaultfd(tmp_path: Path, tracker: str) ->
             stats = checkpointer.checkpoint()
             kinds.append(stats.kind)
             assert stats.tracker == "wp"  # the live session tracks, see pyvmm.migration.dirty
-            live = checkpointer._tracker
+            live = checkpointer.tracker
             assert live is not None and hasattr(live, "session")
             sessions.add(id(live.session))
             fds.add(live.session._uffd.fileno())
@@ -270,7 +270,7 @@ def test_live_only_checkpointer_tracks_nothing_between_checkpoints(tmp_path: Pat
         machine.start()
         time.sleep(0.02)
         stats = checkpointer.checkpoint()
-        assert checkpointer._tracker is None and stats.pages_carried == 0
+        assert checkpointer.tracker is None and stats.pages_carried == 0
         machine.pause()
         # RAM is no longer registered: a new userfaultfd can take it
         session = WriteProtectSession(machine.ram_blocks, tracking_only=True)
