@@ -4,6 +4,7 @@ sticky errors and bounded reads."""
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import shutil
@@ -16,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm.errors import FormatError, StreamError
-from pyvmm.migration.stream import IO_BUF_SIZE, IOV_MAX, QEMUFile
+from pyvmm.migration.stream import QEMUFile
+from pyvmm.migration.stream_backend import IOV_MAX
+from pyvmm.migration.stream_state import IO_BUF_SIZE
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -184,7 +187,7 @@ def test_scatter_read_into_ram_views(data: bytes, cuts: list[int], lead: int) ->
     try:
         r = QEMUFile.memory(data)
         head = r.get_bytes(lead)  # leaves part of the read-ahead buffered
-        views = [memoryview(ram)[a:b] for a, b in zip(bounds, bounds[1:])]
+        views = [memoryview(ram)[a:b] for a, b in itertools.pairwise(bounds)]
         r.readv_into(views)
         for v in views:
             v.release()
@@ -324,7 +327,8 @@ def test_disk_full_is_sticky() -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root")
 def test_disk_full_midway_on_small_tmpfs(tmp_path: pytest.TempPathFactory) -> None:
     mnt = str(tmp_path)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt],
+                      check=False).returncode:
         pytest.fail("cannot mount a tmpfs (the test needs root, as CI has)")
     try:
         fd = os.open(os.path.join(mnt, "chpt"), os.O_RDWR | os.O_CREAT)
