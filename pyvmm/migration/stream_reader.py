@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pyvmm.migration import stream_state
 from pyvmm.migration.stream_backend import IOV_MAX, BytesLike, byte_view
-from pyvmm.migration.stream_state import (
-    BE16,
-    BE32,
-    BE64,
-    IO_BUF_SIZE,
-    S8,
-    SBE16,
-    SBE32,
-    SBE64,
-    StreamState,
-)
+from pyvmm.migration.stream_state import IO_BUF_SIZE, StreamState
+
+# the codecs under names bound here, not by an import: CPython 3.11 compiles ``NAME.method(...)``
+# on an imported NAME as an attribute load, not a method call (it takes NAME for a module), and
+# that cost every get_*() a seventh of its time
+_S8, _BE16, _SBE16, _BE32, _SBE32, _BE64, _SBE64 = (
+    stream_state.S8, stream_state.BE16, stream_state.SBE16, stream_state.BE32,
+    stream_state.SBE32, stream_state.BE64, stream_state.SBE64)
 
 # below this many bytes a scatter read is served through the read-ahead buffer (one big read
 # for many small ones) rather than by a direct preadv per call
@@ -93,37 +91,37 @@ class StreamReader(StreamState):
     def get_s8(self) -> int:
         """Get one signed byte (0 after an error)."""
         i = self._claim(1)
-        return int(S8.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_S8.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_be16(self) -> int:
         """Get an unsigned big-endian 16-bit integer (0 after an error)."""
         i = self._claim(2)
-        return int(BE16.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_BE16.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_sbe16(self) -> int:
         """Get a signed big-endian 16-bit integer (0 after an error)."""
         i = self._claim(2)
-        return int(SBE16.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_SBE16.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_be32(self) -> int:
         """Get an unsigned big-endian 32-bit integer (0 after an error)."""
         i = self._claim(4)
-        return int(BE32.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_BE32.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_sbe32(self) -> int:
         """Get a signed big-endian 32-bit integer (0 after an error)."""
         i = self._claim(4)
-        return int(SBE32.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_SBE32.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_be64(self) -> int:
         """Get an unsigned big-endian 64-bit integer (0 after an error)."""
         i = self._claim(8)
-        return int(BE64.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_BE64.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_sbe64(self) -> int:
         """Get a signed big-endian 64-bit integer (0 after an error)."""
         i = self._claim(8)
-        return int(SBE64.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
+        return int(_SBE64.unpack_from(self._rbuf, i)[0]) if i >= 0 else 0
 
     def get_str8(self) -> str:
         """Get a ``u8 length`` + bytes string, decoded as UTF-8 ("" after an error).

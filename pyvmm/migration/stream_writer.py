@@ -27,6 +27,10 @@ from pyvmm.migration.stream_state import (
     StreamState,
 )
 
+# bound here, not by the import: a method call on an imported name compiles to a slower
+# attribute load in CPython 3.11 (see stream_reader)
+_U8 = U8
+
 
 class StreamWriter(StreamState):
     """The writing half of :class:`~pyvmm.migration.stream.QEMUFile`."""
@@ -104,7 +108,7 @@ class StreamWriter(StreamState):
                 f"{STR8_MAX}",
                 offset=self.offset,
             )
-        self._append(U8.pack(len(raw)) + raw)
+        self._append(_U8.pack(len(raw)) + raw)
 
     def put_buffers(self, buffers: Sequence[BytesLike]) -> None:
         """Write ``buffers`` in order without copying them (``pwritev``, at most IOV_MAX each).
