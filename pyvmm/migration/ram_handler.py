@@ -241,9 +241,32 @@ class RamHandler:
                                                  False)])
             f.skip((run.npages - 1) * PAGE_RECORD_SIZE + PAGE_SIZE)
             self.pages_loaded += run.npages - 1
+        elif run is not None and run.first_page == page:
+            self._load_run_from_memory(f, block, run)
         else:
             f.read_into(block.page(page))
         f.check()
+
+    def _load_run_from_memory(self, f: QEMUFile, block: RamBlock, run: IndexedRun) -> None:
+        """A run the page index lists, from a stream in memory: its record headers checked as
+        read_page_runs checks them in a file (the same damage, the same error)."""
+        last = run.first_page + run.npages - 1
+        if last >= block.page_count:
+            raise FormatError(f"RAM block {block.name!r}, page run 0: pages "
+                              f"{run.first_page}..{last} are not inside its {block.page_count} "
+                              f"pages")
+        f.read_into(block.page(run.first_page))
+        for page in range(run.first_page + 1, run.first_page + run.npages):
+            at = f.offset
+            found = f.get_be64()
+            f.check()
+            want = page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+            if found != want:
+                raise FormatError(f"RAM block {block.name!r}, page run 0: record header of "
+                                  f"page {page} is 0x{found:016x}, expected 0x{want:016x}",
+                                  offset=at)
+            f.read_into(block.page(page))
+        self.pages_loaded += run.npages - 1
 
     def _skip_page(self, f: QEMUFile, number: int, page: int) -> None:
         run = self.load_index.get((number, f.offset))
