@@ -20,8 +20,10 @@ SAVER_NICE = 10
 STRATEGIES = ("indexed", "partial", "sequential")
 DEFAULT_STRATEGY = "indexed"
 
-#: Migration capabilities of a checkpoint (QEMU's ``migrate-set-capabilities``), dirty trackers
-#: of incremental checkpoints and who resolves write-protect faults (see Checkpointer).
+#: Migration capabilities of a checkpoint (QEMU's ``migrate-set-capabilities``), the built-in
+#: dirty trackers and page savers (pyvmm.migration.algorithms) and who resolves write-protect
+#: faults (see Checkpointer).
 CAPABILITIES = ("incremental", "live", "cow", "checksum")
 TRACKERS = ("async", "wp", "hash")
+SAVERS = ("stop-and-copy", "live", "cow")
 FAULT_MODES = ("thread", "signal")

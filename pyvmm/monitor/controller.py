@@ -33,6 +33,8 @@ from ..migration.defaults import (
     DEFAULT_STRATEGY,
     FAULT_MODES,
     SAVER_NICE,
+    SAVERS,
+    TRACKERS,
 )
 from ..ram import PAGE_SIZE
 
@@ -78,7 +80,8 @@ class MigrationSettings:
         if self.capabilities.get("cow") and self.capabilities.get("live"):
             raise ConfigError("the cow and live capabilities exclude each other")
         for kind, name in (("tracker", self.tracker), ("saver", self.saver)):
-            if name is not None and ":" not in name:
+            if name is not None and ":" not in name and name not in (
+                    TRACKERS if kind == "tracker" else SAVERS):
                 from ..migration.algorithms import available
 
                 known = available(kind)
