@@ -404,7 +404,7 @@ def _summary(args: argparse.Namespace, options: _RunOptions, result: RunResult,
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .monitor.controller import MigrationSettings
+    from .monitor.settings import MigrationSettings
 
     return MigrationSettings(
         capabilities={"incremental": args.incremental, "live": args.live, "cow": args.cow,

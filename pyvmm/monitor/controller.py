@@ -31,17 +31,14 @@ from ..machine import Machine, RunResult, RunState, StopReason
 from ..migration.defaults import (
     CAPABILITIES,
     DEFAULT_STRATEGY,
-    FAULT_MODES,
-    SAVER_NICE,
-    SAVERS,
-    TRACKERS,
 )
-from ..ram import PAGE_SIZE
 
 if TYPE_CHECKING:  # the migration layer is loaded by the first checkpoint or reload only
     from ..migration.checkpoint import Checkpointer, CheckpointStats, CheckpointTarget
 from ..threads import NamedThread
 from .events import EventBus
+from .migration_status import ACTIVE, MigrationStatus, stats_data
+from .settings import PARAMETERS, MigrationSettings
 
 OutputSink = Callable[[bytes], None]
 MIGRATION_IN_PROGRESS = "There's a migration process in progress"
@@ -57,73 +54,6 @@ class CommandError(PyvmmError):
         self.error_class = error_class
 
 
-@dataclasses.dataclass
-class MigrationSettings:
-    """Capabilities and parameters of the next checkpoint (QMP ``migrate-set-*``)."""
-
-    capabilities: dict[str, bool] = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(CAPABILITIES, False))
-    tracker: str = "async"
-    saver: str | None = None  # None: as the capabilities say
-    unprotect_pages: int = 1
-    fault_mode: str = "thread"
-    saver_nice: int = SAVER_NICE
-    max_increments: int | None = None
-    durable: bool = True
-    sanity_checks: bool = True
-
-    def enabled(self) -> tuple[str, ...]:
-        return tuple(sorted(name for name, on in self.capabilities.items() if on))
-
-    def check(self) -> None:
-        """ConfigError naming the first setting that cannot be used."""
-        if self.capabilities.get("cow") and self.capabilities.get("live"):
-            raise ConfigError("the cow and live capabilities exclude each other")
-        for kind, name in (("tracker", self.tracker), ("saver", self.saver)):
-            if name is not None and ":" not in name and name not in (
-                    TRACKERS if kind == "tracker" else SAVERS):
-                from ..migration.algorithms import available
-
-                known = available(kind)
-                if name not in known:
-                    raise ConfigError(f"{kind} must be one of {', '.join(known)} (or "
-                                      f"module:attribute), not {name!r}")
-        if self.saver is not None and self.saver not in ("live", "cow") and \
-                (self.capabilities.get("live") or self.capabilities.get("cow")):
-            raise ConfigError(f"the saver {self.saver} excludes the live and cow capabilities")
-        if self.fault_mode not in FAULT_MODES:
-            raise ConfigError(f"fault-mode must be one of {', '.join(FAULT_MODES)}, not "
-                              f"{self.fault_mode!r}")
-        if not 1 <= self.unprotect_pages <= 1 << 20:
-            raise ConfigError(f"unprotect-pages must be 1..{1 << 20}, not "
-                              f"{self.unprotect_pages}")
-        if not 0 <= self.saver_nice <= 19:
-            raise ConfigError(f"saver-nice must be 0..19, not {self.saver_nice}")
-        if self.max_increments is not None and self.max_increments < 1:
-            raise ConfigError(f"max-increments must be at least 1 (0: no limit), not "
-                              f"{self.max_increments}")
-
-    def default_saver(self) -> str:
-        return "live" if self.capabilities.get("live") else \
-            "cow" if self.capabilities.get("cow") else "stop-and-copy"
-
-    def parameters(self) -> dict[str, Any]:
-        """QMP ``query-migrate-parameters``."""
-        return {"tracker": self.tracker, "saver": self.saver or self.default_saver(),
-                "unprotect-pages": self.unprotect_pages,
-                "fault-mode": self.fault_mode, "saver-nice": self.saver_nice,
-                "max-increments": self.max_increments or 0}
-
-
-#: QMP parameter name -> (MigrationSettings field, type)
-PARAMETERS: dict[str, tuple[str, type]] = {
-    "tracker": ("tracker", str), "saver": ("saver", str),
-    "unprotect-pages": ("unprotect_pages", int),
-    "fault-mode": ("fault_mode", str), "saver-nice": ("saver_nice", int),
-    "max-increments": ("max_increments", int),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class MachineSinks:
     """Where a machine built here (a reload) sends the guest's output."""
@@ -131,16 +61,6 @@ class MachineSinks:
     uart: OutputSink | None = None
     stdout: OutputSink | None = None
     stderr: OutputSink | None = None
-
-
-@dataclasses.dataclass
-class _MigrationStatus:
-    status: str = "none"
-    started: float = 0.0  # time.monotonic() of the current checkpoint's start
-    stats: CheckpointStats | None = None  # the last completed checkpoint's
-    error: str | None = None
-    path: str | None = None
-    completed: int = 0  # checkpoints completed by this process
 
 
 class VmController:
@@ -167,7 +87,7 @@ class VmController:
         self._checkpointer_settings: MigrationSettings | None = None
         #: chains this process writes or reloaded from: a new checkpointer grows them
         self._own_chains: set[str] = set()
-        self._status = _MigrationStatus()
+        self._status = MigrationStatus()
         self._migrating = False  # a monitor's migrate (once or periodic) is under way
         self._migrate_thread: threading.Thread | None = None
         self._cancel = threading.Event()  # set: the checkpoint in flight commits nothing
@@ -342,7 +262,7 @@ class VmController:
 
     def set_capabilities(self, changes: dict[str, bool]) -> None:
         with self._cond:
-            if self._migrating or self._status.status in ("setup", "active"):
+            if self._migrating or self._status.status in ACTIVE[:2]:
                 raise CommandError(MIGRATION_IN_PROGRESS)
             new = dataclasses.replace(self.settings, capabilities={
                 **self.settings.capabilities, **changes})
@@ -358,7 +278,7 @@ class VmController:
                 value = value or None
             fields[field] = value
         with self._cond:
-            if self._migrating or self._status.status in ("setup", "active"):
+            if self._migrating or self._status.status in ACTIVE[:2]:
                 raise CommandError(MIGRATION_IN_PROGRESS)
             new = dataclasses.replace(self.settings, **fields)
             _checked(new)
@@ -413,7 +333,7 @@ class VmController:
             with self._cond:
                 self._status.stats = stats
                 self._status.completed += 1
-            self.events.emit("CHECKPOINT", {"file": where, **_stats_data(stats)})
+            self.events.emit("CHECKPOINT", {"file": where, **stats_data(stats)})
             end("completed")
             if self._on_checkpoint is not None:
                 self._on_checkpoint(where, stats)
@@ -532,7 +452,7 @@ class VmController:
             busy = self._migrating
         if not busy:
             return
-        if self._status.status in ("setup", "active"):
+        if self._status.status in ACTIVE[:2]:
             self._set_status("cancelling")
         self._cancel.set()
         self._wake.set()
@@ -566,38 +486,9 @@ class VmController:
         """QMP ``query-migrate``, QEMU's field names."""
         with self._cond:
             status = dataclasses.replace(self._status)
-        reply: dict[str, Any] = {"status": status.status}
-        if status.status == "none":
-            return reply
-        stats = status.stats
-        if status.status in ("setup", "active", "cancelling"):
-            reply["total-time"] = int((time.monotonic() - status.started) * 1000)
-            if stats is not None:
-                reply["expected-downtime"] = round(stats.downtime_ms)
-        if stats is not None:
-            if status.status not in ("setup", "active", "cancelling"):
-                reply["total-time"] = round(stats.total_ms)
-                reply["downtime"] = round(stats.downtime_ms)
-            reply["setup-time"] = round(stats.setup_ms)
-            machine = self._machine
-            total = sum(b.size for b in machine.ram_blocks) if machine is not None else 0
-            seconds = max(stats.total_ms / 1000, 1e-9)
-            reply["ram"] = {
-                "transferred": stats.bytes_written,
-                "total": total,
-                "remaining": 0,
-                "duplicate": stats.zero_pages,
-                "normal": stats.pages,
-                "normal-bytes": stats.pages * PAGE_SIZE,
-                "mbps": round(stats.bytes_written * 8 / 1e6 / seconds, 3),
-                "pages-per-second": round((stats.pages + stats.zero_pages) / seconds),
-                "dirty-sync-count": status.completed,
-                "page-size": PAGE_SIZE,
-            }
-            reply["checkpoint"] = {"file": status.path, **_stats_data(stats)}
-        if status.error is not None and status.status == "failed":
-            reply["error-desc"] = status.error
-        return reply
+        machine = self._machine
+        ram_total = sum(b.size for b in machine.ram_blocks) if machine is not None else 0
+        return status.reply(ram_total)
 
     def checkpoint_file(self) -> str | None:
         """The file the last checkpoint went to (or the one this run writes or came from)."""
@@ -696,9 +587,3 @@ def _reload_target(uri: str) -> CheckpointTarget:
         return target.resolved()
     except ConfigError as err:
         raise CommandError(str(err)) from err
-
-
-def _stats_data(stats: CheckpointStats) -> dict[str, Any]:
-    """A checkpoint's statistics as event/reply data (kebab-case keys, as QMP's)."""
-    return {key.replace("_", "-"): list(value) if isinstance(value, tuple) else value
-            for key, value in stats.as_dict().items()}

@@ -18,7 +18,8 @@ from ..errors import PyvmmError
 from ..identity import vm_id
 from ..machine import RunState
 from ..migration.defaults import CAPABILITIES
-from .controller import PARAMETERS, CommandError, VmController
+from .controller import CommandError, VmController
+from .settings import PARAMETERS
 
 _NL = "\r\n"
 

@@ -18,7 +18,8 @@ from .. import __version__
 from ..errors import PyvmmError
 from ..identity import vm_id
 from ..migration.defaults import CAPABILITIES
-from .controller import PARAMETERS, CommandError, VmController
+from .controller import CommandError, VmController
+from .settings import PARAMETERS
 
 Handler = Callable[[VmController, dict[str, Any]], Any]
 

@@ -14,13 +14,9 @@ from pyvmm.guests.workload import WorkloadOptions
 from pyvmm.machine import RunState, StopReason
 from pyvmm.migration.checkpoint import CheckpointCancelled
 from pyvmm.migration.container import CheckpointFile
-from pyvmm.monitor.controller import (
-    MIGRATION_IN_PROGRESS,
-    CommandError,
-    MigrationSettings,
-    VmController,
-)
+from pyvmm.monitor.controller import MIGRATION_IN_PROGRESS, CommandError, VmController
 from pyvmm.monitor.events import Event
+from pyvmm.monitor.settings import MigrationSettings
 from pyvmm.testing.digest import ram_digest
 
 FOREVER = WorkloadOptions.parse("pattern=random,working_set=1M,passes=0,report=0")

@@ -44,13 +44,14 @@ from pyvmm.migration.container import CheckpointFile
 from pyvmm.migration.reload import reload_file
 from pyvmm.migration.stream import QEMUFile
 from pyvmm.migration.vmstate_interpreter import load_state, save_state
-from pyvmm.monitor.controller import MigrationSettings, VmController
+from pyvmm.monitor.controller import VmController
 from pyvmm.monitor.inform import (
     HELP,
     MAX_LISTENERS,
     GuestInformService,
     start_guest_inform,
 )
+from pyvmm.monitor.settings import MigrationSettings
 from pyvmm.monitor.sockets import SocketAddress
 
 DEADLINE = 60.0
