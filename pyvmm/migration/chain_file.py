@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ConfigError
-from .container import CheckpointFile, file_kind, lock_target
+from .container import CheckpointFile
+from .container_files import file_kind, lock_target
 
 ASIDE_TAGS = ("new", "restart")  # "restart": the name pyvmm 0.x gave a restarted chain's file
 
