@@ -29,10 +29,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from .defaults import TRACKERS
 from ..ram import PageBitmap, RamBlock
-from .postcopy_uffd import AsyncDirtyTracker, WriteProtectSession
-
+from .defaults import TRACKERS
+from .postcopy_uffd import WriteProtectSession
+from .uffd_async_tracker import AsyncDirtyTracker
 
 
 class DirtyTracker(Protocol):

@@ -67,7 +67,6 @@ from .checksum_table import RamCrcTable
 from .container import PAGE_RECORD_HEADER, CheckpointFile, IncrementInfo, RamBlockInfo
 from .machine_state import machine_save_state
 from .page_index_format import page_index_records
-from .postcopy_uffd import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
 from .reload import (
     check_chain,
     check_increment_structure,
@@ -75,6 +74,7 @@ from .reload import (
     restore_machine,
     scratch_entries,
 )
+from .uffd_syscalls import UFFDIO_REGISTER_MODE_MISSING, Userfaultfd
 
 OutputSink = Callable[[bytes], None]
 

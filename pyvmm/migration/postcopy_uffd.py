@@ -1,332 +1,41 @@
-"""userfaultfd for checkpoints: the syscall wrapper, the async dirty tracker, live write-protect.
+"""Live write-protect: a checkpoint saves RAM as it was when protected while writers go on.
 
-Three layers, bottom up:
+:class:`WriteProtectSession` is the live checkpoint of DESIGN.md section 4: RAM is
+write-protected synchronously (through :mod:`~pyvmm.migration.uffd_syscalls`) and a C thread
+(``pyvmm/native/uffd.c``) resolves each write fault by copying the page to a shadow slot first, so
+the saver sees RAM exactly as it was when the session protected it. The thread never needs the
+GIL (DESIGN.md section 5).  Errors are :class:`~pyvmm.errors.UffdError` naming the ``live``
+checkpoint kind when a feature or privilege is missing.
 
-* :class:`Userfaultfd` mirrors the syscalls (open, ``UFFDIO_API``, ``REGISTER``/``UNREGISTER``,
-  ``WRITEPROTECT``, ``COPY``, ``ZEROPAGE``, ``WAKE``) one method each; errors become
-  :class:`~pyvmm.errors.UffdError` naming the operation, and for a missing feature or privilege
-  the checkpoint kind (``"incremental"`` or ``"live"``) that is therefore unavailable.
-* :class:`AsyncDirtyTracker` finds the pages written since the last look, for incremental
-  checkpoints: a ``WP_ASYNC`` userfaultfd lets every write through while the kernel notes it in the
-  page table, and ``PAGEMAP_SCAN`` reads and re-protects those notes in one ioctl per pass.
-* :class:`WriteProtectSession` is the live checkpoint of DESIGN.md section 4: RAM is
-  write-protected synchronously and a C thread (``pyvmm/native/uffd.c``) resolves each write
-  fault by copying the page to a shadow slot first, so the saver sees RAM exactly as it was when
-  the session protected it. The thread never needs the GIL (DESIGN.md section 5).
-
-All RAM pages here are 4 KiB, the host page size; guest and host pages coincide.
+This module also offers :class:`~pyvmm.migration.uffd_async_tracker.AsyncDirtyTracker`, the
+other userfaultfd tracker (the two exclude each other on the same RAM).  All RAM pages here are
+4 KiB, the host page size; guest and host pages coincide.
 """
 
 from __future__ import annotations
 
 import errno as errno_codes
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 from pyvmm._native import ffi, lib
 from pyvmm.errors import UffdError
 from pyvmm.migration.defaults import FAULT_MODES
+from pyvmm.migration.uffd_async_tracker import AsyncDirtyTracker
+from pyvmm.migration.uffd_syscalls import (
+    LIVE,
+    UFFD_FEATURE_SIGBUS,
+    UFFD_FEATURE_WP_UNPOPULATED,
+    Userfaultfd,
+    check_block_names,
+    register_wp,
+)
 from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
 
-# uapi values (include/uapi/linux/userfaultfd.h)
-UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
-UFFD_FEATURE_SIGBUS = 1 << 7
-UFFD_FEATURE_THREAD_ID = 1 << 8
-UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
-UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
-UFFD_FEATURE_WP_ASYNC = 1 << 15
-
-UFFDIO_REGISTER_MODE_MISSING = 1 << 0
-UFFDIO_REGISTER_MODE_WP = 1 << 1
-UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
-UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
-UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
-UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
-_UFFDIO_WRITEPROTECT_BIT = 6  # bit of UFFDIO_WRITEPROTECT in the ioctls REGISTER reports
-
-FEATURE_NAMES = {
-    UFFD_FEATURE_PAGEFAULT_FLAG_WP: "PAGEFAULT_FLAG_WP",
-    UFFD_FEATURE_SIGBUS: "SIGBUS",
-    UFFD_FEATURE_WP_UNPOPULATED: "WP_UNPOPULATED",
-    UFFD_FEATURE_WP_ASYNC: "WP_ASYNC",
-}
-
-INCREMENTAL = "incremental"
-LIVE = "live"
-
-INJECT_OPEN_ERRNO_ENV = "PYVMM_UFFD_INJECT_OPEN_ERRNO"
-"""Tests set this to an errno number to make every userfaultfd open fail with it."""
-
-_PAGEMAP_SCAN_VEC = 512  # regions per PAGEMAP_SCAN ioctl: 12 KiB of vector
-
-
-def _feature_names(bits: int) -> str:
-    names = [name for bit, name in FEATURE_NAMES.items() if bits & bit]
-    unknown = bits & ~sum(FEATURE_NAMES)
-    if unknown:
-        names.append(f"0x{unknown:x}")
-    return ", ".join(names)
-
-
-def _open_fd(capability: str | None) -> tuple[int, bool]:
-    """A new O_NONBLOCK|O_CLOEXEC userfaultfd and whether it is limited to user-mode faults.
-
-    Prefers ``/dev/userfaultfd`` (its permissions, not a sysctl, decide who may use it), then the
-    syscall, then the syscall with ``UFFD_USER_MODE_ONLY`` (what an unprivileged process gets).
-    """
-    injected = os.environ.get(INJECT_OPEN_ERRNO_ENV)
-    if injected:
-        raise UffdError("open", int(injected), capability=capability,
-                        detail=f"injected by {INJECT_OPEN_ERRNO_ENV}")
-    fd = int(lib.pyvmm_uffd_open(1, 0))
-    if fd >= 0:
-        return fd, False
-    fd = int(lib.pyvmm_uffd_open(0, 0))
-    if fd >= 0:
-        return fd, False
-    if fd == -errno_codes.EPERM:
-        fd = int(lib.pyvmm_uffd_open(0, 1))
-        if fd >= 0:
-            return fd, True
-    raise UffdError("open", -fd, capability=capability,
-                    detail="neither /dev/userfaultfd nor the userfaultfd syscall is usable")
-
-
-def kernel_features(feature_mask: int | None = None, *, capability: str | None = None) -> int:
-    """The ``UFFD_FEATURE_*`` bits this kernel offers (an ``UFFDIO_API`` handshake asking for
-    none), and-ed with ``feature_mask`` when given, which simulates an older kernel. Errors name
-    ``capability``, the checkpoint kind that asked."""
-    fd, _ = _open_fd(capability)
-    try:
-        out = ffi.new("pyvmm_u64[2]")
-        rc = lib.pyvmm_uffd_api(fd, 0, out, out + 1)
-        if rc:
-            raise UffdError("UFFDIO_API", -rc, capability=capability)
-        features = int(out[0])
-    finally:
-        os.close(fd)
-    return features if feature_mask is None else features & feature_mask
-
-
-class Userfaultfd:
-    """An open userfaultfd, after its ``UFFDIO_API`` handshake; one method per ioctl.
-
-    Addresses and lengths are host addresses and byte counts, page aligned. Any thread may call
-    any method; the C calls release the GIL.
-    """
-
-    def __init__(self, fd: int, features: int, ioctls: int, user_mode_only: bool,
-                 capability: str | None) -> None:
-        self._fd = fd
-        self.features = features
-        """Features the handshake enabled."""
-        self.ioctls = ioctls
-        """Bit mask of the ioctls the handshake made available (bit = _UFFDIO_* number)."""
-        self.user_mode_only = user_mode_only
-        """Opened with ``UFFD_USER_MODE_ONLY``: kernel-side writes (``read()`` into a protected
-        page) then fail with EFAULT instead of faulting here."""
-        self.capability = capability
-
-    @classmethod
-    def open(
-        cls,
-        features: int = 0,
-        *,
-        capability: str | None = None,
-        feature_mask: int | None = None,
-    ) -> Userfaultfd:
-        """Open a userfaultfd and enable ``features``.
-
-        Missing features raise :class:`UffdError` naming them and ``capability``, the checkpoint
-        kind that needs them. ``feature_mask`` hides kernel features (to test older kernels).
-        """
-        offered = kernel_features(feature_mask, capability=capability)
-        missing = features & ~offered
-        if missing:
-            raise UffdError("UFFDIO_API", errno_codes.EOPNOTSUPP, capability=capability,
-                            detail=f"kernel lacks feature {_feature_names(missing)}")
-        fd, user_mode_only = _open_fd(capability)
-        out = ffi.new("pyvmm_u64[2]")
-        rc = lib.pyvmm_uffd_api(fd, features, out, out + 1)
-        if rc:
-            os.close(fd)
-            raise UffdError("UFFDIO_API", -rc, capability=capability,
-                            detail=f"asking for {_feature_names(features) or 'no features'}")
-        return cls(fd, int(out[0]), int(out[1]), user_mode_only, capability)
-
-    def fileno(self) -> int:
-        """The file descriptor (``-1`` once closed)."""
-        return self._fd
-
-    def _check(self, op: str, rc: int) -> int:
-        if rc < 0:
-            raise UffdError(op, -rc)
-        return rc
-
-    def _open_fd(self) -> int:
-        if self._fd < 0:
-            raise UffdError("use", errno_codes.EBADF, detail="the userfaultfd is closed")
-        return self._fd
-
-    def register(self, start: int, length: int, mode: int) -> int:
-        """``UFFDIO_REGISTER`` the range in ``mode`` (MISSING and/or WP); returns its ioctls."""
-        out = ffi.new("pyvmm_u64 *")
-        rc = lib.pyvmm_uffd_register(self._open_fd(), start, length, mode, out)
-        if rc == -errno_codes.EINVAL and mode & UFFDIO_REGISTER_MODE_WP:
-            raise UffdError("UFFDIO_REGISTER", -rc, capability=self.capability,
-                            detail="write-protect mode refused for this memory")
-        self._check("UFFDIO_REGISTER", rc)
-        return int(out[0])
-
-    def unregister(self, start: int, length: int) -> None:
-        """``UFFDIO_UNREGISTER``: drops protection and wakes any thread waiting in the range."""
-        self._check("UFFDIO_UNREGISTER", lib.pyvmm_uffd_unregister(self._open_fd(), start, length))
-
-    def writeprotect(self, start: int, length: int, protect: bool, *, wake: bool = True) -> None:
-        """``UFFDIO_WRITEPROTECT``: protect, or unprotect (waking writers unless ``wake=False``)."""
-        mode = UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
-        if not wake and not protect:
-            mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE
-        self._check("UFFDIO_WRITEPROTECT",
-                    lib.pyvmm_uffd_writeprotect(self._open_fd(), start, length, mode))
-
-    def copy(self, dst: int, src: int, length: int, *, wake: bool = True) -> int:
-        """``UFFDIO_COPY`` ``length`` bytes from host address ``src``; returns bytes copied."""
-        mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
-        return self._check("UFFDIO_COPY",
-                           int(lib.pyvmm_uffd_copy(self._open_fd(), dst, src, length, mode)))
-
-    def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
-        """``UFFDIO_ZEROPAGE``: map zero pages over a missing range; returns bytes mapped."""
-        mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        return self._check("UFFDIO_ZEROPAGE",
-                           int(lib.pyvmm_uffd_zeropage(self._open_fd(), start, length, mode)))
-
-    def wake(self, start: int, length: int) -> None:
-        """``UFFDIO_WAKE`` the threads waiting on faults in the range."""
-        self._check("UFFDIO_WAKE", lib.pyvmm_uffd_wake(self._open_fd(), start, length))
-
-    def close(self) -> None:
-        """Close the fd (idempotent); the kernel then drops every registration."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-def _register_wp(uffd: Userfaultfd, blocks: Iterable[RamBlock]) -> list[RamBlock]:
-    """Register every block in WP mode and protect it all; on failure undo what was done."""
-    done: list[RamBlock] = []
-    try:
-        for block in blocks:
-            ioctls = uffd.register(block.host_addr, block.size, UFFDIO_REGISTER_MODE_WP)
-            done.append(block)
-            if not ioctls >> _UFFDIO_WRITEPROTECT_BIT & 1:
-                raise UffdError("UFFDIO_REGISTER", errno_codes.EOPNOTSUPP,
-                                capability=uffd.capability,
-                                detail=f"no UFFDIO_WRITEPROTECT on RAM block {block.name!r}")
-            uffd.writeprotect(block.host_addr, block.size, True)
-    except BaseException:
-        for block in done:
-            uffd.unregister(block.host_addr, block.size)
-        raise
-    return done
-
-
-def _check_blocks(blocks: Sequence[RamBlock]) -> None:
-    names = [block.name for block in blocks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"RAM block names repeat: {names}")
-
-
-class AsyncDirtyTracker:
-    """Pages written since the last :meth:`collect`, by any writer: the vCPU (unicorn writes
-    straight into the mapping), Python, or the kernel (``read()`` into guest RAM).
-
-    Uses a userfaultfd with ``WP_ASYNC | WP_UNPOPULATED``: writes never block, the kernel only
-    clears the page's protection, and ``PAGEMAP_SCAN`` reports the unprotected pages and protects
-    them again in the same pass. A block can be watched by one userfaultfd at a time, so this and
-    :class:`WriteProtectSession` exclude each other on the same RAM (DESIGN.md section 5).
-    Methods are for one thread at a time; writers may run concurrently on any thread.
-    """
-
-    FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
-
-    def __init__(self, blocks: Sequence[RamBlock], *, feature_mask: int | None = None,
-                 vec_len: int = _PAGEMAP_SCAN_VEC) -> None:
-        _check_blocks(blocks)
-        if vec_len < 1:
-            raise ValueError(f"vec_len must be at least 1, not {vec_len}")
-        self._vec_len = vec_len
-        self._uffd = Userfaultfd.open(self.FEATURES, capability=INCREMENTAL,
-                                      feature_mask=feature_mask)
-        try:
-            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            self._uffd.close()
-            raise UffdError("open /proc/self/pagemap", err.errno or 0,
-                            capability=INCREMENTAL) from err
-        try:
-            self._blocks = _register_wp(self._uffd, blocks)
-        except BaseException:
-            self._uffd.close()
-            os.close(self._pagemap)
-            raise
-        self.scan_ioctls = 0
-        """PAGEMAP_SCAN ioctls made by the last :meth:`collect`."""
-
-    @property
-    def blocks(self) -> list[RamBlock]:
-        """The blocks watched (empty once stopped)."""
-        return list(self._blocks)
-
-    def collect(self) -> dict[str, PageBitmap]:
-        """Per block name, the pages written since the tracker started or last collected; the
-        pages reported are protected again. One C call per block, GIL released."""
-        if self._pagemap < 0:
-            raise UffdError("PAGEMAP_SCAN", errno_codes.EBADF, detail="tracker stopped")
-        result: dict[str, PageBitmap] = {}
-        calls = ffi.new("pyvmm_u64 *")
-        self.scan_ioctls = 0
-        for block in self._blocks:
-            bitmap = block.new_bitmap()
-            rc = int(lib.pyvmm_pagemap_scan_written(
-                self._pagemap, block.host_addr, block.page_count,
-                ffi.cast("pyvmm_u64 *", bitmap.address), self._vec_len, calls))
-            if rc < 0:
-                raise UffdError("PAGEMAP_SCAN", -rc, capability=INCREMENTAL,
-                                detail=f"RAM block {block.name!r}")
-            self.scan_ioctls += int(calls[0])
-            result[block.name] = bitmap
-        return result
-
-    def stop(self) -> None:
-        """Unregister every block (its protection goes) and close the fds; idempotent."""
-        try:
-            for block in self._blocks:
-                self._uffd.unregister(block.host_addr, block.size)
-        finally:
-            self._blocks = []
-            self._uffd.close()
-            if self._pagemap >= 0:
-                os.close(self._pagemap)
-                self._pagemap = -1
-
-    def __enter__(self) -> AsyncDirtyTracker:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+__all__ = ["AsyncDirtyTracker", "LiveRun", "LiveSaveCounts", "ShadowCopy", "WriteProtectSession",
+           "WriteProtectStats"]
 
 
 class LiveRun(NamedTuple):
@@ -441,7 +150,7 @@ class WriteProtectSession:
         doubles the run, up to this many pages (default ``unprotect_pages``: no growth): a
         sequential writer then faults a few times per ``fault_around`` pages instead of once
         per page, at the price of up to ``fault_around - 1`` pages counted dirty unwritten."""
-        _check_blocks(blocks)
+        check_block_names(blocks)
         if fault_mode not in FAULT_MODES:
             raise ValueError(f"unknown fault_mode {fault_mode!r} (choose from "
                              f"{', '.join(FAULT_MODES)})")
@@ -488,7 +197,7 @@ class WriteProtectSession:
                                             else handler_cpu)
             if rc:
                 raise UffdError("fault handler start", -rc, capability=LIVE)
-            self._registered = _register_wp(self._uffd, self._blocks)
+            self._registered = register_wp(self._uffd, self._blocks)
             lib.pyvmm_wp_session_arm(self._session)
         except BaseException:
             lib.pyvmm_wp_session_stop(self._session)
@@ -684,7 +393,7 @@ class WriteProtectSession:
         if err:
             raise UffdError("fault handler", err, capability=LIVE)
 
-    def __enter__(self) -> WriteProtectSession:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -23,13 +23,15 @@ from pyvmm.errors import UffdError
 from pyvmm.migration.container_format import IndexRecords
 from pyvmm.migration.pageio import sort_index_records
 from pyvmm.migration.postcopy_uffd import (
+    AsyncDirtyTracker,
+    WriteProtectSession,
+    WriteProtectStats,
+)
+from pyvmm.migration.uffd_syscalls import (
     INJECT_OPEN_ERRNO_ENV,
     UFFD_FEATURE_WP_ASYNC,
     UFFD_FEATURE_WP_UNPOPULATED,
-    AsyncDirtyTracker,
     Userfaultfd,
-    WriteProtectSession,
-    WriteProtectStats,
     kernel_features,
 )
 from pyvmm.ram import PAGE_SIZE, RamBlock
