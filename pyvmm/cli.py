@@ -450,6 +450,13 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace,
     except KeyboardInterrupt:
         print(f"pyvmm: interrupted ({stop_signal.name})", file=sys.stderr)
         return 128 + stop_signal.signum
+    except RuntimeError as err:
+        # a Ctrl-C that lands while a class is being created (a lazy import: construct's
+        # pdb) reaches us as "Error calling __set_name__" caused by the KeyboardInterrupt
+        if not isinstance(err.__cause__ or err.__context__, KeyboardInterrupt):
+            raise
+        print(f"pyvmm: interrupted ({stop_signal.name})", file=sys.stderr)
+        return 128 + stop_signal.signum
     except BrokenPipeError:
         # whoever read our output stopped (`pyvmm checkpoint info f | head`): not an error to
         # report; point stdout at /dev/null so that the flush at exit does not fail again

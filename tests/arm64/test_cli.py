@@ -163,3 +163,25 @@ def test_workload_seed_option_seeds_the_guest_as_seed_does() -> None:
     assert clash.returncode == 1
     assert clash.stderr == b"pyvmm: error: --seed 4 and --workload seed=5 disagree: give one " \
                            b"of them\n"
+
+
+def test_a_ctrl_c_inside_a_class_creation_is_an_interruption_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Python turns a KeyboardInterrupt raised while a class is created (a lazy import, e.g.
+    construct's pdb) into a RuntimeError from __set_name__: still one line, exit 130."""
+    import pyvmm.run_command
+    from pyvmm.cli import main
+
+    def interrupted_import(_args: object) -> int:
+        class Descriptor:
+            def __set_name__(self, owner: type, name: str) -> None:
+                raise KeyboardInterrupt
+
+        class Module:  # noqa: F841 - its creation is the point
+            details = Descriptor()
+
+        return 0
+
+    monkeypatch.setattr(pyvmm.run_command, "cmd_run", interrupted_import)
+    assert main(["run"]) == 130
+    assert capsys.readouterr().err == "pyvmm: interrupted (SIGINT)\n"
