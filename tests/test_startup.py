@@ -28,7 +28,10 @@ MIGRATION = ("pyvmm.migration.checkpoint", "pyvmm.migration.reload", "pyvmm.migr
              "pyvmm.migration.container_format", "pyvmm.migration.checksum",
              "pyvmm.migration.postcopy_uffd", "pyvmm.migration.periodic", "pyvmm.migration.lazy",
              "pyvmm.migration.squash", "pyvmm.migration.inspect", "pyvmm.migration.verify",
-             "construct")
+             "pyvmm.migration.container_reader", "pyvmm.migration.container_files",
+             "pyvmm.migration.uffd_syscalls", "pyvmm.migration.uffd_async_tracker",
+             "pyvmm.migration.savers", "pyvmm.migration.algorithms", "pyvmm.monitor.server",
+             "asyncio", "construct")
 NEVER_AT_START = ("json", "hypothesis", "pytest", "pyvmm.testing", "uuid", "pickle")
 
 
