@@ -15,22 +15,26 @@ into a fresh machine, comparing with the model:
 * each increment's page index must hold every page whose content changed since the previous
   checkpoint, and the stats the checkpointer returned must agree with the file.
 
-Plugging in another algorithm: subclass the generated class and override :meth:`make_checkpointer`
-(anything with ``checkpoint() -> CheckpointStats`` and ``close()``), or :meth:`take_checkpoint` for
-finer control; :meth:`reload_checkpoint` and :meth:`expected_kind` are the other hooks.  Run it
-with ``TestX = MyMachine.TestCase`` and ``TestX.settings = profile_settings()``.
+Plugging in another algorithm: a tracker or saver known to :mod:`pyvmm.migration.algorithms` (a
+name or ``module:attribute``) needs only ``checkpoint_state_machine(..., tracker=..., saver=...)``
+(the ``pytest --pyvmm-algorithm`` plugin, :mod:`pyvmm.testing.pytest_plugin`, does that for you).
+Anything else: subclass the generated class and override :meth:`make_checkpointer` (anything with
+``checkpoint() -> CheckpointStats`` and ``close()``), or :meth:`take_checkpoint` for finer
+control; :meth:`reload_checkpoint` and :meth:`expected_kind` are the other hooks.  Run it with
+``TestX = MyMachine.TestCase`` and ``TestX.settings = profile_settings()``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from hypothesis import HealthCheck, note, settings
+from hypothesis import HealthCheck, Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -38,7 +42,13 @@ from ..machine import RAM_BASE, Machine, StopReason
 from ..migration.checkpoint import Checkpointer, CheckpointStats, reload
 from ..migration.container import CheckpointFile
 from ..ram import PAGE_SIZE
-from .strategies import REGION_PAGES, GuestStore, guest_stores, page_writes, region_pages
+from .strategies import (
+    REGION_PAGES,
+    GuestStore,
+    guest_stores,
+    page_writes,
+    region_pages,
+)
 
 #: RAM page (of the main block) holding the store snippets; outside the modelled region.
 CODE_PAGE = 0
@@ -90,15 +100,30 @@ def encode_store(address: int, value: int, size: int) -> bytes:
     return b"".join(w.to_bytes(4, "little") for w in words)
 
 
+#: The hypothesis profiles of :func:`profile_settings`, and what each is for.
+PROFILES = {
+    "ci": "small, fast and derandomized: the same examples on every run (the default); a "
+          "failure is shrunk, the first one found only",
+    "long": "a long local run for hunting bugs: 200 examples of 50 steps, the example database "
+            "on (a failure found is tried first next time)",
+    "dev": "the long run's former name",
+}
+
+
 def profile_settings(name: str | None = None) -> settings:
-    """The settings of profile ``name``: ``"ci"`` (small and fast, the default) or ``"dev"``
-    (longer runs, for hunting bugs locally); ``PYVMM_HYPOTHESIS_PROFILE`` picks when ``name`` is
-    None.  Both are also registered with hypothesis under ``pyvmm-ci`` / ``pyvmm-dev``."""
-    common: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    """The settings of profile ``name``, one of :data:`PROFILES`: ``"ci"`` (small and fast, the
+    default) or ``"long"`` (longer runs, for hunting bugs locally; ``"dev"`` is the same);
+    ``PYVMM_HYPOTHESIS_PROFILE`` picks when ``name`` is None.  All are also registered with
+    hypothesis under ``pyvmm-ci`` / ``pyvmm-long`` / ``pyvmm-dev``."""
+    common: dict[str, Any] = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+    long = settings(max_examples=200, stateful_step_count=50, **common)
     profiles = {
+        # explain: slow, and it says little of a state machine's steps
         "ci": settings(max_examples=10, stateful_step_count=20, derandomize=True,
-                       database=None, print_blob=True, **common),
-        "dev": settings(max_examples=200, stateful_step_count=50, **common),
+                       database=None, print_blob=True, report_multiple_bugs=False,
+                       phases=[p for p in Phase if p is not Phase.explain], **common),
+        "long": long,
+        "dev": long,
     }
     for key, value in profiles.items():
         settings.register_profile(f"pyvmm-{key}", value)
@@ -116,6 +141,8 @@ class CheckpointMachine(RuleBasedStateMachine):
 
     capabilities: ClassVar[tuple[str, ...]] = ()
     tracker: ClassVar[str] = "async"
+    #: The page saver (a name in :mod:`pyvmm.migration.algorithms`); None: as the capabilities say.
+    saver: ClassVar[str | None] = None
     ram_size: ClassVar[int] = 1 << 20
     durable: ClassVar[bool] = False
     #: Also require incremental increments to hold no page that was not written since the
@@ -142,6 +169,8 @@ class CheckpointMachine(RuleBasedStateMachine):
         kwargs: dict[str, Any] = {"durable": self.durable}
         if self.capabilities or self.tracker != "async":
             kwargs.update(capabilities=self.capabilities, tracker=self.tracker)
+        if self.saver is not None:
+            kwargs.update(saver=self.saver)
         return Checkpointer(self.machine, self.path, **kwargs)
 
     def take_checkpoint(self) -> CheckpointStats:
@@ -366,17 +395,25 @@ class CheckpointMachine(RuleBasedStateMachine):
 def checkpoint_state_machine(capabilities: tuple[str, ...] = (), tracker: str = "async",
                              ram_size: int = 1 << 20, *, durable: bool = False,
                              base: type[CheckpointMachine] = CheckpointMachine,
+                             saver: str | None = None, exact_increments: bool = True,
                              ) -> type[CheckpointMachine]:
     """A :class:`CheckpointMachine` subclass for one Checkpointer configuration.
 
-    ``capabilities`` and ``tracker`` are passed to :class:`Checkpointer`; ``ram_size`` is the
+    ``capabilities``, ``tracker`` and ``saver`` are passed to :class:`Checkpointer` (names or
+    ``module:attribute``, see :mod:`pyvmm.migration.algorithms`); ``ram_size`` is the
     machine's RAM (at least :data:`REGION_FIRST_PAGE` + :data:`REGION_PAGES` pages); ``base``
     lets a user's subclass (with its own :meth:`~CheckpointMachine.make_checkpointer`) be
-    configured the same way.
+    configured the same way; ``exact_increments``: see
+    :attr:`CheckpointMachine.exact_increments` (off for a tracker that may report a page
+    written that was not: correct, only wasteful).
     """
     if ram_size < (REGION_FIRST_PAGE + REGION_PAGES) * PAGE_SIZE:
         raise ValueError(f"ram_size {ram_size} is too small for the working region")
-    name = "CheckpointMachine_" + ("_".join(capabilities) or "full") + f"_{tracker}"
-    attributes: dict[str, Any] = dict(capabilities=tuple(capabilities), tracker=tracker,
-                                      ram_size=ram_size, durable=durable)
+    label = "_".join(capabilities) or "full"
+    # a class name, whatever the names hold (module:attribute, dashes)
+    name = re.sub(r"\W", "_", f"CheckpointMachine_{label}_{tracker}" +
+                  (f"_{saver}" if saver else ""))
+    attributes: dict[str, Any] = {"capabilities": tuple(capabilities), "tracker": tracker,
+                                  "ram_size": ram_size, "durable": durable, "saver": saver,
+                                  "exact_increments": exact_increments}
     return type(name, (base,), attributes)
