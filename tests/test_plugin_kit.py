@@ -264,9 +264,9 @@ def test_the_example_package_installs_into_a_fresh_venv_and_passes_the_plugin_ru
         listed.stdout
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONPATH", None)  # what the venv has, nothing else
-    run = subprocess.run([python, "-m", "pytest", "--pyvmm-algorithm", "changed", "-p",
-                          "no:cacheprovider", "-rA"], cwd=source, env=env, capture_output=True,
-                         text=True, timeout=900, check=False)
+    run = subprocess.run([python, "-m", "pytest", *PLUGIN, "--pyvmm-algorithm", "changed",
+                          "-p", "no:cacheprovider", "-rA"], cwd=source, env=env,
+                         capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     passed = set(re.findall(r"^PASSED (\S+)", run.stdout, re.MULTILINE))
     assert passed == {

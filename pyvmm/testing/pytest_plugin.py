@@ -204,10 +204,17 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not algorithms:
         return
     profile = kit_profile(config)
+    # pytest shows a node id's first part as a path relative to where it was started: rooted
+    # there, the kit's items read pyvmm-kit[...] from any directory under the rootdir
+    try:
+        where = config.invocation_params.dir.relative_to(config.rootpath).as_posix()
+    except ValueError:
+        where = "."
     for algorithm in algorithms:
         name = f"pyvmm-kit[{algorithm}]"
-        collector = KitCollector.from_parent(session, name=name, nodeid=name,
-                                             algorithm=algorithm, profile=profile)
+        collector = KitCollector.from_parent(
+            session, name=name, nodeid=name if where == "." else f"{where}/{name}",
+            algorithm=algorithm, profile=profile)
         items.extend(collector.collect())
 
 
