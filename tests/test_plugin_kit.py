@@ -257,6 +257,7 @@ def test_the_example_package_installs_into_a_fresh_venv_and_passes_the_plugin_ru
         [sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
          "--disable-pip-version-check", "--no-deps", "--no-build-isolation", "-e", source],
         capture_output=True, text=True, timeout=300, check=False)
+    # (setuptools before 70.1 builds the editable wheel with the wheel package: a test extra)
     assert install.returncode == 0, install.stdout + install.stderr
     listed = subprocess.run([python, "-m", "pyvmm", "algorithms"], capture_output=True,
                             text=True, timeout=120, check=True)

@@ -16,7 +16,8 @@ and raises AssertionError saying what differs (DESIGN.md §9):
   checkpoint at that pause holds (RAM digest, CPU, devices);
 * :func:`chain_prefixes_reload_to_their_snapshots`: incremental checkpoints while the guest and
   the host (the kernel included) write RAM: increments 0..k reload to the machine at pause k, for
-  every k and every reload strategy, and the file's page counts agree with its page index.
+  every k and every reload strategy (and the whole chain squashed), and the file's page counts
+  agree with its page index.
 
 Nothing here needs pytest (:mod:`pyvmm.testing.pytest_plugin` makes test items of these checks).
 Each check writes only under the directory it is given.  The ``python -m pyvmm`` children run
@@ -49,6 +50,7 @@ from ..migration.algorithms import KINDS, available, resolve
 from ..migration.checkpoint import Checkpointer, CheckpointStats, reload
 from ..migration.container import CheckpointFile
 from ..migration.defaults import STRATEGIES
+from ..migration.squash import squash
 from ..ram import PAGE_SIZE
 from .digest import ram_digest
 from .stateful import checkpoint_state_machine, profile_settings
@@ -380,7 +382,8 @@ def chain_prefixes_reload_to_their_snapshots(algorithm: AlgorithmUnderTest, work
     """Incremental checkpoints (with checksums) while the guest runs, the host writing other
     pages between them (``write_memory``, a memoryview, the kernel by ``preadv``, a page zeroed
     again): every prefix reloads to the machine at its last pause with every reload strategy,
-    each increment's page counts agree with its page index and with the stats returned."""
+    and so does the chain squashed into one full checkpoint; each increment's page counts agree
+    with its page index and with the stats returned."""
     path = workdir / "chain.chpt"
     at_pause, history = _checkpoints_while_running(
         algorithm, path, pattern, checkpoints, ("incremental", "checksum"),
@@ -390,6 +393,13 @@ def chain_prefixes_reload_to_their_snapshots(algorithm: AlgorithmUnderTest, work
     _check_counts(path, history)
     for strategy in STRATEGIES:
         _check_reloads(path, at_pause, strategy, f"an incremental chain with {algorithm}")
+    squashed = workdir / "squashed.chpt"
+    squash(path, output=squashed, durable=False)
+    with reload(f"chpt:{squashed}") as machine:
+        differences = MachineSnapshot.of(machine).differences(at_pause[-1])
+    assert not differences, \
+        f"an incremental chain with {algorithm}, squashed into one full checkpoint, does not " \
+        f"give the machine at the last pause: {'; '.join(differences)} differ"
 
 
 def _host_writes(machine: Machine, workdir: Path, round_: int) -> None:

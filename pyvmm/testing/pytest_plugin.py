@@ -137,7 +137,7 @@ def kit_checks(algorithm: AlgorithmUnderTest, profile: str) -> list[KitCheck]:
         checks.append(KitCheck(
             f"chain-prefixes[{pattern}]",
             "every prefix of an incremental chain reloads to the machine at its last pause, "
-            "with every reload strategy",
+            "with every reload strategy, and so does the chain squashed",
             functools.partial(_in, kit.chain_prefixes_reload_to_their_snapshots, algorithm,
                               pattern)))
     return checks
