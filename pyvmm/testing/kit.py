@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import itertools
 import os
 import subprocess
 import sys
@@ -201,9 +202,10 @@ def new_process_reload_equals_uninterrupted_run(algorithm: AlgorithmUnderTest, w
     assert whole.stdout.startswith(first.stdout), \
         "the checkpointing run printed what the uninterrupted run did not"
     increments = len(CHECKPOINT_AT) + 1
+    # every prefix, each with a reload strategy of its own (the whole chain: indexed, the default)
     reloads: list[tuple[int, tuple[str, ...]]] = [
         (count, ("--reload-strategy", strategy))
-        for count, strategy in zip(range(increments, 0, -1), STRATEGIES, strict=True)]
+        for count, strategy in zip(range(increments, 0, -1), itertools.cycle(STRATEGIES))]
     reloads.append((increments, ("--lazy",)))
     for count, how in reloads:
         rest = _pyvmm(workdir, "run", "-q", "--incoming", f"chpt:{count}:{chain}", *how)
