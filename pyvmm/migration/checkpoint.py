@@ -366,10 +366,14 @@ class Checkpointer:
                                 started=started, setup_done=setup_done, pause=pause)
             # a Ctrl-C after the commit must not make a committed increment look failed
             with signals_held():
-                writer.commit(stream_length=stream_length, page_runs=saved.runs,
-                              pages=saved.data_pages, zero_pages=saved.zero_pages,
-                              stats=stats.as_dict(),
-                              checksums=None if checksums is None else checksums[0])
+                try:
+                    writer.commit(stream_length=stream_length, page_runs=saved.runs,
+                                  pages=saved.data_pages, zero_pages=saved.zero_pages,
+                                  stats=stats.as_dict(),
+                                  checksums=None if checksums is None else checksums[0])
+                except ValueError as err:  # what a saver reported disagrees with its index
+                    raise SanityError(f"the {self.saver_name} saver's increment is "
+                                      f"inconsistent: {err}") from err
                 if checksums is not None:
                     self._crc_table = checksums[1]
                 ok = True

@@ -111,7 +111,8 @@ class LiveSaver(_Saver):
             # A live-only session tracks nothing for later, so a sequential writer may have runs
             # of up to 512 pages opened per fault; a tracker keeps its dirty pages exact.
             options = setup.tracker_options
-            made = make_tracker(setup.tracker, blocks, unprotect_pages=options.unprotect_pages,
+            # the session is the tracker, whatever tracker was named (see dirty.py): its wp
+            made = make_tracker("wp", blocks, unprotect_pages=options.unprotect_pages,
                                 handler_cpu=options.handler_cpu, live=True,
                                 shadow_pages=setup.shadow_pages,
                                 fault_around=None if setup.incremental else

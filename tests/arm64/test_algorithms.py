@@ -146,3 +146,22 @@ def test_cli_saver_and_tracker_by_name_reload_to_the_run_they_saved(tmp_path: Pa
     rest = pyvmm("run", "-q", "--incoming", f"chpt:{path}")
     assert rest.returncode == 0, rest.stderr
     assert saved.stdout + rest.stdout == whole.stdout
+
+
+def test_a_live_saver_tracks_with_its_own_session_whatever_tracker_is_named(
+        tmp_path: Path) -> None:
+    """A live checkpointer's write-protect session is its incremental tracker (one userfaultfd
+    for its life): a plug-in tracker's name there is no error, and the stats say wp."""
+    path = tmp_path / "c.chpt"
+    with boot(GuestSpec(workload=GUEST), ram_size=8 << 20) as machine:
+        checkpointer = Checkpointer(machine, path, durable=False,
+                                    capabilities=["live", "incremental"],
+                                    tracker=f"{__name__}:EverythingTracker")
+        try:
+            machine.start()
+            kinds = [checkpointer.checkpoint() for _ in range(2)]
+            machine.pause()
+        finally:
+            checkpointer.close()
+    assert [(s.kind, s.tracker, s.saver) for s in kinds] == [
+        ("full", "wp", "live"), ("incremental", "wp", "live")]
