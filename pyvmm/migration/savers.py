@@ -151,18 +151,14 @@ class LiveSaver(_Saver):
     def save(self, job: SaveJob) -> SavedPages:
         assert self._live is not None and self._armed is not None
         session = self._live.session
-        save_state = job.entries.save_state
-        entry = save_state.find("ram", 0)
-        assert entry is not None
         f = job.f
-        f.put_u8(QEMU_VM_SECTION_PART)
-        f.put_be32(entry.section_id)
+        section_id = _begin_ram_part(job)
         result = save_pages_live(f, session, self.setup.machine.ram_blocks, job.selection,
                                  open_saved=self._live is not self._tracking,
                                  nice=self.setup.saver_nice)
         f.put_be64(RAM_SAVE_FLAG_EOS)
         f.put_u8(QEMU_VM_SECTION_FOOTER)
-        f.put_be32(entry.section_id)
+        f.put_be32(section_id)
         job.entries.ram.select({})
         wp = session.stats()
         carried = sum(b.count() for b in session.dirty.values()) \
@@ -224,16 +220,13 @@ class CowSaver(_Saver):
         ``job.f`` holds the stream's beginning; the PART header goes there, everything after
         the pages is built here as the child's ``tail``."""
         save_state = job.entries.save_state
-        entry = save_state.find("ram", 0)
-        assert entry is not None
         f = job.f
-        f.put_u8(QEMU_VM_SECTION_PART)
-        f.put_be32(entry.section_id)
+        section_id = _begin_ram_part(job)
         f.flush()
         tail = QEMUFile.memory()
         tail.put_be64(RAM_SAVE_FLAG_EOS)
         tail.put_u8(QEMU_VM_SECTION_FOOTER)
-        tail.put_be32(entry.section_id)
+        tail.put_be32(section_id)
         job.entries.ram.select({})
         save_state.save_complete(tail)
         tail.put_bytes(job.device_bytes)
@@ -245,3 +238,13 @@ class CowSaver(_Saver):
         fd = f.fd
         assert fd is not None
         return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue())
+
+
+def _begin_ram_part(job: SaveJob) -> int:
+    """The PART section header of the RAM entry, written to ``job.f``; its section id (a
+    saver that writes pages outside save_iterate frames them itself)."""
+    entry = job.entries.save_state.find("ram", 0)
+    assert entry is not None
+    job.f.put_u8(QEMU_VM_SECTION_PART)
+    job.f.put_be32(entry.section_id)
+    return int(entry.section_id)
