@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, PyvmmError
+from ..interrupts import signals_held
 from ..machine import Machine, RunResult, RunState, StopReason
 from ..migration.defaults import (
     CAPABILITIES,
@@ -177,24 +178,22 @@ class VmController:
     def quit(self) -> None:
         """QMP ``quit``: end the run (a checkpoint in flight is finished; periodic ones
         stop).  The main thread's :meth:`run` returns with reason QUIT."""
+        self._end(announce=True)
+
+    def end_run(self) -> None:
+        """End the run as ``quit`` does, for a limit of the run's own (--max-checkpoints):
+        no SHUTDOWN event, the guest paused with reason QUIT."""
+        self._end(announce=False)
+
+    def _end(self, *, announce: bool) -> None:
         with self._cond:
             if self._quit:
                 return
             self._quit = True
             self._cond.notify_all()
         self._wake.set()
-        self.events.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        machine = self._machine
-        if machine is not None and machine.state in (RunState.RUNNING, RunState.SAVE_VM):
-            machine.pause(reason=StopReason.QUIT)
-
-    def end_run(self) -> None:
-        """End the run as ``quit`` does, for a limit of the run's own (--max-checkpoints):
-        no SHUTDOWN event, the guest paused with reason QUIT."""
-        with self._cond:
-            self._quit = True
-            self._cond.notify_all()
-        self._wake.set()
+        if announce:
+            self.events.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         machine = self._machine
         if machine is not None and machine.state in (RunState.RUNNING, RunState.SAVE_VM):
             machine.pause(reason=StopReason.QUIT)
@@ -230,8 +229,14 @@ class VmController:
                 result = self._next_result()
         except KeyboardInterrupt:
             current = self._machine or machine
-            current.pause(reason=StopReason.INTERRUPTED)
-            return dataclasses.replace(current.last_result, reason=StopReason.INTERRUPTED)
+            while True:  # a second Ctrl-C while this pause lands asks for the same stop
+                try:
+                    with signals_held():
+                        current.pause(reason=StopReason.INTERRUPTED)
+                except KeyboardInterrupt:
+                    continue
+                return dataclasses.replace(current.last_result,
+                                           reason=StopReason.INTERRUPTED)
         return self._quit_result(result) if self._quit else result
 
     @staticmethod
