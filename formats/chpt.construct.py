@@ -28,6 +28,21 @@ body behind it (HEADER_BODIES) changes with the version.
 Checksums are CRC-32 (zlib's, ISO-HDLC polynomial). An increment's ``stream_crc`` is different: a
 CRC-32C of its stream computed by the writer, or 0 for none; the container stores it as given.
 
+Compressed page records (the ``compress`` capability, page encoder ``zstd``): beside QEMU's
+RAM records (ZERO 0x02, PAGE 0x08, CONTINUE 0x20...) an increment's stream may hold pyvmm's own::
+
+    be64   page_offset | 0x400 [| 0x20 CONTINUE]
+    u8 len, idstr      (only without CONTINUE, as in every QEMU RAM record)
+    be16   n           1 <= n <= 3072
+    n bytes            one zstd frame (with its content checksum, without the content
+                       size) inflating to exactly page_size bytes
+
+QEMU's flags end at 0x200 and its own compressed page (0x100) is zlib and deprecated, so the
+record has a flag of its own; the frame's checksum finds damage to it as it is inflated; a page that does not shrink to 3072 bytes is written as PAGE, a
+zero page as ZERO. QEMU cannot load a stream that holds one (its analyzer stops at the flag); a
+stream without one is QEMU's as before. The page index lists consecutive compressed records of
+consecutive pages as one run flagged RUN_COMPRESSED. Older pyvmm versions refuse the flag.
+
 Format 2 adds the checksum block (``ChecksumBlob``, the ``checksum`` capability) and its place in
 the increment entry; format 1 files are still read, and appended to in format 1. The checksum
 block's own values are CRC-32C (Castagnoli, the SSE4.2 instruction's), over the stream as follows:
@@ -86,7 +101,10 @@ STATS_MAGIC = b"STAT"
 CHECKSUM_MAGIC = b"CSUM"
 CHECKSUM_ALGORITHMS = {"crc32c": 1}
 RUN_ZERO = 0x01  # PageRun.flags: the run's pages are all zero and have no data in the file
-RUN_FLAGS = RUN_ZERO  # every flag bit this version knows; others must be clear
+# PageRun.flags: the run's pages are pyvmm's compressed page records (the compress capability)
+RUN_COMPRESSED = 0x02
+RUN_FLAGS = RUN_ZERO | RUN_COMPRESSED  # every flag bit this version knows; others must be clear
+# (and never both: a run is data, zero or compressed)
 
 
 def crc32(data: bytes) -> int:
@@ -192,12 +210,14 @@ INCREMENT_ENTRY_SIZES = {1: INCREMENT_ENTRY_SIZE, 2: IncrementEntryV2.sizeof()}
 
 PageRun = Struct(
     "block" / Int16ub,  # number in the header's ram_blocks
-    "flags" / Int8ub,  # RUN_ZERO
+    "flags" / Int8ub,  # RUN_ZERO or RUN_COMPRESSED (not both), or none: a data run
     "reserved" / Const(b"\x00"),
     "npages" / Int32ub,
     "first_page" / Int64ub,  # page number inside the block
     # file offset of the first page's data bytes; page k of the run is at
-    # data_offset + k * (8 + page_size) (8 = the page record header in the stream); 0 for zero runs
+    # data_offset + k * (8 + page_size) (8 = the page record header in the stream); 0 for zero
+    # runs. A compressed run: the file offset of its first record's be16 length (see the module
+    # docstring); the run's records follow one another, so it is read whole.
     "data_offset" / Int64ub,
 )
 PAGE_RUN_SIZE = PageRun.sizeof()
@@ -296,6 +316,7 @@ __all__ = [
     "PageIndexFields",
     "PageRun",
     "PageRuns",
+    "RUN_COMPRESSED",
     "RUN_FLAGS",
     "RUN_ZERO",
     "RamBlock",

@@ -142,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     chpt.add_argument("--checksum", action="store_true",
                       help="capability: record CRC-32C checksums of every page, the stream and "
                            "the RAM; reloads check them, 'checkpoint verify' finds damage")
+    chpt.add_argument("--compress", action="store_true",
+                      help="capability: write pages that zstd shrinks by a quarter or more as "
+                           "compressed records (= --encoder zstd; not with --checksum; QEMU "
+                           "cannot load such a file, pyvmm reloads it as any other)")
+    chpt.add_argument("--compress-level", metavar="N", type=int,
+                      help="zstd level of --compress (QEMU's compress-level): 1 (default) to "
+                           "19 for smaller files, negative for speed")
     chpt.add_argument("--tracker", metavar="NAME", default="async",
                       help="dirty tracker for --incremental: async (kernel WP_ASYNC + "
                            "PAGEMAP_SCAN, default), wp (write-protect faults), hash (reference: "
@@ -149,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "pyvmm algorithms)")
     chpt.add_argument("--saver", metavar="NAME",
                       help="page saver: stop-and-copy (default), live (= --live), cow (= --cow), "
+                           "a plug-in's name or module:attribute (see pyvmm algorithms)")
+    chpt.add_argument("--encoder", metavar="NAME",
+                      help="page encoder: plain (QEMU's records, default), zstd (= --compress), "
                            "a plug-in's name or module:attribute (see pyvmm algorithms)")
     chpt.add_argument("--unprotect-pages", metavar="N", type=int, default=1,
                       help="pages unprotected per write fault (1 = 4 KiB; larger runs fault "
@@ -232,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"what to run: {' | '.join(BUILTIN_GUESTS)} (default) or a static "
                             f"ARM64 ELF and its arguments; must be the last option")
     _add_checkpoint_commands(sub)
-    sub.add_parser("algorithms", help="list the dirty trackers and page savers",
+    sub.add_parser("algorithms", help="list the dirty trackers, page savers and page encoders",
                    description="List the checkpoint algorithms pyvmm can use by name: built-in "
                                "ones and those installed plug-ins declare through the entry "
-                               "point groups pyvmm.trackers and pyvmm.savers.")
+                               "point groups pyvmm.trackers, pyvmm.savers and pyvmm.encoders.")
     monitor_cmd = sub.add_parser(
         "monitor", help="drive a running pyvmm through its monitor socket",
         description="Open an HMP session on a running pyvmm's monitor socket (its --qmp or "
@@ -278,6 +288,11 @@ def _add_checkpoint_commands(sub: Any) -> None:
                         help="how many increments to fold (default: all)")
     squash.add_argument("-o", "--output", metavar="OUT", default=None)
     squash.add_argument("--no-fsync", action="store_true", help="do not fsync the output")
+    squash.add_argument("--compress", action="store_true",
+                        help="write the output's pages compressed (zstd; default: QEMU's plain "
+                             "records, whatever the input holds)")
+    squash.add_argument("--compress-level", metavar="N", type=int,
+                        help="zstd level of --compress (default 1)")
     squash.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     verify = verbs.add_parser(
         "verify", help="check headers, indexes, streams and checksums without loading a guest",
@@ -335,8 +350,12 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 
         if args.increments is not None and args.increments < 1:
             raise ConfigError(f"-n must be at least 1, not {args.increments}")
+        if args.compress_level is not None and not args.compress:
+            raise ConfigError("--compress-level is the level of --compress: give both")
         result = squash(args.file, args.increments, args.output, durable=not args.no_fsync,
-                        progress=Progress("squashing", args.quiet))
+                        progress=Progress("squashing", args.quiet),
+                        encoder="zstd" if args.compress else "plain",
+                        compress_level=args.compress_level)
         squash_summary(result, args.quiet)
         return 0
     if args.verb == "export":

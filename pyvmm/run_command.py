@@ -195,9 +195,13 @@ def _check_run_options(args: argparse.Namespace) -> _RunOptions:
     if args.seconds is not None and args.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, not {args.seconds}")
     points = _checkpoint_points(args)
-    if (args.incremental or args.live or args.cow or args.checksum) and not args.checkpoint:
-        raise ConfigError("--incremental, --live, --cow and --checksum are capabilities of "
-                          "--checkpoint chpt:FILE")
+    if (args.incremental or args.live or args.cow or args.checksum or args.compress) and \
+            not args.checkpoint:
+        raise ConfigError("--incremental, --live, --cow, --checksum and --compress are "
+                          "capabilities of --checkpoint chpt:FILE")
+    if (args.encoder or args.compress_level is not None) and not args.checkpoint:
+        raise ConfigError("--encoder and --compress-level say how --checkpoint chpt:FILE "
+                          "writes pages: give --checkpoint")
     if args.unprotect_pages < 1:
         raise ConfigError(f"--unprotect-pages must be at least 1, not {args.unprotect_pages}")
     if not 0 <= args.saver_nice <= 19:
@@ -408,8 +412,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
     return MigrationSettings(
         capabilities={"incremental": args.incremental, "live": args.live, "cow": args.cow,
-                      "checksum": args.checksum},
+                      "checksum": args.checksum, "compress": args.compress},
         tracker=args.tracker, saver=args.saver, unprotect_pages=args.unprotect_pages,
+        encoder=args.encoder, compress_level=args.compress_level,
         fault_mode=args.fault_mode,
         saver_nice=args.saver_nice, max_increments=args.max_increments,
         durable=not args.no_fsync, sanity_checks=not args.no_sanity_checks)

@@ -224,6 +224,15 @@ def test_a_builtin_combination_passes_the_plugin_run(pytester: pytest.Pytester) 
         "running-equals-stop-and-copy[random]", "chain-prefixes[random]"}
 
 
+def test_the_compressing_encoder_passes_the_plugin_run(pytester: pytest.Pytester) -> None:
+    """An encoder is a part like the others: every oracle runs with zstd records written."""
+    result, outcomes = kit_run(pytester, "--pyvmm-algorithm", "encoder=zstd")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    assert set(kit_outcomes(outcomes, "encoder=zstd")) == {
+        "state-machine[full]", "state-machine[incremental]", "new-process-reload[increment]",
+        "running-equals-stop-and-copy[random]", "chain-prefixes[random]"}
+
+
 @pytest.mark.slow
 def test_every_builtin_combination_passes_the_plugin_run(pytester: pytest.Pytester) -> None:
     algorithms = [f"saver={saver},tracker={tracker}" for saver in ("stop-and-copy", "live", "cow")
@@ -281,10 +290,11 @@ def test_the_example_package_installs_into_a_fresh_venv_and_passes_the_plugin_ru
 @pytest.mark.parametrize(("value", "message"), [
     ("nope", "--pyvmm-algorithm: unknown algorithm 'nope' (trackers: async, wp, hash"),
     ("broken:Missing", "--pyvmm-algorithm: algorithm broken:Missing: cannot load it"),
-    ("broken:make_anything", "cannot tell whether broken:make_anything is a tracker or a saver"),
+    ("broken:make_anything",
+     "cannot tell whether broken:make_anything is a tracker, a saver or an encoder"),
     ("saver=nope", "--pyvmm-algorithm: unknown saver 'nope' (choose from stop-and-copy"),
     ("saver=live,saver=cow", "names two savers"),
-    ("engine=live", "'engine' is neither saver nor tracker"),
+    ("engine=live", "'engine' is neither saver, tracker nor encoder"),
 ])
 def test_negative_a_bad_algorithm_is_one_usage_error(pytester: pytest.Pytester, value: str,
                                                       message: str) -> None:

@@ -1,14 +1,15 @@
-"""The registry of checkpoint algorithms: dirty trackers and page savers by name.
+"""The registry of checkpoint algorithms: dirty trackers, page savers and page encoders by name.
 
 Built-ins are listed here; third-party plug-ins join through Python entry points in the groups
-``pyvmm.trackers`` and ``pyvmm.savers`` (an installed package declares e.g.
+``pyvmm.trackers``, ``pyvmm.savers`` and ``pyvmm.encoders`` (an installed package declares e.g.
 ``[project.entry-points."pyvmm.savers"] coldfirst = "mypkg:ColdFirstSaver"``).  A name may also
 be given as ``module:attribute`` (an algorithm not installed as a plug-in, e.g. in a test).
 
 What a name resolves to is a factory (see :mod:`pyvmm.migration.seams`):
 
 * a tracker: ``factory(blocks, options: TrackerOptions) -> DirtyTracker``;
-* a saver: ``factory(setup: SaverSetup) -> PageSaver``.
+* a saver: ``factory(setup: SaverSetup) -> PageSaver``;
+* an encoder: ``factory(options: EncoderOptions) -> PageEncoder``.
 
 Nothing is imported before it is asked for: listing names reads entry point metadata only, and a
 plug-in that fails to load is reported as such by :func:`describe`, never at start-up.  Unknown
@@ -26,7 +27,7 @@ from ..errors import ConfigError
 from ..ram import RamBlock
 from .seams import DirtyTracker, TrackerOptions
 
-KINDS = {"tracker": "pyvmm.trackers", "saver": "pyvmm.savers"}
+KINDS = {"tracker": "pyvmm.trackers", "saver": "pyvmm.savers", "encoder": "pyvmm.encoders"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,11 @@ _BUILTINS: tuple[Algorithm, ...] = (
         "about to change")),
     Algorithm("saver", "cow", _attribute("pyvmm.migration.savers", "CowSaver"), summary=(
         "fork at the pause; a child writes the pages from its copy-on-write view")),
+    Algorithm("encoder", "plain", _attribute("pyvmm.migration.encoders", "PlainEncoder"),
+              summary="QEMU's records: ZERO for zero pages, PAGE for the rest (default)"),
+    Algorithm("encoder", "zstd", _attribute("pyvmm.migration.encoders", "ZstdEncoder"), summary=(
+        "the compress capability: pages that zstd shrinks by a quarter become pyvmm's "
+        "compressed records")),
 )
 
 

@@ -37,7 +37,8 @@ from .container import (
     PageRun,
     RamBlockInfo,
 )
-from .defaults import CAPABILITIES, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE
+from .defaults import CAPABILITIES, COMPRESS, DEFAULT_STRATEGY, FAULT_MODES, SAVER_NICE
+from .encoders import PlainEncoder
 from .machine_state import (
     MachineStateEntries,
     capture,
@@ -46,6 +47,9 @@ from .machine_state import (
 from .reload import Progress, reload_file
 from .seams import (
     DirtyTracker,
+    EncoderOptions,
+    PageEncoder,
+    PageEncoding,
     PageSaver,
     SanityError,
     SavedPages,
@@ -133,6 +137,10 @@ class CheckpointStats:
     fork_ms: float = 0.0
     vm_name: str = ""  # the VM id of the machine saved (pyvmm.identity)
     saver: str = ""  # the page saver's name (pyvmm.migration.algorithms)
+    encoder: str = ""  # the page encoder's name
+    compress_level: int = 0  # the zstd level pages were compressed with (0: none)
+    compressed_pages: int = 0  # of pages, written as compressed records
+    compressed_bytes: int = 0  # the bytes of their compressed frames
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,7 +170,8 @@ class Checkpointer:
                  unprotect_pages: int = 1, handler_cpu: int | None = None,
                  max_increments: int | None = None, sanity_checks: bool = True,
                  fault_mode: str = "thread", saver_nice: int = SAVER_NICE,
-                 vm_name: str | None = None, saver: str | None = None) -> None:
+                 vm_name: str | None = None, saver: str | None = None,
+                 encoder: str | None = None, compress_level: int | None = None) -> None:
         """``path`` is claimed here, before the guest runs: checked (ConfigError for a
         directory, FIFO, device, missing directory, no permission, or a file another writer
         holds) and locked until :meth:`close`.  An existing file is replaced by the new chain
@@ -187,8 +196,16 @@ class Checkpointer:
         ``tracker``, ``saver``: names in :mod:`pyvmm.migration.algorithms` (built-ins, plug-ins,
         or ``module:attribute``); ``saver`` defaults to what the capabilities say (``live``,
         ``cow``, else ``stop-and-copy``), and naming ``live`` or ``cow`` there is the same as
-        the capability."""
+        the capability.
+        ``encoder``: how pages are written (:meth:`set_encoder`); the ``compress`` capability
+        is the encoder ``zstd``, ``compress_level`` its level (QEMU's ``compress-level``)."""
         caps = tuple(sorted(set(capabilities)))
+        if COMPRESS in caps:  # the encoder's, not the file's: it may change between increments
+            caps = tuple(cap for cap in caps if cap != COMPRESS)
+            if encoder not in (None, "zstd"):
+                raise ConfigError(f"the compress capability is the zstd encoder, not "
+                                  f"{encoder}")
+            encoder = "zstd"
         for cap in caps:
             if cap not in CAPABILITIES:
                 raise ConfigError(f"unknown capability {cap!r} (choose from "
@@ -228,6 +245,9 @@ class Checkpointer:
                                                handler_cpu=self._handler_cpu,
                                                fault_mode=fault_mode)
         self.saver_name = saver
+        self.encoder: PageEncoder = PlainEncoder()
+        self.encoder_name = "plain"
+        self.set_encoder(encoder or "plain", compress_level)
         self._saver: PageSaver = saver_factory(SaverSetup(
             machine=machine, incremental="incremental" in caps, tracker=tracker,
             tracker_options=self._tracker_options, shadow_pages=shadow_pages,
@@ -260,6 +280,21 @@ class Checkpointer:
     @property
     def checksum(self) -> bool:
         return "checksum" in self.capabilities
+
+    def set_encoder(self, name: str, compress_level: int | None = None) -> None:
+        """Write the pages of the next checkpoints with the encoder ``name`` (``plain``,
+        ``zstd``, a plug-in of the ``pyvmm.encoders`` group, or ``module:attribute``), built with
+        ``compress_level``; may change between checkpoints.  ConfigError for an unknown name or
+        level, and for compression with the checksum capability (its checksums cover QEMU's
+        plain records only)."""
+        factory = resolve("encoder", name)
+        encoder = factory(EncoderOptions(compress_level=compress_level))
+        encoding = encoder.encoding()
+        if encoding.compress_level and self.checksum:
+            raise ConfigError("the compress and checksum capabilities do not combine: the "
+                              "checksums cover QEMU's plain page records only")
+        self.encoder = encoder
+        self.encoder_name = name
 
     def _checksums(self, container: CheckpointFile, kind: str, stream_offset: int,
                    stream_length: int, runs: Sequence[PageRun], device_bytes: bytes,
@@ -340,10 +375,14 @@ class Checkpointer:
             save_state.save_setup(f)
             if self.checksum and saver.ram_unchanged_after_save:
                 ahead = RamCrcsAhead(machine.ram_blocks, selection)  # CRCs on another core
+            encoding = self.encoder.encoding()
+            if encoding.compress_level and self.checksum:
+                raise ConfigError(f"the {self.encoder_name} encoder compresses, which the "
+                                  f"checksum capability does not combine with")
             saved = saver.save(SaveJob(f=f, stream_offset=writer.stream_offset,
                                        selection=selection, entries=self.entries,
                                        device_bytes=device_bytes, devices=devices,
-                                       release=pause.release))
+                                       release=pause.release, encoding=encoding))
             stream_length = saved.stream_length
             if stream_length is None:
                 save_state.save_complete(f)
@@ -363,7 +402,8 @@ class Checkpointer:
                 raise CheckpointCancelled(f"checkpoint {writer.index} cancelled")
             writer.sync()  # the bulk of a durable commit's sync, inside total_ms
             stats = self._stats(writer.index, kind, saved, stream_length, devices,
-                                started=started, setup_done=setup_done, pause=pause)
+                                started=started, setup_done=setup_done, pause=pause,
+                                encoding=encoding)
             # a Ctrl-C after the commit must not make a committed increment look failed
             with signals_held():
                 try:
@@ -409,7 +449,7 @@ class Checkpointer:
 
     def _stats(self, index: int, kind: str, saved: SavedPages, stream_length: int,
                devices: list[dict[str, Any]], *, started: float, setup_done: float,
-               pause: _Pause) -> CheckpointStats:
+               pause: _Pause, encoding: PageEncoding) -> CheckpointStats:
         elapsed = time.perf_counter() - started
         tracker = self._incremental_tracker()
         return CheckpointStats(
@@ -423,7 +463,9 @@ class Checkpointer:
             if self.incremental else "",
             write_faults=saved.write_faults, shadow_copies=saved.shadow_copies,
             pages_carried=saved.pages_carried, fork_ms=saved.fork_ms, vm_name=self.vm_name,
-            saver=self.saver_name)
+            saver=self.saver_name, encoder=self.encoder_name,
+            compress_level=encoding.compress_level, compressed_pages=saved.compressed_pages,
+            compressed_bytes=saved.compressed_bytes)
 
     def _check_saved(self, selection: dict[str, PageBitmap], saved: SavedPages) -> None:
         """Cheap end-of-save checks (a failure aborts the increment; no page is lost): as many

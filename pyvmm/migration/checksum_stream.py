@@ -106,8 +106,8 @@ def stream_crcs(fd: int, info: IncrementInfo, runs: Sequence[PageRun], *,
     stride = PAGE_RECORD_HEADER + page_size
     data_runs = []
     position = 0
-    for run in runs:
-        if not run.zero:
+    for run in runs:  # compressed runs are stream bytes like any other (their frames check
+        if not run.zero and not run.compressed:  # themselves: pageio.check_compressed_runs)
             data_runs.append((run.data_offset, run.npages, run.first_page, position))
             position += run.npages
     data_runs.sort()

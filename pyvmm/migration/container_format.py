@@ -132,7 +132,8 @@ class PageRun(NamedTuple):
 
     A data run's page ``k`` has its ``page_size`` bytes at file offset
     ``data_offset + k * (PAGE_RECORD_HEADER + page_size)``; a zero run has no data
-    (``data_offset`` 0).
+    (``data_offset`` 0); a compressed run's records follow each other from the first one's
+    ``be16`` length at ``data_offset`` (their lengths vary: such a run is read whole).
 
     A named tuple, not a dataclass: an increment of scattered pages has a run per page, and a
     tuple is built in a fifth of the time. Its field order is RAM order, so runs sort by it.
@@ -143,6 +144,7 @@ class PageRun(NamedTuple):
     npages: int
     data_offset: int
     zero: bool
+    compressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,8 @@ class ContainerHeader:
 INDEX_RECORD = struct.Struct(">HBBIQQ")
 #: The index's flag of a zero run (the declaration's RUN_ZERO, which a test compares with it).
 INDEX_RUN_ZERO = 0x01
+#: The index's flag of a compressed run (the declaration's RUN_COMPRESSED).
+INDEX_RUN_COMPRESSED = 0x02
 
 
 _Run = TypeVar("_Run")
@@ -274,7 +278,8 @@ class IndexRecords(RunSequence[PageRun]):
     @staticmethod
     def _run(block: int, flags: int, _reserved: int, npages: int, first_page: int,
              data_offset: int) -> PageRun:
-        return PageRun(block, first_page, npages, data_offset, bool(flags & INDEX_RUN_ZERO))
+        return PageRun(block, first_page, npages, data_offset, bool(flags & INDEX_RUN_ZERO),
+                       bool(flags & INDEX_RUN_COMPRESSED))
 
     def _item(self, index: int) -> PageRun:
         return self._run(*INDEX_RECORD.unpack_from(self.records, index * INDEX_RECORD.size))

@@ -80,6 +80,8 @@ class CowResult:
     """Per job, in order: its records' bytes, page counts and runs (file offsets absolute)."""
     fork_ms: float
     """How long ``fork()`` took in the parent (the part of the pause it adds)."""
+    compressed_pages: int = 0
+    compressed_bytes: int = 0
 
 
 def _align8(n: int) -> int:
@@ -274,13 +276,17 @@ class CowSnapshot:
             ffi.memmove(array, area.runs + first_run, nruns * ffi.sizeof("struct pyvmm_page_run"))
             blocks.append(PageWriteResult(
                 bytes_written=int(st.bytes_written), data_pages=int(st.data_pages),
-                zero_pages=int(st.zero_pages), runs=PageRuns._adopt(array, nruns)))
+                zero_pages=int(st.zero_pages), runs=PageRuns._adopt(array, nruns),
+                compressed_pages=int(st.compressed_pages),
+                compressed_bytes=int(st.compressed_bytes)))
         return CowResult(
             bytes_written=written,
             data_pages=sum(b.data_pages for b in blocks),
             zero_pages=sum(b.zero_pages for b in blocks),
             blocks=tuple(blocks),
             fork_ms=self.fork_ms,
+            compressed_pages=sum(b.compressed_pages for b in blocks),
+            compressed_bytes=sum(b.compressed_bytes for b in blocks),
         )
 
 
@@ -301,6 +307,7 @@ def start_cow_snapshot(
     tail: bytes,
     *,
     detect_zero: bool = True,
+    compress_level: int = 0,
     child_delay: float | None = None,
 ) -> CowSnapshot:
     """Fork a child that writes ``jobs``' page records from ``file_offset`` of ``fd``, then ``tail``.
@@ -312,7 +319,7 @@ def start_cow_snapshot(
     section's EOS, footer, END section, device sections, trailer) follows the last. ``pages``
     is copied before the fork; the blocks may be written as soon as this returns.
 
-    ``child_delay`` (seconds; ``None`` reads :data:`CHILD_DELAY_ENV`) makes the child sleep
+    ``detect_zero``, ``compress_level``: as for write_page_records.  ``child_delay`` (seconds; ``None`` reads :data:`CHILD_DELAY_ENV`) makes the child sleep
     before writing, a window for tests to kill it in.
 
     Returns at once with the child running. Raises ``ValueError`` for a bitmap that does not fit
@@ -350,6 +357,7 @@ def start_cow_snapshot(
             job.idstr_len = len(block.name.encode())
             job.first_has_idstr = 1 if first_has_idstr else 0
             job.detect_zero = 1 if detect_zero else 0
+            job.level = compress_level
             job.runs_index = first_runs[i]
             job.max_runs = selected.count()
         fork_ns = ffi.new("pyvmm_u64 *")

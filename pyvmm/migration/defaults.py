@@ -24,6 +24,12 @@ DEFAULT_STRATEGY = "indexed"
 #: dirty trackers and page savers (pyvmm.migration.algorithms) and who resolves write-protect
 #: faults (see Checkpointer).
 CAPABILITIES = ("incremental", "live", "cow", "checksum")
+#: The capability that is the page encoder's choice rather than the file's: it may change from
+#: one increment to the next (a chain may mix compressed and plain increments).
+COMPRESS = "compress"
+#: What migrate-set-capabilities and the run's options take.
+MIGRATION_CAPABILITIES = (*CAPABILITIES, COMPRESS)
 TRACKERS = ("async", "wp", "hash")
 SAVERS = ("stop-and-copy", "live", "cow")
+ENCODERS = ("plain", "zstd")
 FAULT_MODES = ("thread", "signal")

@@ -85,6 +85,13 @@ def format_info(info: dict[str, Any]) -> str:
                                           "pages_carried") if stats.get(key))
             if extra:
                 lines.append(f"      {extra}")
+            packed = stats.get("compressed_pages")
+            if isinstance(packed, int) and packed:
+                frames = stats.get("compressed_bytes", 0)
+                lines.append(f"      encoder {stats.get('encoder')} level "
+                             f"{stats.get('compress_level')}: {packed} pages compressed into "
+                             f"{format_size(int(frames))} "
+                             f"({packed * info['page_size'] / max(int(frames), 1):.1f}x)")
             devices = stats.get("devices")
             if isinstance(devices, list) and devices:
                 lines.append(f"      devices: {', '.join(str(d) for d in devices)}")
@@ -106,6 +113,11 @@ def export_increment(path: str, increment: int | None, output: str) -> int:
         inc = increments[index]
         if os.path.exists(output) and os.path.samefile(output, path):
             raise ConfigError(f"{output} is the checkpoint file itself: export to another file")
+        if any(run.compressed for run in container.page_index(index)):
+            raise ConfigError(f"increment {index} of {path} holds compressed page records "
+                              f"(pyvmm's, flag 0x400), which QEMU cannot read: squash it into "
+                              f"a plain file first (pyvmm checkpoint squash {path} -n "
+                              f"{index + 1} -o FILE), then export that")
         try:
             with output_fd(output) as out:
                 _copy_out(container.fd, out, inc.stream_offset, inc.stream_length, path, index)

@@ -70,6 +70,8 @@ from .page_index_format import page_index_records
 from .reload import (
     check_chain,
     check_increment_structure,
+    holds_compressed,
+    inflate_compressed,
     new_machine,
     restore_machine,
     scratch_entries,
@@ -119,7 +121,8 @@ class _SourceTables:
         for npages in self.npages:
             table = allocate("long long[]", npages)
             everything = ffi.new("struct pyvmm_page_run *", {"first_page": 0, "npages": npages,
-                                                             "data_offset": 0, "zero": 1})
+                                                             "data_offset": 0,
+                                                             "kind": lib.PYVMM_RUN_ZERO})
             lib.pyvmm_lazy_table_apply(table, npages, everything, 1)
             self.tables.append(table)
 
@@ -141,6 +144,15 @@ class _SourceTables:
         if rc == -errno_codes.ENOMEM:
             raise MemoryError("page index tables")
         return rc == 0 and (counts[0], counts[1]) == (info.pages, info.zero_pages)
+
+    def discard_data_pages(self, blocks: list[RamBlock]) -> None:
+        """Make every page the tables read from the file missing again (see
+        ``pyvmm_lazy_table_discard``: a huge page may have come in with an inflated page)."""
+        for block, table, npages in zip(blocks, self.tables, self.npages):
+            rc = lib.pyvmm_lazy_table_discard(ffi.cast("void *", block.host_addr), table, npages)
+            if rc:
+                raise UffdError("lazy reload", -rc, detail=f"cannot discard RAM block "
+                                                             f"{block.name!r} before loading it")
 
     def data_end(self) -> int:
         """One past the last file byte any table refers to."""
@@ -498,6 +510,14 @@ def lazy_reload(target: CheckpointTarget | str, *, uart_sink: UartSink | None = 
         scratch = scratch_entries(machine)
         for info, records in zip(increments[:-1], index_records[:-1]):
             check_increment_structure(container, info, scratch, records, final=False)
+        if crcs is not None and any(holds_compressed(r) for r in index_records):
+            raise FormatError(f"{target.path} lists compressed pages and checksums: pyvmm "
+                              f"writes no such file (checksums cover plain records only)")
+        # pages kept compressed cannot be found by offset: they go into RAM now, before it is
+        # registered (present pages never fault), and their table entries say so
+        if inflate_compressed(machine, header.ram_blocks, container, increments,
+                              index_records):
+            tables.discard_data_pages(machine.ram_blocks)
         uffd = Userfaultfd.open(0)
         if uffd.user_mode_only:
             raise UffdError("open", errno_codes.EPERM,

@@ -32,13 +32,16 @@ class LiveSaveResult:
     data_pages: int = 0
     zero_pages: int = 0
     from_shadow: int = 0
+    compressed_pages: int = 0
+    compressed_bytes: int = 0
 
 
 def save_pages_live(f: QEMUFile, session: WriteProtectSession, blocks: Sequence[RamBlock],
                     selection: Mapping[str, PageBitmap], *,
-                    open_saved: bool = False, nice: int = 0) -> LiveSaveResult:
+                    open_saved: bool = False, nice: int = 0,
+                    compress_level: int = 0) -> LiveSaveResult:
     """Write every selected page (as of the session's round start) to ``f``; shadows first.
-    ``open_saved``, ``nice``: see :meth:`WriteProtectSession.save`.
+    ``open_saved``, ``nice``, ``compress_level``: see :meth:`WriteProtectSession.save`.
 
     ``blocks`` must be the session's blocks in its order (block numbers in the runs index it)."""
     fd = f.fd
@@ -46,9 +49,10 @@ def save_pages_live(f: QEMUFile, session: WriteProtectSession, blocks: Sequence[
         raise ValueError("a live save writes to a file stream")
     f.flush()
     records, counts = session.save_records(fd, f.offset, selection, open_saved=open_saved,
-                                           nice=nice)
+                                           nice=nice, compress_level=compress_level)
     f.written_externally(counts.bytes_written)
     return LiveSaveResult(
         runs=IndexRecords(sort_index_records(records)),
         data_pages=counts.data_pages, zero_pages=counts.zero_pages,
-        from_shadow=counts.from_shadow)
+        from_shadow=counts.from_shadow, compressed_pages=counts.compressed_pages,
+        compressed_bytes=counts.compressed_bytes)

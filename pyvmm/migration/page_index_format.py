@@ -44,10 +44,12 @@ def _encode_page_index_fast(increment: int, runs: Sequence[PageRun]) -> bytes | 
     value some field cannot hold: the construct builder then names it."""
     spec = load_spec()
     zero_flag: int = spec.RUN_ZERO
+    packed_flag: int = spec.RUN_COMPRESSED
     pack = INDEX_RECORD.pack
     try:
         body = b"".join([_PAGE_INDEX_HEAD.pack(spec.PAGE_INDEX_MAGIC, increment, len(runs)),
-                         *[pack(run.block, zero_flag if run.zero else 0, 0, run.npages,
+                         *[pack(run.block, zero_flag if run.zero else
+                                packed_flag if run.compressed else 0, 0, run.npages,
                                 run.first_page, run.data_offset) for run in runs]])
     except struct.error:
         return None
@@ -61,7 +63,8 @@ def _encode_page_index_construct(increment: int, runs: Sequence[PageRun]) -> byt
         "runs": [
             {
                 "block": run.block,
-                "flags": spec.RUN_ZERO if run.zero else 0,
+                "flags": spec.RUN_ZERO if run.zero else
+                spec.RUN_COMPRESSED if run.compressed else 0,
                 "npages": run.npages,
                 "first_page": run.first_page,
                 "data_offset": run.data_offset,
@@ -154,13 +157,15 @@ def _decode_page_index_fast(data: bytes, increment: int) -> list[PageRun] | None
         return None
     known: int = spec.RUN_FLAGS
     zero_flag: int = spec.RUN_ZERO
+    packed_flag: int = spec.RUN_COMPRESSED
     runs = []
     for block, flags, reserved, npages, first_page, data_offset in INDEX_RECORD.iter_unpack(
         view[head:body_end]
     ):
-        if reserved or flags & ~known:
+        if reserved or flags & ~known or flags == known:
             return None
-        runs.append(PageRun(block, first_page, npages, data_offset, bool(flags & zero_flag)))
+        runs.append(PageRun(block, first_page, npages, data_offset, bool(flags & zero_flag),
+                            bool(flags & packed_flag)))
     return runs
 
 
@@ -181,6 +186,7 @@ def _decode_page_index_construct(
         )
     known: int = spec.RUN_FLAGS
     zero_flag: int = spec.RUN_ZERO
+    packed_flag: int = spec.RUN_COMPRESSED
     runs = []
     # item access, not construct's slow attribute access: an index may hold a run per page
     for raw in fields["runs"]:
@@ -189,6 +195,9 @@ def _decode_page_index_construct(
             raise FormatError(
                 f"page run has unknown flags 0x{flags:x}", offset=offset, increment=increment
             )
+        if flags == known:
+            raise FormatError("page run is marked both zero and compressed", offset=offset,
+                              increment=increment)
         runs.append(
             PageRun(
                 raw["block"],
@@ -196,6 +205,7 @@ def _decode_page_index_construct(
                 raw["npages"],
                 raw["data_offset"],
                 bool(flags & zero_flag),
+                bool(flags & packed_flag),
             )
         )
     return runs
@@ -231,6 +241,10 @@ def check_page_runs(
                 if not run.data_offset:
                     zero_pages += run.npages
                     continue
+            elif run.compressed:
+                if stream_offset <= run.data_offset < stream_end:
+                    pages += run.npages
+                    continue
             elif (
                 run.data_offset >= stream_offset
                 and run.data_offset + (run.npages - 1) * stride + page_size <= stream_end
@@ -249,6 +263,9 @@ def check_page_runs(
             if run.data_offset:
                 raise bad("a zero run has a data offset")
             zero_pages += run.npages
+        elif run.compressed:
+            raise bad(f"compressed records at 0x{run.data_offset:x} lie outside the stream "
+                      f"0x{info.stream_offset:x}..0x{stream_end:x}")
         else:
             last_end = run.data_offset + (run.npages - 1) * stride + page_size
             if run.data_offset < info.stream_offset or last_end > stream_end:

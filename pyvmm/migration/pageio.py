@@ -31,6 +31,7 @@ from pyvmm.ram import PAGE_SIZE, PageBitmap, RamBlock
 RAM_SAVE_FLAG_ZERO = 0x02
 RAM_SAVE_FLAG_PAGE = 0x08
 RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_COMPRESSED = 0x400  # pyvmm's compressed page (compress.c, encoders.py)
 
 RECORD_HEADER_SIZE = 8
 """The ``be64 offset|flags`` that starts every record."""
@@ -43,44 +44,52 @@ _U64_MAX = (1 << 64) - 1
 # the run arrays are filled by C before anything reads them: zeroing megabytes first is waste
 _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
-#: struct pyvmm_page_run as bytes (native order): first_page, npages, data_offset, zero, padding
+#: struct pyvmm_page_run as bytes (native order): first_page, npages, data_offset, kind, padding
 _RUN_LAYOUT = struct.Struct("=QQQi4x")
 assert _RUN_LAYOUT.size == ffi.sizeof("struct pyvmm_page_run") and \
-    ffi.offsetof("struct pyvmm_page_run", "zero") == 24
+    ffi.offsetof("struct pyvmm_page_run", "kind") == 24
 _INDEX_RECORD_SIZE = 24  # one page index record of the container (native.h)
 
 
 class PageRun(NamedTuple):
     """Consecutive pages of one kind, in page order and, for data, in file order.
 
-    For a data run (``zero`` false) the bytes of page ``first_page + k`` are at file offset
-    ``data_offset + k * PAGE_RECORD_SIZE``; the record header of every page but the first lies
-    in the 8 bytes before its data. For a zero run ``data_offset`` is 0 and means nothing.
+    For a data run (``zero`` and ``compressed`` false) the bytes of page ``first_page + k`` are
+    at file offset ``data_offset + k * PAGE_RECORD_SIZE``; the record header of every page but
+    the first lies in the 8 bytes before its data. For a zero run ``data_offset`` is 0 and means
+    nothing. A compressed run's records (``compress.c``) follow each other from the first one's
+    ``be16`` length at ``data_offset``; their lengths vary, so the run is read whole.
     """
 
     first_page: int
     npages: int
     data_offset: int
     zero: bool
+    compressed: bool = False
+
+
+RunTuple = tuple[int, int, int, bool] | tuple[int, int, int, bool, bool]
+"""``(first_page, npages, data_offset, zero[, compressed])``"""
 
 
 class PageRuns(RunSequence[PageRun]):
     """An immutable sequence of :class:`PageRun`, held in a C array that C code reads directly.
 
-    Built by :func:`write_page_records`, or from ``(first_page, npages, data_offset, zero)``
-    tuples (e.g. a page index read from a file; one Python step per run). Items are made on
-    access, so a result with many runs costs nothing until looked at.
+    Built by :func:`write_page_records`, or from ``(first_page, npages, data_offset, zero[,
+    compressed])`` tuples (e.g. a page index read from a file; one Python step per run). Items
+    are made on access, so a result with many runs costs nothing until looked at.
     """
 
     __slots__ = ("_array", "_count")
 
-    def __init__(self, runs: Iterable[tuple[int, int, int, bool]] = ()) -> None:
+    def __init__(self, runs: Iterable[RunTuple] = ()) -> None:
         """Pack ``runs``; ``FormatError`` for a value that no page run can hold (not a u64)."""
         items = list(runs)
         self._count = len(items)
         self._array: Any = _new_uncleared("struct pyvmm_page_run[]", max(self._count, 1))
         for i, run in enumerate(items):
-            first, npages, data_offset, zero = run
+            first, npages, data_offset, zero = run[:4]
+            compressed = len(run) > 4 and bool(run[4])
             for value in (first, npages, data_offset):
                 if isinstance(value, bool) or not isinstance(value, int) or not (
                     0 <= value <= _U64_MAX
@@ -90,7 +99,8 @@ class PageRuns(RunSequence[PageRun]):
             slot.first_page = first
             slot.npages = npages
             slot.data_offset = data_offset
-            slot.zero = 1 if zero else 0
+            slot.kind = lib.PYVMM_RUN_ZERO if zero else \
+                lib.PYVMM_RUN_COMPRESSED if compressed else lib.PYVMM_RUN_DATA
 
     @classmethod
     def _adopt(cls, array: Any, count: int) -> PageRuns:
@@ -105,16 +115,18 @@ class PageRuns(RunSequence[PageRun]):
 
     def _item(self, index: int) -> PageRun:
         slot = self._array[index]
-        return PageRun(
-            int(slot.first_page), int(slot.npages), int(slot.data_offset), bool(slot.zero)
-        )
+        kind = int(slot.kind)
+        return PageRun(int(slot.first_page), int(slot.npages), int(slot.data_offset),
+                       kind == lib.PYVMM_RUN_ZERO, kind == lib.PYVMM_RUN_COMPRESSED)
 
-    def tuples(self) -> list[tuple[int, int, int, bool]]:
-        """Every run as ``(first_page, npages, data_offset, zero)``, read from the C array in
-        one pass (an incremental checkpoint of scattered pages has a run per page)."""
+    def tuples(self) -> list[tuple[int, int, int, bool, bool]]:
+        """Every run as ``(first_page, npages, data_offset, zero, compressed)``, read from the
+        C array in one pass (an incremental checkpoint of scattered pages has a run per
+        page)."""
         raw = ffi.buffer(self._array, self._count * _RUN_LAYOUT.size)
-        return [(first, npages, offset, zero != 0)
-                for first, npages, offset, zero in _RUN_LAYOUT.iter_unpack(raw)]
+        zero, packed = lib.PYVMM_RUN_ZERO, lib.PYVMM_RUN_COMPRESSED
+        return [(first, npages, offset, kind == zero, kind == packed)
+                for first, npages, offset, kind in _RUN_LAYOUT.iter_unpack(raw)]
 
     def index_records(self, block: int) -> bytes:
         """The runs as page index records of RAM block number ``block`` (see
@@ -136,6 +148,8 @@ class PageWriteResult:
     data_pages: int
     zero_pages: int
     runs: PageRuns
+    compressed_pages: int = 0  # of data_pages, written as compressed records
+    compressed_bytes: int = 0  # the bytes of their frames
 
 
 def _errno_text(err: int) -> str:
@@ -150,12 +164,14 @@ def write_page_records(
     *,
     first_has_idstr: bool,
     detect_zero: bool = True,
+    compress_level: int = 0,
 ) -> PageWriteResult:
     """Write one record per page set in ``pages``, in page order, at ``file_offset`` of ``fd``.
 
     The first record carries ``block.name`` as its idstr if ``first_has_idstr``, every other one
     has CONTINUE. With ``detect_zero`` an all-zero page becomes a 9-byte ZERO record (the page is
-    read to tell); otherwise every page is a PAGE record. ``pages`` is copied first, so bits set
+    read to tell); otherwise every page is a PAGE record. With ``compress_level`` (a zstd level,
+    0: none) a page that compresses to at most 3/4 of its size becomes a compressed record. ``pages`` is copied first, so bits set
     meanwhile (by a fault handler) do not count; page bytes are whatever guest RAM holds when the
     kernel copies them. With no page set nothing is written, so no idstr was sent either.
 
@@ -187,6 +203,7 @@ def write_page_records(
         len(idstr),
         first_has_idstr,
         detect_zero,
+        compress_level,
         runs,
         count,
         stats,
@@ -211,12 +228,12 @@ def write_page_records(
         data_pages=int(stats.data_pages),
         zero_pages=int(stats.zero_pages),
         runs=PageRuns._adopt(runs, nruns),
+        compressed_pages=int(stats.compressed_pages),
+        compressed_bytes=int(stats.compressed_bytes),
     )
 
 
-def read_page_runs(
-    fd: int, block: RamBlock, runs: PageRuns | Iterable[tuple[int, int, int, bool]]
-) -> None:
+def read_page_runs(fd: int, block: RamBlock, runs: PageRuns | Iterable[RunTuple]) -> None:
     """Load ``runs`` of ``block`` from ``fd``: data runs read from the file, zero runs cleared.
 
     Every run is checked before anything is read or written: pages inside the block, a data
@@ -259,15 +276,49 @@ def read_page_runs(
         )
     if rc == lib.PYVMM_PAGEIO_TRUNCATED:
         raise StreamError(f"{where}: the file ends inside the run", offset=int(err.offset))
+    if rc == lib.PYVMM_PAGEIO_BAD_DATA:
+        raise FormatError(f"{where}: compressed page {int(err.page)} does not inflate to one "
+                          f"page ({int(err.found)} bytes of frame)", offset=int(err.offset))
     if rc == lib.PYVMM_PAGEIO_BAD_HEADER:
         page = int(err.page)
-        want = page * PAGE_SIZE | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+        flag = RAM_SAVE_FLAG_COMPRESSED if run.compressed else RAM_SAVE_FLAG_PAGE
+        want = page * PAGE_SIZE | flag | RAM_SAVE_FLAG_CONTINUE
         raise FormatError(
             f"{where}: record header of page {page} is 0x{int(err.found):016x}, "
             f"expected 0x{want:016x}",
             offset=int(err.offset),
         )
     raise AssertionError(f"pyvmm_read_page_runs returned {rc}")  # pragma: no cover
+
+
+def check_compressed_runs(fd: int, runs: Sequence[tuple[int, int, int, bool, bool]],
+                          stream_end: int) -> None:
+    """Walk and inflate (into a scratch page, in C) every compressed run of ``runs``
+    (``(first_page, npages, data_offset, zero, compressed)``, one block's or several: nothing is
+    written), reading no further than ``stream_end``: each record's header, length and frame
+    (whose checksum finds damage).  FormatError naming the page and offset of the first bad
+    record, StreamError for I/O errors."""
+    packed = PageRuns(run for run in runs if run[4])
+    if not len(packed):
+        return
+    err = ffi.new("struct pyvmm_page_read_error *")
+    rc = lib.pyvmm_inflate_runs(fd, ffi.NULL, _U64_MAX, packed._array, len(packed), stream_end,
+                                err)
+    if rc == 0:
+        return
+    if rc < 0:
+        raise StreamError(f"cannot read compressed pages: {_errno_text(-rc)}",
+                          offset=int(err.offset))
+    page = int(err.page)
+    reason = {
+        lib.PYVMM_PAGEIO_TRUNCATED: f"the stream ends inside compressed page {page}",
+        lib.PYVMM_PAGEIO_BAD_DATA: f"compressed page {page} does not inflate to one page "
+                                   f"({int(err.found)} bytes of frame)",
+        lib.PYVMM_PAGEIO_BAD_HEADER: f"the record header of compressed page {page} is "
+                                     f"0x{int(err.found):016x}, not 0x"
+                                     f"{page * PAGE_SIZE | RAM_SAVE_FLAG_COMPRESSED | 0x20:016x}",
+    }.get(rc, f"compressed run {int(err.run)} is bad ({rc})")
+    raise FormatError(reason, offset=int(err.offset))
 
 
 def index_record_counts(records: bytes, block_pages: Sequence[int], page_size: int,

@@ -45,8 +45,10 @@ class LiveRun(NamedTuple):
     first_page: int
     npages: int
     data_offset: int
-    """File offset of the first page's data (0 for a zero run)."""
+    """File offset of the first page's data (0 for a zero run; a compressed run: its first
+    record's length)."""
     zero: bool
+    compressed: bool = False
 
 
 class LiveSaveCounts(NamedTuple):
@@ -56,6 +58,8 @@ class LiveSaveCounts(NamedTuple):
     data_pages: int
     zero_pages: int
     from_shadow: int
+    compressed_pages: int = 0  # of data_pages
+    compressed_bytes: int = 0
 
 
 class ShadowCopy(NamedTuple):
@@ -293,7 +297,8 @@ class WriteProtectSession:
         lib.pyvmm_wp_session_abandon_round(self._session)
 
     def save(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], *,
-             open_saved: bool = False, nice: int = 0) -> tuple[list[LiveRun], LiveSaveCounts]:
+             open_saved: bool = False, nice: int = 0,
+             compress_level: int = 0) -> tuple[list[LiveRun], LiveSaveCounts]:
         """Write every page of ``selection`` as it was when the round began, as QEMU RAM
         records at ``offset`` of ``fd``, in one C call that never needs the GIL: queued shadow
         copies first whenever there are any, the other pages claimed and copied out of RAM,
@@ -303,17 +308,21 @@ class WriteProtectSession:
         do not fault; it then counts as dirty, so only for a session that is stopped after this
         round (a live checkpoint that tracks nothing for the next one).  ``nice`` (0..19): above
         0 the work runs on a C thread of that nice value, so that writers running meanwhile (the
-        vCPU) get the CPU first when they compete for it; the save then takes longer."""
-        runs, nruns, counts = self._save(fd, offset, selection, open_saved, nice)
+        vCPU) get the CPU first when they compete for it; the save then takes longer.
+        ``compress_level``: a zstd level, pages that compress well become compressed records
+        (0: QEMU's PAGE records only)."""
+        runs, nruns, counts = self._save(fd, offset, selection, open_saved, nice, compress_level)
+        zero, packed = lib.PYVMM_RUN_ZERO, lib.PYVMM_RUN_COMPRESSED
         return ([LiveRun(int(r.block), int(r.first_page), int(r.npages), int(r.data_offset),
-                         bool(r.zero)) for r in runs[0:nruns]], counts)
+                         r.kind == zero, r.kind == packed) for r in runs[0:nruns]], counts)
 
     def save_records(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], *,
-                     open_saved: bool = False, nice: int = 0) -> tuple[bytes, LiveSaveCounts]:
+                     open_saved: bool = False, nice: int = 0,
+                     compress_level: int = 0) -> tuple[bytes, LiveSaveCounts]:
         """:meth:`save`, with the runs as page index records (24 bytes each, see
         :class:`~pyvmm.migration.container_format.IndexRecords`) in the order written, built in
         C: a live save of scattered pages has a run per page."""
-        runs, nruns, counts = self._save(fd, offset, selection, open_saved, nice)
+        runs, nruns, counts = self._save(fd, offset, selection, open_saved, nice, compress_level)
         out = ffi.new("unsigned char[]", max(nruns, 1) * 24)
         if lib.pyvmm_index_records_from_live_runs(runs, nruns, out):
             raise ValueError("live save runs do not fit page index records "
@@ -322,7 +331,7 @@ class WriteProtectSession:
         return records, counts
 
     def _save(self, fd: int, offset: int, selection: Mapping[str, PageBitmap], open_saved: bool,
-              nice: int) -> tuple[Any, int, LiveSaveCounts]:
+              nice: int, compress_level: int = 0) -> tuple[Any, int, LiveSaveCounts]:
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be 0..19, not {nice}")
         lib.pyvmm_wp_session_set_saver_nice(self._session, nice)
@@ -344,9 +353,10 @@ class WriteProtectSession:
         runs = ffi.new("struct pyvmm_live_run[]", max_runs)
         out = ffi.new("struct pyvmm_live_save_stats *")
         rc = int(lib.pyvmm_wp_session_save(self._session, fd, offset, specs, runs, max_runs,
-                                           int(open_saved), out))
+                                           int(open_saved), compress_level, out))
         counts = LiveSaveCounts(int(out.bytes_written), int(out.data_pages),
-                                int(out.zero_pages), int(out.from_shadow))
+                                int(out.zero_pages), int(out.from_shadow),
+                                int(out.compressed_pages), int(out.compressed_bytes))
         if rc:
             raise UffdError("live save", -rc, capability=LIVE,
                             detail=f"after {counts.bytes_written} bytes at offset {offset}")

@@ -1,13 +1,14 @@
 """The RAM save-state entry: QEMU's RAM section records over pyvmm's RAM blocks.
 
 Saving: setup sends the MEM_SIZE block list; iterate sends the selected pages of every block
-(PAGE, or ZERO for all-zero pages) through the C page writer, straight from guest RAM; complete
+(PAGE, or ZERO for all-zero pages, or pyvmm's compressed record as the encoding says) through
+the C page writer, straight from guest RAM; complete
 sends what is left.  Every section body ends with EOS.  Which pages to send is the caller's
 choice (:meth:`RamHandler.select`): all populated pages for a full checkpoint, dirty pages for an
 incremental one.  The layout of what was written comes back as runs for the container's page index.
 
-Loading: records are parsed in order, by C (``pyvmm_ram_walk``) for the common case of PAGE and
-ZERO records of known blocks, by Python for everything else (block lists, and any record C finds
+Loading: records are parsed in order, by C (``pyvmm_ram_walk``) for the common case of PAGE,
+ZERO and compressed records of known blocks, by Python for everything else (block lists, and any record C finds
 wrong, so each error has one message).  A PAGE record that starts a run of several pages known
 from the page index is read, with the rest of its run, by one ``preadv`` into guest RAM (headers
 checked in C).  Ids and sizes of blocks must match the machine's.
@@ -27,8 +28,10 @@ from ..errors import FormatError, StreamError
 from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .container_format import IndexRecords
 from .container_format import PageRun as IndexRecordRun
+from .encoders import COMPRESSED_MAX, inflate_page
 from .pageio import (
     PAGE_RECORD_SIZE,
+    RAM_SAVE_FLAG_COMPRESSED,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
@@ -36,13 +39,15 @@ from .pageio import (
     read_page_runs,
     write_page_records,
 )
+from .seams import PageEncoding
 from .stream import QEMUFile
 
 RAM_SAVE_FLAG_MEM_SIZE = 0x04
 RAM_SAVE_FLAG_EOS = 0x10
 _FLAG_MASK = PAGE_SIZE - 1
 _KNOWN_FLAGS = (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_MEM_SIZE | RAM_SAVE_FLAG_PAGE |
-                RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE)
+                RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE | RAM_SAVE_FLAG_COMPRESSED)
+_PAGE_KINDS = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_COMPRESSED
 RAM_SECTION_VERSION = 4
 #: Bound on the number of RAM blocks a stream may list (each costs a lookup, nothing more).
 MAX_BLOCKS = 64
@@ -50,6 +55,7 @@ MAX_BLOCKS = 64
 #: first page, data offset.
 _INDEX_RECORD = struct.Struct(">HBBIQQ")
 _INDEX_ZERO = 0x01
+_INDEX_COMPRESSED = 0x02
 
 
 #: A run of pages of one block, as the container's page index stores it (the index's own type:
@@ -64,6 +70,8 @@ class RamSaveCounters:
     data_pages: int = 0
     zero_pages: int = 0
     bytes_written: int = 0
+    compressed_pages: int = 0  # of data_pages
+    compressed_bytes: int = 0
 
 
 class RamHandler:
@@ -76,6 +84,8 @@ class RamHandler:
         self._selection: dict[str, PageBitmap] = {}
         self._records: list[bytes] = []  # page index records of the runs saved, per block
         self.counters = RamSaveCounters()
+        #: How the pages of the next saves are written (the checkpointer's encoder sets it).
+        self.encoding = PageEncoding()
         #: For loading: the page index of the increment being loaded, as raw records.
         self._index_records: bytes | memoryview = b""
         self._index_runs: dict[tuple[int, int], IndexedRun] | None = {}
@@ -112,11 +122,15 @@ class RamHandler:
                 self._save_pages_slowly(f, number, block, pages)
                 continue
             f.flush()
-            result = write_page_records(f.fd, f.offset, block, pages, first_has_idstr=True)
+            result = write_page_records(f.fd, f.offset, block, pages, first_has_idstr=True,
+                                        detect_zero=self.encoding.detect_zero,
+                                        compress_level=self.encoding.compress_level)
             f.written_externally(result.bytes_written)
             self.counters.data_pages += result.data_pages
             self.counters.zero_pages += result.zero_pages
             self.counters.bytes_written += result.bytes_written
+            self.counters.compressed_pages += result.compressed_pages
+            self.counters.compressed_bytes += result.compressed_bytes
             self._records.append(result.runs.index_records(number))
         f.put_be64(RAM_SAVE_FLAG_EOS)
         return True
@@ -136,9 +150,11 @@ class RamHandler:
 
     def _save_pages_slowly(self, f: QEMUFile, number: int, block: RamBlock,
                            pages: PageBitmap) -> None:
-        """Per-page encoding for memory streams (tests, small buffers); same bytes as the C path."""
+        """Per-page encoding for memory streams (tests, small buffers); the C path's bytes
+        without compression (a memory stream is never a checkpoint file)."""
         first = True
-        zero = block.zero_pages(pages)
+        zero = block.zero_pages(pages) if self.encoding.detect_zero else PageBitmap(
+            block.page_count)
         for page in pages:
             cont = 0 if first else RAM_SAVE_FLAG_CONTINUE
             if page in zero:
@@ -180,7 +196,7 @@ class RamHandler:
                 (block, data): IndexedRun(block, first, npages, data, False)
                 for block, flags, _, npages, first, data in _INDEX_RECORD.iter_unpack(
                     self._index_records)
-                if not flags & _INDEX_ZERO}
+                if not flags & (_INDEX_ZERO | _INDEX_COMPRESSED)}
         return self._index_runs
 
     def load(self, f: QEMUFile, version_id: int) -> None:
@@ -205,8 +221,8 @@ class RamHandler:
             if flags & RAM_SAVE_FLAG_MEM_SIZE:
                 self._load_block_list(f, addr, at)
                 continue
-            if not flags & (RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_ZERO):
-                raise FormatError(f"RAM record without a type (flags 0x{flags:x})", offset=at)
+            if (flags & _PAGE_KINDS).bit_count() != 1:
+                raise FormatError(f"RAM record without one type (flags 0x{flags:x})", offset=at)
             if not flags & RAM_SAVE_FLAG_CONTINUE:
                 name = f.get_str8()
                 f.check()
@@ -228,6 +244,8 @@ class RamHandler:
                                       f"the page index lists it as a zero page", offset=at)
                 if not self.skip_pages:
                     self._fill_page(block, page, fill)
+            elif flags & RAM_SAVE_FLAG_COMPRESSED:
+                self._load_compressed(f, block, page, at)
             elif self.skip_pages:
                 self._skip_page(f, number, page)
             else:
@@ -246,6 +264,20 @@ class RamHandler:
         else:
             f.read_into(block.page(page))
         f.check()
+
+    def _load_compressed(self, f: QEMUFile, block: RamBlock, page: int, at: int) -> None:
+        """One compressed record's be16 length and frame, inflated into the page (C)."""
+        length = f.get_be16()
+        f.check()
+        if not 0 < length <= COMPRESSED_MAX:
+            raise FormatError(f"RAM block {block.name!r}: compressed page {page} does not "
+                              f"inflate to one page ({length} bytes of frame, at most "
+                              f"{COMPRESSED_MAX})", offset=at)
+        frame = f.get_bytes(length)
+        f.check()
+        if not self.skip_pages and not inflate_page(frame, block.page(page)):
+            raise FormatError(f"RAM block {block.name!r}: compressed page {page} does not "
+                              f"inflate to one page ({length} bytes of frame)", offset=at)
 
     def _load_run_from_memory(self, f: QEMUFile, block: RamBlock, run: IndexedRun) -> None:
         """A run the page index lists, from a stream in memory: its record headers checked as

@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyvmm._native import ffi, lib
@@ -391,6 +391,8 @@ class _Loader:
             return False
         if rc != 0:
             raise _claim_error(rc, err, increments[failed[0]])
+        if any(counts[k].compressed_pages for k in range(n)):
+            return False  # compressed runs are inflated whole, increment by increment
         for k in reversed(range(n)):
             info = increments[k]
             if counts[k].data_pages != info.pages or counts[k].zero_pages != info.zero_pages:
@@ -485,18 +487,63 @@ _RECORD = 24  # bytes of one page index record
 _WINDOW_STEP_PAGES = 16384  # RAM pages per C call of the chain reader (64 MiB): progress between
 
 
+def holds_compressed(records: bytes | memoryview) -> bool:
+    """Whether raw page index ``records`` list a compressed run (flags byte 0x02)."""
+    return any(flags & 0x02 for flags in bytes(memoryview(records)[2::_RECORD]))
+
+
+def inflate_compressed(machine: Machine, layout: tuple[RamBlockInfo, ...],
+                       container: CheckpointFile, increments: Sequence[IncrementInfo],
+                       records: Sequence[bytes | memoryview]) -> int:
+    """Every page whose newest copy in the chain is a compressed record, inflated into RAM
+    (C, newest increment first; data and zero runs only shadow older pages): a lazy reload's
+    compressed pages, which its fault handler cannot find by offset, are there before it starts.
+    Returns the pages inflated; FormatError for a record that does not inflate."""
+    if not any(holds_compressed(r) for r in records):
+        return 0
+    blocks = reload_blocks(machine.ram_blocks, layout)
+    n = max(len(blocks), 1)
+    claimed = [PageBitmap(b.page_count) for b in blocks]
+    bases = ffi.new("void *[]", n)
+    sizes = ffi.new("pyvmm_u64[]", n)
+    bits = ffi.new("pyvmm_u64 *[]", n)
+    mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
+    for i, block in enumerate(blocks):
+        bases[i] = mems[i]
+        sizes[i] = block.page_count
+        bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
+    options = ffi.new("struct pyvmm_claim_options *")
+    options.compressed_only = 1
+    result = ffi.new("struct pyvmm_claim_result *")
+    err = ffi.new("struct pyvmm_page_read_error *")
+    inflated = 0
+    for info, raw_records in reversed(list(zip(increments, records))):
+        raw = ffi.from_buffer(raw_records)
+        rc = lib.pyvmm_claim_read_index(
+            container.fd, raw, len(raw_records) // _RECORD, len(blocks), bases, sizes, bits,
+            PAGE_SIZE, info.stream_offset, info.stream_offset + info.stream_length, options,
+            result, err)
+        if rc != 0:
+            raise _claim_error(rc, err, info)
+        inflated += int(result.pages_read)
+    return inflated
+
+
 def _claim_error(rc: int, err: Any, info: IncrementInfo) -> PyvmmError:
     run, at = int(err.run), int(err.offset)
     if rc < 0:
         return StreamError(f"cannot read page run {run}: {os.strerror(-rc)}", offset=at)
     message = {
-        lib.PYVMM_CLAIM_BAD_RECORD: "has a reserved byte set, unknown flags, or a data "
-                                    "offset on a zero run",
+        lib.PYVMM_CLAIM_BAD_RECORD: "has a reserved byte set, unknown flags, a data "
+                                    "offset on a zero run, or compressed pages where "
+                                    "checksums are expected",
         lib.PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK: "lies outside its RAM block",
         lib.PYVMM_PAGEIO_RUN_OUTSIDE_FILE: "has page data outside the increment's stream",
         lib.PYVMM_PAGEIO_TRUNCATED: "ends past the end of the file",
         lib.PYVMM_PAGEIO_BAD_HEADER: f"has a wrong record header at page {int(err.page)} "
                                      f"(0x{int(err.found):016x})",
+        lib.PYVMM_PAGEIO_BAD_DATA: f"holds compressed page {int(err.page)}, which does not "
+                                   f"inflate to one page ({int(err.found)} bytes of frame)",
     }.get(rc, f"failed ({rc})")
     return FormatError(f"page run {run} {message}", offset=at or None, increment=info.index)
 

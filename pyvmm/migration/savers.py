@@ -6,8 +6,8 @@ reach its stream, and when the guest may run again.
 * ``stop-and-copy`` writes every page with the guest paused; the checkpointer lets it run once
   the stream (and its checksums) are written.
 * ``live`` write-protects RAM at the pause and lets the guest run at once; the C saver writes the
-  pages, a page the guest is about to change being copied to a shadow buffer first
-  (:mod:`pyvmm.migration.live`).  Its write-protect session is also the incremental tracker
+  pages (zero pages always as ZERO records), a page the guest is about to change being copied
+  to a shadow buffer first (:mod:`pyvmm.migration.live`).  Its write-protect session is also the incremental tracker
   (one userfaultfd for the checkpointer's life: see :mod:`pyvmm.migration.dirty`).
 * ``cow`` forks at the pause; a child writes the pages from its copy-on-write view while the
   guest runs on (:mod:`pyvmm.migration.cow`).
@@ -27,7 +27,14 @@ from .pageio import sort_index_records
 from .postcopy_uffd import WriteProtectStats
 from .ram_handler import RAM_SAVE_FLAG_EOS
 from .savevm import QEMU_VM_SECTION_FOOTER, QEMU_VM_SECTION_PART
-from .seams import DirtyTracker, SanityError, SavedPages, SaveJob, SaverSetup
+from .seams import (
+    DirtyTracker,
+    PageEncoding,
+    SanityError,
+    SavedPages,
+    SaveJob,
+    SaverSetup,
+)
 from .stream import QEMUFile
 
 # pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
@@ -78,9 +85,16 @@ class StopAndCopySaver(_Saver):
     def save(self, job: SaveJob) -> SavedPages:
         ram = job.entries.ram
         ram.select(job.selection)
-        job.entries.save_state.save_iterate(job.f)
-        return SavedPages(runs=ram.runs, data_pages=ram.counters.data_pages,
-                          zero_pages=ram.counters.zero_pages)
+        ram.encoding = job.encoding
+        try:
+            job.entries.save_state.save_iterate(job.f)
+        finally:
+            ram.encoding = PageEncoding()
+        counters = ram.counters
+        return SavedPages(runs=ram.runs, data_pages=counters.data_pages,
+                          zero_pages=counters.zero_pages,
+                          compressed_pages=counters.compressed_pages,
+                          compressed_bytes=counters.compressed_bytes)
 
 
 class LiveSaver(_Saver):
@@ -155,7 +169,8 @@ class LiveSaver(_Saver):
         section_id = _begin_ram_part(job)
         result = save_pages_live(f, session, self.setup.machine.ram_blocks, job.selection,
                                  open_saved=self._live is not self._tracking,
-                                 nice=self.setup.saver_nice)
+                                 nice=self.setup.saver_nice,
+                                 compress_level=job.encoding.compress_level)
         f.put_be64(RAM_SAVE_FLAG_EOS)
         f.put_u8(QEMU_VM_SECTION_FOOTER)
         f.put_be32(section_id)
@@ -167,7 +182,8 @@ class LiveSaver(_Saver):
                           zero_pages=result.zero_pages,
                           write_faults=wp.faults - self._armed.faults,
                           shadow_copies=wp.shadow_copies - self._armed.shadow_copies,
-                          pages_carried=carried)
+                          pages_carried=carried, compressed_pages=result.compressed_pages,
+                          compressed_bytes=result.compressed_bytes)
 
     def check(self) -> None:
         assert self._live is not None
@@ -212,7 +228,8 @@ class CowSaver(_Saver):
             for name, block_result in zip(self._blocks, result.blocks))))
         return SavedPages(runs=runs, data_pages=result.data_pages, zero_pages=result.zero_pages,
                           stream_length=job.f.offset - job.stream_offset + result.bytes_written,
-                          fork_ms=result.fork_ms)
+                          fork_ms=result.fork_ms, compressed_pages=result.compressed_pages,
+                          compressed_bytes=result.compressed_bytes)
 
     def _start(self, job: SaveJob) -> CowSnapshot:
         """Fork a child that writes the RAM pages (as at the fork) and the rest of the stream.
@@ -237,7 +254,9 @@ class CowSaver(_Saver):
         self._blocks = [block.name for block, _, _ in jobs]
         fd = f.fd
         assert fd is not None
-        return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue())
+        return start_cow_snapshot(fd, f.offset, jobs, tail.getvalue(),
+                                  detect_zero=job.encoding.detect_zero,
+                                  compress_level=job.encoding.compress_level)
 
 
 def _begin_ram_part(job: SaveJob) -> int:

@@ -9,13 +9,14 @@ One checkpoint (:meth:`pyvmm.migration.checkpoint.Checkpointer.checkpoint`) is o
                             incremental: the DirtyTracker's pages written since the last pause
     saver.at_pause          guest paused, pages chosen (a live saver re-arms protection and
                             lets the guest run: release())
-    saver.save              the selected pages into the stream; the saver calls job.release()
+    saver.save              the selected pages into the stream, each record as the PageEncoder
+                            says (job.encoding); the saver calls job.release()
                             when the guest may run again (after the fork for cow; never for
                             stop-and-copy: the checkpointer releases it after the stream)
     stream end, checks      the shared parts: device sections, sanity checks, checksums
     release, commit         the increment is published in the container
 
-The protocols below are those seams; :mod:`pyvmm.migration.algorithms` names their
+The protocols below are those seams (a PageEncoder is declarative: see its docstring); :mod:`pyvmm.migration.algorithms` names their
 implementations (built-in and third-party, through entry points).  Every method of a tracker is
 called with the guest paused; a saver's methods on the checkpointer's thread (never the vCPU's).
 """
@@ -79,6 +80,47 @@ class SaverSetup:
     saver_nice: int = 10
 
 
+@dataclasses.dataclass(frozen=True)
+class PageEncoding:
+    """How the C writers put each page into the stream (no Python runs per page).
+
+    ``detect_zero``: an all-zero page becomes QEMU's 9-byte ZERO record.  ``compress_level``: a
+    zstd level (0: none); a page that shrinks to at most 3/4 of its size becomes pyvmm's
+    compressed record (``formats/chpt.construct.py``), the others stay QEMU PAGE records.
+    """
+
+    detect_zero: bool = True
+    compress_level: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """What an encoder is built with: ``compress_level`` is QEMU's ``compress-level``
+    parameter (None: the encoder's own default)."""
+
+    compress_level: int | None = None
+
+
+class PageEncoder(Protocol):
+    """How a page is written in the stream: a choice among the records every pyvmm reads.
+
+    Declarative on purpose: a checkpoint file must reload wherever pyvmm is installed, so an
+    encoder (built-in or plug-in) picks the records and their parameters, and pyvmm's C writers
+    and readers do the per-page work.  The checkpointer asks for the encoding at each
+    checkpoint, so an encoder may change its choice between increments (a chain may mix
+    compressed and plain increments).
+    """
+
+    name: str
+
+    def encoding(self) -> PageEncoding:
+        """The records of the next checkpoint's pages."""
+        ...
+
+
+EncoderFactory = Callable[[EncoderOptions], PageEncoder]
+
+
 @dataclasses.dataclass
 class SaveJob:
     """One checkpoint's pages to save, handed to :meth:`PageSaver.save` with the guest paused."""
@@ -90,6 +132,7 @@ class SaveJob:
     device_bytes: bytes  # the device sections, already serialised at the pause
     devices: list[dict[str, Any]]
     release: Callable[[], None]  # the guest may run from now on (idempotent)
+    encoding: PageEncoding = PageEncoding()  # how each page is written
 
 
 @dataclasses.dataclass
@@ -105,6 +148,8 @@ class SavedPages:
     shadow_copies: int = 0
     pages_carried: int = 0
     fork_ms: float = 0.0
+    compressed_pages: int = 0  # of data_pages, written as compressed records
+    compressed_bytes: int = 0  # the bytes of their compressed frames
 
 
 class PageSaver(Protocol):

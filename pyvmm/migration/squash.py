@@ -39,7 +39,8 @@ def default_output(path: str | Path) -> Path:
 
 def squash(path: str | Path, count: int | None = None, output: str | Path | None = None, *,
            strategy: str = DEFAULT_STRATEGY, durable: bool = True,
-           progress: Progress | None = None) -> SquashResult:
+           progress: Progress | None = None, encoder: str = "plain",
+           compress_level: int | None = None) -> SquashResult:
     """Write the state of ``path``'s first ``count`` (default all) increments as one full
     checkpoint into ``output`` (default ``FILE_squashed``; may be ``path`` itself).
 
@@ -48,7 +49,8 @@ def squash(path: str | Path, count: int | None = None, output: str | Path | None
     temporary file first: a container is not written front to back); a directory, a block
     device or a socket is refused before anything is read.  The output keeps the input's
     capabilities but live and cow (how pages are saved, not what), so a run can grow a new
-    chain on it.  Raises FormatError for a damaged input (nothing is written then) and
+    chain on it.  Its pages are written by ``encoder`` (default ``plain``: a file QEMU's
+    analyzer reads whatever the input's increments were).  Raises FormatError for a damaged input (nothing is written then) and
     ConfigError for a bad count or output.  ``progress(done, total)`` gets bytes of the input
     read, then of the output written.
     """
@@ -66,7 +68,8 @@ def squash(path: str | Path, count: int | None = None, output: str | Path | None
     with machine, tempfile.TemporaryDirectory(prefix="pyvmm-squash-") as scratch:
         written = Path(scratch) / "squashed.chpt" if stream else Path(target)
         checkpointer = Checkpointer(machine, written, durable=durable and not stream,
-                                    capabilities=capabilities)
+                                    capabilities=capabilities, encoder=encoder,
+                                    compress_level=compress_level)
         try:
             stats = checkpointer.checkpoint()
         finally:

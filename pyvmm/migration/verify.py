@@ -30,6 +30,7 @@ from .checksum_table import RamCrcTable
 from .container import CheckpointFile, IncrementInfo
 from .machine_state import MachineStateEntries
 from .page_index_format import page_index_records
+from .pageio import check_compressed_runs
 from .reload import check_increment_structure, new_machine, scratch_entries
 
 Progress = Callable[[int, int, int], None]
@@ -211,6 +212,9 @@ def _verify_increment(container: CheckpointFile, info: IncrementInfo,
                                  f"0x{info.stream_offset:x})")
     try:
         crcs = stream_crcs(container.fd, info, runs, page_size=header.page_size, pages=True)
+        check_compressed_runs(container.fd, [(r.first_page, r.npages, r.data_offset, r.zero,
+                                              r.compressed) for r in runs],
+                              info.stream_offset + info.stream_length)
     except FormatError as err:
         return problem("stream", err)
     if block is None:

@@ -30,8 +30,8 @@ from ..errors import ConfigError, PyvmmError
 from ..interrupts import signals_held
 from ..machine import Machine, RunResult, RunState, StopReason
 from ..migration.defaults import (
-    CAPABILITIES,
     DEFAULT_STRATEGY,
+    MIGRATION_CAPABILITIES,
 )
 
 if TYPE_CHECKING:  # the migration layer is loaded by the first checkpoint or reload only
@@ -263,7 +263,7 @@ class VmController:
     def capabilities(self) -> list[dict[str, Any]]:
         """QMP ``query-migrate-capabilities``."""
         return [{"capability": name, "state": self.settings.capabilities.get(name, False)}
-                for name in CAPABILITIES]
+                for name in MIGRATION_CAPABILITIES]
 
     def set_capabilities(self, changes: dict[str, bool]) -> None:
         with self._cond:
@@ -279,8 +279,8 @@ class VmController:
         fields = {}
         for name, value in changes.items():
             field, _kind = PARAMETERS[name]
-            if field == "max_increments":
-                value = value or None
+            if field in ("max_increments", "compress_level"):
+                value = value or None  # 0: none / the encoder's default
             fields[field] = value
         with self._cond:
             if self._migrating or self._status.status in ACTIVE[:2]:
@@ -372,14 +372,17 @@ class VmController:
             else:
                 path = self._status.path or CheckpointTarget("").resolved().path
         real = os.path.realpath(path)
+        settings = dataclasses.replace(self.settings,
+                                       capabilities=dict(self.settings.capabilities))
         if current is not None and os.path.realpath(current.path) == real and \
-                current.machine is machine and self._checkpointer_settings == self.settings:
+                current.machine is machine and \
+                self._checkpointer_settings == settings.file_settings():
+            # the encoder may change between increments of one chain
+            current.set_encoder(settings.encoder_name(), settings.compress_level)
             return current
         if current is not None:
             self._checkpointer = None
             current.close()
-        settings = dataclasses.replace(self.settings,
-                                       capabilities=dict(self.settings.capabilities))
         # a chain committed by this process (or reloaded from) grows; any other file, a chain
         # a killed run left included, is replaced once the new chain holds an increment
         append = real in self._own_chains and os.path.exists(path)
@@ -388,8 +391,9 @@ class VmController:
             capabilities=settings.enabled(), tracker=settings.tracker, saver=settings.saver,
             unprotect_pages=settings.unprotect_pages, max_increments=settings.max_increments,
             sanity_checks=settings.sanity_checks, fault_mode=settings.fault_mode,
-            saver_nice=settings.saver_nice)
-        self._checkpointer, self._checkpointer_settings = checkpointer, settings
+            saver_nice=settings.saver_nice, encoder=settings.encoder_name(),
+            compress_level=settings.compress_level)
+        self._checkpointer, self._checkpointer_settings = checkpointer, settings.file_settings()
         return checkpointer
 
     def migrate(self, uri: str, *, period: float | None = None) -> None:

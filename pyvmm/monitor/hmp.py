@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import PyvmmError
 from ..identity import vm_id
 from ..machine import RunState
-from ..migration.defaults import CAPABILITIES
+from ..migration.defaults import MIGRATION_CAPABILITIES
 from .controller import CommandError, VmController
 from .settings import PARAMETERS
 
@@ -126,7 +126,7 @@ def _migrate(vm: VmController, args: list[str]) -> str:
 def _set_capability(vm: VmController, args: list[str]) -> str:
     if len(args) != 2 or args[1] not in ("on", "off"):
         raise CommandError("usage: migrate_set_capability NAME on|off")
-    if args[0] not in CAPABILITIES:
+    if args[0] not in MIGRATION_CAPABILITIES:
         raise CommandError(f"Parameter 'capability' does not accept value '{args[0]}'")
     vm.set_capabilities({args[0]: args[1] == "on"})
     return ""
@@ -208,7 +208,7 @@ COMMANDS: tuple[HmpCommand, ...] = (
     HmpCommand(("migrate_cancel",), "", "cancel the current checkpoint(s)",
                _nothing(VmController.migrate_cancel)),
     HmpCommand(("migrate_set_capability",), "NAME on|off",
-               f"enable/disable a capability ({', '.join(CAPABILITIES)})", _set_capability),
+               f"enable/disable a capability ({', '.join(MIGRATION_CAPABILITIES)})", _set_capability),
     HmpCommand(("migrate_set_parameter",), "NAME VALUE",
                f"set a parameter ({', '.join(PARAMETERS)})", _set_parameter),
     HmpCommand(("migrate_incoming",), "chpt:[N:]FILE",

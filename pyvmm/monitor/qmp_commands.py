@@ -17,7 +17,7 @@ from typing import Any
 from .. import __version__
 from ..errors import PyvmmError
 from ..identity import vm_id
-from ..migration.defaults import CAPABILITIES
+from ..migration.defaults import MIGRATION_CAPABILITIES
 from .controller import CommandError, VmController
 from .settings import PARAMETERS
 
@@ -62,7 +62,7 @@ def _set_capabilities(vm: VmController, args: dict[str, Any]) -> None:
         if not isinstance(name, str):
             raise CommandError("Parameter 'capability' is missing" if name is None else
                                "Invalid parameter type for 'capability', expected: string")
-        if name not in CAPABILITIES:
+        if name not in MIGRATION_CAPABILITIES:
             raise CommandError(f"Parameter 'capability' does not accept value '{name}'")
         if not isinstance(state, bool):
             raise CommandError("Parameter 'state' is missing" if state is None else

@@ -16,6 +16,7 @@ ffibuilder.set_source(
     sources=[str(p.relative_to(HERE.parent.parent)) for p in sorted(HERE.glob("*.c"))],
     include_dirs=[str(HERE.relative_to(HERE.parent.parent))],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    libraries=["zstd"],  # compressed page records (compress.c); Debian: libzstd-dev
 )
 
 if __name__ == "__main__":

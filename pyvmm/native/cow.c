@@ -77,7 +77,7 @@ static void cow_child(int fd, u64 file_offset, const struct pyvmm_cow_job *jobs,
         const struct pyvmm_cow_job *j = &jobs[i];
         struct pyvmm_page_write_stats *st = &job_stats[i];
         rc = pyvmm_write_page_records(fd, offset, j->base, j->npages, j->select, j->idstr,
-                                      j->idstr_len, j->first_has_idstr, j->detect_zero,
+                                      j->idstr_len, j->first_has_idstr, j->detect_zero, j->level,
                                       runs + j->runs_index, j->max_runs, st);
         offset += st->bytes_written;
         result->bytes_written += st->bytes_written;

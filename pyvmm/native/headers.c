@@ -13,6 +13,8 @@ typedef pyvmm_u64 u64;
 #define FLAG_PAGE 0x08u
 #define FLAG_CONTINUE 0x20u
 #define INDEX_ZERO 0x01u
+#define INDEX_COMPRESSED 0x02u
+#define FLAG_COMPRESSED 0x400u /* compress.c */
 #define INDEX_RECORD 24u
 
 static u64 load_be64(const unsigned char *p) {
@@ -42,24 +44,29 @@ int pyvmm_check_record_headers(const unsigned char *map, pyvmm_u64 map_base, pyv
         u64 first = load_be64(r + 8), data = load_be64(r + 16);
         if (r[2] & INDEX_ZERO)
             continue;
+        /* a compressed run: its first record here, the others as it is inflated (compress.c) */
+        int packed = (r[2] & INDEX_COMPRESSED) != 0;
+        u64 kind = packed ? FLAG_COMPRESSED : FLAG_PAGE;
         /* the caller checked every run against the stream and its block; this is a guard */
         if (block >= nblocks || npages == 0 || data < stream_start || data < map_base + 8 ||
-            data + (npages - 1) * stride + page_size > map_end)
+            (packed ? data + 2 > map_end : data + (npages - 1) * stride + page_size > map_end))
             return fail(err, n, first, data, 0);
-        /* a run's first page: CONTINUE, or PAGE + u8 length + the block's name */
+        /* a run's first page: CONTINUE, or the flag + u8 length + the block's name */
         u64 h = data - 8;
         u64 found = load_be64(map + (h - map_base));
-        if (!(h >= stream_start && found == (first * page_size | FLAG_PAGE | FLAG_CONTINUE))) {
+        if (!(h >= stream_start && found == (first * page_size | kind | FLAG_CONTINUE))) {
             u64 named = 1 + name_lens[block];
             int ok = h >= stream_start + named && h - named >= map_base;
             if (ok) {
                 const unsigned char *at = map + (h - named - map_base);
-                ok = load_be64(at) == (first * page_size | FLAG_PAGE) &&
+                ok = load_be64(at) == (first * page_size | kind) &&
                      at[8] == name_lens[block] && memcmp(at + 9, names[block], name_lens[block]) == 0;
             }
             if (!ok)
                 return fail(err, n, first, h, found);
         }
+        if (packed)
+            continue;
         const unsigned char *p = map + (data - map_base) + page_size;
         for (u64 k = 1; k < npages; k++, p += stride) {
             u64 want = (first + k) * page_size | FLAG_PAGE | FLAG_CONTINUE;

@@ -51,6 +51,7 @@ struct batch {
     unsigned npages;
     pyvmm_u64 page_size;
     struct checker *checker; /* NULL: CRCs checked by the reading thread */
+    struct pyvmm_inflater *inflater; /* compressed runs (NULL: none may come) */
     unsigned tag, err_tag;   /* the caller's label of the pages added (an increment), and the
                                 label of the pages a CRC error was found in */
 };
@@ -355,6 +356,7 @@ static struct batch *batch_new(const struct pyvmm_claim_options *options, pyvmm_
     b->sieve_bytes = options->sieve_pages * (STRIDE_HEADER + page_size);
     b->scratch = NULL;
     b->checker = NULL;
+    b->inflater = NULL;
     b->tag = b->err_tag = 0;
     if (options->sieve_pages && (b->scratch = malloc(b->sieve_bytes)) == NULL) {
         free(b);
@@ -387,6 +389,20 @@ static int claim_pages(int fd, struct batch *b, pyvmm_u64 *bits, unsigned block,
                        const struct pyvmm_claim_options *options, pyvmm_u64 page_size,
                        pyvmm_u64 *pages_read, struct pyvmm_page_read_error *err) {
     const pyvmm_u64 stride = STRIDE_HEADER + page_size;
+    if (rec->flags & PYVMM_INDEX_COMPRESSED) {
+        /* whole runs only (from..to is the run), inflated now: their pages cannot be found
+         * without walking the records, and a compressed run is short in the file */
+        if (b->inflater == NULL || options->crcs != NULL || from != rec->first ||
+            to != rec->first + rec->npages)
+            return PYVMM_CLAIM_BAD_RECORD;
+        return pyvmm_inflate_run(b->inflater, base, rec->first, rec->npages, rec->data_offset,
+                                 bits, 1, err, pages_read);
+    }
+    if (options->compressed_only) {
+        if (to > from)
+            pyvmm_bitmap_set_range(bits, from, to - from);
+        return 0;
+    }
     if (rec->flags & PYVMM_INDEX_ZERO) {
         /* a fresh machine's RAM is zero already: claiming is all there is to do */
         if (options->crcs != NULL) {
@@ -434,13 +450,21 @@ static int check_record(const struct pyvmm_index_record *rec, unsigned nblocks,
                         struct pyvmm_page_read_error *err) {
     const pyvmm_u64 stride = STRIDE_HEADER + page_size;
     const pyvmm_u64 npages = rec->npages, data_offset = rec->data_offset;
-    if (rec->reserved != 0 || (rec->flags & ~PYVMM_INDEX_ZERO) != 0)
+    if (rec->reserved != 0 || (rec->flags & ~PYVMM_INDEX_FLAGS) != 0 ||
+        rec->flags == PYVMM_INDEX_FLAGS)
         return PYVMM_CLAIM_BAD_RECORD;
     if (rec->block >= nblocks || npages == 0 || rec->first > block_pages[rec->block] ||
         npages > block_pages[rec->block] - rec->first)
         return PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK;
     if (rec->flags & PYVMM_INDEX_ZERO)
         return data_offset == 0 ? 0 : PYVMM_CLAIM_BAD_RECORD; /* a zero run has no data */
+    if (rec->flags & PYVMM_INDEX_COMPRESSED) { /* its records' lengths show as it is read */
+        if (data_offset < stream_start || data_offset >= stream_end) {
+            err->offset = data_offset;
+            return PYVMM_PAGEIO_RUN_OUTSIDE_FILE;
+        }
+        return 0;
+    }
     if (data_offset < stream_start ||
         (uint64_t)(npages - 1) > (stream_end - stream_start) / stride ||
         data_offset + (uint64_t)(npages - 1) * stride + page_size > stream_end ||
@@ -471,11 +495,17 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
     memset(result, 0, sizeof *result);
     memset(err, 0, sizeof *err);
     struct batch *b = batch_new(options, page_size);
-    if (b == NULL)
+    struct pyvmm_inflater in;
+    if (b == NULL || pyvmm_inflater_init(&in, fd, stream_end) != 0) {
+        batch_free(b);
         return -ENOMEM;
+    }
+    b->inflater = &in;
     int rc = claim_read(fd, records, nrecords, nblocks, bases, block_pages, claimed, page_size,
                         stream_start, stream_end, options, result, err, b);
     result->sieved_bytes = b->sieved;
+    result->reads += in.reads;
+    pyvmm_inflater_free(&in);
     batch_free(b);
     return rc;
 }
@@ -537,7 +567,7 @@ int pyvmm_chain_check(const struct pyvmm_chain_increment *incs, unsigned nincs,
         const struct pyvmm_chain_increment *inc = &incs[k];
         pyvmm_u64 prev_block = 0, prev_end = 0;
         *failed = k;
-        counts[k].data_pages = counts[k].zero_pages = 0;
+        counts[k].data_pages = counts[k].zero_pages = counts[k].compressed_pages = 0;
         for (pyvmm_u64 i = 0; i < inc->nrecords; i++) {
             const struct pyvmm_index_record rec =
                 pyvmm_index_record(inc->records + i * PYVMM_INDEX_RECORD);
@@ -550,6 +580,8 @@ int pyvmm_chain_check(const struct pyvmm_chain_increment *incs, unsigned nincs,
                 counts[k].zero_pages += rec.npages;
             else
                 counts[k].data_pages += rec.npages;
+            if (rec.flags & PYVMM_INDEX_COMPRESSED)
+                counts[k].compressed_pages += rec.npages;
             if (i > 0 &&
                 (rec.block < prev_block || (rec.block == prev_block && rec.first < prev_end)))
                 ordered = 0;

@@ -15,6 +15,8 @@
  * flags (PYVMM_INDEX_ZERO), u8 reserved, be32 npages, be64 first page, be64 data offset. */
 #define PYVMM_INDEX_RECORD 24
 #define PYVMM_INDEX_ZERO 0x01
+#define PYVMM_INDEX_COMPRESSED 0x02 /* compressed records (compress.c); = PYVMM_RUN_COMPRESSED */
+#define PYVMM_INDEX_FLAGS (PYVMM_INDEX_ZERO | PYVMM_INDEX_COMPRESSED)
 struct pyvmm_index_record {
     unsigned block, flags, reserved;
     pyvmm_u64 npages, first, data_offset;
@@ -38,6 +40,39 @@ static inline struct pyvmm_index_record pyvmm_index_record(const unsigned char *
  * made to *calls unless it is NULL. */
 int pyvmm_preadv_all(int fd, struct iovec *iov, int cnt, pyvmm_u64 offset,
                      struct pyvmm_page_read_error *err, pyvmm_u64 *calls);
+
+/* compress.c: pyvmm's compressed page record (flag 0x400; see compress.c for the layout).
+ * A compressed page takes at most PYVMM_COMPRESSED_MAX frame bytes, else it is written plain:
+ * a quarter of the page saved at least, or the decompression is not worth its time. */
+#define PYVMM_REC_COMPRESSED 0x400u
+#define PYVMM_COMPRESSED_MAX 3072u
+struct pyvmm_page_encoder;
+/* NULL on ENOMEM or a level zstd does not have; one per thread that compresses */
+struct pyvmm_page_encoder *pyvmm_encoder_new(int level);
+void pyvmm_encoder_free(struct pyvmm_page_encoder *e);
+/* The 4096 bytes at page compressed into dst (room for PYVMM_COMPRESSED_MAX bytes): the frame's
+ * length, or 0 when it would not fit (write the page plain). */
+size_t pyvmm_encoder_compress(struct pyvmm_page_encoder *e, const void *page, unsigned char *dst);
+/* A buffered reader of one increment's stream, up to `end`, for compressed runs. */
+struct pyvmm_inflater {
+    int fd;
+    unsigned char *buf;
+    pyvmm_u64 at;  /* file offset of buf[0] */
+    size_t len;    /* bytes valid in buf */
+    pyvmm_u64 end; /* nothing at or past it is read */
+    pyvmm_u64 reads;
+};
+int pyvmm_inflater_init(struct pyvmm_inflater *in, int fd, pyvmm_u64 end); /* 0 or -ENOMEM */
+void pyvmm_inflater_free(struct pyvmm_inflater *in);
+/* Pages first .. first+npages-1 of the block at mem from the compressed run whose first record's
+ * be16 length is at `offset`: every record's header but the first is checked, and each page is
+ * inflated into mem (NULL: into a scratch page, to check it) unless its bit in `claimed` is set
+ * (all when claimed is NULL); with claim,
+ * the bit of each page inflated is set. *inflated (unless NULL) counts the pages inflated.
+ * 0, -errno, or PYVMM_PAGEIO_TRUNCATED / _BAD_HEADER / _BAD_DATA with *err (offset, page). */
+int pyvmm_inflate_run(struct pyvmm_inflater *in, unsigned char *mem, pyvmm_u64 first,
+                      pyvmm_u64 npages, pyvmm_u64 offset, pyvmm_u64 *claimed, int claim,
+                      struct pyvmm_page_read_error *err, pyvmm_u64 *inflated);
 
 /* uffd.c: a thread reading a mapped file sets pyvmm_map_guard to the mapping's range after
  * sigsetjmp(env, 1) (and pyvmm_sigbus_install() succeeded); a SIGBUS there (the file shrank

@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -391,7 +392,7 @@ int pyvmm_lazy_table_apply(long long *table, pyvmm_u64 npages,
             return -EINVAL;
     for (u64 r = 0; r < nruns; r++) {
         long long *at = table + runs[r].first_page;
-        if (runs[r].zero) {
+        if (runs[r].kind != PYVMM_RUN_DATA) { /* zero, or compressed: inflated before the start */
             for (u64 k = 0; k < runs[r].npages; k++)
                 at[k] = -1;
         } else {
@@ -422,7 +423,8 @@ int pyvmm_lazy_table_apply_index(long long *const *tables, const pyvmm_u64 *bloc
     for (u64 i = 0; i < nrecords && rc == 0; i++) {
         const struct pyvmm_index_record r = pyvmm_index_record(records + i * PYVMM_INDEX_RECORD);
         *bad = i;
-        if (r.reserved || (r.flags & ~PYVMM_INDEX_ZERO) || r.block >= nblocks || r.npages == 0 ||
+        if (r.reserved || (r.flags & ~PYVMM_INDEX_FLAGS) || r.flags == PYVMM_INDEX_FLAGS ||
+            r.block >= nblocks || r.npages == 0 ||
             r.first > block_pages[r.block] || r.npages > block_pages[r.block] - r.first ||
             pyvmm_bitmap_find_next_set(seen[r.block], r.first + r.npages, r.first) <
                 r.first + r.npages) {
@@ -441,6 +443,18 @@ int pyvmm_lazy_table_apply_index(long long *const *tables, const pyvmm_u64 *bloc
             counts[1] += r.npages;
             continue;
         }
+        if (r.flags & PYVMM_INDEX_COMPRESSED) {
+            /* inflated into RAM before the guest starts (pyvmm_claim_read_index with
+             * compressed_only): present then, never faulted on, so nothing to fill here */
+            if (r.data_offset < stream_start || r.data_offset >= stream_end) {
+                rc = -EINVAL;
+                break;
+            }
+            for (u64 k = 0; k < r.npages; k++)
+                at[k] = -1;
+            counts[0] += r.npages;
+            continue;
+        }
         if (r.data_offset < stream_start || r.data_offset > stream_end ||
             r.npages - 1 > (stream_end - r.data_offset) / stride ||
             (r.npages - 1) * stride + PAGE_SZ > stream_end - r.data_offset) {
@@ -454,6 +468,21 @@ int pyvmm_lazy_table_apply_index(long long *const *tables, const pyvmm_u64 *bloc
     for (unsigned b = 0; b < nblocks; b++)
         free(seen[b]);
     return rc;
+}
+
+int pyvmm_lazy_table_discard(void *base, const long long *table, pyvmm_u64 npages) {
+    for (u64 p = 0; p < npages;) {
+        if (table[p] < 0) {
+            p++;
+            continue;
+        }
+        u64 start = p;
+        while (p < npages && table[p] >= 0)
+            p++;
+        if (madvise((char *)base + start * PAGE_SZ, (p - start) * PAGE_SZ, MADV_DONTNEED) != 0)
+            return -errno;
+    }
+    return 0;
 }
 
 pyvmm_u64 pyvmm_lazy_table_end(const long long *table, pyvmm_u64 npages, pyvmm_u64 *data_pages) {

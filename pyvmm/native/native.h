@@ -43,20 +43,25 @@ int pyvmm_ram_discard(void *addr, pyvmm_u64 length);
 
 /* ---- pyvmm.migration.pageio (pages.c): RAM page records written from / read into guest RAM ----
  * Records are QEMU's RAM section records: be64 (page * 4096 | flags), `u8 len, idstr` unless
- * CONTINUE (0x20), then one fill byte for ZERO (0x02) or the 4096 page bytes for PAGE (0x08).
- * A run is consecutive pages of one kind; in a data run page k's bytes are at
- * data_offset + k * 4104 in the file (data_offset is 0 in a zero run). */
+ * CONTINUE (0x20), then one fill byte for ZERO (0x02) or the 4096 page bytes for PAGE (0x08);
+ * or pyvmm's compressed page (0x400, compress.c): be16 n, then n bytes of zstd frame.
+ * A run is consecutive pages of one kind (the page index's flags: PYVMM_RUN_*); in a data run
+ * page k's bytes are at data_offset + k * 4104 in the file (data_offset is 0 in a zero run); in
+ * a compressed run data_offset is the first record's be16 length, the others following it. */
+enum { PYVMM_RUN_DATA = 0, PYVMM_RUN_ZERO = 1, PYVMM_RUN_COMPRESSED = 2 };
 struct pyvmm_page_run {
     pyvmm_u64 first_page;
     pyvmm_u64 npages;
     pyvmm_u64 data_offset;
-    int zero;
+    int kind;
 };
 struct pyvmm_page_write_stats {
     pyvmm_u64 bytes_written; /* reached the file, also when the call failed */
     pyvmm_u64 data_pages;
     pyvmm_u64 zero_pages;
     pyvmm_u64 nruns;
+    pyvmm_u64 compressed_pages; /* of data_pages, written as compressed records */
+    pyvmm_u64 compressed_bytes; /* their zstd frames' bytes */
 };
 /* Where pyvmm_read_page_runs stopped: the run, the file offset, and for BAD_HEADER the page
  * whose header was wrong and the be64 found instead. */
@@ -71,17 +76,30 @@ enum {
     PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK = 1,
     PYVMM_PAGEIO_RUN_OUTSIDE_FILE = 2,
     PYVMM_PAGEIO_TRUNCATED = 3,
-    PYVMM_PAGEIO_BAD_HEADER = 4
+    PYVMM_PAGEIO_BAD_HEADER = 4,
+    PYVMM_PAGEIO_BAD_DATA = 5 /* a compressed record's length or frame is wrong (err->found: n) */
 };
 /* Writes at file_offset of fd one record per page set in `select` (npages bits), in page order,
  * by pwritev straight from the npages pages at base: the first record carries the idstr if
- * first_has_idstr, the others CONTINUE; with detect_zero an all-zero page becomes a ZERO record.
- * Fills runs[0..max_runs) and *stats. 0 or -errno (-EOVERFLOW: more than max_runs runs). */
+ * first_has_idstr, the others CONTINUE; with detect_zero an all-zero page becomes a ZERO record;
+ * with level (a zstd level, 0: none) a page that compresses well becomes a compressed record.
+ * Fills runs[0..max_runs) and *stats. 0 or -errno (-EOVERFLOW: more than max_runs runs;
+ * -EINVAL: a level zstd does not have). */
 int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base, pyvmm_u64 npages,
                              const pyvmm_u64 *select, const unsigned char *idstr,
-                             unsigned idstr_len, int first_has_idstr, int detect_zero,
+                             unsigned idstr_len, int first_has_idstr, int detect_zero, int level,
                              struct pyvmm_page_run *runs, pyvmm_u64 max_runs,
                              struct pyvmm_page_write_stats *stats);
+/* ---- compress.c: pyvmm's compressed page records (zstd) ----
+ * pyvmm_level_valid: 1 for a zstd level the encoder takes. pyvmm_page_inflate: the n bytes at
+ * src inflated into the 4096 at dst: 0, 1 when they are no compressed page, -ENOMEM.
+ * pyvmm_inflate_runs: every compressed run of runs[0..nruns) (others are skipped) inflated into
+ * the npages pages at base (NULL: each into a scratch page, only checked), reading fd no
+ * further than `end`: 0, -errno or PYVMM_PAGEIO_*. */
+int pyvmm_level_valid(int level);
+int pyvmm_page_inflate(const void *src, pyvmm_u64 len, void *dst);
+int pyvmm_inflate_runs(int fd, void *base, pyvmm_u64 npages, const struct pyvmm_page_run *runs,
+                       pyvmm_u64 nruns, pyvmm_u64 end, struct pyvmm_page_read_error *err);
 /* runs[0..nruns) of RAM block number `block` as 24-byte page index records (the container's
  * big-endian layout: be16 block, u8 flags, u8 0, be32 npages, be64 first page, be64 data
  * offset) into out[0 .. 24*nruns). 0, or -EOVERFLOW (nothing to rely on in out) when a block
@@ -156,6 +174,7 @@ struct pyvmm_cow_job {
     unsigned idstr_len;
     int first_has_idstr;
     int detect_zero;
+    int level;
     pyvmm_u64 runs_index;
     pyvmm_u64 max_runs;
 };
@@ -198,7 +217,7 @@ struct pyvmm_live_block {
 };
 struct pyvmm_live_run {
     unsigned block;
-    int zero;
+    int kind; /* PYVMM_RUN_* */
     pyvmm_u64 first_page;
     pyvmm_u64 npages;
     pyvmm_u64 data_offset;
@@ -209,16 +228,18 @@ struct pyvmm_live_save_stats {
     pyvmm_u64 zero_pages;
     pyvmm_u64 from_shadow;
     pyvmm_u64 nruns;
+    pyvmm_u64 compressed_pages; /* as in pyvmm_page_write_stats */
+    pyvmm_u64 compressed_bytes;
 };
 /* Writes every selected page as it was at the round's start as QEMU RAM records at `offset` of
  * fd (pwritev, 64 records at a time): queued shadow copies first whenever there are any, the
  * other pages claimed and copied out of RAM; returns once every page is written and no handler
  * copy is pending.  Never needs the GIL.  0, -errno, or -EOVERFLOW when max_runs is short.
  * open_saved: unprotect each page once claimed from RAM (marking it dirty): for a session that
- * tracks nothing after this round. */
+ * tracks nothing after this round. level: as pyvmm_write_page_records's (0: plain records). */
 int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                           const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
-                          pyvmm_u64 max_runs, int open_saved,
+                          pyvmm_u64 max_runs, int open_saved, int level,
                           struct pyvmm_live_save_stats *stats);
 /* pages.c: runs as 24-byte page index records (the container's big-endian layout: be16 block,
  * u8 flags, u8 0, be32 npages, be64 first page, be64 data offset) into out[0 .. 24*nruns):
@@ -309,6 +330,10 @@ int pyvmm_lazy_table_apply_index(long long *const *tables, const pyvmm_u64 *bloc
                                  unsigned nblocks, const unsigned char *records,
                                  pyvmm_u64 nrecords, pyvmm_u64 stream_start,
                                  pyvmm_u64 stream_end, pyvmm_u64 *counts, pyvmm_u64 *bad);
+/* Discards (MADV_DONTNEED) the pages at base whose table entry is a file offset, so that they
+ * are missing when RAM is registered: writing the pages inflated before the start may have
+ * brought whole transparent huge pages in, zero-filled around them. 0 or -errno. */
+int pyvmm_lazy_table_discard(void *base, const long long *table, pyvmm_u64 npages);
 /* One past the last file byte the table refers to (0 if none); *data_pages = pages >= 0. */
 pyvmm_u64 pyvmm_lazy_table_end(const long long *table, pyvmm_u64 npages, pyvmm_u64 *data_pages);
 /* What went wrong first (error_kind), with errno (READ_FAILED, UFFD_FAILED), the block and
@@ -377,6 +402,9 @@ struct pyvmm_claim_options {
      * second thread (each thread takes all the increments of its windows), and with crcs each
      * thread checks what it reads (check_thread is then ignored); 0, one thread reads all */
     int second_reader;
+    /* 1: only compressed runs are read (inflated), data and zero runs only claimed: a lazy
+     * reload's compressed pages, which it cannot find by offset, are in RAM before it starts */
+    int compressed_only;
 };
 struct pyvmm_claim_result {
     pyvmm_u64 data_pages;  /* listed by the index */
@@ -411,6 +439,9 @@ struct pyvmm_chain_increment {
 };
 struct pyvmm_chain_counts {
     pyvmm_u64 data_pages, zero_pages;
+    /* of data_pages, in compressed runs: the window reader cannot cut those, so a chain that
+     * holds any is read increment by increment (pyvmm_claim_read_index) */
+    pyvmm_u64 compressed_pages;
 };
 struct pyvmm_chain_progress {
     int done;

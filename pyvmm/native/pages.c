@@ -31,12 +31,14 @@ typedef pyvmm_u64 u64;
 #define HEADER 8u
 #define PAGE_RECORD (HEADER + PAGE) /* a PAGE record with CONTINUE: the stride inside a run */
 #define MAX_RECORD_HEADER (HEADER + 1u + 255u + 1u) /* be64, u8 len, idstr, fill byte */
+/* ... or be64, u8 len, idstr, be16 length, a compressed page's frame */
+#define MAX_RECORD_BYTES (HEADER + 1u + 255u + 2u + PYVMM_COMPRESSED_MAX)
 
 /* IOV_MAX is 1024 on Linux; a batch of 2 iovecs per data page is then 2 MiB of pages, enough
  * for the syscall cost to vanish next to the copy. */
 #define BATCH_IOVS 1024
-/* Record headers of one batch. Consecutive zero records share one iovec, so a long zero run
- * fills this rather than the iovec array. */
+/* Record headers (and compressed pages) of one batch. Consecutive zero records share one
+ * iovec, so a long zero run fills this rather than the iovec array. */
 #define SCRATCH_BYTES (64u << 10)
 
 static inline int test_bit(const u64 *words, u64 bit) {
@@ -126,13 +128,14 @@ static int batch_flush(int fd, struct write_batch *b, u64 *offset, u64 *written)
 }
 
 /* Extends the last run with `page` or starts a new one; -EOVERFLOW when `max_runs` are taken.
- * A data run needs its records to follow each other in the file too: they do, since the
- * records of one call are contiguous and a data record with CONTINUE is never a first record. */
-static int note_run(struct pyvmm_page_run *runs, u64 *nruns, u64 max_runs, u64 page, int zero,
-                    u64 data_offset) {
+ * A data or compressed run needs its records to follow each other in the file too: they do,
+ * since the records of one call are contiguous and a record with CONTINUE is never a first
+ * record. `offset`: the page's data (data run) or its record's be16 length (compressed run). */
+static int note_run(struct pyvmm_page_run *runs, u64 *nruns, u64 max_runs, u64 page, int kind,
+                    u64 offset) {
     if (*nruns > 0) {
         struct pyvmm_page_run *last = &runs[*nruns - 1];
-        if (last->zero == zero && last->first_page + last->npages == page) {
+        if (last->kind == kind && last->first_page + last->npages == page) {
             last->npages++;
             return 0;
         }
@@ -142,23 +145,27 @@ static int note_run(struct pyvmm_page_run *runs, u64 *nruns, u64 max_runs, u64 p
     struct pyvmm_page_run *run = &runs[(*nruns)++];
     run->first_page = page;
     run->npages = 1;
-    run->data_offset = zero ? 0 : data_offset;
-    run->zero = zero;
+    run->data_offset = kind == PYVMM_RUN_ZERO ? 0 : offset;
+    run->kind = kind;
     return 0;
 }
 
 int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base,
                              pyvmm_u64 npages, const pyvmm_u64 *select,
                              const unsigned char *idstr, unsigned idstr_len, int first_has_idstr,
-                             int detect_zero, struct pyvmm_page_run *runs,
+                             int detect_zero, int level, struct pyvmm_page_run *runs,
                              pyvmm_u64 max_runs, struct pyvmm_page_write_stats *stats) {
     memset(stats, 0, sizeof *stats);
-    if (idstr_len > 255)
+    if (idstr_len > 255 || (level != 0 && !pyvmm_level_valid(level)))
         return -EINVAL;
     /* heap, not stack: 80 KiB is much of a small thread stack */
     struct write_batch *b = malloc(sizeof *b);
-    if (!b)
+    struct pyvmm_page_encoder *enc = level ? pyvmm_encoder_new(level) : NULL;
+    if (!b || (level && !enc)) {
+        free(b);
+        pyvmm_encoder_free(enc);
         return -ENOMEM;
+    }
     b->cnt = 0;
     b->scratch_used = 0;
     b->bytes = 0;
@@ -173,33 +180,50 @@ int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base,
         for (; page < npages && test_bit(select, page); page++) {
             const unsigned char *src = mem + page * PAGE;
             int zero = detect_zero && pyvmm_page_is_zero(src, PAGE);
-            if (b->cnt + 2 > BATCH_IOVS || b->scratch_used + MAX_RECORD_HEADER > SCRATCH_BYTES) {
+            if (b->cnt + 2 > BATCH_IOVS || b->scratch_used + MAX_RECORD_BYTES > SCRATCH_BYTES) {
                 rc = batch_flush(fd, b, &offset, &stats->bytes_written);
                 if (rc)
                     goto out;
             }
             size_t start = b->scratch_used;
             unsigned char *h = b->scratch + start;
-            u64 flags = (zero ? FLAG_ZERO : FLAG_PAGE) | (need_idstr ? 0 : FLAG_CONTINUE);
-            put_be64(h, page * PAGE | flags);
-            size_t hlen = HEADER;
+            size_t hlen = HEADER + (need_idstr ? 1u + idstr_len : 0u);
+            /* a page that compresses goes into the scratch after its header */
+            size_t packed = enc && !zero ? pyvmm_encoder_compress(enc, src, h + hlen + 2) : 0;
+            u64 flags = zero     ? FLAG_ZERO
+                        : packed ? PYVMM_REC_COMPRESSED
+                                 : FLAG_PAGE;
+            put_be64(h, page * PAGE | flags | (need_idstr ? 0 : FLAG_CONTINUE));
             if (need_idstr) {
-                h[hlen++] = (unsigned char)idstr_len;
-                memcpy(h + hlen, idstr, idstr_len);
-                hlen += idstr_len;
+                h[HEADER] = (unsigned char)idstr_len;
+                memcpy(h + HEADER + 1, idstr, idstr_len);
                 need_idstr = 0;
             }
-            if (zero)
+            if (zero) {
                 h[hlen++] = 0; /* the fill byte */
+            } else if (packed) {
+                h[hlen] = (unsigned char)(packed >> 8);
+                h[hlen + 1] = (unsigned char)packed;
+            }
+            u64 data_at = offset + b->bytes + hlen; /* the page's bytes, or the frame's length */
+            if (packed)
+                hlen += 2 + packed;
             b->scratch_used += hlen;
             batch_add_scratch(b, start, hlen);
             if (zero) {
-                rc = note_run(runs, &stats->nruns, max_runs, page, 1, 0);
+                rc = note_run(runs, &stats->nruns, max_runs, page, PYVMM_RUN_ZERO, 0);
                 if (rc)
                     goto out;
                 stats->zero_pages++;
+            } else if (packed) {
+                rc = note_run(runs, &stats->nruns, max_runs, page, PYVMM_RUN_COMPRESSED, data_at);
+                if (rc)
+                    goto out;
+                stats->data_pages++;
+                stats->compressed_pages++;
+                stats->compressed_bytes += packed;
             } else {
-                rc = note_run(runs, &stats->nruns, max_runs, page, 0, offset + b->bytes);
+                rc = note_run(runs, &stats->nruns, max_runs, page, PYVMM_RUN_DATA, data_at);
                 if (rc)
                     goto out;
                 b->iov[b->cnt].iov_base = (void *)src; /* zero-copy: pwritev reads guest RAM */
@@ -213,22 +237,23 @@ int pyvmm_write_page_records(int fd, pyvmm_u64 file_offset, const void *base,
     rc = batch_flush(fd, b, &offset, &stats->bytes_written);
 out:
     free(b);
+    pyvmm_encoder_free(enc);
     return rc;
 }
 
 /* One page index record (native.h); -EOVERFLOW when the block or the run length does not fit. */
-static int put_index_record(unsigned char *out, u64 block, int zero, u64 npages, u64 first_page,
+static int put_index_record(unsigned char *out, u64 block, int kind, u64 npages, u64 first_page,
                             u64 data_offset) {
     if (block > UINT16_MAX || npages > UINT32_MAX)
         return -EOVERFLOW;
     const uint16_t be_block = htobe16((uint16_t)block);
     const uint32_t be_npages = htobe32((uint32_t)npages);
     memcpy(out, &be_block, 2);
-    out[2] = zero ? PYVMM_INDEX_ZERO : 0;
+    out[2] = (unsigned char)kind; /* PYVMM_RUN_* are the index's flags */
     out[3] = 0;
     memcpy(out + 4, &be_npages, 4);
     put_be64(out + 8, first_page);
-    put_be64(out + 16, zero ? 0 : data_offset);
+    put_be64(out + 16, kind == PYVMM_RUN_ZERO ? 0 : data_offset);
     return 0;
 }
 
@@ -236,7 +261,7 @@ int pyvmm_index_records_from_runs(const struct pyvmm_page_run *runs, pyvmm_u64 n
                                   unsigned block, unsigned char *out) {
     for (u64 i = 0; i < nruns; i++, out += PYVMM_INDEX_RECORD) {
         const struct pyvmm_page_run *r = &runs[i];
-        if (put_index_record(out, block, r->zero, r->npages, r->first_page, r->data_offset))
+        if (put_index_record(out, block, r->kind, r->npages, r->first_page, r->data_offset))
             return -EOVERFLOW;
     }
     return 0;
@@ -246,7 +271,7 @@ int pyvmm_index_records_from_live_runs(const struct pyvmm_live_run *runs, pyvmm_
                                        unsigned char *out) {
     for (u64 i = 0; i < nruns; i++, out += PYVMM_INDEX_RECORD) {
         const struct pyvmm_live_run *r = &runs[i];
-        if (put_index_record(out, r->block, r->zero, r->npages, r->first_page, r->data_offset))
+        if (put_index_record(out, r->block, r->kind, r->npages, r->first_page, r->data_offset))
             return -EOVERFLOW;
     }
     return 0;
@@ -268,7 +293,7 @@ static int check_runs(int fd, u64 npages, const struct pyvmm_page_run *runs, u64
                       struct pyvmm_page_read_error *err) {
     int have_data = 0;
     for (u64 i = 0; i < nruns && !have_data; i++)
-        have_data = !runs[i].zero;
+        have_data = runs[i].kind != PYVMM_RUN_ZERO;
     u64 file_size = 0;
     if (have_data) {
         struct stat st;
@@ -282,8 +307,17 @@ static int check_runs(int fd, u64 npages, const struct pyvmm_page_run *runs, u64
         err->offset = r->data_offset;
         if (r->npages == 0 || r->first_page > npages || r->npages > npages - r->first_page)
             return PYVMM_PAGEIO_RUN_OUTSIDE_BLOCK;
-        if (r->zero)
+        if (r->kind == PYVMM_RUN_ZERO)
             continue;
+        if (r->kind == PYVMM_RUN_COMPRESSED) { /* its length shows as it is read */
+            if (r->data_offset >= file_size) {
+                err->offset = file_size;
+                return PYVMM_PAGEIO_RUN_OUTSIDE_FILE;
+            }
+            continue;
+        }
+        if (r->kind != PYVMM_RUN_DATA)
+            return -EINVAL;
         /* the run's bytes: npages pages with the 8-byte headers between them */
         u64 span, end;
         if (__builtin_mul_overflow(r->npages, (u64)PAGE_RECORD, &span) ||
@@ -371,16 +405,21 @@ int pyvmm_read_page_runs(int fd, void *base, pyvmm_u64 npages, const struct pyvm
     if (rc)
         return rc;
     unsigned char *mem = base;
-    for (u64 i = 0; i < nruns; i++) {
+    struct pyvmm_inflater in = {.buf = NULL};
+    for (u64 i = 0; i < nruns && rc == 0; i++) {
         const struct pyvmm_page_run *r = &runs[i];
         err->run = i;
-        if (r->zero) {
+        if (r->kind == PYVMM_RUN_ZERO) {
             clear_pages(mem, r->first_page, r->npages);
-            continue;
+        } else if (r->kind == PYVMM_RUN_COMPRESSED) {
+            if (in.buf == NULL && (rc = pyvmm_inflater_init(&in, fd, UINT64_MAX)) != 0)
+                break;
+            rc = pyvmm_inflate_run(&in, mem, r->first_page, r->npages, r->data_offset, NULL, 0,
+                                   err, NULL);
+        } else {
+            rc = read_data_run(fd, mem, r, err);
         }
-        rc = read_data_run(fd, mem, r, err);
-        if (rc)
-            return rc;
     }
-    return 0;
+    pyvmm_inflater_free(&in);
+    return rc;
 }

@@ -26,7 +26,8 @@
 #define FLAG_PAGE 0x08
 #define FLAG_EOS 0x10
 #define FLAG_CONTINUE 0x20
-#define KNOWN_FLAGS (FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE)
+#define FLAG_COMPRESSED PYVMM_REC_COMPRESSED
+#define KNOWN_FLAGS (FLAG_ZERO | FLAG_MEM_SIZE | FLAG_PAGE | FLAG_EOS | FLAG_CONTINUE | FLAG_COMPRESSED)
 #define HEADER 8
 
 #define SKIP_BUFFER (64 << 10)
@@ -107,7 +108,7 @@ static struct data_run *data_runs(const unsigned char *index, pyvmm_u64 nindex,
         return NULL;
     for (pyvmm_u64 i = 0; i < nindex; i++) {
         const struct pyvmm_index_record rec = pyvmm_index_record(index + i * PYVMM_INDEX_RECORD);
-        if (rec.flags & PYVMM_INDEX_ZERO)
+        if (rec.flags & (PYVMM_INDEX_ZERO | PYVMM_INDEX_COMPRESSED))
             continue;
         runs[(*count)++] = (struct data_run){rec.data_offset, rec.first, rec.npages, rec.block};
     }
@@ -172,7 +173,8 @@ static int walk_records(int fd, struct reader *r, unsigned nblocks,
             w->eos = 1;
             break;
         }
-        if ((flags & FLAG_MEM_SIZE) || !(flags & (FLAG_PAGE | FLAG_ZERO)))
+        if ((flags & FLAG_MEM_SIZE) || __builtin_popcount(flags & (FLAG_PAGE | FLAG_ZERO |
+                                                                  FLAG_COMPRESSED)) != 1)
             break;
         pyvmm_u64 pos = at + HEADER;
         int block = w->block;
@@ -217,6 +219,19 @@ static int walk_records(int fd, struct reader *r, unsigned nblocks,
                 memset(dst, 0, page_size);
             }
             pos += 1;
+        } else if (flags & FLAG_COMPRESSED) {
+            const unsigned char *n = need(r, pos, 2, &rc);
+            if (n == NULL)
+                break;
+            size_t len = (size_t)n[0] << 8 | n[1];
+            if (len == 0 || len > PYVMM_COMPRESSED_MAX)
+                break; /* the parser names it */
+            const unsigned char *frame = need(r, pos, 2 + len, &rc);
+            if (frame == NULL)
+                break;
+            if (!skip && pyvmm_page_inflate(frame + 2, len, dst) != 0)
+                break;
+            pos += 2 + len;
         } else {
             const struct data_run *run = run_at(runs, nruns, &cursor, pos, (unsigned)block, page);
             if (run != NULL && run->npages > 1 && run->first + run->npages <= block_pages[block] &&

@@ -999,6 +999,8 @@ struct saver {
     unsigned char hdr[SAVE_BATCH][8 + 1 + 255 + 1];
     unsigned char *copy; /* SAVE_BATCH pages copied out of RAM */
     unsigned slots[SAVE_BATCH];
+    struct pyvmm_page_encoder *enc;   /* NULL: pages are written plain */
+    unsigned char (*packed)[2 + PYVMM_COMPRESSED_MAX]; /* with enc: be16 n + frame, a record each */
     struct pyvmm_live_run *runs;
     u64 max_runs;
     struct pyvmm_live_save_stats *st;
@@ -1063,20 +1065,22 @@ static int saver_flush(struct saver *sv) {
     return 0;
 }
 
-static int saver_add_run(struct saver *sv, unsigned block, u64 page, u64 data_offset, int zero,
+static int saver_add_run(struct saver *sv, unsigned block, u64 page, u64 data_offset, int kind,
                          int cont) {
     struct pyvmm_live_save_stats *st = sv->st;
     if (st->nruns) {
+        /* the last run holds the record written just before this one, so a compressed record
+         * of the next page follows it in the file; a data run's stride is checked all the same */
         struct pyvmm_live_run *r = &sv->runs[st->nruns - 1];
-        if (cont && r->block == block && r->first_page + r->npages == page && r->zero == zero &&
-            (zero || r->data_offset + r->npages * (8 + PAGE_SZ) == data_offset)) {
+        if (cont && r->block == block && r->first_page + r->npages == page && r->kind == kind &&
+            (kind != PYVMM_RUN_DATA || r->data_offset + r->npages * (8 + PAGE_SZ) == data_offset)) {
             r->npages++;
             return 0;
         }
     }
     if (st->nruns >= sv->max_runs)
         return -EOVERFLOW;
-    sv->runs[st->nruns++] = (struct pyvmm_live_run){block, zero, page, 1, data_offset};
+    sv->runs[st->nruns++] = (struct pyvmm_live_run){block, kind, page, 1, data_offset};
     return 0;
 }
 
@@ -1084,9 +1088,13 @@ static int saver_add_run(struct saver *sv, unsigned block, u64 page, u64 data_of
  * that is released once written: slot >= 0). */
 static int saver_record(struct saver *sv, unsigned block, u64 page, const void *data, int slot) {
     int zero = is_zero_page(data);
+    unsigned char *packed = sv->enc ? sv->packed[sv->nrec] : NULL;
+    size_t n = packed && !zero ? pyvmm_encoder_compress(sv->enc, data, packed + 2) : 0;
+    int kind = zero ? PYVMM_RUN_ZERO : n ? PYVMM_RUN_COMPRESSED : PYVMM_RUN_DATA;
     unsigned char *h = sv->hdr[sv->nrec];
     int cont = (int)block == sv->last_block;
-    u64 header = page * PAGE_SZ | (zero ? REC_ZERO : REC_PAGE) | (cont ? REC_CONTINUE : 0);
+    u64 flags = zero ? REC_ZERO : n ? PYVMM_REC_COMPRESSED : REC_PAGE;
+    u64 header = page * PAGE_SZ | flags | (cont ? REC_CONTINUE : 0);
     for (int i = 0; i < 8; i++)
         h[i] = (unsigned char)(header >> (56 - 8 * i));
     size_t hlen = 8;
@@ -1102,7 +1110,15 @@ static int saver_record(struct saver *sv, unsigned block, u64 page, const void *
     sv->iov[sv->niov++] = (struct iovec){h, hlen};
     u64 data_offset = zero ? 0 : sv->offset + sv->pending + hlen;
     sv->pending += hlen;
-    if (!zero) {
+    if (n) {
+        packed[0] = (unsigned char)(n >> 8);
+        packed[1] = (unsigned char)n;
+        sv->iov[sv->niov++] = (struct iovec){packed, 2 + n};
+        sv->pending += 2 + n;
+        sv->st->data_pages++;
+        sv->st->compressed_pages++;
+        sv->st->compressed_bytes += n;
+    } else if (!zero) {
         sv->iov[sv->niov++] = (struct iovec){(void *)data, PAGE_SZ};
         sv->pending += PAGE_SZ;
         sv->st->data_pages++;
@@ -1114,7 +1130,7 @@ static int saver_record(struct saver *sv, unsigned block, u64 page, const void *
         sv->st->from_shadow++;
     }
     sv->nrec++;
-    int rc = saver_add_run(sv, block, page, data_offset, zero, cont);
+    int rc = saver_add_run(sv, block, page, data_offset, kind, cont);
     if (rc)
         return rc;
     return sv->nrec == SAVE_BATCH ? saver_flush(sv) : 0;
@@ -1146,18 +1162,28 @@ static int saver_drain(struct saver *sv) {
 
 static int save_body(struct wp_session *s, int fd, u64 offset,
                      const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
-                     u64 max_runs, int open_saved, struct pyvmm_live_save_stats *stats) {
+                     u64 max_runs, int open_saved, int level,
+                     struct pyvmm_live_save_stats *stats) {
     memset(stats, 0, sizeof *stats);
+    if (level != 0 && !pyvmm_level_valid(level))
+        return -EINVAL;
     struct saver *sv = calloc(1, sizeof *sv);
     if (!sv)
         return -ENOMEM;
-    if (posix_memalign((void **)&sv->copy, PAGE_SZ, (size_t)SAVE_BATCH * PAGE_SZ)) {
+    unsigned char *copy = NULL;
+    struct pyvmm_page_encoder *enc = level ? pyvmm_encoder_new(level) : NULL;
+    void *packed = level ? malloc(SAVE_BATCH * sizeof *sv->packed) : NULL;
+    if (posix_memalign((void **)&copy, PAGE_SZ, (size_t)SAVE_BATCH * PAGE_SZ) ||
+        (level && (!enc || !packed))) {
+        free(copy);
+        free(packed);
+        pyvmm_encoder_free(enc);
         free(sv);
         return -ENOMEM;
     }
     *sv = (struct saver){.s = s, .blocks = blocks, .fd = fd, .offset = offset, .last_block = -1,
-                         .copy = sv->copy, .runs = runs, .max_runs = max_runs, .st = stats,
-                         .open_saved = open_saved};
+                         .copy = copy, .enc = enc, .packed = packed, .runs = runs,
+                         .max_runs = max_runs, .st = stats, .open_saved = open_saved};
     pthread_mutex_lock(&s->lock);
     s->saver_active = 1;
     pthread_mutex_unlock(&s->lock);
@@ -1227,13 +1253,15 @@ static int save_body(struct wp_session *s, int fd, u64 offset,
     pthread_cond_broadcast(&s->slot_freed); /* waiters go on with overflow slots */
     pthread_mutex_unlock(&s->lock);
     free(sv->copy);
+    free(sv->packed);
+    pyvmm_encoder_free(sv->enc);
     free(sv);
     return rc;
 }
 
 struct save_call {
     struct wp_session *s;
-    int fd, open_saved, nice, rc;
+    int fd, open_saved, level, nice, rc;
     u64 offset, max_runs;
     const struct pyvmm_live_block *blocks;
     struct pyvmm_live_run *runs;
@@ -1245,25 +1273,26 @@ static void *save_thread(void *arg) {
     pthread_setname_np(pthread_self(), "pyvmm-saver");
     setpriority(PRIO_PROCESS, 0, c->nice); /* Linux: this thread's nice value only */
     c->rc = save_body(c->s, c->fd, c->offset, c->blocks, c->runs, c->max_runs, c->open_saved,
-                      c->stats);
+                      c->level, c->stats);
     return NULL;
 }
 
 int pyvmm_wp_session_save(void *handle, int fd, pyvmm_u64 offset,
                           const struct pyvmm_live_block *blocks, struct pyvmm_live_run *runs,
-                          pyvmm_u64 max_runs, int open_saved,
+                          pyvmm_u64 max_runs, int open_saved, int level,
                           struct pyvmm_live_save_stats *stats) {
     struct wp_session *s = handle;
     int nice = __atomic_load_n(&s->saver_nice, __ATOMIC_RELAXED);
     if (nice <= 0)
-        return save_body(s, fd, offset, blocks, runs, max_runs, open_saved, stats);
+        return save_body(s, fd, offset, blocks, runs, max_runs, open_saved, level, stats);
     /* a thread of its own, so that the caller's priority need not be raised back afterwards
      * (which takes a privilege) */
-    struct save_call call = {s, fd, open_saved, nice, 0, offset, max_runs, blocks, runs, stats};
+    struct save_call call = {s,      fd,       open_saved, level, nice, 0,
+                             offset, max_runs, blocks,     runs,  stats};
     pthread_t thread;
     int rc = pthread_create(&thread, NULL, save_thread, &call);
     if (rc)
-        return save_body(s, fd, offset, blocks, runs, max_runs, open_saved, stats);
+        return save_body(s, fd, offset, blocks, runs, max_runs, open_saved, level, stats);
     pthread_join(thread, NULL);
     return call.rc;
 }

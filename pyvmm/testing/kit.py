@@ -1,6 +1,7 @@
 """The test kit's checks of a checkpoint algorithm: the part under test and the central oracles.
 
-A part under test is a dirty tracker, a page saver, or one of each (:class:`AlgorithmUnderTest`,
+A part under test is a dirty tracker, a page saver, a page encoder, or one of each kind
+(:class:`AlgorithmUnderTest`,
 parsed from ``--pyvmm-algorithm`` text by :func:`parse_algorithm`).  Every check runs it through
 the one :class:`~pyvmm.migration.checkpoint.Checkpointer` sequence pyvmm's own algorithms take,
 and raises AssertionError saying what differs (DESIGN.md §9):
@@ -51,6 +52,7 @@ from ..migration.algorithms import KINDS, available, resolve
 from ..migration.checkpoint import Checkpointer, CheckpointStats, reload
 from ..migration.container import CheckpointFile
 from ..migration.defaults import STRATEGIES
+from ..migration.seams import EncoderOptions
 from ..migration.squash import squash
 from ..ram import PAGE_SIZE
 from .digest import ram_digest
@@ -83,27 +85,40 @@ GUEST_PROGRESS_TIMEOUT = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmUnderTest:
-    """A tracker, a saver or one of each: names :func:`~pyvmm.migration.algorithms.resolve`
-    knows (built-in, plug-in or ``module:attribute``); None: pyvmm's default for that seam."""
+    """A tracker, a saver, an encoder or one of each: names
+    :func:`~pyvmm.migration.algorithms.resolve` knows (built-in, plug-in or
+    ``module:attribute``); None: pyvmm's default for that seam."""
 
     saver: str | None = None
     tracker: str | None = None
+    encoder: str | None = None
 
     def __str__(self) -> str:
         named = [f"{kind}={name}" for kind, name in (("saver", self.saver),
-                                                     ("tracker", self.tracker)) if name]
+                                                     ("tracker", self.tracker),
+                                                     ("encoder", self.encoder)) if name]
         return ",".join(named) or "defaults"
 
     def checkpointer(self, machine: Machine, path: Path, capabilities: Sequence[str] = (),
                      **options: Any) -> Checkpointer:
         """A Checkpointer of ``machine`` into ``path`` with this part plugged in."""
         return Checkpointer(machine, path, capabilities=capabilities,
-                            tracker=self.tracker or "async", saver=self.saver, **options)
+                            tracker=self.tracker or "async", saver=self.saver,
+                            encoder=self.encoder, **options)
 
     def cli_options(self) -> list[str]:
         """The ``pyvmm run`` options that plug this part in."""
         return [*(["--saver", self.saver] if self.saver else []),
-                *(["--tracker", self.tracker] if self.tracker else [])]
+                *(["--tracker", self.tracker] if self.tracker else []),
+                *(["--encoder", self.encoder] if self.encoder else [])]
+
+    def checksums(self) -> tuple[str, ...]:
+        """``("checksum",)``, the capability the oracles add to find damage, unless this part's
+        encoder compresses (the two do not combine: its frames carry their own checksums)."""
+        if self.encoder is None:
+            return ("checksum",)
+        encoder = resolve("encoder", self.encoder)(EncoderOptions())
+        return () if encoder.encoding().compress_level else ("checksum",)
 
     def state_machine_capabilities(self) -> list[tuple[str, ...]]:
         """The capability sets the state machine runs with: full checkpoints use no tracker,
@@ -114,35 +129,39 @@ class AlgorithmUnderTest:
 
 
 def parse_algorithm(text: str) -> AlgorithmUnderTest:
-    """``SPEC``, ``saver=SPEC``, ``tracker=SPEC`` or ``saver=SPEC,tracker=SPEC``; a SPEC is a
-    name (``pyvmm algorithms`` lists them) or ``module:attribute``.  A bare SPEC's kind is the
-    registry's, or what the object is (a class with ``save`` or ``collect``, a factory of one
-    or two arguments).  Each part is loaded now: ConfigError (one line) for anything wrong."""
+    """``SPEC``, or ``KIND=SPEC`` items joined by commas (KIND: saver, tracker, encoder); a
+    SPEC is a name (``pyvmm algorithms`` lists them) or ``module:attribute``.  A bare SPEC's
+    kind is the registry's, or what the object is (a class with ``save``, ``collect`` or
+    ``encoding``, a factory of one or two arguments: a saver or a tracker).  Each part is loaded
+    now: ConfigError (one line) for anything wrong."""
     chosen: dict[str, str] = {}
     for item in (piece.strip() for piece in text.split(",")):
         kind, equals, spec = item.partition("=")
         if not equals:
             kind, spec = algorithm_kind(item), item
         elif kind not in KINDS:
-            raise ConfigError(f"algorithm {text!r}: {kind!r} is neither saver nor tracker")
+            raise ConfigError(f"algorithm {text!r}: {kind!r} is neither saver, tracker nor "
+                              f"encoder")
         if not spec:
             raise ConfigError(f"algorithm {text!r}: a {kind or 'part'} without a name")
         if kind in chosen:
             raise ConfigError(f"algorithm {text!r} names two {kind}s (test them one at a time)")
         resolve(kind, spec)  # a part that does not load is one usage error, not a failure each
         chosen[kind] = spec
-    return AlgorithmUnderTest(saver=chosen.get("saver"), tracker=chosen.get("tracker"))
+    return AlgorithmUnderTest(saver=chosen.get("saver"), tracker=chosen.get("tracker"),
+                              encoder=chosen.get("encoder"))
 
 
 def algorithm_kind(spec: str) -> str:
-    """``"saver"`` or ``"tracker"``: what ``spec`` names (ConfigError when that cannot be told)."""
+    """``"saver"``, ``"tracker"`` or ``"encoder"``: what ``spec`` names (ConfigError when
+    that cannot be told)."""
     if ":" not in spec:
         kinds = [kind for kind in KINDS if spec in available(kind)]
         if len(kinds) == 1:
             return kinds[0]
         if kinds:
-            raise ConfigError(f"{spec!r} names a tracker and a saver: write tracker={spec} or "
-                              f"saver={spec}")
+            raise ConfigError(f"{spec!r} names a {' and a '.join(kinds)}: write "
+                              f"{' or '.join(f'{kind}={spec}' for kind in kinds)}")
         known = "; ".join(f"{kind}s: {', '.join(available(kind))}" for kind in KINDS)
         raise ConfigError(f"unknown algorithm {spec!r} ({known}; or give module:attribute)")
     module, _, attribute = spec.partition(":")
@@ -152,14 +171,15 @@ def algorithm_kind(spec: str) -> str:
         raise ConfigError(f"algorithm {spec}: cannot load it: {err}") from err
     kind = _kind_of(factory)
     if kind is None:
-        raise ConfigError(f"cannot tell whether {spec} is a tracker or a saver: write "
-                          f"tracker={spec} or saver={spec}")
+        raise ConfigError(f"cannot tell whether {spec} is a tracker, a saver or an encoder: "
+                          f"write tracker={spec}, saver={spec} or encoder={spec}")
     return kind
 
 
 def _kind_of(factory: object) -> str | None:
     if isinstance(factory, type):
-        for kind, method in (("saver", "save"), ("tracker", "collect")):
+        for kind, method in (("saver", "save"), ("tracker", "collect"),
+                             ("encoder", "encoding")):
             if callable(getattr(factory, method, None)):
                 return kind
         return None
@@ -178,14 +198,16 @@ def run_state_machine(algorithm: AlgorithmUnderTest, capabilities: tuple[str, ..
     """The checkpoint state machine with ``algorithm`` plugged in, under hypothesis profile
     ``profile``.  Increments may hold pages that were not written (wasteful, not wrong)."""
     machine = checkpoint_state_machine(capabilities, tracker=algorithm.tracker or "async",
-                                       saver=algorithm.saver, exact_increments=False)
+                                       saver=algorithm.saver, exact_increments=False,
+                                       encoder=algorithm.encoder)
     run_state_machine_as_test(machine, settings=profile_settings(profile))  # type: ignore[no-untyped-call]
 
 
 # ----------------------------------------------------------------------------- in a new process
 def new_process_reload_equals_uninterrupted_run(algorithm: AlgorithmUnderTest, workdir: Path,
                                                 pattern: str = "increment") -> None:
-    """Run the workload with ``algorithm`` checkpointing (incremental, with checksums) at
+    """Run the workload with ``algorithm`` checkpointing (incremental, with checksums unless it
+    compresses: :meth:`AlgorithmUnderTest.checksums`) at
     :data:`CHECKPOINT_AT` and stop at :data:`STOP_AT`; reload each prefix of the chain in a new
     process and run on: each prints what the uninterrupted run printed from its checkpoint on
     (the whole chain: exactly the rest), each reload strategy and a lazy reload alike."""
@@ -196,7 +218,8 @@ def new_process_reload_equals_uninterrupted_run(algorithm: AlgorithmUnderTest, w
     _check_exit(whole, "the uninterrupted run")
     chain = workdir / "chain.chpt"
     first = _pyvmm(workdir, "run", "-q", *guest, "--max-insns", str(STOP_AT), "--checkpoint-at",
-                   ",".join(map(str, CHECKPOINT_AT)), "--incremental", "--checksum",
+                   ",".join(map(str, CHECKPOINT_AT)), "--incremental",
+                   *(f"--{cap}" for cap in algorithm.checksums()),
                    "--checkpoint", f"chpt:{chain}", *algorithm.cli_options())
     _check_exit(first, f"the run checkpointing with {algorithm}")
     assert whole.stdout.startswith(first.stdout), \
@@ -388,7 +411,7 @@ def chain_prefixes_reload_to_their_snapshots(algorithm: AlgorithmUnderTest, work
     with its page index and with the stats returned."""
     path = workdir / "chain.chpt"
     at_pause, history = _checkpoints_while_running(
-        algorithm, path, pattern, checkpoints, ("incremental", "checksum"),
+        algorithm, path, pattern, checkpoints, ("incremental", *algorithm.checksums()),
         between=lambda machine, k: _host_writes(machine, workdir, k))
     kinds = [stats.kind for stats in history]
     assert kinds == ["full"] + ["incremental"] * (checkpoints - 1), f"increments {kinds}"

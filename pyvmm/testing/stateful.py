@@ -143,6 +143,7 @@ class CheckpointMachine(RuleBasedStateMachine):
     tracker: ClassVar[str] = "async"
     #: The page saver (a name in :mod:`pyvmm.migration.algorithms`); None: as the capabilities say.
     saver: ClassVar[str | None] = None
+    encoder: ClassVar[str | None] = None
     ram_size: ClassVar[int] = 1 << 20
     durable: ClassVar[bool] = False
     #: Also require incremental increments to hold no page that was not written since the
@@ -171,6 +172,8 @@ class CheckpointMachine(RuleBasedStateMachine):
             kwargs.update(capabilities=self.capabilities, tracker=self.tracker)
         if self.saver is not None:
             kwargs.update(saver=self.saver)
+        if self.encoder is not None:
+            kwargs.update(encoder=self.encoder)
         return Checkpointer(self.machine, self.path, **kwargs)
 
     def take_checkpoint(self) -> CheckpointStats:
@@ -396,10 +399,11 @@ def checkpoint_state_machine(capabilities: tuple[str, ...] = (), tracker: str = 
                              ram_size: int = 1 << 20, *, durable: bool = False,
                              base: type[CheckpointMachine] = CheckpointMachine,
                              saver: str | None = None, exact_increments: bool = True,
-                             ) -> type[CheckpointMachine]:
+                             encoder: str | None = None) -> type[CheckpointMachine]:
     """A :class:`CheckpointMachine` subclass for one Checkpointer configuration.
 
-    ``capabilities``, ``tracker`` and ``saver`` are passed to :class:`Checkpointer` (names or
+    ``capabilities``, ``tracker``, ``saver`` and ``encoder`` are passed to :class:`Checkpointer`
+    (names or
     ``module:attribute``, see :mod:`pyvmm.migration.algorithms`); ``ram_size`` is the
     machine's RAM (at least :data:`REGION_FIRST_PAGE` + :data:`REGION_PAGES` pages); ``base``
     lets a user's subclass (with its own :meth:`~CheckpointMachine.make_checkpointer`) be
@@ -412,8 +416,8 @@ def checkpoint_state_machine(capabilities: tuple[str, ...] = (), tracker: str = 
     label = "_".join(capabilities) or "full"
     # a class name, whatever the names hold (module:attribute, dashes)
     name = re.sub(r"\W", "_", f"CheckpointMachine_{label}_{tracker}" +
-                  (f"_{saver}" if saver else ""))
+                  (f"_{saver}" if saver else "") + (f"_{encoder}" if encoder else ""))
     attributes: dict[str, Any] = {"capabilities": tuple(capabilities), "tracker": tracker,
                                   "ram_size": ram_size, "durable": durable, "saver": saver,
-                                  "exact_increments": exact_increments}
+                                  "exact_increments": exact_increments, "encoder": encoder}
     return type(name, (base,), attributes)

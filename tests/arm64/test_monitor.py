@@ -206,13 +206,14 @@ def test_pyvmm_monitor_client_runs_an_hmp_session(tmp_path: Path, kind: str) -> 
         code, _out, err = finish(proc)
     assert session.returncode == 0, session.stderr
     out = session.stdout
-    assert out.startswith("capabilities: incremental: off live: off cow: off checksum: off\n")
+    assert out.startswith("capabilities: incremental: off live: off cow: off checksum: off "
+                          "compress: off\n")
     assert "Error: Parameter 'capability' does not accept value 'bogus'" in out
     assert "max-increments: 5" in out
     assert "VM status: paused\n" in out and "VM status: running\n" in out
     assert "Error: invalid checkpoint target" in out
     assert "checkpoint 0 (full)" in out
-    assert "capabilities: incremental: off live: off cow: off checksum: on\n" \
+    assert "capabilities: incremental: off live: off cow: off checksum: on compress: off\n" \
            "Migration status: completed" in out
     assert "unknown command: 'frobnicate'" in out
     assert code == 0, err

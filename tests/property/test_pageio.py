@@ -269,7 +269,7 @@ def test_expected_bytes_spelled_out() -> None:
             + bytes.fromhex("0000000000004022")  # page 4 | ZERO | CONTINUE
             + b"\x00"
         )
-        assert runs == [(2, 1, 0, True), (3, 1, 24, False), (4, 1, 0, True)]
+        assert runs == [(2, 1, 0, True, False), (3, 1, 24, False, False), (4, 1, 0, True, False)]
 
 
 def test_empty_selection_writes_nothing() -> None:
@@ -303,7 +303,7 @@ def test_zero_run_leaves_untouched_pages_unallocated() -> None:
         bitmap = source.new_bitmap()
         bitmap.set_all()
         runs = write_page_records(fd, 0, source, bitmap, first_has_idstr=True).runs
-        assert list(runs) == [(0, npages, 0, True)]
+        assert list(runs) == [(0, npages, 0, True, False)]
         with RamBlock(NAME, npages * PAGE_SIZE, 0) as target:
             target.write(5 * PAGE_SIZE, b"\x01")  # one page that must be cleared
             read_page_runs(fd, target, runs)
