@@ -11,6 +11,11 @@
 
 #include "native.h"
 
+/* On a function one of pyvmm's C files calls in another but Python never does (declared in a
+ * private header): a direct call, as when it was static in one file (no PLT, no interposition),
+ * and no symbol exported beyond native.h's for it. */
+#define PYVMM_HIDDEN __attribute__((visibility("hidden")))
+
 /* One page index record as the container stores it (24 bytes, big-endian): be16 block, u8
  * flags (PYVMM_INDEX_ZERO), u8 reserved, be32 npages, be64 first page, be64 data offset. */
 #define PYVMM_INDEX_RECORD 24
@@ -74,7 +79,7 @@ int pyvmm_inflate_run(struct pyvmm_inflater *in, unsigned char *mem, pyvmm_u64 f
                       pyvmm_u64 npages, pyvmm_u64 offset, pyvmm_u64 *claimed, int claim,
                       struct pyvmm_page_read_error *err, pyvmm_u64 *inflated);
 
-/* uffd.c: a thread reading a mapped file sets pyvmm_map_guard to the mapping's range after
+/* sigbus.c: a thread reading a mapped file sets pyvmm_map_guard to the mapping's range after
  * sigsetjmp(env, 1) (and pyvmm_sigbus_install() succeeded); a SIGBUS there (the file shrank
  * under the mapping) jumps back to env with 1, the guard cleared. Clear it when done. */
 struct pyvmm_map_guard {
@@ -86,7 +91,7 @@ struct pyvmm_map_guard {
 extern __thread struct pyvmm_map_guard *pyvmm_map_guard
     __attribute__((tls_model("initial-exec")));
 int pyvmm_sigbus_install(void);
-/* uffd.c: [offset, offset + len) of fd mapped read-only (offset a multiple of PYVMM_MAP_ALIGN)
+/* sigbus.c: [offset, offset + len) of fd mapped read-only (offset a multiple of PYVMM_MAP_ALIGN)
  * with pyvmm's SIGBUS handler in place, or MAP_FAILED (shorter than pyvmm_map_min(), or no
  * mapping to be had: read with pread then); pyvmm_map_count_cut_short after a SIGBUS there. */
 #define PYVMM_MAP_ALIGN (64u << 10) /* a multiple of any page size mmap offsets need */

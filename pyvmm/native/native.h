@@ -110,7 +110,7 @@ int pyvmm_inflate_runs(int fd, void *base, pyvmm_u64 npages, const struct pyvmm_
 int pyvmm_read_page_runs(int fd, void *base, pyvmm_u64 npages, const struct pyvmm_page_run *runs,
                          pyvmm_u64 nruns, struct pyvmm_page_read_error *err);
 
-/* ---- pyvmm.migration.postcopy_uffd (uffd.c): userfaultfd and PAGEMAP_SCAN ----
+/* ---- pyvmm.migration.postcopy_uffd (uffd.c, wp_session.c): userfaultfd and PAGEMAP_SCAN ----
  * Thin wrappers: 0 (or a count, or an fd) on success, -errno on failure. Addresses are u64. */
 /* via_dev: ioctl USERFAULTFD_IOC_NEW on /dev/userfaultfd, else the userfaultfd syscall.
  * The fd is O_NONBLOCK | O_CLOEXEC; user_mode_only adds UFFD_USER_MODE_ONLY. */
@@ -421,7 +421,7 @@ int pyvmm_claim_read_index(int fd, const unsigned char *records, pyvmm_u64 nreco
                            const struct pyvmm_claim_options *options,
                            struct pyvmm_claim_result *result,
                            struct pyvmm_page_read_error *err);
-/* The whole chain at once (indexed.c), window by window through RAM and newest-first through
+/* The whole chain at once (chain_read.c), window by window through RAM and newest-first through
  * the increments inside each window, so that each huge page is filled while it is cached.
  * incs[k]: increment k's raw page index records and stream bounds, oldest first.
  * pyvmm_chain_check: every record checked as pyvmm_claim_read_index would (newest increment
@@ -568,7 +568,7 @@ int pyvmm_crcindex_gap_crcs(int fd, const unsigned char *records, pyvmm_u64 nrec
                             unsigned int *out, pyvmm_u64 nout, pyvmm_u64 *last_gap,
                             struct pyvmm_crcindex_error *err);
 
-/* ---- mapped reads of a checkpoint file (uffd.c): the stream gap checks (crcindex.c) and the
+/* ---- mapped reads of a checkpoint file (sigbus.c): the stream gap checks (crcindex.c) and the
  * RAM section walk in skip mode (ramwalk.c), which touch a few bytes a page ----
  * pyvmm_map_min sets the shortest stretch of the file they map (0: all; ~0: none, all read with
  * pread) and returns the previous setting (default 1 MiB); for tests and benchmarks, not
