@@ -34,7 +34,8 @@ start here:
   python -m pyvmm run --help                         guests, checkpoint capabilities, reloads
   python -m pyvmm checkpoint --help                  info, verify, squash, export
   python -m pyvmm run --qmp unix:vm.qmp              drive it: QMP, HMP (--monitor stdio)
-  python -m pyvmm monitor unix:vm.qmp                ... from another terminal"""
+  python -m pyvmm monitor unix:vm.qmp                ... from another terminal
+  python -m pyvmm bench --help                       compare checkpoint algorithms"""
 
 _RUN_EPILOG = f"""\
 guests:
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    description="List the checkpoint algorithms pyvmm can use by name: built-in "
                                "ones and those installed plug-ins declare through the entry "
                                "point groups pyvmm.trackers, pyvmm.savers and pyvmm.encoders.")
+    from .bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     monitor_cmd = sub.add_parser(
         "monitor", help="drive a running pyvmm through its monitor socket",
         description="Open an HMP session on a running pyvmm's monitor socket (its --qmp or "
@@ -406,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pyvmm`` and ``python -m pyvmm``; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     stop_signal = args.stop_signal = _StopSignal()
     if threading.current_thread() is threading.main_thread():
         # from here on Ctrl-C is KeyboardInterrupt, met by the clean stops below (python -m
@@ -448,6 +453,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace,
             from .run_command import cmd_run
 
             return cmd_run(args)
+        if args.command == "bench":
+            from .bench.cli import cmd_bench
+
+            return cmd_bench(args, args.argv)
         if args.command == "algorithms":
             from .migration.algorithms import listing
 

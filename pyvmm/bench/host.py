@@ -1,0 +1,63 @@
+"""The machine a bench record was measured on: CPU, cores, kernel, page size, THP, filesystem."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from pathlib import Path
+from typing import Any
+
+
+def _first(path: str, prefix: str = "") -> str:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip() if prefix else line.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _bracketed(path: str) -> str:
+    """The selected word of a sysfs choice file (``always [madvise] never`` -> madvise)."""
+    text = _first(path)
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else text
+
+
+def filesystem(directory: str) -> str:
+    """The type of the filesystem ``directory`` is on (the longest mount point above it)."""
+    target = str(Path(directory).resolve())
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def describe_host(directory: str = ".") -> dict[str, Any]:
+    """What a reader of the numbers needs to know about where they come from."""
+    from .. import __version__
+
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": _first("/proc/cpuinfo", "model name") or platform.processor(),
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "page_size": os.sysconf("SC_PAGE_SIZE"),
+        "thp": _bracketed("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "filesystem": filesystem(directory),
+        "python": platform.python_version(),
+        "pyvmm": __version__,
+    }

@@ -1,0 +1,142 @@
+"""``pyvmm bench`` as a researcher runs it: a tiny matrix through the command line gives results
+that match the documented schema, a CSV and a table; its numbers are the checkpoint files' own
+and include a slowed saver's time; an interrupted run keeps its finished cells; two runs compare;
+bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from pyvmm.bench.spec import Cell, expand_workload, matrix, parse_algorithm
+from pyvmm.errors import ConfigError
+from pyvmm.migration.container import CheckpointFile
+
+SCHEMA = json.loads((Path(__file__).parents[1] / "pyvmm/bench/results.schema.json").read_text())
+TINY = ["--workload", "pattern=random,working_set=4M", "--ram", "32M", "--repeat", "1",
+        "--checkpoints", "2", "--interval", "0.1"]
+
+SLOW_SAVER = '''
+import time
+from pyvmm.migration.savers import StopAndCopySaver
+
+class SlowSaver(StopAndCopySaver):
+    """stop-and-copy that takes a quarter of a second longer over every save"""
+    def save(self, job):
+        time.sleep(0.25)
+        return super().save(job)
+'''
+
+
+def bench(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), *sys.path])}
+    return subprocess.run([sys.executable, "-m", "pyvmm", "bench", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+                          check=False)
+
+
+def test_a_tiny_matrix_gives_schema_valid_json_csv_and_a_table(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW_SAVER)
+    proc = bench(*TINY, "--algorithm", "stop-and-copy", "--algorithm", "incremental,live",
+                 "--algorithm", "saver=slow:SlowSaver", "-o", "r.json", "--csv", "r.csv",
+                 "--keep-files", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(results, SCHEMA)
+    records = results["records"]
+    assert [r["cell"]["algorithm"] for r in records] == [
+        "stop-and-copy", "incremental,live", "stop-and-copy,saver=slow:SlowSaver"]
+    assert all(r["error"] is None and len(r["checkpoints"]) == 2 for r in records)
+    assert [c["kind"] for c in records[1]["checkpoints"]] == ["full", "incremental"]
+    assert len(records[0]["reloads"]) == 2 and records[0]["baselines"]["raw_write_mib_s"] > 0
+    assert results["host"]["cores"] == os.cpu_count() and results["host"]["kernel"]
+    # honest: each number is the checkpoint file's own statistic
+    for record in records:
+        with CheckpointFile.open(record["file"]) as container:
+            for checkpoint, info in zip(record["checkpoints"], container.header.increments):
+                stored = container.stats(info.index)
+                for key in ("downtime_ms", "total_ms", "bytes_written", "pages"):
+                    assert checkpoint[key] == stored[key], key
+    # ... and a slowed saver shows up slower, by at least what it slept, pause included
+    slowed = records[2]["checkpoints"]
+    assert all(c["saver"] == "slow:SlowSaver" for c in slowed)
+    assert all(c["total_ms"] >= 250 and c["downtime_ms"] >= 250 for c in slowed)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
+    assert len(rows) == 6 and {row["algorithm"] for row in rows} == {
+        r["cell"]["algorithm"] for r in records}
+    assert "downtime ms" in proc.stdout and "incremental,live" in proc.stdout
+    assert "pyvmm bench: [3/3]" in proc.stderr
+
+    again = bench("compare", "r.json", "r.json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("downtime ms 1.00x") == 3
+
+
+def test_an_interrupted_run_keeps_its_finished_cells(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "bench", *TINY, "--repeat", "20",
+                             "--algorithm", "stop-and-copy", "--no-reloads", "-o", "r.json"],
+                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first finished cell, then Ctrl-C
+            if line.startswith("pyvmm bench: [1/20]"):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, rest
+    assert "interrupted" in rest
+    results = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(results, SCHEMA)
+    assert 1 <= len(results["records"]) < 20
+    assert not list(tmp_path.glob("pyvmm-bench-*")), "a cell's files were left behind"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algorithm", "engine=x"], "'engine' is not one of tracker, saver, encoder"),
+    (["--algorithm", "saver=nope"], "unknown saver 'nope'"),
+    (["--algorithm", "fast"], "'fast' is not a capability"),
+    (["--workload", "pattern=bogus"], "workload option 'pattern'"),
+    (["--workload", "working_set=1M..1T"], "more than 16 values"),
+    (["--ram", "1M"], "a bench guest needs at least 16M"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+    (["compare", "missing.json", "missing.json"], "cannot read missing.json"),
+    (["frobnicate"], "bench takes options to run a matrix, or: compare A.json B.json"),
+])
+def test_negative_bad_bench_input_is_one_line(tmp_path: Path, args: list[str],
+                                              message: str) -> None:
+    proc = bench(*args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("pyvmm: error: ") and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_the_matrix_spells_lists_ranges_and_parts() -> None:
+    assert expand_workload("pattern=random|hotcold,working_set=16M..64M") == [
+        f"pattern={p},working_set={w},passes=0,report=0"
+        for p in ("random", "hotcold") for w in ("16M", "32M", "64M")]
+    algorithm = parse_algorithm("live,incremental,tracker=wp,encoder=zstd")
+    assert algorithm.label == "incremental,live,tracker=wp,encoder=zstd"
+    assert algorithm.checkpointer_options() == {"capabilities": ("incremental", "live"),
+                                                "tracker": "wp", "encoder": "zstd"}
+    cells = matrix(["a", "b"], ["x"], [1 << 25], repeat=2, checkpoints=3, interval=0.1,
+                   directory="/tmp")
+    assert [(c.workload, c.repetition) for c in cells] == [("a", 0), ("b", 0), ("a", 1),
+                                                           ("b", 1)]
+    assert Cell.from_json(cells[0].to_json()) == cells[0]
+    with pytest.raises(ConfigError, match="unknown field"):
+        Cell.from_json({**cells[0].to_json(), "extra": 1})
