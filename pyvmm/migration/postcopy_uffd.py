@@ -2,7 +2,7 @@
 
 :class:`WriteProtectSession` is the live checkpoint of DESIGN.md section 4: RAM is
 write-protected synchronously (through :mod:`~pyvmm.migration.uffd_syscalls`) and a C thread
-(``pyvmm/native/uffd.c``) resolves each write fault by copying the page to a shadow slot first, so
+(``pyvmm/native/wp_fault.c``) resolves each write fault by copying the page to a shadow slot first, so
 the saver sees RAM exactly as it was when the session protected it. The thread never needs the
 GIL (DESIGN.md section 5).  Errors are :class:`~pyvmm.errors.UffdError` naming the ``live``
 checkpoint kind when a feature or privilege is missing.

@@ -372,7 +372,7 @@ class _Loader:
     def _read_window_by_window(self, nblocks: int, bases: Any, sizes: Any, bits: Any,
                                options: Any) -> bool:
         """Every increment's pages at once, a few MiB of RAM at a time (each huge page filled
-        while cached: see indexed.c); False, having read nothing, when an increment's runs are
+        while cached: see chain_read.c); False, having read nothing, when an increment's runs are
         not in RAM order (then each is read in turn)."""
         increments = self.increments
         n = len(increments)
@@ -480,7 +480,7 @@ _WINDOWED = True
 _CHECK_THREAD = 1
 #: The window-by-window reader hands every other window to a second thread, which reads all the
 #: increments' pages of it (and checks their CRCs): the kernel's zeroing and copying, most of a
-#: reload, then use two cores (indexed.c's pyvmm_claim_options.second_reader, which overrides
+#: reload, then use two cores (chain_read.c's pyvmm_claim_options.second_reader, which overrides
 #: _CHECK_THREAD; 0: one thread reads all).
 _SECOND_READER = 1
 _RECORD = 24  # bytes of one page index record

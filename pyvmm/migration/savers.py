@@ -38,7 +38,7 @@ from .seams import (
 from .stream import QEMUFile
 
 # pages a live-only checkpoint may open per fault of a sequential writer: a 2 MiB huge page, so
-# that its runs keep transparent huge pages whole (uffd.c)
+# that its runs keep transparent huge pages whole (live_saver.c)
 LIVE_FAULT_AROUND = 512
 
 

@@ -146,7 +146,7 @@ def test_sieving_reads_through_small_gaps_and_changes_nothing_else(tmp_path: Pat
         reload_file(str(path), sieve_pages=65)
 
 
-WINDOW = 1024  # pages of RAM the indexed reload takes at a time (indexed.c: WINDOW_PAGES)
+WINDOW = 1024  # pages of RAM the indexed reload takes at a time (chain_read.c: WINDOW_PAGES)
 
 
 def window_reader_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
