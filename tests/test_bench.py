@@ -15,7 +15,11 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import matplotlib
 import pytest
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 from pyvmm.bench.spec import Cell, expand_workload, matrix, parse_algorithm
 from pyvmm.errors import ConfigError
@@ -48,7 +52,7 @@ def test_a_tiny_matrix_gives_schema_valid_json_csv_and_a_table(tmp_path: Path) -
     (tmp_path / "slow.py").write_text(SLOW_SAVER)
     proc = bench(*TINY, "--algorithm", "stop-and-copy", "--algorithm", "incremental,live",
                  "--algorithm", "saver=slow:SlowSaver", "-o", "r.json", "--csv", "r.csv",
-                 "--keep-files", cwd=tmp_path)
+                 "--keep-files", "--plots", "figures", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "r.json").read_text())
     jsonschema.validate(results, SCHEMA)
@@ -79,6 +83,13 @@ def test_a_tiny_matrix_gives_schema_valid_json_csv_and_a_table(tmp_path: Path) -
     again = bench("compare", "r.json", "r.json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("downtime ms 1.00x") == 3
+    # the figures, drawn after the run and again from the saved results; each PNG decodes
+    redrawn = bench("plot", "r.json", cwd=tmp_path)
+    assert redrawn.returncode == 0, redrawn.stderr
+    for directory in (tmp_path / "figures", tmp_path / "r-plots"):
+        for name in ("downtime.png", "slowdown.png", "bytes.png", "reload.png"):
+            image = plt.imread(directory / name)
+            assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
 
 
 def test_an_interrupted_run_keeps_its_finished_cells(tmp_path: Path) -> None:
@@ -115,6 +126,7 @@ def test_an_interrupted_run_keeps_its_finished_cells(tmp_path: Path) -> None:
     (["--repeat", "0"], "--repeat must be at least 1"),
     (["compare", "missing.json", "missing.json"], "cannot read missing.json"),
     (["frobnicate"], "bench takes options to run a matrix, or: compare A.json B.json"),
+    (["plot", "missing.json"], "cannot read missing.json"),
 ])
 def test_negative_bad_bench_input_is_one_line(tmp_path: Path, args: list[str],
                                               message: str) -> None:

@@ -22,6 +22,7 @@ examples:
   python -m pyvmm bench --algorithm saver=mypkg:MySaver --repeat 5 -o mine.json
   python -m pyvmm bench --program "tests/data/busybox/bin/busybox gzip -c /dev/zero"
   python -m pyvmm bench compare before.json after.json   ratios between two runs
+  python -m pyvmm bench plot run.json --plots figures/   redraw the PNGs of a saved run
 
 A cell is one workload x algorithm x RAM size x repetition, measured in a fresh process: the
 guest runs on, --checkpoints checkpoints are taken --interval seconds apart while it runs, then
@@ -40,8 +41,9 @@ def add_parser(sub: Any) -> None:
                     "speed before/during/after, extra memory) and the reload of each chain "
                     "prefix, beside raw write()/read()/memcpy baselines.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("verb", nargs="*", metavar="compare A.json B.json",
-                       help="instead of running: the ratios between two saved runs")
+    bench.add_argument("verb", nargs="*", metavar="compare A.json B.json | plot R.json",
+                       help="instead of running: the ratios between two saved runs, or the "
+                            "figures of one")
     bench.add_argument("--workload", metavar="SPEC", action="append", default=[],
                        help=f"built-in guest options, lists a|b and ranges LOW..HIGH allowed "
                             f"(repeatable; default {DEFAULT_WORKLOAD}; 'help' lists them)")
@@ -65,6 +67,9 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("-o", "--output", metavar="FILE.json",
                        help="results file (default bench-DATE-TIME.json here)")
     bench.add_argument("--csv", metavar="FILE.csv", help="also write one CSV row per checkpoint")
+    bench.add_argument("--plots", metavar="DIR",
+                       help="draw the PNG figures into DIR (matplotlib: pip install "
+                            "'pyvmm[plot]'; default for 'plot R.json': R-plots/)")
     bench.add_argument("--no-reloads", action="store_true", help="do not time reloads")
     bench.add_argument("--keep-files", action="store_true",
                        help="keep each cell's checkpoint file (its path is in the record)")
@@ -97,11 +102,20 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     from . import report
 
     if args.verb:
-        if args.verb[0] != "compare" or len(args.verb) != 3:
-            raise ConfigError("bench takes options to run a matrix, or: compare A.json B.json")
-        print(report.compare(report.load_results(args.verb[1]),
-                             report.load_results(args.verb[2])))
-        return 0
+        if args.verb[0] == "compare" and len(args.verb) == 3:
+            print(report.compare(report.load_results(args.verb[1]),
+                                 report.load_results(args.verb[2])))
+            return 0
+        if args.verb[0] == "plot" and len(args.verb) == 2:
+            from .plot import plot
+
+            source = Path(args.verb[1])
+            target = args.plots or str(source.with_name(f"{source.stem}-plots"))
+            for path in plot(report.load_results(source), target):
+                print(path)
+            return 0
+        raise ConfigError("bench takes options to run a matrix, or: compare A.json B.json, "
+                          "or: plot R.json")
     if "help" in args.workload:
         from ..guests.workload import WORKLOAD_HELP
 
@@ -130,6 +144,10 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
                    checkpoints=args.checkpoints, interval=args.interval,
                    directory=str(directory.resolve()), reloads=not args.no_reloads,
                    keep_files=args.keep_files)
+    if args.plots:
+        from .plot import _pyplot
+
+        _pyplot()  # matplotlib missing: said before the run, not after it
     results = new_results(["pyvmm", *argv], str(directory))
     if not args.quiet:
         print(f"pyvmm bench: {len(cells)} cells ({len(workloads)} workloads x {len(algorithms)} "
@@ -139,6 +157,11 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
                           progress=ProgressLine(len(cells), quiet=args.quiet))
     if args.csv:
         Path(args.csv).write_text(report.csv_text(results["records"]))
+    if args.plots and any(not r.get("error") for r in results["records"]):
+        from .plot import plot
+
+        for path in plot(results, args.plots):
+            print(f"pyvmm bench: {path}", file=sys.stderr)
     if not args.quiet:
         print(report.table(results["records"]))
     if not finished:
