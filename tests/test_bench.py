@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,8 @@ from pyvmm.migration.container import CheckpointFile
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "pyvmm/bench/results.schema.json").read_text())
 TINY = ["--workload", "pattern=random,working_set=4M", "--ram", "32M", "--repeat", "1",
-        "--checkpoints", "2", "--interval", "0.1"]
+        "--checkpoints", "2", "--interval", "0.1", "--qemu", "off"]
+NO_QEMU = {**os.environ, "PATH": "/nonexistent"}
 
 SLOW_SAVER = '''
 import time
@@ -41,8 +43,9 @@ class SlowSaver(StopAndCopySaver):
 '''
 
 
-def bench(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), *sys.path])}
+def bench(*args: str | Path, cwd: Path, timeout: float = 600,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**(env or os.environ), "PYTHONPATH": os.pathsep.join([str(cwd), *sys.path])}
     return subprocess.run([sys.executable, "-m", "pyvmm", "bench", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
                           check=False)
@@ -114,6 +117,45 @@ def test_an_interrupted_run_keeps_its_finished_cells(tmp_path: Path) -> None:
     jsonschema.validate(results, SCHEMA)
     assert 1 <= len(results["records"]) < 20
     assert not list(tmp_path.glob("pyvmm-bench-*")), "a cell's files were left behind"
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-aarch64") is None,
+                    reason="qemu-system-aarch64 is not installed (scripts/install installs it)")
+def test_qemu_runs_the_same_workload_beside_pyvmm_and_its_snapshots_are_measured(
+        tmp_path: Path) -> None:
+    proc = bench(*TINY[:-2], "--qemu", "on", "--algorithm", "stop-and-copy", "-o", "r.json",
+                 cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(results, SCHEMA)
+    by_algorithm = {r["cell"]["algorithm"]: r for r in results["records"]}
+    assert set(by_algorithm) == {"stop-and-copy", "qemu:savevm", "qemu:background-snapshot"}
+    ours = by_algorithm["stop-and-copy"]["uart"]
+    assert ours.startswith("pyvmm-workload: start pattern=random pages=1024")
+    for name in ("qemu:savevm", "qemu:background-snapshot"):
+        record = by_algorithm[name]
+        assert record["error"] is None, record["error"]
+        assert record["uart"] == ours  # the same guest, run by QEMU
+        assert len(record["checkpoints"]) == 2 and len(record["reloads"]) == 2
+        for checkpoint in record["checkpoints"]:
+            # QEMU skips zero pages too: at least the working set, far less than the RAM
+            assert 4 << 20 <= checkpoint["bytes_written"] < 32 << 20
+            assert checkpoint["guest_ips_during"] is None  # not measured, never guessed
+        assert all(row["qemu_incoming_s"] > 0 for row in record["reloads"])
+    assert "qemu:savevm" in proc.stdout
+
+
+def test_without_qemu_its_rows_are_skipped_with_a_note_or_refused_when_asked(
+        tmp_path: Path) -> None:
+    auto = bench(*TINY[:-2], "--algorithm", "stop-and-copy", "-o", "r.json", "--no-reloads",
+                 cwd=tmp_path, env=NO_QEMU)
+    assert auto.returncode == 0, auto.stderr
+    assert "note: qemu-system-aarch64 is not installed: the QEMU rows are skipped" in auto.stderr
+    records = json.loads((tmp_path / "r.json").read_text())["records"]
+    assert [r["cell"]["algorithm"] for r in records] == ["stop-and-copy"]
+    required = bench(*TINY[:-2], "--qemu", "on", cwd=tmp_path, env=NO_QEMU)
+    assert required.returncode == 1
+    assert required.stderr == "pyvmm: error: --qemu on: qemu-system-aarch64 is not installed\n"
 
 
 @pytest.mark.parametrize("args, message", [

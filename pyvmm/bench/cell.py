@@ -43,6 +43,9 @@ from .spec import PROGRAM_PREFIX, Cell, parse_algorithm
 
 #: Bytes per raw write()/read() call and per memcpy of the baselines.
 CHUNK = 8 << 20
+#: The guest's first output kept in the record (the QEMU rows are checked against it).
+UART_KEPT = 1024
+QEMU_PREFIX = "qemu:"
 SCHEMA_VERSION = 1
 
 
@@ -183,9 +186,20 @@ def run_cell(data: dict[str, Any]) -> dict[str, Any]:
     began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="pyvmm-bench-", dir=cell.directory))
     path = workdir / "cell.chpt"
+    uart = bytearray()
+
+    def keep_uart(data: bytes) -> None:
+        if len(uart) < UART_KEPT:
+            uart.extend(data[:UART_KEPT - len(uart)])
+
     try:
-        with boot(_guest(cell), ram_size=cell.ram, stdout=lambda _b: None,
-                  stderr=lambda _b: None, uart_sink=lambda _b: None) as machine:
+        if cell.algorithm.startswith(QEMU_PREFIX):
+            from .qemu import run_qemu_cell
+
+            run_qemu_cell(cell, record, workdir)
+            return record
+        with boot(_guest(cell), ram_size=cell.ram, stdout=keep_uart, stderr=lambda _b: None,
+                  uart_sink=keep_uart) as machine:
             checkpoints, _after, extra = _checkpoints(machine, cell, path)
             record["checkpoints"] = checkpoints
             record["extra_memory_bytes"] = extra
@@ -193,6 +207,7 @@ def run_cell(data: dict[str, Any]) -> dict[str, Any]:
         if cell.reloads:
             record["reloads"] = _reloads(path, len(checkpoints))
         record["file_bytes"] = path.stat().st_size
+        record["uart"] = uart.decode(errors="replace")
         if cell.keep_files:
             record["file"] = str(path)
     except PyvmmError as err:
@@ -202,7 +217,7 @@ def run_cell(data: dict[str, Any]) -> dict[str, Any]:
     finally:
         if not cell.keep_files:
             shutil.rmtree(workdir, ignore_errors=True)
-    record["seconds"] = time.perf_counter() - began
+        record["seconds"] = time.perf_counter() - began
     return record
 
 

@@ -53,6 +53,10 @@ def add_parser(sub: Any) -> None:
                        help="capabilities and parts, e.g. incremental,live,tracker=wp or "
                             "saver=mypkg:MySaver (repeatable; default: "
                             f"{' / '.join(DEFAULT_ALGORITHMS)})")
+    bench.add_argument("--qemu", choices=("auto", "on", "off"), default="auto",
+                       help="QEMU rows beside pyvmm's (qemu:savevm, qemu:background-snapshot on "
+                            "each built-in workload): auto (default) when qemu-system-aarch64 "
+                            "is installed, with a note when not; on: required; off")
     bench.add_argument("--ram", metavar="SIZE[,SIZE...]", default="256M",
                        help="guest RAM sizes (default 256M)")
     bench.add_argument("--repeat", metavar="N", type=int, default=3,
@@ -88,8 +92,11 @@ def _rams(text: str) -> list[int]:
 
 def _check_algorithm(spec: str) -> str:
     from ..migration.algorithms import resolve
+    from .qemu import ALGORITHMS as QEMU_ALGORITHMS
     from .spec import parse_algorithm
 
+    if spec in QEMU_ALGORITHMS:
+        return spec
     algorithm = parse_algorithm(spec)
     for kind in ("tracker", "saver", "encoder"):
         name = getattr(algorithm, kind)
@@ -140,10 +147,28 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
     output = Path(args.output or datetime.datetime.now().strftime("bench-%Y%m%d-%H%M%S.json"))
     if output.is_dir():
         raise ConfigError(f"--output {output}: is a directory")
-    cells = matrix(workloads, algorithms, _rams(args.ram), repeat=args.repeat,
-                   checkpoints=args.checkpoints, interval=args.interval,
-                   directory=str(directory.resolve()), reloads=not args.no_reloads,
-                   keep_files=args.keep_files)
+    from .qemu import ALGORITHMS as QEMU_ALGORITHMS
+    from .qemu import available_note
+
+    builtin = [w for w in workloads if not w.startswith(PROGRAM_PREFIX)]
+    qemu_rows: list[str] = []
+    if args.qemu != "off" and builtin:
+        note = available_note()
+        if note is None:
+            qemu_rows = [a for a in QEMU_ALGORITHMS if a not in algorithms]
+        elif args.qemu == "on":
+            raise ConfigError(f"--qemu on: {note.split(':')[0]}")
+        elif not args.quiet:
+            print(f"pyvmm bench: note: {note}", file=sys.stderr)
+    common = {"repeat": args.repeat, "checkpoints": args.checkpoints, "interval": args.interval,
+              "directory": str(directory.resolve()), "reloads": not args.no_reloads,
+              "keep_files": args.keep_files}
+    rams = _rams(args.ram)
+    cells = matrix(workloads, [a for a in algorithms if a not in QEMU_ALGORITHMS], rams,
+                   **common) + matrix(builtin, [a for a in algorithms if a in QEMU_ALGORITHMS]
+                                      + qemu_rows, rams, **common)
+    cells.sort(key=lambda cell: cell.repetition)  # all cells once, then again: stable
+    algorithms += qemu_rows
     if args.plots:
         from .plot import _pyplot
 

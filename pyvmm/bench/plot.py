@@ -130,7 +130,8 @@ def plot(results: dict[str, Any], directory: str | Path) -> list[Path]:
             values = [c["guest_ips_during"] / c["guest_ips_before"]
                       for r in _good(records) if r["cell"]["algorithm"] == algorithm
                       and r["cell"]["workload"] == workload
-                      for c in r["checkpoints"] if c.get("guest_ips_before")]
+                      for c in r["checkpoints"]
+                      if c.get("guest_ips_before") and c.get("guest_ips_during") is not None]
             if values:
                 middle, low, high = _spread(values)
                 middles.append(middle)
@@ -151,8 +152,10 @@ def plot(results: dict[str, Any], directory: str | Path) -> list[Path]:
                                    for c in r["checkpoints"]]),
            "Bytes per increment (0: full)", "increment", "MiB written", paths[2])
     _lines(plt, _series(records, lambda r, item: float(item[0]),
-                        lambda r: [(row["increments"], row["indexed_s"])
+                        lambda r: [(row["increments"], row["indexed_s"]
+                                    if row.get("indexed_s") is not None
+                                    else row.get("qemu_incoming_s"))
                                    for row in r.get("reloads") or []]),
-           "Reload time against chain length (indexed)", "increments reloaded", "seconds",
+           "Reload time against chain length (indexed; QEMU: -incoming of snapshot k)", "increments reloaded", "seconds",
            paths[3])
     return paths

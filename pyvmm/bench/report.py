@@ -65,11 +65,15 @@ def _values(records: Iterable[Record], metric: str) -> list[float]:
             out += [c["bytes_written"] / (1 << 20) for c in checkpoints]
         elif metric == "slowdown":
             out += [c["guest_ips_during"] / c["guest_ips_before"] for c in checkpoints
-                    if c.get("guest_ips_before")]
+                    if c.get("guest_ips_before") and c.get("guest_ips_during") is not None]
         elif metric == "extra_mib" and record.get("extra_memory_bytes", -1) >= 0:
             out.append(record["extra_memory_bytes"] / (1 << 20))
         elif metric == "reload_s" and record.get("reloads"):
-            out.append(float(record["reloads"][-1]["indexed_s"]))
+            last = record["reloads"][-1]
+            value = last.get("indexed_s")
+            value = last.get("qemu_incoming_s") if value is None else value
+            if value is not None:
+                out.append(float(value))
         elif metric == "lazy_first_ms" and record.get("reloads"):
             value = record["reloads"][-1].get("lazy_first_insn_ms")
             if value is not None:
