@@ -158,6 +158,33 @@ def test_without_qemu_its_rows_are_skipped_with_a_note_or_refused_when_asked(
     assert required.stderr == "pyvmm: error: --qemu on: qemu-system-aarch64 is not installed\n"
 
 
+def test_a_local_dask_cluster_measures_the_same_cells_and_names_its_hosts(
+        tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    args = [*TINY, "--algorithm", "stop-and-copy", "--algorithm", "incremental",
+            "--no-reloads"]
+    local = bench(*args, "-o", "local.json", cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        remote = bench(*args, "--dask", cluster.scheduler_address, "-o", "dask.json",
+                       cwd=tmp_path)
+        assert remote.returncode == 0, remote.stderr
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text())
+               for name in ("local", "dask")}
+    jsonschema.validate(results["dask"], SCHEMA)
+    cells = {name: sorted(json.dumps(r["cell"], sort_keys=True) for r in data["records"])
+             for name, data in results.items()}
+    assert cells["local"] == cells["dask"] and len(cells["dask"]) == 2
+    for record in results["dask"]["records"]:
+        assert record["error"] is None and len(record["checkpoints"]) == 2
+        assert record["host"]["hostname"] and record["host"]["cores"] >= 1
+    unreachable = bench(*args, "--dask", "tcp://127.0.0.1:9", cwd=tmp_path)
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("pyvmm: error: --dask tcp://127.0.0.1:9: cannot reach")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--algorithm", "engine=x"], "'engine' is not one of tracker, saver, encoder"),
     (["--algorithm", "saver=nope"], "unknown saver 'nope'"),

@@ -66,6 +66,10 @@ def add_parser(sub: Any) -> None:
                             "(default 4)")
     bench.add_argument("--interval", metavar="SECONDS", type=float, default=0.5,
                        help="guest run before and between checkpoints (default 0.5)")
+    bench.add_argument("--dask", metavar="SCHEDULER",
+                       help="run the cells on an existing Dask distributed cluster (e.g. "
+                            "tcp://host:8786; pip install 'pyvmm[dask]'), one per worker at a "
+                            "time, each record naming its host; default: here, one at a time")
     bench.add_argument("--dir", metavar="DIR", default=".",
                        help="where checkpoint files are written (default: here)")
     bench.add_argument("-o", "--output", metavar="FILE.json",
@@ -174,12 +178,22 @@ def cmd_bench(args: argparse.Namespace, argv: list[str]) -> int:
 
         _pyplot()  # matplotlib missing: said before the run, not after it
     results = new_results(["pyvmm", *argv], str(directory))
+    client = None
+    if args.dask:
+        from .runner import dask_client
+
+        client = dask_client(args.dask)
     if not args.quiet:
         print(f"pyvmm bench: {len(cells)} cells ({len(workloads)} workloads x {len(algorithms)} "
               f"algorithms x {len(_rams(args.ram))} RAM sizes x {args.repeat}), results in "
               f"{output}", file=sys.stderr)
-    finished = run_matrix(cells, results, output,
-                          progress=ProgressLine(len(cells), quiet=args.quiet))
+    progress = ProgressLine(len(cells), quiet=args.quiet)
+    if client is not None:
+        from .runner import run_matrix_dask
+
+        finished = run_matrix_dask(cells, results, output, client, progress=progress)
+    else:
+        finished = run_matrix(cells, results, output, progress=progress)
     if args.csv:
         Path(args.csv).write_text(report.csv_text(results["records"]))
     if args.plots and any(not r.get("error") for r in results["records"]):

@@ -20,11 +20,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..errors import ConfigError
 from .cell import SCHEMA_VERSION, run_cell
 from .host import describe_host
 from .spec import Cell
 
 Record = dict[str, Any]
+DASK_CONNECT_TIMEOUT = 10
 
 
 def local_executor() -> concurrent.futures.Executor:
@@ -123,6 +125,71 @@ def run_matrix(cells: Sequence[Cell], results: dict[str, Any], output: Path, *,
         return False
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def dask_client(address: str) -> Any:
+    """A client of the Dask scheduler at ``address``, with at least one worker (ConfigError,
+    one line, when Dask is missing or the scheduler cannot be reached)."""
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise ConfigError("--dask needs Dask distributed: pip install 'pyvmm[dask]'") from err
+    try:
+        client = Client(address, timeout=DASK_CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ConfigError(f"--dask {address}: cannot reach the scheduler: {err}") from err
+    if not client.scheduler_info()["workers"]:
+        client.close()
+        raise ConfigError(f"--dask {address}: the cluster has no worker")
+    return client
+
+
+def run_matrix_dask(cells: Sequence[Cell], results: dict[str, Any], output: Path,
+                    client: Any, *, progress: ProgressLine | None = None) -> bool:
+    """:func:`run_matrix` on an existing Dask distributed cluster (``client``, see
+    :func:`dask_client`): one cell per worker at a time (a cell's timings want its worker to
+    itself), each record naming the host that measured it; saved as each cell ends."""
+    from distributed import as_completed
+
+    progress = progress or ProgressLine(len(cells), quiet=True)
+    pending = list(cells)
+    running: dict[Any, tuple[Cell, str]] = {}
+    try:
+        free = list(client.scheduler_info()["workers"])
+
+        def submit() -> list[Any]:
+            started = []
+            while pending and free:
+                worker, cell = free.pop(), pending.pop(0)
+                future = client.submit(run_cell, cell.to_json(), pure=False, workers=[worker],
+                                       allow_other_workers=False)
+                running[future] = (cell, worker)
+                started.append(future)
+            return started
+
+        completed = as_completed(submit())
+        for future in completed:
+            cell, worker = running.pop(future)
+            try:
+                record = future.result()
+            except Exception as err:  # noqa: BLE001 - a lost worker is one failed cell
+                record = {"schema": SCHEMA_VERSION, "cell": cell.to_json(), "error":
+                          f"the cell failed on {worker}: {err}", "checkpoints": [],
+                          "reloads": [], "baselines": {}, "host": {}}
+            results["records"].append(record)
+            save_results(results, output)
+            progress.finished(cell, record)
+            free.append(worker)
+            for started in submit():
+                completed.add(started)
+        return True
+    except KeyboardInterrupt:
+        for future in running:
+            future.cancel()
+        save_results(results, output)
+        return False
+    finally:
+        client.close()
 
 
 def _stop_workers(pool: concurrent.futures.Executor) -> None:
