@@ -145,6 +145,24 @@ def test_qemu_runs_the_same_workload_beside_pyvmm_and_its_snapshots_are_measured
     assert "qemu:savevm" in proc.stdout
 
 
+def test_a_static_arm64_program_is_a_workload_too(tmp_path: Path) -> None:
+    """A busybox applet: measured like the built-in guest (here it ends within the first
+    interval: checkpoints of an ended guest, reloads that do not run it); QEMU, which runs only
+    the bare-metal workload, adds no row for it."""
+    busybox = Path(__file__).resolve().parent / "data/busybox/bin/busybox"
+    (tmp_path / "data.txt").write_text("".join(f"{n}\n" for n in range(20000)))
+    proc = bench("--program", f"{busybox} sha256sum {tmp_path / 'data.txt'}", "--ram", "32M",
+                 "--repeat", "1", "--checkpoints", "2", "--interval", "0.1",
+                 "--algorithm", "incremental", "-o", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(results, SCHEMA)
+    [record] = results["records"]
+    assert record["error"] is None and record["cell"]["workload"].startswith("program:")
+    assert [c["kind"] for c in record["checkpoints"]] == ["full", "incremental"]
+    assert len(record["reloads"]) == 2
+
+
 def test_without_qemu_its_rows_are_skipped_with_a_note_or_refused_when_asked(
         tmp_path: Path) -> None:
     auto = bench(*TINY[:-2], "--algorithm", "stop-and-copy", "-o", "r.json", "--no-reloads",

@@ -127,7 +127,8 @@ def _reloads(path: Path, count: int) -> list[dict[str, Any]]:
             machine.close()
         machine, loader = lazy_reload(f"chpt:{prefix}:{path}")
         try:
-            machine.run(max_insns=1000)
+            if machine.state is not RunState.SHUTDOWN:  # a guest that ended runs no more
+                machine.run(max_insns=1000)
             stats = loader.stats()
             row["lazy_first_insn_ms"] = stats.first_insn_ms
             row["lazy_setup_ms"] = stats.setup_ms
