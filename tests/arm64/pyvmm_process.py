@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DEADLINE = 120.0
 
@@ -39,3 +40,12 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[int, bytes, bytes]:
         out, err = proc.communicate()
         raise AssertionError(f"pyvmm did not end: {err[-2000:]!r}") from None
     return proc.returncode, out, err
+
+
+async def quit_disconnect(client: Any) -> None:
+    """``client.disconnect()`` after ``quit``: the server may close the stream first, which
+    qemu.qmp reports as EOFError (QEMU's own test harness expects it the same way after quit)."""
+    try:
+        await client.disconnect()
+    except EOFError:
+        pass

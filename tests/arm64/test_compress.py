@@ -264,7 +264,7 @@ def test_qmp_turns_compress_on_and_off_between_increments_of_one_chain(tmp_path:
     import asyncio
 
     import pyvmm_process
-    from pyvmm_process import finish, wait_for_socket
+    from pyvmm_process import finish, quit_disconnect, wait_for_socket
     from qemu.qmp import QMPClient
 
     from pyvmm.guests.workload import expected_output
@@ -302,7 +302,7 @@ def test_qmp_turns_compress_on_and_off_between_increments_of_one_chain(tmp_path:
                 {"capability": "compress", "state": True},
                 {"capability": "checksum", "state": True}]})
         await client.execute("quit")
-        await client.disconnect()
+        await quit_disconnect(client)
         return parameters
 
     proc = pyvmm_process.start("run", "--qmp", f"unix:{sock}", "--paused", "--no-fsync", "-q",

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import pyvmm_process
-from pyvmm_process import DEADLINE, finish, wait_for_socket
+from pyvmm_process import DEADLINE, finish, quit_disconnect, wait_for_socket
 from qemu.qmp import QMPClient
 
 from pyvmm.guests.workload import WorkloadOptions, expected_output
@@ -102,7 +102,7 @@ def test_qmp_client_drives_live_incremental_checkpoints_and_a_deferred_reload(
         reply = await client.execute("query-migrate")
         checkpoints = await client.execute("query-checkpoints")
         await client.execute("quit")
-        await client.disconnect()
+        await quit_disconnect(client)
         return {"migrate": reply, "event": event, "checkpoints": checkpoints}
 
     with running("--qmp", f"unix:{sock}", "--paused", "--no-fsync", "-q",
