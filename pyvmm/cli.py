@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a socket for guest-inform listeners: told 'c'/'C' when a "
                               "checkpoint starts/ends and 'R<n>' after a reload; they may send "
                               "c (checkpoint), r (reload), q (quit), h (help)")
+    monitor.add_argument("--qfs", metavar="DIR", nargs="?", const="",
+                         help="mount QFS, the control filesystem, at DIR (default: a directory "
+                              "named by the VM id under ~/.local/state/pyvmm/qfs): echo now > "
+                              "DIR/checkpoints/trigger, cat DIR/control/status, ... (needs "
+                              "fuse3 and pip install 'pyvmm[qfs]')")
     monitor.add_argument("-S", "--paused", action="store_true",
                          help="do not start the guest until a monitor says cont (QEMU's -S)")
     guest = run.add_argument_group("guest")

@@ -254,6 +254,7 @@ class _MonitorOptions:
     hmp: tuple[Any, ...] = ()
     stdio: bool = False
     inform: Any = None
+    qfs: str | None = None  # the mount point ("": the default one); None: no QFS
 
     @property
     def any_command_channel(self) -> bool:
@@ -262,6 +263,8 @@ class _MonitorOptions:
     @classmethod
     def parse(cls, args: argparse.Namespace, *, defer: bool) -> _MonitorOptions:
         if not (args.qmp or args.monitor or args.guest_inform):
+            if args.qfs is not None and not defer:
+                return cls(qfs=args.qfs)  # its control/cont starts a --paused guest
             if defer:
                 raise ConfigError("--incoming defer waits for a monitor's migrate-incoming: "
                                   "add --qmp unix:PATH or --monitor stdio|unix:PATH")
@@ -288,7 +291,7 @@ class _MonitorOptions:
         for path in paths:
             if paths.count(path) > 1:
                 raise ConfigError(f"the socket {path} is given for two monitors")
-        monitors = cls(qmp, hmp, stdio, inform)
+        monitors = cls(qmp, hmp, stdio, inform, args.qfs)
         if (defer or args.paused) and not monitors.any_command_channel:
             raise ConfigError("--incoming defer and --paused wait for a monitor's command: "
                               "add --qmp unix:PATH or --monitor stdio|unix:PATH")
@@ -439,6 +442,10 @@ def _start_monitors(vm: Any, monitors: _MonitorOptions) -> list[Any]:
             from .monitor.console import StdioMonitor
 
             services.append(StdioMonitor(vm).start())
+        if monitors.qfs is not None:
+            from .monitor.qfs import QfsService
+
+            services.append(QfsService(vm, monitors.qfs or None))
         from .monitor.inform import start_guest_inform
 
         services.append(start_guest_inform(vm, monitors.inform))

@@ -64,6 +64,10 @@ class AsyncTracker:
             return {b.name: b.new_bitmap() for b in self._blocks}
         return self._tracker.collect()
 
+    def dirty_count(self) -> int:
+        """Pages written since the last collect, counted without collecting them."""
+        return self._tracker.written() if self._tracker is not None else 0
+
     def stop(self) -> None:
         if self._tracker is not None:
             self._tracker.stop()
@@ -111,6 +115,13 @@ class WpFaultTracker:
         self.session.reprotect()
         self._carried = {b.name: b.new_bitmap() for b in self._blocks}
         return dirty
+
+    def dirty_count(self) -> int:
+        """Pages written since the last collect, counted without collecting them."""
+        if self._stopped:
+            return 0
+        return sum((self._carried[b.name] | self.session.dirty[b.name]).count()
+                   for b in self._blocks)
 
     def stop(self) -> None:
         if not self._stopped:

@@ -90,6 +90,22 @@ class AsyncDirtyTracker:
             result[block.name] = bitmap
         return result
 
+    def written(self) -> int:
+        """How many pages were written since the tracker started or last collected, without
+        collecting them (nothing is re-protected: the next :meth:`collect` still reports them).
+        Any thread, while the guest runs."""
+        if self._pagemap < 0:
+            raise UffdError("PAGEMAP_SCAN", errno_codes.EBADF, detail="tracker stopped")
+        total = 0
+        for block in self._blocks:
+            rc = int(lib.pyvmm_pagemap_written(self._pagemap, block.host_addr, block.page_count,
+                                               ffi.NULL, self._vec_len, ffi.NULL, 0))
+            if rc < 0:
+                raise UffdError("PAGEMAP_SCAN", -rc, capability=INCREMENTAL,
+                                detail=f"RAM block {block.name!r}")
+            total += rc
+        return total
+
     def stop(self) -> None:
         """Unregister every block (its protection goes) and close the fds; idempotent."""
         try:

@@ -224,6 +224,9 @@ class VmController:
                 return machine.last_result
             if machine.state is not RunState.RUNNING:  # (a reload may have started it)
                 machine.start(max_insns=max_insns, seconds=seconds)
+            if self._quit and machine.state is RunState.RUNNING:
+                # a quit that came while the guest started found nothing running to stop
+                machine.pause(reason=StopReason.QUIT)
             result = machine.wait_interruptible()
             while not self._quit and result.reason is StopReason.PAUSED:
                 result = self._next_result()

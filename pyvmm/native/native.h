@@ -128,6 +128,10 @@ int pyvmm_uffd_wake(int fd, pyvmm_u64 start, pyvmm_u64 len);
  * bitmap (atomically) and returns how many, or -errno. *ioctls_out = ioctl calls made. */
 long pyvmm_pagemap_scan_written(int pagemap_fd, pyvmm_u64 base, pyvmm_u64 npages,
                                 pyvmm_u64 *bitmap, pyvmm_u64 vec_len, pyvmm_u64 *ioctls_out);
+/* The same, re-protecting only with `protect`; bitmap may be NULL (count only). Without
+ * protect nothing changes: the written pages are only counted (QFS's nb_dirty_pages). */
+long pyvmm_pagemap_written(int pagemap_fd, pyvmm_u64 base, pyvmm_u64 npages, pyvmm_u64 *bitmap,
+                           pyvmm_u64 vec_len, pyvmm_u64 *ioctls_out, int protect);
 /* Baseline for benchmarks/bench_uffd.py (uffdbare.c): the npages 4 KiB pages at base (not
  * registered with any uffd; they are filled first) but the last written once each (one memset)
  * under write protection, each fault resolved by a bare 4 KiB unprotect (thread mode: a handler

@@ -114,6 +114,11 @@ int pyvmm_uffd_wake(int fd, u64 start, u64 len) {
 
 long pyvmm_pagemap_scan_written(int pagemap_fd, u64 base, u64 npages, u64 *bitmap,
                                 u64 vec_len, u64 *ioctls_out) {
+    return pyvmm_pagemap_written(pagemap_fd, base, npages, bitmap, vec_len, ioctls_out, 1);
+}
+
+long pyvmm_pagemap_written(int pagemap_fd, u64 base, u64 npages, u64 *bitmap, u64 vec_len,
+                           u64 *ioctls_out, int protect) {
     struct pyvmm_page_region *vec = malloc(vec_len * sizeof *vec);
     if (!vec)
         return -ENOMEM;
@@ -121,7 +126,7 @@ long pyvmm_pagemap_scan_written(int pagemap_fd, u64 base, u64 npages, u64 *bitma
     while (pos < end) {
         struct pyvmm_pm_scan_arg arg = {
             .size = sizeof arg,
-            .flags = PYVMM_PM_SCAN_WP_MATCHING | PYVMM_PM_SCAN_CHECK_WPASYNC,
+            .flags = protect ? PYVMM_PM_SCAN_WP_MATCHING | PYVMM_PM_SCAN_CHECK_WPASYNC : 0,
             .start = pos,
             .end = end,
             .vec = (u64)(uintptr_t)vec,
@@ -139,7 +144,8 @@ long pyvmm_pagemap_scan_written(int pagemap_fd, u64 base, u64 npages, u64 *bitma
         for (long i = 0; i < n; i++) {
             u64 first = (vec[i].start - base) / PAGE_SZ;
             u64 count = (vec[i].end - vec[i].start) / PAGE_SZ;
-            pyvmm_bitmap_set_range(bitmap, first, count);
+            if (bitmap != NULL)
+                pyvmm_bitmap_set_range(bitmap, first, count);
             found += count;
         }
         /* 6.18: a short vector means the walk is complete, and walk_end may then be wrong;
