@@ -279,3 +279,52 @@ def test_a_quit_as_soon_as_it_is_mounted_ends_the_run(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
         unmount_left(mount)
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_reload_through_qfs_runs_on_like_a_reload_from_the_command_line(
+        tmp_path: Path) -> None:
+    """``touch reload/increment_01`` in a running pyvmm: from then on the guest prints what a
+    new ``run --incoming chpt:1:FILE`` prints, to the end of the run."""
+    mount, chain = tmp_path / "qfs", tmp_path / "c.chpt"
+    workload = "pattern=sequential,working_set=16M,passes=600,report=50"
+    proc = pyvmm_process.start("run", "--qfs", mount, "--workload", workload, "-q",
+                               "--checkpoint", f"chpt:{chain}")
+    try:
+        mounted(mount, proc)
+        until("cat control/status", mount, lambda out: out == "running\n")
+        done = sh("echo now > checkpoints/trigger && cat checkpoints/wait_until_finished", mount)
+        assert done.stdout == "completed\n", done
+        # a progress line printed after the checkpoint's pause (everything in the pipe now was
+        # printed before `completed` came back): the reload must print it again
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        before = b""
+        while chunk := os.read(fd, 1 << 16) if _readable(fd) else b"":
+            before += chunk
+        os.set_blocking(fd, True)
+        after = b""
+        while not after.endswith(b"\n"):
+            after += os.read(fd, 1)
+        assert sh("touch checkpoints/reload/increment_01", mount).returncode == 0
+        code, rest, err = finish(proc)
+        assert code == 0, err
+        out = before + after + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        unmount_left(mount)
+    again = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--incoming",
+                            f"chpt:1:{chain}", "-q"], capture_output=True, timeout=DEADLINE,
+                           check=False)
+    assert again.returncode == 0, again.stderr
+    assert b"done passes=600" in again.stdout and out.endswith(again.stdout)
+    assert after in again.stdout  # printed after the pause: once before the reload, once after
+    assert out.count(after) == 2
