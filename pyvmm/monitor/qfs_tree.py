@@ -148,8 +148,9 @@ class QfsTree:
                 (match := _RELOAD.fullmatch(name)):
             count = int(match.group(1))
             if 1 <= count <= len(self._increments()):
-                return Node(read=lambda: "", touch=lambda: self._reload(count),
-                            write=lambda _t: self._reload(count))
+                return Node(read=lambda: f"touch to reload the first {count} increment(s) "
+                                         f"of {self.destination()} into this process\n",
+                            touch=lambda: self._reload(count), write=lambda _t: self._reload(count))
         return None
 
     def listing(self, path: str) -> list[str]:

@@ -112,6 +112,13 @@ def test_a_shell_drives_checkpoints_statistics_and_a_reload(tmp_path: Path) -> N
         assert sorted(os.listdir(q / "reload")) == [f"increment_{n:02d}"
                                                     for n in range(1, count + 1)]
         assert int((q / "info/nb_dirty_pages").read_text()) >= 0
+        # every readable file reads as text ending in a newline (the blocking one aside)
+        for folder, _dirs, files in os.walk(mount):
+            for name in files:
+                path = Path(folder) / name
+                if name != "wait_until_finished" and os.stat(path).st_mode & 0o400:
+                    text = path.read_text()
+                    assert text.endswith("\n"), path
         assert float((q / "info/time_since_last").read_text()) >= 0
         # reload the first increment into this process: the guest runs on from it
         assert sh("touch checkpoints/reload/increment_01", mount).returncode == 0
