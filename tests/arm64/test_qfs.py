@@ -198,10 +198,11 @@ def test_abuse_gets_errors_only_and_loses_nothing(tmp_path: Path) -> None:
 
 def test_the_mount_goes_with_the_run_and_a_stale_one_is_cleaned(tmp_path: Path) -> None:
     mount = tmp_path / "qfs"
-    proc = start(tmp_path, mount)
-    proc.send_signal(signal.SIGTERM)
-    code, _out, _err = finish(proc)
-    assert code == 143 and not os.path.ismount(mount)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        proc = start(tmp_path, mount)
+        proc.send_signal(signum)
+        code, _out, _err = finish(proc)
+        assert code == 128 + signum and not os.path.ismount(mount), signum
     proc = start(tmp_path, mount)
     proc.kill()  # SIGKILL: nothing unmounts
     proc.communicate()
@@ -223,6 +224,7 @@ def test_the_mount_goes_with_the_run_and_a_stale_one_is_cleaned(tmp_path: Path) 
 @pytest.mark.parametrize("make, message", [
     (lambda p: (p.mkdir(), (p / "x").write_text("x")), "not empty"),
     (lambda p: p.write_text("x"), "not a directory"),
+    (lambda p: (p.mkdir(), os.chown(p, 65534, 65534)), "belongs to another user (uid 65534)"),
 ])
 def test_negative_a_mount_point_that_cannot_be_used_is_one_line(
         tmp_path: Path, make: object, message: str) -> None:
