@@ -39,6 +39,7 @@ from ..boot import GuestSpec, boot
 from ..errors import PyvmmError
 from ..guests.workload import WorkloadOptions
 from ..machine import Machine, RunState
+from .host import status_kib
 from .spec import PROGRAM_PREFIX, Cell, parse_algorithm
 
 #: Bytes per raw write()/read() call and per memcpy of the baselines.
@@ -47,14 +48,6 @@ CHUNK = 8 << 20
 UART_KEPT = 1024
 QEMU_PREFIX = "qemu:"
 SCHEMA_VERSION = 1
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _reset_peak_rss() -> bool:
@@ -89,7 +82,7 @@ def _checkpoints(machine: Machine, cell: Cell, path: Path) -> tuple[list[dict[st
     machine.start()
     records: list[dict[str, Any]] = []
     before = _ips(machine, cell.interval)
-    baseline_rss = _rss_kib("VmRSS")
+    baseline_rss = status_kib("VmRSS")
     peak_reset = _reset_peak_rss()
     checkpointer = Checkpointer(machine, path, durable=False,
                                 **algorithm.checkpointer_options())
@@ -109,7 +102,7 @@ def _checkpoints(machine: Machine, cell: Cell, path: Path) -> tuple[list[dict[st
         checkpointer.close()
         if machine.state is RunState.RUNNING:
             machine.pause()
-    extra = (_rss_kib("VmHWM") - baseline_rss) * 1024 if peak_reset else -1
+    extra = (status_kib("VmHWM") - baseline_rss) * 1024 if peak_reset else -1
     return records, before, extra
 
 

@@ -46,6 +46,18 @@ def filesystem(directory: str) -> str:
     return kind
 
 
+def status_kib(field: str, pid: int | str = "self") -> int:
+    """A ``/proc/PID/status`` field in KiB (VmRSS, VmHWM); 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def describe_host(directory: str = ".") -> dict[str, Any]:
     """What a reader of the numbers needs to know about where they come from."""
     from .. import __version__

@@ -37,6 +37,7 @@ from ..guests.workload import (
     assemble_workload,
     build_workload,
 )
+from .host import status_kib
 
 QEMU = "qemu-system-aarch64"
 ALGORITHMS = ("qemu:savevm", "qemu:background-snapshot")
@@ -166,17 +167,6 @@ def _stop(process: subprocess.Popen[bytes], qmp: Qmp | None) -> None:
         process.wait()
 
 
-def _proc_kib(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def run_qemu_cell(cell: Any, record: dict[str, Any], workdir: Path) -> None:
     """Fill ``record`` (see :func:`pyvmm.bench.cell.run_cell`) for the QEMU algorithm of
     ``cell`` on its workload; QemuError (one line) when QEMU cannot do it."""
@@ -191,7 +181,7 @@ def run_qemu_cell(cell: Any, record: dict[str, Any], workdir: Path) -> None:
         qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "background-snapshot", "state": live}]})
         time.sleep(cell.interval)  # the guest's run before the first snapshot
-        baseline_rss = _proc_kib(process.pid, "VmRSS")
+        baseline_rss = status_kib("VmRSS", process.pid)
         try:
             Path(f"/proc/{process.pid}/clear_refs").write_text("5")
             peak_known = True
@@ -221,7 +211,7 @@ def run_qemu_cell(cell: Any, record: dict[str, Any], workdir: Path) -> None:
                 "guest_ips_during": None, "guest_ips_after": None, "wall_ms": wall * 1e3})
             time.sleep(cell.interval)  # the guest runs on between snapshots
         record["extra_memory_bytes"] = (
-            (_proc_kib(process.pid, "VmHWM") - baseline_rss) * 1024 if peak_known else -1)
+            (status_kib("VmHWM", process.pid) - baseline_rss) * 1024 if peak_known else -1)
     finally:
         _stop(process, qmp)
     record["uart"] = uart.read_bytes()[:1024].decode(errors="replace") if uart.exists() else ""

@@ -47,7 +47,7 @@ from pyvmm._native import ffi, lib
 from ..devices.pl011 import UartSink
 from ..errors import ChecksumError, ConfigError, FormatError, PyvmmError, StreamError
 from ..machine import MAIN_RAM_NAME, Machine, RunState
-from ..ram import PAGE_SIZE, PageBitmap
+from ..ram import PAGE_SIZE, PageBitmap, RamBlock
 from .checksum_reload import check_before_load, check_reloaded_ram, reload_blocks
 from .checksum_table import RamCrcTable
 from .container import CheckpointFile, IncrementInfo, RamBlockInfo
@@ -334,15 +334,8 @@ class _Loader:
         checksums, compared with the CRC it must have as it is read)."""
         blocks = reload_blocks(self.machine.ram_blocks, layout)  # the index numbers them so
         n = max(len(blocks), 1)
-        claimed = [PageBitmap(b.page_count) for b in blocks]
-        bases = ffi.new("void *[]", n)
-        sizes = ffi.new("pyvmm_u64[]", n)
-        bits = ffi.new("pyvmm_u64 *[]", n)
-        mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
-        for i, block in enumerate(blocks):
-            bases[i] = mems[i]
-            sizes[i] = block.page_count
-            bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
+        claim = _ClaimArrays(blocks)
+        bases, sizes, bits = claim.bases, claim.sizes, claim.bits
         options = ffi.new("struct pyvmm_claim_options *")
         options.sieve_pages = self.sieve_pages
         options.second_reader = _SECOND_READER
@@ -487,6 +480,23 @@ _RECORD = 24  # bytes of one page index record
 _WINDOW_STEP_PAGES = 16384  # RAM pages per C call of the chain reader (64 MiB): progress between
 
 
+class _ClaimArrays:
+    """What the C claim readers take for ``blocks``: their RAM, page counts and a fresh claimed
+    bitmap each (kept alive here as long as the arrays are used)."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        n = max(len(blocks), 1)
+        self.claimed = [PageBitmap(b.page_count) for b in blocks]
+        self.bases = ffi.new("void *[]", n)
+        self.sizes = ffi.new("pyvmm_u64[]", n)
+        self.bits = ffi.new("pyvmm_u64 *[]", n)
+        self.mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
+        for i, block in enumerate(blocks):
+            self.bases[i] = self.mems[i]
+            self.sizes[i] = block.page_count
+            self.bits[i] = ffi.cast("pyvmm_u64 *", self.claimed[i].address)
+
+
 def holds_compressed(records: bytes | memoryview) -> bool:
     """Whether raw page index ``records`` list a compressed run (flags byte 0x02)."""
     return any(flags & 0x02 for flags in bytes(memoryview(records)[2::_RECORD]))
@@ -502,16 +512,7 @@ def inflate_compressed(machine: Machine, layout: tuple[RamBlockInfo, ...],
     if not any(holds_compressed(r) for r in records):
         return 0
     blocks = reload_blocks(machine.ram_blocks, layout)
-    n = max(len(blocks), 1)
-    claimed = [PageBitmap(b.page_count) for b in blocks]
-    bases = ffi.new("void *[]", n)
-    sizes = ffi.new("pyvmm_u64[]", n)
-    bits = ffi.new("pyvmm_u64 *[]", n)
-    mems = [ffi.from_buffer(b.mem, require_writable=True) for b in blocks]
-    for i, block in enumerate(blocks):
-        bases[i] = mems[i]
-        sizes[i] = block.page_count
-        bits[i] = ffi.cast("pyvmm_u64 *", claimed[i].address)
+    claim = _ClaimArrays(blocks)
     options = ffi.new("struct pyvmm_claim_options *")
     options.compressed_only = 1
     result = ffi.new("struct pyvmm_claim_result *")
@@ -520,9 +521,9 @@ def inflate_compressed(machine: Machine, layout: tuple[RamBlockInfo, ...],
     for info, raw_records in reversed(list(zip(increments, records))):
         raw = ffi.from_buffer(raw_records)
         rc = lib.pyvmm_claim_read_index(
-            container.fd, raw, len(raw_records) // _RECORD, len(blocks), bases, sizes, bits,
-            PAGE_SIZE, info.stream_offset, info.stream_offset + info.stream_length, options,
-            result, err)
+            container.fd, raw, len(raw_records) // _RECORD, len(blocks), claim.bases,
+            claim.sizes, claim.bits, PAGE_SIZE, info.stream_offset,
+            info.stream_offset + info.stream_length, options, result, err)
         if rc != 0:
             raise _claim_error(rc, err, info)
         inflated += int(result.pages_read)

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,18 @@ def unmount_left(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
 
 
+@contextmanager
+def cleaned(proc: subprocess.Popen[bytes], mount: Path) -> Iterator[None]:
+    """Whatever a test does, its pyvmm does not outlive it, nor does its mount."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        unmount_left(mount)
+
+
 def mounted(path: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + DEADLINE
     while not serving(path):
@@ -83,7 +97,7 @@ def until(command: str, cwd: Path, predicate: Any) -> str:
 def test_a_shell_drives_checkpoints_statistics_and_a_reload(tmp_path: Path) -> None:
     mount = tmp_path / "qfs"
     proc = start(tmp_path, mount)
-    try:
+    with cleaned(proc, mount):
         q = mount / "checkpoints"
         assert sh("cat control/status", mount).stdout == "running\n"
         assert sh("cat checkpoints/destination", mount).stdout == f"chpt:{tmp_path}/c.chpt\n"
@@ -132,17 +146,12 @@ def test_a_shell_drives_checkpoints_statistics_and_a_reload(tmp_path: Path) -> N
         assert not os.path.ismount(mount)
         with CheckpointFile.open(tmp_path / "c.chpt") as container:
             assert len(container.header.increments) >= count  # quit's own checkpoint too
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        unmount_left(mount)
 
 
 def test_two_readers_wake_and_a_trigger_gets_the_monitors_answer(tmp_path: Path) -> None:
     mount = tmp_path / "qfs"
     proc = start(tmp_path, mount)
-    try:
+    with cleaned(proc, mount):
         assert sh("echo periodic:0.3 > checkpoints/trigger", mount).returncode == 0
         readers = [subprocess.Popen(["cat", "checkpoints/wait_until_finished"], cwd=mount,
                                     stdout=subprocess.PIPE, text=True) for _ in range(2)]
@@ -156,17 +165,12 @@ def test_two_readers_wake_and_a_trigger_gets_the_monitors_answer(tmp_path: Path)
         assert code == 0
         # the refused trigger's reason is QMP's own for a migrate in that state
         assert "There's a migration process in progress" in err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        unmount_left(mount)
 
 
 def test_abuse_gets_errors_only_and_loses_nothing(tmp_path: Path) -> None:
     mount = tmp_path / "qfs"
     proc = start(tmp_path, mount)
-    try:
+    with cleaned(proc, mount):
         assert sh("echo now > checkpoints/trigger; cat checkpoints/wait_until_finished",
                   mount).stdout == "completed\n"
         for command in ("head -c 100000 /dev/zero > checkpoints/trigger",
@@ -189,11 +193,6 @@ def test_abuse_gets_errors_only_and_loses_nothing(tmp_path: Path) -> None:
         text = err.decode()
         assert "pyvmm: qfs: /checkpoints/trigger: a write of" in text
         assert "block:none does not map onto pyvmm" in text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        unmount_left(mount)
 
 
 def test_the_mount_goes_with_the_run_and_a_stale_one_is_cleaned(tmp_path: Path) -> None:
@@ -208,17 +207,12 @@ def test_the_mount_goes_with_the_run_and_a_stale_one_is_cleaned(tmp_path: Path) 
     proc.communicate()
     assert os.path.ismount(mount) and not serving(mount)  # stale: ENOTCONN
     again = start(tmp_path, mount)
-    try:
+    with cleaned(again, mount):
         assert sh("cat control/status", mount).stdout == "running\n"
         sh("touch control/quit", mount)
         code, _out, err = finish(again)
         assert code == 0 and "qfs: cleaned a stale mount" in err.decode()
-    finally:
-        if again.poll() is None:
-            again.kill()
-            again.communicate()
-    assert not os.path.ismount(mount)
-    unmount_left(mount)
+        assert not os.path.ismount(mount)  # its own unmount, before cleaned() looks
 
 
 @pytest.mark.parametrize("make, message", [
@@ -244,7 +238,7 @@ def test_the_default_mount_point_is_named_by_the_vm_id_and_only_its_user_gets_in
     mount = tmp_path / "state/pyvmm/qfs/qfs-test"
     proc = pyvmm_process.start("run", "--qfs", "--workload", WORKLOAD, "-q", "--ram", "64M",
                                env=env)
-    try:
+    with cleaned(proc, mount):
         mounted(mount, proc)
         until("cat control/status", mount, lambda out: out == "running\n")
         assert (mount / "info/vm_id").read_text() == "qfs-test\n"
@@ -256,11 +250,6 @@ def test_the_default_mount_point_is_named_by_the_vm_id_and_only_its_user_gets_in
         sh("touch control/quit", mount)
         code, _out, err = finish(proc)
         assert code == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        unmount_left(mount)
 
 
 def test_negative_without_the_fuse_binding_qfs_says_what_to_install(tmp_path: Path) -> None:
@@ -278,16 +267,11 @@ def test_a_quit_as_soon_as_it_is_mounted_ends_the_run(tmp_path: Path) -> None:
     still ends the run rather than being lost."""
     mount = tmp_path / "qfs"
     proc = pyvmm_process.start("run", "--qfs", mount, "--workload", WORKLOAD, "-q")
-    try:
+    with cleaned(proc, mount):
         mounted(mount, proc)
         assert sh("touch control/quit", mount).returncode == 0
         code, _out, err = finish(proc)
         assert code == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        unmount_left(mount)
 
 
 def _readable(fd: int) -> bool:
@@ -304,7 +288,7 @@ def test_a_reload_through_qfs_runs_on_like_a_reload_from_the_command_line(
     workload = "pattern=sequential,working_set=16M,passes=600,report=50"
     proc = pyvmm_process.start("run", "--qfs", mount, "--workload", workload, "-q",
                                "--checkpoint", f"chpt:{chain}")
-    try:
+    with cleaned(proc, mount):
         mounted(mount, proc)
         until("cat control/status", mount, lambda out: out == "running\n")
         done = sh("echo now > checkpoints/trigger && cat checkpoints/wait_until_finished", mount)
@@ -325,11 +309,6 @@ def test_a_reload_through_qfs_runs_on_like_a_reload_from_the_command_line(
         code, rest, err = finish(proc)
         assert code == 0, err
         out = before + after + rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        unmount_left(mount)
     again = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--incoming",
                             f"chpt:1:{chain}", "-q"], capture_output=True, timeout=DEADLINE,
                            check=False)
