@@ -280,9 +280,10 @@ class QfsService:
 
         def serve() -> None:
             try:
+                # both thread counts set: libfuse 3.14 warns about its own default otherwise
                 mfusepy.FUSE(ops, str(self.path), foreground=True, nothreads=False,
                              raw_fi=True, fsname=FSNAME, default_permissions=True,
-                             max_threads=16)  # (libfuse 3.14 warns about its own default)
+                             max_threads=16, max_idle_threads=8)
             except BaseException as err:  # noqa: BLE001 - said by the thread that waits
                 self._failed = err
             finally:

@@ -143,6 +143,7 @@ def test_a_shell_drives_checkpoints_statistics_and_a_reload(tmp_path: Path) -> N
         assert sh("touch control/quit", mount).returncode == 0
         code, _out, err = finish(proc)
         assert code == 0, err
+        assert err == b"", err  # nothing said: no libfuse chatter either
         assert not os.path.ismount(mount)
         with CheckpointFile.open(tmp_path / "c.chpt") as container:
             assert len(container.header.increments) >= count  # quit's own checkpoint too
