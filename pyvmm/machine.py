@@ -54,6 +54,8 @@ DEFAULT_RAM_SIZE = 256 << 20
 MAIN_RAM_NAME = "mach-virt.ram"
 #: Guest-physical addresses below this are free for extra RAM blocks (ELF images sit at 0x400000).
 LOW_MEMORY_LIMIT = 0x0900_0000
+#: Seconds between the wakeups close() sends a parked vCPU thread until it has gone.
+_CLOSE_NOTIFY_EVERY = 0.5
 #: emu_start's "until" address: one the guest never executes, so only our stop conditions end a run.
 _NEVER_PC = 0xFFFF_FFFF_FFFF_FFFC
 
@@ -499,11 +501,18 @@ class Machine:
         held_elsewhere = self._state in _HELD and self._holder is not threading.current_thread()
         if self._state is RunState.RUNNING or held_elsewhere:
             self.pause()
-        with self._cond:
+        with signals_held(), self._cond:  # a second Ctrl-C/SIGTERM must not cut the notify
             self._closing = True
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            # and should a wakeup still be lost (an interrupt that cut an earlier notify short
+            # left the parked vCPU waiting: seen once, the run hung at exit), it comes again
+            while thread.is_alive():
+                thread.join(_CLOSE_NOTIFY_EVERY)
+                if thread.is_alive():
+                    with self._cond:
+                        self._cond.notify_all()
         if self._timer is not None:
             self._timer.cancel()
         self._release_engine()

@@ -142,6 +142,30 @@ def test_pause_and_resume_from_another_thread() -> None:
         assert machine.insns is None  # an uncounted run: the exact count is unknown
 
 
+def test_close_ends_a_parked_vcpu_whose_wakeup_was_lost() -> None:
+    """A second SIGTERM can cut close()'s notify short (seen once: the run hung at exit with
+    the vCPU parked): close() wakes the parked thread again until it has gone."""
+    machine = machine_with(COUNT_FOREVER)
+    machine.start()
+    ran_on(machine)
+    assert machine.pause()
+    condition = machine._cond
+    notify_all = condition.notify_all
+    dropped: list[bool] = []
+
+    def lose_the_first() -> None:  # the wakeup an interrupt cut short
+        if not dropped:
+            dropped.append(True)
+            return
+        notify_all()
+
+    condition.notify_all = lose_the_first  # type: ignore[method-assign]
+    closer = threading.Thread(target=machine.close, daemon=True)
+    closer.start()
+    closer.join(timeout=20)
+    assert dropped and not closer.is_alive(), "close() waited forever for the parked vCPU"
+
+
 def test_many_pauses_never_lose_a_stop_request() -> None:
     with machine_with(COUNT_FOREVER) as machine:
         machine.start()
