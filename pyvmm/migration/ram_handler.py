@@ -16,6 +16,7 @@ checked in C).  Ids and sizes of blocks must match the machine's.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import struct
@@ -89,6 +90,7 @@ class RamHandler:
         #: For loading: the page index of the increment being loaded, as raw records.
         self._index_records: bytes | memoryview = b""
         self._index_runs: dict[tuple[int, int], IndexedRun] | None = {}
+        self._zero_runs: list[tuple[int, int, int]] | None = None
         self.pages_loaded = 0
         #: Loading parses the records but writes no page (the pages were placed already by an
         #: indexed reload, or a lazy reload fills RAM itself): indexed runs are skipped in one
@@ -186,6 +188,7 @@ class RamHandler:
             raise ValueError("page index records are 24 bytes each")
         self._index_records = records
         self._index_runs = None
+        self._zero_runs = None
 
     @property
     def load_index(self) -> dict[tuple[int, int], IndexedRun]:
@@ -198,6 +201,17 @@ class RamHandler:
                     self._index_records)
                 if not flags & (_INDEX_ZERO | _INDEX_COMPRESSED)}
         return self._index_runs
+
+    def _listed_zero(self, block: int, page: int) -> bool:
+        """Whether the load index lists ``page`` of block number ``block`` in a zero run (as
+        the C walk checks: the index-driven readers take zero pages from the index alone)."""
+        if self._zero_runs is None:
+            self._zero_runs = sorted(
+                (b, first, npages) for b, flags, _, npages, first, _data in
+                _INDEX_RECORD.iter_unpack(self._index_records) if flags & _INDEX_ZERO)
+        runs = self._zero_runs
+        i = bisect.bisect_right(runs, (block, page, 1 << 64)) - 1
+        return i >= 0 and runs[i][0] == block and 0 <= page - runs[i][1] < runs[i][2]
 
     def load(self, f: QEMUFile, version_id: int) -> None:
         block: RamBlock | None = None
@@ -242,6 +256,10 @@ class RamHandler:
                     # it so: every reader of a checkpoint file refuses what says otherwise
                     raise FormatError(f"RAM page at 0x{addr:x} filled with 0x{fill:02x}, but "
                                       f"the page index lists it as a zero page", offset=at)
+                if self._index_records and not self._listed_zero(number, page):
+                    raise FormatError(f"RAM page at 0x{addr:x} of block {block.name} is a ZERO "
+                                      f"record, but the page index does not list it as a zero "
+                                      f"page", offset=at)
                 if not self.skip_pages:
                     self._fill_page(block, page, fill)
             elif flags & RAM_SAVE_FLAG_COMPRESSED:

@@ -120,6 +120,58 @@ static struct data_run *data_runs(const unsigned char *index, pyvmm_u64 nindex,
     return runs;
 }
 
+/* The index's zero runs, sorted by block then first page: a ZERO record of the stream must name
+ * a page one of them lists (the index-driven readers take zero pages from the index alone). */
+struct zero_run {
+    pyvmm_u64 first, npages;
+    unsigned block;
+};
+
+static int by_page(const void *a, const void *b) {
+    const struct zero_run *x = a, *y = b;
+    if (x->block != y->block)
+        return x->block < y->block ? -1 : 1;
+    return x->first < y->first ? -1 : x->first > y->first;
+}
+
+static struct zero_run *zero_runs(const unsigned char *index, pyvmm_u64 nindex,
+                                  pyvmm_u64 *count) {
+    *count = 0;
+    if (nindex == 0)
+        return NULL;
+    struct zero_run *runs = malloc(nindex * sizeof *runs);
+    if (runs == NULL)
+        return NULL;
+    for (pyvmm_u64 i = 0; i < nindex; i++) {
+        const struct pyvmm_index_record rec = pyvmm_index_record(index + i * PYVMM_INDEX_RECORD);
+        if (rec.flags & PYVMM_INDEX_ZERO)
+            runs[(*count)++] = (struct zero_run){rec.first, rec.npages, rec.block};
+    }
+    int sorted = 1;
+    for (pyvmm_u64 i = 1; i < *count && sorted; i++)
+        sorted = by_page(&runs[i - 1], &runs[i]) <= 0;
+    if (!sorted)
+        qsort(runs, *count, sizeof *runs, by_page);
+    return runs;
+}
+
+/* Whether `page` of `block` lies in one of the sorted zero runs. */
+static int listed_zero(const struct zero_run *runs, pyvmm_u64 count, unsigned block,
+                       pyvmm_u64 page) {
+    pyvmm_u64 lo = 0, hi = count;
+    while (lo < hi) { /* the first run that starts after the page */
+        pyvmm_u64 mid = lo + (hi - lo) / 2;
+        if (runs[mid].block < block || (runs[mid].block == block && runs[mid].first <= page))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return 0;
+    const struct zero_run *r = &runs[lo - 1];
+    return r->block == block && page - r->first < r->npages;
+}
+
 /* The indexed run whose first page's data is at `offset`, if it is `page` of `block`. */
 static const struct data_run *run_at(const struct data_run *runs, pyvmm_u64 count,
                                      pyvmm_u64 *cursor, pyvmm_u64 offset, unsigned block,
@@ -151,7 +203,8 @@ static const struct data_run *run_at(const struct data_run *runs, pyvmm_u64 coun
 static int walk_records(int fd, struct reader *r, unsigned nblocks,
                         const unsigned char *const *names, void *const *bases,
                         const pyvmm_u64 *block_pages, pyvmm_u64 page_size,
-                        const struct data_run *runs, pyvmm_u64 nruns, int skip,
+                        const struct data_run *runs, pyvmm_u64 nruns,
+                        const struct zero_run *zeros, pyvmm_u64 nzeros, int skip,
                         int zero_only, struct pyvmm_ram_walk *w) {
     pyvmm_u64 cursor = 0;
     const pyvmm_u64 stride = HEADER + page_size;
@@ -207,9 +260,11 @@ static int walk_records(int fd, struct reader *r, unsigned nblocks,
             const unsigned char *f = need(r, pos, 1, &rc);
             if (f == NULL)
                 break;
-            if (*f && (skip || zero_only)) {
+            if ((*f && (skip || zero_only)) ||
+                (zero_only && !listed_zero(zeros, nzeros, (unsigned)block, page))) {
                 /* a page index lists every page of a ZERO record as zero, which the index-driven
-                 * readers take for it: all readers refuse a record that says otherwise */
+                 * readers take for it: all readers refuse a record that says otherwise (a fill
+                 * byte, or a page the index does not list as zero) */
                 break;
             } else if (skip) {
                 /* RAM comes from the index: nothing to do here */
@@ -274,11 +329,13 @@ int pyvmm_ram_walk(int fd, unsigned nblocks, const unsigned char *const *names,
     if (r.cap < page_size + HEADER + 256)
         r.cap = page_size + HEADER + 256;
     r.buf = malloc(r.cap);
-    pyvmm_u64 nruns = 0;
+    pyvmm_u64 nruns = 0, nzeros = 0;
     struct data_run *runs = data_runs(index, nindex, &nruns);
-    if (r.buf == NULL || (nindex > 0 && runs == NULL)) {
+    struct zero_run *zeros = zero_runs(index, nindex, &nzeros);
+    if (r.buf == NULL || (nindex > 0 && (runs == NULL || zeros == NULL))) {
         free(r.buf);
         free(runs);
+        free(zeros);
         return -ENOMEM;
     }
     /* Skipping, only the record headers are read, one a page in a section of scattered
@@ -308,12 +365,13 @@ int pyvmm_ram_walk(int fd, unsigned nblocks, const unsigned char *const *names,
         }
     }
     int rc = walk_records(fd, &r, nblocks, names, bases, block_pages, page_size, runs, nruns,
-                          skip, nindex > 0, w);
+                          zeros, nzeros, skip, nindex > 0, w);
     if (map != MAP_FAILED) {
         pyvmm_map_guard = NULL;
         munmap(map, (size_t)map_len);
     }
     free(r.buf);
     free(runs);
+    free(zeros);
     return rc;
 }

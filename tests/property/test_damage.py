@@ -366,6 +366,7 @@ def _run(originals: dict[str, Original], tmp_path: Path, m: Mutation) -> None:
 @example(m=Mutation("chain", "zero", "structure", 5, 0, 0, 4096))  # issue 14: zeroed 4 KiB
 @example(m=Mutation("full", "zero", "page-data", 9, 0, 0, 4096))
 @example(m=Mutation("checksummed", "flip", "header", SPEC.SLOT_SIZE + 40, 0, 1, 1))
+@example(m=Mutation("full", "zero", "structure", 199, 0, 0, 8))  # the slow run's, 2026-12-06
 def test_every_reader_agrees_on_every_mutant(originals: dict[str, Original], tmp_path: Path,
                                              m: Mutation) -> None:
     _run(originals, tmp_path, m)
