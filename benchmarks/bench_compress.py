@@ -81,7 +81,7 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def drop_caches(path: Path) -> bool:
+def drop_caches() -> bool:
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -139,17 +139,17 @@ def row(kind: str, args: argparse.Namespace, workdir: Path) -> None:
           f"({save['plain'] / save['zstd']:.2f}x)  "
           f"warm reload {ram_mib / warm['plain']:6.0f} -> {ram_mib / warm['zstd']:6.0f} MiB/s "
           f"({warm['plain'] / warm['zstd']:.2f}x)")
-    if not drop_caches(files["plain"]):
+    if not drop_caches():
         print(f"{kind:<7} cold: skipped (dropping the page cache needs root)")
         return
     baselines, reloads, plains = [], [], []
     for _ in range(args.repeat):
-        drop_caches(files["plain"])
+        drop_caches()
         started = time.perf_counter()
         read_cold(files["plain"])
         baselines.append(time.perf_counter() - started)
         for encoder, times in (("zstd", reloads), ("plain", plains)):
-            drop_caches(files[encoder])
+            drop_caches()
             started = time.perf_counter()
             machine, _ = reload_file(str(files[encoder]))
             times.append(time.perf_counter() - started)
