@@ -142,7 +142,9 @@ def row(kind: str, args: argparse.Namespace, workdir: Path) -> None:
     if not drop_caches():
         print(f"{kind:<7} cold: skipped (dropping the page cache needs root)")
         return
-    baselines, reloads, plains = [], [], []
+    baselines: list[float] = []
+    reloads: list[float] = []
+    plains: list[float] = []
     for _ in range(args.repeat):
         drop_caches()
         started = time.perf_counter()
