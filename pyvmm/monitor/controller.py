@@ -358,7 +358,8 @@ class VmController:
                 self._status.error = None
             if error is not None:
                 self._status.error = error
-        self.events.emit("MIGRATION", {"status": status})
+            # under the lock: whoever reads this status afterwards was sent the event first
+            self.events.emit("MIGRATION", {"status": status})
 
     def _checkpointer_for(self, path: str | None) -> Checkpointer:
         """The open checkpointer for ``path`` (``_work`` held): the current one when it writes

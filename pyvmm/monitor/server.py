@@ -15,6 +15,7 @@ it the client is dropped; the guest and the other clients go on).  Unix sockets 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -113,6 +114,8 @@ class MonitorServer:
         self._clients: set[_Client] = set()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        # events in the order they were emitted, sent before any reply built after them
+        self._events: collections.deque[Event] = collections.deque()
 
     def add(self, address: SocketAddress, kind: str, option: str) -> None:
         """Listen at ``address`` for ``kind`` ("qmp" or "hmp") clients (before :meth:`start`)."""
@@ -172,16 +175,22 @@ class MonitorServer:
     # ------------------------------------------------------------------ events
     def _on_event(self, event: Event) -> None:
         """Any thread: hand the event to the loop (never blocks)."""
+        self._events.append(event)
         try:
-            self._loop.call_soon_threadsafe(self._broadcast, event)
+            self._loop.call_soon_threadsafe(self._broadcast)
         except RuntimeError:
             pass  # the loop is closed: the run is ending
 
-    def _broadcast(self, event: Event) -> None:
-        data = json.dumps(event.as_qmp()).encode() + b"\r\n"
-        for client in list(self._clients):
-            if client.negotiated:
-                client.send_bytes(data)
+    def _broadcast(self) -> None:
+        """The loop: send every event emitted so far.  Also called before each reply, so a
+        reply that reports a state (query-migrate's "completed") never overtakes the event
+        that announced it."""
+        while self._events:
+            event = self._events.popleft()
+            data = json.dumps(event.as_qmp()).encode() + b"\r\n"
+            for client in list(self._clients):
+                if client.negotiated:
+                    client.send_bytes(data)
 
     def _admit(self, writer: asyncio.StreamWriter) -> _Client | None:
         """A new connection's client, or None (closed at once) past MAX_CLIENTS."""
@@ -211,6 +220,7 @@ class MonitorServer:
                         client.send(_error("GenericError", item.message))
                         continue
                     reply = await self._handle(client, item)
+                    self._broadcast()
                     client.send(reply)
                     if client.closed:
                         break
