@@ -561,9 +561,9 @@ class VmController:
             self._adopt(machine)
             if old is not None:
                 old.close()
-            else:
-                self._set_status("completed")
             self.events.emit("RELOAD", {"file": target.path, "increments": report.increments})
+            if old is None:
+                self._set_status("completed")  # after RELOAD: "completed" is announced last
             if was_running and machine.state is RunState.PAUSED:
                 machine.resume()  # (a first machine, --incoming defer, is started by run())
             with self._cond:
