@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -262,6 +263,13 @@ def test_the_example_package_installs_into_a_fresh_venv_and_passes_the_plugin_ru
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
                     venv], check=True, timeout=120)
     python = str(venv / "bin" / "python")
+    # --system-site-packages reaches the base interpreter's packages only: when this suite
+    # runs in a venv itself, its site directories (pyvmm's editable install) are added too
+    inner = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                           capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    outer = [path for path in site.getsitepackages() if os.path.isdir(path)]
+    Path(inner, "outer-environment.pth").write_text(
+        "".join(f"import site; site.addsitedir({path!r})\n" for path in outer))
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
          "--disable-pip-version-check", "--no-deps", "--no-build-isolation", "-e", source],
