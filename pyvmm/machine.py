@@ -203,6 +203,12 @@ class Machine:
     def state(self) -> RunState:
         return self._state
 
+    def settled_state(self) -> RunState:
+        """:attr:`state`, once a change in progress has been told to every state listener: a
+        monitor that reports it has emitted its event first (query-status after STOP)."""
+        with self._cond:
+            return self._state
+
     @property
     def insns(self) -> int | None:
         """Exact guest instructions executed so far, or None when unknown (see RunResult)."""

@@ -140,7 +140,7 @@ class VmController:
     def status(self) -> dict[str, Any]:
         """QMP ``query-status``."""
         machine = self._machine
-        state = machine.state if machine is not None else RunState.INMIGRATE
+        state = machine.settled_state() if machine is not None else RunState.INMIGRATE
         if machine is not None and not self._started and state is RunState.PAUSED:
             state = RunState.PRELAUNCH
         return {"status": state.value, "running": state is RunState.RUNNING,
