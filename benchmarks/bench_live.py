@@ -44,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 
+from pyvmm.bench.host import reset_peak_rss, status_kib
 from pyvmm.boot import GuestSpec, boot
 from pyvmm.guests.workload import WORKING_SET_OFFSET, WorkloadOptions
 from pyvmm.machine import RAM_BASE, Machine
@@ -82,23 +83,7 @@ class Progress:
 
 
 def rss_kib() -> tuple[int, int]:
-    rss = hwm = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1])
-    return rss, hwm
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return status_kib("VmRSS"), status_kib("VmHWM")
 
 
 class RssSampler:
@@ -111,7 +96,7 @@ class RssSampler:
 
     def __enter__(self) -> RssSampler:
         self.before = rss_kib()[0]
-        self.hwm_ok = reset_hwm()
+        self.hwm_ok = reset_peak_rss() is not None
         self.peak = self.before
         if not self.hwm_ok:
             self._thread = threading.Thread(target=self._poll, daemon=True)

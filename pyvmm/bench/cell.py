@@ -39,7 +39,7 @@ from ..boot import GuestSpec, boot
 from ..errors import PyvmmError
 from ..guests.workload import WorkloadOptions
 from ..machine import Machine, RunState
-from .host import status_kib
+from .host import peak_rss_growth, reset_peak_rss
 from .spec import PROGRAM_PREFIX, Cell, parse_algorithm
 
 #: Bytes per raw write()/read() call and per memcpy of the baselines.
@@ -48,16 +48,6 @@ CHUNK = 8 << 20
 UART_KEPT = 1024
 QEMU_PREFIX = "qemu:"
 SCHEMA_VERSION = 1
-
-
-def _reset_peak_rss() -> bool:
-    """VmHWM back to the current RSS (Linux: clear_refs 5); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _guest(cell: Cell) -> GuestSpec:
@@ -82,8 +72,7 @@ def _checkpoints(machine: Machine, cell: Cell, path: Path) -> tuple[list[dict[st
     machine.start()
     records: list[dict[str, Any]] = []
     before = _ips(machine, cell.interval)
-    baseline_rss = status_kib("VmRSS")
-    peak_reset = _reset_peak_rss()
+    baseline_rss = reset_peak_rss()
     checkpointer = Checkpointer(machine, path, durable=False,
                                 **algorithm.checkpointer_options())
     try:
@@ -102,7 +91,7 @@ def _checkpoints(machine: Machine, cell: Cell, path: Path) -> tuple[list[dict[st
         checkpointer.close()
         if machine.state is RunState.RUNNING:
             machine.pause()
-    extra = (status_kib("VmHWM") - baseline_rss) * 1024 if peak_reset else -1
+    extra = peak_rss_growth(baseline_rss)
     return records, before, extra
 
 

@@ -58,6 +58,26 @@ def status_kib(field: str, pid: int | str = "self") -> int:
     return 0
 
 
+def reset_peak_rss(pid: int | str = "self") -> int | None:
+    """Start a peak-memory window: VmHWM back to the current RSS (Linux: clear_refs 5).  The
+    KiB the window starts from (VmHWM just after), or None where the kernel refuses."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    return status_kib("VmHWM", pid)
+
+
+def peak_rss_growth(baseline: int | None, pid: int | str = "self") -> int:
+    """Bytes the peak RSS rose since :func:`reset_peak_rss` gave ``baseline`` (-1: unknown).
+    The kernel's RSS counters are per-CPU and read approximately, so a process that freed
+    memory in the window can read a few pages below its start: that is 0, not a negative."""
+    if baseline is None:
+        return -1
+    return max(0, status_kib("VmHWM", pid) - baseline) * 1024
+
+
 def describe_host(directory: str = ".") -> dict[str, Any]:
     """What a reader of the numbers needs to know about where they come from."""
     from .. import __version__

@@ -37,7 +37,7 @@ from ..guests.workload import (
     assemble_workload,
     build_workload,
 )
-from .host import status_kib
+from .host import peak_rss_growth, reset_peak_rss
 
 QEMU = "qemu-system-aarch64"
 ALGORITHMS = ("qemu:savevm", "qemu:background-snapshot")
@@ -181,12 +181,7 @@ def run_qemu_cell(cell: Any, record: dict[str, Any], workdir: Path) -> None:
         qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "background-snapshot", "state": live}]})
         time.sleep(cell.interval)  # the guest's run before the first snapshot
-        baseline_rss = status_kib("VmRSS", process.pid)
-        try:
-            Path(f"/proc/{process.pid}/clear_refs").write_text("5")
-            peak_known = True
-        except OSError:
-            peak_known = False
+        baseline_rss = reset_peak_rss(process.pid)
         for k in range(cell.checkpoints):
             path = workdir / f"snapshot-{k}.qemu"
             began = time.perf_counter()
@@ -210,8 +205,7 @@ def run_qemu_cell(cell: Any, record: dict[str, Any], workdir: Path) -> None:
                 "encoder": "qemu", "compressed_pages": 0, "guest_ips_before": None,
                 "guest_ips_during": None, "guest_ips_after": None, "wall_ms": wall * 1e3})
             time.sleep(cell.interval)  # the guest runs on between snapshots
-        record["extra_memory_bytes"] = (
-            (status_kib("VmHWM", process.pid) - baseline_rss) * 1024 if peak_known else -1)
+        record["extra_memory_bytes"] = peak_rss_growth(baseline_rss, process.pid)
     finally:
         _stop(process, qmp)
     record["uart"] = uart.read_bytes()[:1024].decode(errors="replace") if uart.exists() else ""
